@@ -11,9 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, fields
+from functools import cached_property
 from typing import Any
 
-from shared.vocab import IGNORE_INDEX, Vocabulary
+from shared.vocab import IGNORE_INDEX, Vocabulary, VocabularyError
 
 PACKING_MODES = ("lines", "fixed")
 SAMPLING_MODES = ("random", "epoch")
@@ -61,7 +62,10 @@ class StreamMeta:
     token_counts: tuple[int, ...]
 
     def __post_init__(self) -> None:
-        vocabulary = Vocabulary(self.vocab)
+        try:
+            vocabulary = Vocabulary(self.vocab)
+        except VocabularyError as error:
+            raise MetaError(f"meta field vocab: {error}") from None
         expected = {
             "vocab_size": vocabulary.vocab_size,
             "mask_id": vocabulary.mask_id,
@@ -86,7 +90,7 @@ class StreamMeta:
             raise MetaError(f"val_messages {self.val_messages} is negative")
         try:
             json.loads(self.corruption)
-        except ValueError as error:
+        except (ValueError, RecursionError) as error:  # deep nesting raises RecursionError
             raise MetaError(f"corruption is not JSON: {error}") from None
 
     @classmethod
@@ -128,7 +132,7 @@ class StreamMeta:
         data["token_counts"] = list(self.token_counts)
         return data
 
-    @property
+    @cached_property
     def digest(self) -> str:
         """Stable hash: first 16 hex digits of SHA-256 over the canonical JSON of the meta."""
         return hashlib.sha256(canonical_json(self.to_dict()).encode()).hexdigest()[:16]

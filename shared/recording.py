@@ -15,6 +15,7 @@ allocation. ``docs/PROTOCOL.md`` is the prose form.
 from __future__ import annotations
 
 import os
+import reprlib
 import struct
 import zlib
 from dataclasses import dataclass
@@ -120,8 +121,9 @@ class RecordingReader:
             info = msgpack.unpackb(self._file.read(header_len), raw=False, max_bin_len=0, max_ext_len=0)
         except Exception as error:
             raise RecordingError(f"{self.path}: file header is not msgpack ({error})") from None
-        if not isinstance(info, dict) or info.get("format_version") != FORMAT_VERSION:
-            raise RecordingError(f"{self.path}: unsupported recording format {info!r:.80}")
+        version = info.get("format_version") if isinstance(info, dict) else None
+        if type(version) is not int or version != FORMAT_VERSION:
+            raise RecordingError(f"{self.path}: unsupported recording format {reprlib.repr(info)}")
         return info
 
     def __iter__(self) -> Iterator[list[bytes]]:

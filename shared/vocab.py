@@ -82,5 +82,8 @@ class Vocabulary:
 
     def decode(self, ids) -> str:
         """Text of a 1-D sequence of ids; specials are written as ``[MASK]``, ``[SEP]``, ``[PAD]``."""
+        ids = np.asarray(ids).reshape(-1)
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
+            raise VocabularyError(f"ids must lie in 0..{self.vocab_size - 1}, got {int(ids.min())}..{int(ids.max())}")
         names = list(self.chars) + list(SPECIAL_TOKENS)
-        return "".join(names[int(i)] for i in np.asarray(ids).reshape(-1))
+        return "".join(names[int(i)] for i in ids)

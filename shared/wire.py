@@ -9,6 +9,7 @@ Nothing received is ever unpickled or evaluated. ``docs/PROTOCOL.md`` is the pro
 
 from __future__ import annotations
 
+import reprlib
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Mapping, Sequence
@@ -143,6 +144,11 @@ def _buffer(frame: Any) -> memoryview:
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
 
 
+def _show(value: Any) -> str:
+    """A short repr of a received value for an error message; bounded in length and nesting depth."""
+    return reprlib.repr(value)
+
+
 def _unpack_header(raw: memoryview) -> dict:
     if len(raw) > MAX_HEADER_BYTES:
         raise WireError("header_size", f"header frame is {len(raw)} bytes, the limit is {MAX_HEADER_BYTES}")
@@ -171,15 +177,16 @@ def _field(header: dict, name: str, kind: type) -> Any:
     return value
 
 
-_META_CACHE: dict[str, StreamMeta] = {}
+# digest -> (meta, its wire form): a message repeating a known meta skips parsing it again.
+_META_CACHE: dict[str, tuple[StreamMeta, dict]] = {}
 
 
 def _meta_of(header: dict) -> StreamMeta:
     digest = _field(header, "meta_hash", str)
     meta_dict = header.get("meta")
     cached = _META_CACHE.get(digest)
-    if cached is not None and cached.to_dict() == meta_dict:
-        return cached
+    if cached is not None and _same_wire_form(meta_dict, cached[1]):
+        return cached[0]
     try:
         meta = StreamMeta.from_dict(meta_dict)
     except MetaError as error:
@@ -187,8 +194,17 @@ def _meta_of(header: dict) -> StreamMeta:
     if meta.digest != digest:
         raise WireError("meta", f"meta_hash {digest!r} does not match the meta ({meta.digest!r})")
     if len(_META_CACHE) < 64:
-        _META_CACHE[digest] = meta
+        _META_CACHE[digest] = (meta, meta.to_dict())
     return meta
+
+
+def _same_wire_form(received: Any, known: dict) -> bool:
+    """``received == known`` with the same types throughout (``==`` alone takes 1.0 and True for 1)."""
+    return (
+        received == known
+        and all(type(received[name]) is type(value) for name, value in known.items())
+        and all(type(count) is int for count in received["token_counts"])
+    )
 
 
 def decode(frames: Sequence[Any]) -> WireMessage:
@@ -197,14 +213,15 @@ def decode(frames: Sequence[Any]) -> WireMessage:
         raise WireError("frame_count", f"{len(frames)} frames, expected {1 + len(REQUIRED_TENSORS)} to {1 + len(TENSOR_SPECS)}")
     header = _unpack_header(_buffer(frames[0]))
     if header.get("magic") != PROTOCOL_MAGIC:
-        raise WireError("header_schema", f"magic is {header.get('magic')!r}, expected {PROTOCOL_MAGIC!r}")
-    if header.get("version") != PROTOCOL_VERSION:
-        raise WireError("version", f"protocol version {header.get('version')!r}, this side speaks {PROTOCOL_VERSION}")
+        raise WireError("header_schema", f"magic is {_show(header.get('magic'))}, expected {PROTOCOL_MAGIC!r}")
+    version = header.get("version")
+    if type(version) is not int or version != PROTOCOL_VERSION:
+        raise WireError("version", f"protocol version {_show(version)}, this side speaks {PROTOCOL_VERSION}")
     if header.get("kind") != KIND_BATCH:
-        raise WireError("header_schema", f"message kind {header.get('kind')!r} is not {KIND_BATCH!r}")
+        raise WireError("header_schema", f"message kind {_show(header.get('kind'))} is not {KIND_BATCH!r}")
     split = _field(header, "split", str)
     if split not in SPLITS:
-        raise WireError("header_schema", f"split {split!r} is not one of {SPLITS}")
+        raise WireError("header_schema", f"split {_show(split)} is not one of {SPLITS}")
     producer_id = _field(header, "producer", str)
     if not 0 < len(producer_id) <= MAX_PRODUCER_ID_CHARS:
         raise WireError("header_schema", f"producer id must have 1..{MAX_PRODUCER_ID_CHARS} characters")
@@ -221,10 +238,10 @@ def decode(frames: Sequence[Any]) -> WireMessage:
     descriptors = _field(header, "tensors", list)
     if len(descriptors) != len(frames) - 1:
         raise WireError("frame_count", f"header lists {len(descriptors)} tensors but {len(frames) - 1} tensor frames came")
-    names = [d.get("name") if isinstance(d, dict) else None for d in descriptors]
+    names = [d.get("name") if isinstance(d, dict) and type(d.get("name")) is str else None for d in descriptors]
     wanted = set(REQUIRED_TENSORS) | (set(OPTIONAL_TENSORS) & set(names))
     if sorted(map(str, names)) != sorted(wanted) or len(set(names)) != len(names):
-        raise WireError("tensor_list", f"tensors {names}, expected {sorted(REQUIRED_TENSORS)} plus optionally {list(OPTIONAL_TENSORS)}")
+        raise WireError("tensor_list", f"tensors {_show(names)}, expected {sorted(REQUIRED_TENSORS)} plus optionally {list(OPTIONAL_TENSORS)}")
 
     rows = None
     tensors: dict[str, np.ndarray] = {}
@@ -232,10 +249,10 @@ def decode(frames: Sequence[Any]) -> WireMessage:
         name = descriptor["name"]
         wire_dtype, rank = TENSOR_SPECS[name]
         if descriptor.get("dtype") != wire_dtype.str:
-            raise WireError("dtype", f"tensor {name} has dtype {descriptor.get('dtype')!r}, expected {wire_dtype.str!r}")
+            raise WireError("dtype", f"tensor {name} has dtype {_show(descriptor.get('dtype'))}, expected {wire_dtype.str!r}")
         shape = descriptor.get("shape")
         if not isinstance(shape, list) or len(shape) != rank or not all(type(n) is int for n in shape):
-            raise WireError("shape", f"tensor {name} shape {shape!r} is not a list of {rank} integers")
+            raise WireError("shape", f"tensor {name} shape {_show(shape)} is not a list of {rank} integers")
         if rows is None:
             rows = shape[0]
             if not 1 <= rows <= meta.rows_per_message:
@@ -247,7 +264,9 @@ def decode(frames: Sequence[Any]) -> WireMessage:
         expected_bytes = wire_dtype.itemsize * int(np.prod(shape))
         if len(buffer) != expected_bytes:
             raise WireError("size", f"tensor {name} frame has {len(buffer)} bytes, its shape needs {expected_bytes}")
-        tensors[name] = np.frombuffer(buffer, dtype=wire_dtype).reshape(shape)
+        tensor = np.frombuffer(buffer, dtype=wire_dtype).reshape(shape)
+        tensor.flags.writeable = False  # also when the frames themselves are writable
+        tensors[name] = tensor
 
     _check_values(tensors, meta)
     return WireMessage(split, producer_id, seq, val_index, meta, MappingProxyType(tensors), tuple(frames))

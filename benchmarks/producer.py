@@ -1,0 +1,155 @@
+"""Producer throughput: packing + corruption + wire encoding, in one process.
+
+For each packing (lines, fixed) and policy (bert, uniform, stages) at block 1024 and 64 rows
+per message, it times the product's vectorized ``BatchStream`` and a straightforward per-row
+Python reference (below, not part of the product) on the same corpus, and prints tokens/s
+(rows x block_size per second) and the speed-up.
+
+    python benchmarks/producer.py [--messages 200] [--reference-messages 4] [--corpus PATH]
+
+Default corpus: ../shared/data/tinyshakespeare.txt beside the checkout, else the built-in one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from producer.config import DataConfig  # noqa: E402
+from producer.corpus import load_corpus  # noqa: E402
+from producer.stages import load_stage_plan  # noqa: E402
+from producer.stream import BatchStream  # noqa: E402
+from shared.vocab import IGNORE_INDEX  # noqa: E402
+from shared.wire import encode  # noqa: E402
+
+SHAKESPEARE = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinyshakespeare.txt").resolve()
+BLOCK_SIZE, ROWS = 1024, 64
+
+
+class ReferenceProducer:
+    """The obvious implementation: one row at a time, Python lists, ``random.Random``."""
+
+    def __init__(self, stream: BatchStream, seed: int = 0) -> None:
+        self.config = stream.config
+        self.vocabulary = stream.vocabulary
+        text = stream.corpus.text
+        lines = text.splitlines(keepends=True)
+        n_train = len(lines) - min(max(round(len(lines) * self.config.val_fraction), 1), len(lines) - 1)
+        self.tokens = stream.vocabulary.encode("".join(lines[:n_train])).tolist()
+        self.line_starts, offset = [], 0
+        for line in lines[:n_train]:
+            self.line_starts.append(offset)
+            offset += len(line)
+        self.line_starts.append(offset)
+        self.random = random.Random(seed)
+        self.plan = load_stage_plan(self.config.stages_path) if self.config.policy == "stages" else None
+
+    def message(self) -> dict[str, np.ndarray]:
+        rows = [self.row() for _ in range(ROWS)]
+        batch = {name: np.array([row[i] for row in rows], dtype=dtype) for i, (name, dtype) in
+                 enumerate([("x", np.uint16), ("y", np.int16), ("attention_mask", np.uint8), ("mask_ratio", np.float32)])}
+        if self.plan is not None:
+            batch["stage"] = np.array([row[4] for row in rows], dtype=np.uint8)
+        return batch
+
+    def row(self):
+        vocabulary, rnd = self.vocabulary, self.random
+        if self.config.packing == "fixed":
+            offset = rnd.randrange(len(self.tokens) - BLOCK_SIZE + 1)
+            content = self.tokens[offset : offset + BLOCK_SIZE]
+            x, n_candidates = list(content), BLOCK_SIZE
+        else:
+            line = rnd.randrange(len(self.line_starts) - 1)
+            content = []
+            while line < len(self.line_starts) - 1:
+                piece = self.tokens[self.line_starts[line] : self.line_starts[line + 1]]
+                if len(content) + len(piece) > BLOCK_SIZE - 1:
+                    if not content:
+                        content = piece[: BLOCK_SIZE - 1]
+                    break
+                content += piece
+                line += 1
+            x = content + [vocabulary.sep_id] + [vocabulary.pad_id] * (BLOCK_SIZE - 1 - len(content))
+            n_candidates = len(content)
+        mask = [1] * (len(content) + (self.config.packing == "lines")) + [0] * (BLOCK_SIZE - len(content) - 1)
+        chosen, all_mask, stage = self.choose(n_candidates)
+        y = [IGNORE_INDEX] * BLOCK_SIZE
+        for t in chosen:
+            y[t] = x[t]
+            u = rnd.random()
+            if all_mask or u < 0.8:
+                x[t] = vocabulary.mask_id
+            elif u < 0.9:
+                x[t] = rnd.choice([i for i in range(vocabulary.base_size) if i != x[t]])
+        return x, y, mask[:BLOCK_SIZE], len(chosen) / max(n_candidates, 1), stage
+
+    def choose(self, n):
+        rnd, config = self.random, self.config
+        if config.policy == "bert":
+            return [t for t in range(n) if rnd.random() < config.mask_prob], False, 0
+        if config.policy == "uniform":
+            return rnd.sample(range(n), round(rnd.uniform(*config.ratio_range) * n)), False, 0
+        stage_index = rnd.randrange(len(self.plan.train))
+        stage = self.plan.train[stage_index]
+        if stage.type == "random":
+            return rnd.sample(range(n), round(rnd.uniform(0, stage.max_masked_ratio) * n)), False, stage_index
+        if stage.type == "span":
+            points = sorted(rnd.randrange(n) for _ in range(2 * stage.spans_count)) if n else []
+            covered = {t for a, b in zip(points[::2], points[1::2]) for t in range(a, b + 1)}
+            return sorted(covered), True, stage_index
+        target, chosen = min(math.ceil(stage.target_masked_ratio * n), n), set()
+        while len(chosen) < target:
+            added = [t for t in range(n) if t not in chosen and rnd.random() < (
+                stage.p2_probability if (t - 1 in chosen or t + 1 in chosen) else stage.p1_probability)]
+            chosen.update(rnd.sample(added, min(len(added), target - len(chosen))))
+        return sorted(chosen), False, stage_index
+
+
+def tokens_per_second(make_message, meta, messages: int, chunks: int) -> float:
+    """Best rate over ``chunks`` timed runs of ``messages // chunks`` messages each, timed in CPU
+    seconds of this (single-threaded) process: other load on a shared machine then barely
+    matters, and the best run is the closest to the true cost."""
+    encode(meta, "train", "0", 0, make_message())  # warm-up
+    per_chunk = max(messages // chunks, 1)
+    best = math.inf
+    for _ in range(chunks):
+        start = time.process_time()
+        for seq in range(per_chunk):
+            encode(meta, "train", "0", seq, make_message())
+        best = min(best, time.process_time() - start)
+    return per_chunk * ROWS * BLOCK_SIZE / best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--messages", type=int, default=200, help="messages timed per vectorized config")
+    parser.add_argument("--reference-messages", type=int, default=4, help="messages timed per reference config")
+    parser.add_argument("--corpus", default=str(SHAKESPEARE) if SHAKESPEARE.exists() else None)
+    args = parser.parse_args()
+    corpus = load_corpus(args.corpus)
+    print(f"corpus {corpus.name} ({len(corpus.text):,} characters); block {BLOCK_SIZE}, {ROWS} rows per message; "
+          f"packing + corruption + wire encoding, one process; CPU time, best of 10 "
+          f"(vectorized) / {args.reference_messages} (reference) timed runs\n")
+    print("| packing | policy | vectorized M tokens/s | reference M tokens/s | speed-up |")
+    print("| --- | --- | ---: | ---: | ---: |")
+    for packing in ("lines", "fixed"):
+        for policy in ("bert", "uniform", "stages"):
+            config = DataConfig(corpus=args.corpus, block_size=BLOCK_SIZE, rows_per_message=ROWS, packing=packing, policy=policy)
+            stream = BatchStream(config, corpus=corpus)
+            batches = stream.train_batches()
+            fast = tokens_per_second(lambda: next(batches), stream.meta, args.messages, chunks=10)
+            reference = ReferenceProducer(stream)
+            slow = tokens_per_second(reference.message, stream.meta, args.reference_messages, chunks=args.reference_messages)
+            print(f"| {packing} | {policy} | {fast / 1e6:.1f} | {slow / 1e6:.3f} | {fast / slow:.0f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

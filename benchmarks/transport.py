@@ -1,0 +1,191 @@
+"""Transport throughput: one sender process to one receiver over TCP loopback.
+
+    python benchmarks/transport.py [--block-size 1024] [--rows 64] [--seconds 4]
+
+Measures, in one run and for the same frame sizes:
+
+1. ``raw pyzmq``: PUSH -> PULL of pre-built frames with ``copy=False`` (default HWMs),
+   nothing decoded: the ceiling for this machine.
+2. ``producer socket``: the producer's socket (``producer.service.Sender``, SNDHWM 4) sending
+   pre-built tensors under a fresh header per message (``shared.wire.encode``, seq 0, 1, ...),
+   received by a PULL socket with the consumer's RCVHWM that only counts.
+3. ``wire decode``: the same, and the receiver runs ``shared.wire.decode`` (full validation).
+4. ``consumer``: the same sender into ``trainer.consumer.DatasetConsumer`` (validation, meta
+   pinning, accounting, batch assembly, batch statistics) and ``next_batch()`` on CPU,
+   ``batch_size`` = rows per message.
+
+The sender re-sends a pool of pre-built messages, so the producer's generation speed
+(``benchmarks/producer.py``) is not part of these numbers. Payload = tensor bytes
+(x, y, attention_mask, mask_ratio); headers are not counted. The four paths take turns
+``--repeats`` times and each reports its best run, because a shared host is noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from itertools import count
+from pathlib import Path
+
+import numpy as np
+import zmq
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from producer.config import DataConfig  # noqa: E402
+from producer.stream import BatchStream  # noqa: E402
+from shared.wire import encode  # noqa: E402
+
+POOL = 8  # distinct pre-built messages the sender cycles through
+
+
+def build_pool(block_size: int, rows: int):
+    stream = BatchStream(DataConfig(block_size=block_size, rows_per_message=rows, producer_id="bench"))
+    batches = stream.train_batches()
+    return stream.meta, [next(batches) for _ in range(POOL)]
+
+
+def payload_bytes(tensors) -> int:
+    return sum(array.nbytes for array in tensors.values())
+
+
+def run_sender(args) -> None:
+    """Child process: sends until killed."""
+    meta, pool = build_pool(args.block_size, args.rows)
+    if args.role == "raw":
+        context = zmq.Context()
+        socket = context.socket(zmq.PUSH)
+        socket.connect(args.endpoint)
+        header = encode(meta, "train", "bench", 0, pool[0])[0]
+        frames = [[header, *tensors.values()] for tensors in pool]
+        for i in count():
+            socket.send_multipart(frames[i % POOL], copy=False)
+    else:
+        from producer.service import Sender, StopSignal
+
+        sender = Sender(args.endpoint, None, StopSignal())
+        for seq in count():
+            if not sender.send(encode(meta, "train", "bench", seq, pool[seq % POOL])):
+                break
+        sender.close()
+
+
+def start_sender(role: str, endpoint: str, args) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, __file__, "--role", role, "--endpoint", endpoint, "--block-size", str(args.block_size), "--rows", str(args.rows)]
+    )
+
+
+def measure(receive_one, seconds: float) -> tuple[int, float]:
+    """Calls ``receive_one()`` (returns messages taken) for ``seconds`` after a 1 s warm-up."""
+    warm_until = time.monotonic() + 1.0
+    while time.monotonic() < warm_until:
+        receive_one()
+    messages, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        messages += receive_one()
+    return messages, time.perf_counter() - started
+
+
+def bench_raw(args, message_bytes: int) -> dict:
+    context = zmq.Context()
+    socket = context.socket(zmq.PULL)
+    port = socket.bind_to_random_port("tcp://127.0.0.1")
+    sender = start_sender("raw", f"tcp://127.0.0.1:{port}", args)
+    try:
+        messages, elapsed = measure(lambda: (socket.recv_multipart(copy=False), 1)[1], args.seconds)
+    finally:
+        sender.kill()
+        sender.wait()
+        socket.close(linger=0)
+        context.term()
+    return result("raw pyzmq", messages, elapsed, message_bytes)
+
+
+def bench_wire(args, message_bytes: int, validate: bool) -> dict:
+    """The producer's sender into a PULL socket with the consumer's RCVHWM; ``validate``: decode each."""
+    from shared.wire import decode
+
+    context = zmq.Context()
+    socket = context.socket(zmq.PULL)
+    socket.setsockopt(zmq.RCVHWM, 4)
+    port = socket.bind_to_random_port("tcp://127.0.0.1")
+    sender = start_sender("wire", f"tcp://127.0.0.1:{port}", args)
+    take = (lambda: decode(socket.recv_multipart(copy=False))) if validate else (lambda: socket.recv_multipart(copy=False))
+    try:
+        messages, elapsed = measure(lambda: (take(), 1)[1], args.seconds)
+    finally:
+        sender.kill()
+        sender.wait()
+        socket.close(linger=0)
+        context.term()
+    return result("wire decode" if validate else "producer socket", messages, elapsed, message_bytes)
+
+
+def bench_socket(args, message_bytes: int) -> dict:
+    return bench_wire(args, message_bytes, validate=False)
+
+
+def bench_decode(args, message_bytes: int) -> dict:
+    return bench_wire(args, message_bytes, validate=True)
+
+
+def bench_consumer(args, message_bytes: int) -> dict:
+    from trainer.consumer import DatasetConsumer
+
+    with DatasetConsumer("tcp://127.0.0.1:*", args.rows) as consumer:
+        sender = start_sender("wire", consumer.endpoint, args)
+        try:
+            messages, elapsed = measure(lambda: (consumer.next_batch(timeout=30), 1)[1], args.seconds)
+            stats = consumer.stats()
+        finally:
+            sender.terminate()
+            sender.wait()
+    assert stats["gaps"] == 0 and stats["rejected_total"] == 0, stats
+    return result("consumer", messages, elapsed, message_bytes)
+
+
+def result(name: str, messages: int, elapsed: float, message_bytes: int) -> dict:
+    return {
+        "path": name,
+        "messages_per_s": round(messages / elapsed, 1),
+        "payload_GB_per_s": round(messages * message_bytes / elapsed / 1e9, 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--block-size", type=int, default=1024)
+    parser.add_argument("--rows", type=int, default=64, help="rows per message (= batch size for the consumer)")
+    parser.add_argument("--seconds", type=float, default=4.0, help="measured seconds per path (after 1 s warm-up)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per path; the best one is reported")
+    parser.add_argument("--role", choices=("raw", "wire"), help=argparse.SUPPRESS)
+    parser.add_argument("--endpoint", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.role:
+        run_sender(args)
+        return
+    meta, pool = build_pool(args.block_size, args.rows)
+    message_bytes = payload_bytes(pool[0])
+    header_bytes = len(encode(meta, "train", "bench", 0, pool[0])[0])
+    # The paths take turns, --repeats times; each keeps its best run (the host may be shared).
+    rows = []
+    for _ in range(args.repeats):
+        runs = [bench(args, message_bytes) for bench in (bench_raw, bench_socket, bench_decode, bench_consumer)]
+        rows = [max(pair, key=lambda row: row["messages_per_s"]) for pair in zip(rows, runs)] if rows else runs
+    raw = rows[0]["payload_GB_per_s"]
+    for row in rows:
+        row["of_raw"] = round(row["payload_GB_per_s"] / raw, 3)
+        row["batches_per_s"] = row["messages_per_s"]  # one message per batch here
+    print(json.dumps({
+        "block_size": args.block_size, "rows_per_message": args.rows, "payload_bytes_per_message": message_bytes,
+        "header_bytes_per_message": header_bytes, "cpus": os.cpu_count(), "load_average": os.getloadavg(), "results": rows,
+    }, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""``python -m producer COMMAND ...``: every module in :data:`COMMAND_MODULES` adds its own
+subcommands with ``add_command(subparsers)``; each sets ``handler`` (a function of the parsed
+arguments that returns the exit status)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import producer.record
+import producer.replay
+import producer.service
+
+COMMAND_MODULES = [producer.record, producer.service, producer.replay]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m producer", description="Linepack producer commands.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in COMMAND_MODULES:
+        module.add_command(subparsers)
+    args = parser.parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Packing token ids into rows of ``block_size`` (SPEC §2.3, §2.4). Vectorized: no loop over
+rows, lines or tokens on the hot path.
+
+A packer turns an int64 array of *starts* into a :class:`Packed` batch:
+
+- :class:`LinePacker` (``--packing lines``): a start is a line index. A row holds the complete
+  lines from its start line on while they fit in ``block_size - 1`` tokens (an overlong first
+  line is cut to ``block_size - 1``), then ``[SEP]``, then ``[PAD]`` to the end.
+- :class:`FixedPacker` (``--packing fixed``): a start is a token offset; a row is the next
+  ``block_size`` tokens (cyclically past the end), attention all ones, no ``[SEP]``/``[PAD]``.
+
+Both offer ``random_starts`` (uniform) and ``greedy_starts`` (consecutive, non-overlapping
+rows in corpus order: the epoch packs and the val set).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from producer.corpus import Lines
+
+
+@dataclass
+class Packed:
+    """A batch of packed rows.
+
+    Attributes:
+        x: token ids, uint16 (R, T); lines packing: content, ``[SEP]`` at ``content_len``, ``[PAD]`` after.
+        attention_mask: uint8 (R, T), 1 for the visible positions ``t < valid_len`` ([SEP] included).
+        content_len: int64 (R,), tokens before ``[SEP]`` (``T`` for fixed packing).
+    """
+
+    x: np.ndarray
+    attention_mask: np.ndarray
+    content_len: np.ndarray
+
+
+@lru_cache(maxsize=8)
+def _prefix_rows(block_size: int) -> np.ndarray:
+    """Read-only bool (block_size + 1, block_size) view: row ``block_size - n`` is n ones, then zeros."""
+    ones_then_zeros = np.concatenate([np.ones(block_size, bool), np.zeros(block_size, bool)])
+    return sliding_window_view(ones_then_zeros, block_size)
+
+
+def prefix_mask(lengths: np.ndarray, block_size: int) -> np.ndarray:
+    """bool (R, T), True at ``t < lengths[i]``. A gather of whole rows, far faster than comparing
+    against ``arange(T)``."""
+    return _prefix_rows(block_size)[block_size - lengths]
+
+
+def _windows(tokens: np.ndarray, block_size: int) -> np.ndarray:
+    """Read-only view (N, T): row s is ``block_size`` tokens from offset s of ``tokens``, cyclically,
+    so gathering rows copies contiguous runs instead of single tokens."""
+    return sliding_window_view(np.resize(tokens, len(tokens) + block_size - 1), block_size)
+
+
+class LinePacker:
+    """Line-aligned rows over ``lines`` (SPEC §2.3)."""
+
+    def __init__(self, lines: Lines, block_size: int, sep_id: int, pad_id: int) -> None:
+        self.lines = lines
+        self.block_size = block_size
+        self.sep_id = sep_id
+        self.pad_id = pad_id
+        # Whatever a window reads past the content (the cyclic wrap) is overwritten by [SEP]/[PAD].
+        self._windows = _windows(lines.tokens, block_size)
+
+    def random_starts(self, rng: np.random.Generator, rows: int) -> np.ndarray:
+        """``rows`` line indices drawn uniformly over the line starts."""
+        return rng.integers(0, self.lines.n_lines, rows, dtype=np.int64)
+
+    def content_end(self, start_lines: np.ndarray) -> np.ndarray:
+        """Token offset (exclusive) of each row's content: the end of its last complete line
+        within ``block_size - 1`` tokens, or ``start + block_size - 1`` for an overlong first line."""
+        starts = self.lines.starts
+        first = starts[start_lines]
+        limit = first + (self.block_size - 1)
+        last = np.searchsorted(starts, limit, side="right") - 1
+        return np.where(last > start_lines, starts[last], limit)
+
+    def greedy_starts(self, max_rows: int | None = None) -> np.ndarray:
+        """Start lines of the greedy packs in corpus order: each pack starts at the line after
+        the previous pack's last (possibly truncated) line, so every line is in exactly one pack."""
+        n_lines = self.lines.n_lines
+        every_line = np.arange(n_lines, dtype=np.int64)
+        end = self.content_end(every_line)
+        # The next pack starts at the first line not wholly inside this one (an overlong line is consumed).
+        following = np.searchsorted(self.lines.starts, end, side="left").tolist()
+        packs, line = [], 0
+        while line < n_lines and (max_rows is None or len(packs) < max_rows):
+            packs.append(line)
+            line = following[line]
+        return np.array(packs, dtype=np.int64)
+
+    def pack(self, start_lines: np.ndarray) -> Packed:
+        first = self.lines.starts[start_lines]
+        content_len = self.content_end(start_lines) - first
+        x = self._windows[first]
+        visible = prefix_mask(content_len + 1, self.block_size)
+        np.copyto(x, self.pad_id, where=~visible)
+        x[np.arange(len(x)), content_len] = self.sep_id
+        return Packed(x, visible.view(np.uint8), content_len)
+
+
+class FixedPacker:
+    """Fixed windows of ``block_size`` consecutive tokens over ``lines.tokens`` (SPEC §2.4)."""
+
+    def __init__(self, lines: Lines, block_size: int) -> None:
+        self.n_tokens = len(lines.tokens)
+        self.block_size = block_size
+        self._windows = _windows(lines.tokens, block_size)
+
+    def random_starts(self, rng: np.random.Generator, rows: int) -> np.ndarray:
+        """``rows`` offsets uniform over the windows that fit (offset 0 when the text is shorter than a row)."""
+        return rng.integers(0, max(self.n_tokens - self.block_size, 0) + 1, rows, dtype=np.int64)
+
+    def greedy_starts(self, max_rows: int | None = None) -> np.ndarray:
+        """Offsets 0, T, 2T, ... covering every token once (the last window wraps to the start)."""
+        starts = np.arange(0, self.n_tokens, self.block_size, dtype=np.int64)
+        return starts if max_rows is None else starts[:max_rows]
+
+    def pack(self, starts: np.ndarray) -> Packed:
+        x = self._windows[starts]
+        rows = len(starts)
+        return Packed(x, np.ones((rows, self.block_size), np.uint8), np.full(rows, self.block_size, np.int64))

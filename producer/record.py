@@ -1,0 +1,140 @@
+"""``python -m producer record`` writes a stream straight to a recording file; ``python -m
+producer inspect`` summarises one as a single JSON object (SPEC §5, §6 definitions).
+
+    python -m producer record --out FILE --messages M [--split train|val] [data flags]
+    python -m producer inspect FILE
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from itertools import islice
+from typing import Any
+
+import numpy as np
+
+from producer.config import DataConfig, add_data_arguments
+from producer.stream import BatchStream
+from shared.recording import RecordingError, RecordingReader, RecordingWriter
+from shared.wire import WireError, decode, encode
+
+
+def add_command(subparsers: argparse._SubParsersAction) -> None:
+    record = subparsers.add_parser("record", help="write a stream to a recording file",
+                                   description="Write M messages of a stream to a recording file.")
+    record.add_argument("--out", required=True, metavar="FILE", help="recording to write")
+    record.add_argument("--messages", type=_positive_int, required=True, metavar="M", help="messages to write")
+    record.add_argument("--split", choices=("train", "val"), default="train",
+                        help="train: the train stream; val: the fixed val set, cycled (default: train)")
+    add_data_arguments(record)
+    record.set_defaults(handler=run_record, command_parser=record)
+
+    inspect = subparsers.add_parser("inspect", help="summarise a recording as JSON",
+                                    description="Print one JSON object describing a recording.")
+    inspect.add_argument("file", metavar="FILE", help="recording to read")
+    inspect.set_defaults(handler=run_inspect, command_parser=inspect)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def run_record(args: argparse.Namespace) -> int:
+    try:
+        stream = BatchStream(DataConfig.from_args(args))
+    except (ValueError, OSError) as error:  # CorpusError, StageError and bad flag combinations
+        args.command_parser.error(str(error))
+    meta = stream.meta
+    if args.split == "val":
+        if meta.val_messages == 0:
+            args.command_parser.error("the stream has no val set (--val-fraction 0)")
+        val_set = stream.val_set()
+        messages = ((val_set[i % len(val_set)], i % len(val_set)) for i in range(args.messages))
+    else:
+        messages = ((batch, -1) for batch in islice(stream.train_batches(), args.messages))
+    info = {"source": "producer record", "producer_id": stream.producer_id, "split": args.split}
+    with RecordingWriter(args.out, info) as writer:
+        for seq, (batch, val_index) in enumerate(messages):
+            writer.write(encode(meta, args.split, stream.producer_id, seq, batch, val_index=val_index))
+    print(f"wrote {args.messages} {args.split} messages to {args.out}", file=sys.stderr)
+    return 0
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    try:
+        reader = RecordingReader(args.file)
+    except (RecordingError, OSError) as error:
+        args.command_parser.error(str(error))
+    with reader:
+        print(json.dumps(summarise(reader), indent=2))
+    return 0
+
+
+def summarise(reader: RecordingReader) -> dict[str, Any]:
+    """Statistics of every decodable message of a recording (see :func:`run_inspect`)."""
+    rejected: Counter[str] = Counter()
+    splits: Counter[str] = Counter()
+    meta = None
+    block_size = 0
+    valid_lens, ratios = [], []
+    supervised = visible = as_mask = as_original = 0
+    for frames in reader:
+        try:
+            message = decode(frames)
+        except WireError as error:
+            rejected[error.reason] += 1
+            continue
+        meta = meta or message.meta
+        splits[message.split] += 1
+        x, y, attention = (message.tensors[name] for name in ("x", "y", "attention_mask"))
+        block_size = x.shape[1]
+        labelled = y != message.meta.ignore_index
+        valid_lens.append(attention.sum(axis=1, dtype=np.int64))
+        ratios.append(message.tensors["mask_ratio"])
+        supervised += int(labelled.sum())
+        visible += int(valid_lens[-1].sum())
+        as_mask += int((x[labelled] == message.meta.mask_id).sum())
+        as_original += int((x[labelled] == y[labelled]).sum())
+    valid_len = np.concatenate(valid_lens) if valid_lens else np.zeros(0, np.int64)
+    ratio = np.concatenate(ratios) if ratios else np.zeros(0, np.float32)
+    report = reader.report
+    return {
+        "file": reader.path,
+        "messages": int(sum(splits.values())),
+        "splits": dict(splits),
+        "rows": int(valid_len.size),
+        "meta": meta.to_dict() if meta else None,
+        "valid_len": _summary(valid_len, ("mean", "min", "max")),
+        "packing_efficiency": float(valid_len.mean() / block_size) if valid_len.size else None,
+        "supervised_per_token": supervised / visible if visible else None,
+        "pct_mask": _percent(as_mask, supervised),
+        "pct_random": _percent(supervised - as_mask - as_original, supervised),
+        "pct_unchanged": _percent(as_original, supervised),
+        "mask_ratio": _summary(ratio, ("p10", "p50", "p90")),
+        "truncated": report.truncated,
+        "lost_bytes": report.lost_bytes,
+        "corrupt_records": report.corrupt_records,
+        "rejected": int(sum(rejected.values())),
+        "rejected_by_reason": dict(rejected),
+        "problem": report.problem,
+    }
+
+
+def _summary(values: np.ndarray, names: tuple[str, ...]) -> dict[str, float | None]:
+    if values.size == 0:
+        return dict.fromkeys(names)
+    compute = {
+        "mean": np.mean, "min": np.min, "max": np.max,
+        "p10": lambda v: np.percentile(v, 10), "p50": np.median, "p90": lambda v: np.percentile(v, 90),
+    }
+    return {name: float(compute[name](values)) for name in names}
+
+
+def _percent(part: int, whole: int) -> float | None:
+    return 100.0 * part / whole if whole else None

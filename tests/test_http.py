@@ -1,0 +1,323 @@
+"""Diagnostics + HTTP app: every key with sane values after a real (tiny) training run, the
+cumulative percentiles, answers while the training thread is blocked, Prometheus text, CLI."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from trainer.alarms import AlarmSettings
+from trainer.batch_stats import MaskRatioHistogram, batch_statistics, mask_ratio_counts
+from trainer.diagnostics import Diagnostics
+from trainer.http import add_http_arguments, create_app, serve_in_thread, start_diagnostics
+from trainer.train import TrainConfig, Trainer
+
+from synthetic_batches import SyntheticStream
+
+MODEL_ARGS = dict(n_layer=1, n_head=2, n_embd=32)
+TIMEOUT = 10.0
+
+
+class FakeConsumer:
+    """The DatasetConsumer interface over a SyntheticStream, with the real batch statistics and
+    histogram, a stats() dict in the consumer's format, and a gate that can block next_batch."""
+
+    def __init__(self, block_size: int = 48, batch_size: int = 8, seed: int = 0) -> None:
+        self.stream = SyntheticStream(block_size=block_size, batch_size=batch_size, seed=seed)
+        self.meta = self.stream.meta
+        self._val = self.stream.batches(2)
+        self.last_batch_stats = None
+        self.cumulative_mask_ratio = MaskRatioHistogram()
+        self.ratios_seen: list[np.ndarray] = []
+        self.consumed = 0
+        self.rejected = {"meta_mismatch": 0, "dtype": 0}
+        self.last_message = time.monotonic()
+        self.gate = threading.Event()
+        self.gate.set()
+        self.blocked = threading.Event()
+
+    def wait_for_meta(self, timeout=None):
+        return self.meta
+
+    def wait_for_val_set(self, timeout=None):
+        return True
+
+    def val_batches(self):
+        return self._val
+
+    def next_batch(self, split="train", timeout=None):
+        if not self.gate.is_set():
+            self.blocked.set()
+            assert self.gate.wait(TIMEOUT), "the test never opened the gate"
+        batch = self.stream.batch()
+        arrays = {name: tensor.numpy() for name, tensor in batch.items()}
+        self.last_batch_stats = batch_statistics(
+            arrays["x"], arrays["y"], arrays["attention_mask"], arrays["mask_ratio"], self.meta.mask_id, self.meta.ignore_index
+        )
+        self.cumulative_mask_ratio.add_counts(mask_ratio_counts(arrays["mask_ratio"]))
+        self.ratios_seen.append(arrays["mask_ratio"])
+        self.consumed += 1
+        self.last_message = time.monotonic()
+        return batch
+
+    def stats(self):
+        total_rejected = sum(self.rejected.values())
+        return {
+            "received": self.consumed + total_rejected, "accepted": self.consumed, "rejected": dict(self.rejected),
+            "rejected_total": total_rejected, "consumed_messages": self.consumed, "consumed_batches": self.consumed,
+            "dropped_train": 0, "gaps": 1, "duplicates": 0, "out_of_order": 0,
+            "producers": {"p0": {"messages": self.consumed, "train": self.consumed, "val": 2, "first_seq": 0,
+                                  "last_seq": self.consumed + 2, "gaps": 1, "duplicates": 0, "out_of_order": 0,
+                                  "seconds_since_last": 0.0}},
+            "starved": False, "seconds_since_last_message": round(time.monotonic() - self.last_message, 3),
+            "queue_depth": 2, "val_messages_seen": 2, "val_messages_total": 2, "meta_digest": self.meta.digest,
+        }
+
+
+def make_trainer(tmp_path, consumer, diagnostics, max_iters=30, eval_interval=10) -> Trainer:
+    config = TrainConfig(out_dir=str(tmp_path), batch_size=8, max_iters=max_iters, eval_interval=eval_interval,
+                         log_interval=5, device="cpu", lr=3e-3, warmup_iters=5, seed=1)
+    trainer = Trainer(config, MODEL_ARGS, consumer, [diagnostics])
+    trainer.prepare(wait_timeout=5)
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A 30-step run with diagnostics and the app served on a free port."""
+    consumer = FakeConsumer()
+    diagnostics = Diagnostics(consumer, probe_interval=20, no_context_positions=64, alarm_settings=AlarmSettings(warmup_steps=10))
+    trainer = make_trainer(tmp_path_factory.mktemp("run"), consumer, diagnostics)
+    trainer.run()
+    server = serve_in_thread(create_app(diagnostics), "127.0.0.1", 0)
+    yield consumer, diagnostics, f"http://127.0.0.1:{server.port}"
+    server.stop()
+
+
+def test_every_key_is_present_with_sane_values(finished_run):
+    consumer, _, url = finished_run
+    body = httpx.get(f"{url}/diagnostics", timeout=TIMEOUT).json()
+    assert body["status"] == "finished" and body["step"] == 30
+    assert body["meta"]["vocab_size"] == consumer.meta.vocab_size and "token_counts" not in body["meta"]
+    assert body["meta"]["content_tokens"] == sum(consumer.meta.token_counts)
+    loss = body["loss"]
+    assert 0 < loss["train"] < 6 and 0 < loss["val"] < 6 and loss["train_step"] == 30 and loss["val_step"] == 30
+    assert 0 < loss["context_free_floor"] < math.log(consumer.meta.vocabulary.base_size)
+    batch = body["batch"]
+    assert batch["rows"] == 8 and 1 <= batch["valid_len"]["min"] <= batch["valid_len"]["p50"] <= batch["valid_len"]["max"] <= 48
+    assert 0 < batch["supervised_per_position"] <= batch["supervised_per_token"] <= 1
+    assert sum(batch["corruption"].values()) == pytest.approx(100.0)
+    assert 0 <= batch["mask_ratio"]["p10"] <= batch["mask_ratio"]["p50"] <= batch["mask_ratio"]["p90"] <= 1
+    assert body["cumulative"]["mask_ratio"]["count"] == 30 * 8
+    probe = body["attention_probe"]
+    assert probe["step"] == 20  # probes at evals 0 and 20 (interval 20); eval 30 is only 10 later
+    assert probe["loss_noattn_minus_attn"] == pytest.approx(probe["loss_noattn"] - probe["loss_attn"])
+    assert probe["positions"] > 0 and probe["no_context_positions"] == 64
+    stream = body["stream"]
+    assert stream["consumed_batches"] == 30 and stream["producers"]["p0"]["gaps"] == 1
+    assert 0 <= stream["data_wait_fraction"] <= 1
+    throughput = body["throughput"]
+    assert throughput["ms_per_step"] > 0 and throughput["tokens_per_s"] > 0
+    assert {alarm["name"] for alarm in body["alarms"]} == {"context_blind", "starved", "rejecting", "meta_mismatch"}
+    assert not any(alarm["active"] for alarm in body["alarms"] if alarm["name"] != "context_blind")
+    assert httpx.get(f"{url}/healthz", timeout=TIMEOUT).json() == {"ok": True, "step": 30}
+
+
+def test_cumulative_percentiles_equal_a_direct_computation_over_every_row(finished_run):
+    consumer, diagnostics, _ = finished_run
+    ratios = np.concatenate(consumer.ratios_seen)
+    direct = MaskRatioHistogram()
+    direct.add(ratios)
+    reported = diagnostics.snapshot().cumulative.mask_ratio
+    assert [reported.p10, reported.p50, reported.p90] == direct.percentiles([10, 50, 90])
+    assert [reported.p10, reported.p50, reported.p90] == pytest.approx(np.percentile(ratios, [10, 50, 90]), abs=0.02)
+
+
+def test_history_has_a_point_per_log_step_and_per_eval(finished_run):
+    _, _, url = finished_run
+    history = httpx.get(f"{url}/history", timeout=TIMEOUT).json()
+    assert history["train"]["step"] == [5, 10, 15, 20, 25, 30]
+    assert all(len(column) == 6 for column in history["train"].values())
+    assert {"loss", "batch_p50", "cumulative_p90", "data_wait_fraction", "ms_per_step"} <= set(history["train"])
+    assert history["eval"]["step"] == [0, 10, 20, 30]
+    assert history["eval"]["loss_no_context"][0] is not None and history["eval"]["loss_no_context"][1] is None
+    assert history["context_free_floor"] > 0
+
+
+def test_metrics_parse_as_prometheus_text(finished_run):
+    _, _, url = finished_run
+    response = httpx.get(f"{url}/metrics", timeout=TIMEOUT)
+    samples = {}
+    families = [family.name for family in text_string_to_metric_families(response.text)]
+    assert len(families) == len(set(families)), "a metric family is emitted twice"
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    assert samples[("linepack_step", ())] == 30
+    assert ("linepack_loss_nats", (("split", "val"),)) in samples
+    assert ("linepack_context_free_floor_nats", (("split", "train"),)) in samples
+    assert samples[("linepack_stream_rejected_total", (("reason", "meta_mismatch"),))] == 0
+    assert samples[("linepack_stream_messages_total", (("kind", "consumed"),))] == 30
+    assert samples[("linepack_stream_sequence_errors_total", (("kind", "gaps"),))] == 1
+    assert samples[("linepack_stream_producer_total", (("kind", "gaps"), ("producer", "p0")))] == 1
+    assert samples[("linepack_alarm_active", (("alarm", "starved"),))] == 0
+    assert ("linepack_attention_probe_loss_nats", (("mask", "no_context"),)) in samples
+    assert ("linepack_mask_ratio", (("quantile", "0.5"), ("window", "cumulative"))) in samples
+    assert ("linepack_mask_ratio", (("quantile", "0.9"), ("window", "batch"))) in samples
+
+
+def test_openapi_documents_the_typed_response(finished_run):
+    _, _, url = finished_run
+    schema = httpx.get(f"{url}/openapi.json", timeout=TIMEOUT).json()
+    response = schema["components"]["schemas"]["DiagnosticsResponse"]["properties"]
+    assert {"step", "meta", "loss", "batch", "cumulative", "attention_probe", "stream", "alarms", "throughput"} <= set(response)
+    assert {"train", "val", "context_free_floor"} <= set(schema["components"]["schemas"]["LossNumbers"]["properties"])
+
+
+def test_the_endpoint_answers_while_the_training_thread_is_blocked(tmp_path):
+    consumer = FakeConsumer()
+    diagnostics = Diagnostics(consumer, probe_interval=0, alarm_settings=AlarmSettings(starved_seconds=0.3))
+    trainer = make_trainer(tmp_path, consumer, diagnostics, max_iters=12)
+    server = serve_in_thread(create_app(diagnostics), "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.port}"
+    original_next = consumer.next_batch
+
+    def next_batch_closing_the_gate_at_step_5(split="train", timeout=None):
+        if consumer.consumed == 5:
+            consumer.gate.clear()
+        return original_next(split, timeout)
+
+    consumer.next_batch = next_batch_closing_the_gate_at_step_5
+    thread = threading.Thread(target=trainer.run, daemon=True)
+    try:
+        thread.start()
+        assert consumer.blocked.wait(TIMEOUT)
+        time.sleep(0.4)
+        started = time.monotonic()
+        body = httpx.get(f"{url}/diagnostics", timeout=TIMEOUT).json()
+        assert time.monotonic() - started < 2.0
+        assert body["status"] == "training" and body["step"] == 5
+        starved = next(alarm for alarm in body["alarms"] if alarm["name"] == "starved")
+        assert starved["active"] and starved["since_step"] == 5
+    finally:
+        consumer.gate.set()
+        thread.join(TIMEOUT)
+        server.stop()
+    assert not thread.is_alive()
+    assert diagnostics.snapshot().step == 12
+
+
+def test_rejections_raise_rejecting_and_meta_mismatch():
+    consumer = FakeConsumer()
+    diagnostics = Diagnostics(consumer)
+    for _ in range(10):
+        consumer.next_batch()
+    assert not any(alarm.active for alarm in diagnostics.snapshot().alarms)
+    consumer.rejected["meta_mismatch"] = 3
+    alarms = {alarm.name: alarm for alarm in diagnostics.snapshot().alarms}
+    assert alarms["meta_mismatch"].active and alarms["rejecting"].active
+    assert "meta_mismatch: 3" in alarms["rejecting"].explanation
+
+
+def test_cli_arguments_and_port_zero_disables_the_server():
+    parser = argparse.ArgumentParser()
+    add_http_arguments(parser)
+    defaults = parser.parse_args([])
+    assert (defaults.http_host, defaults.http_port, defaults.probe_interval) == ("127.0.0.1", 8000, None)
+    diagnostics, server = start_diagnostics(parser.parse_args(["--http-port", "0", "--probe-interval", "50"]))
+    assert server is None and diagnostics.probe_interval == 50
+    with socket_port() as port:
+        pass  # released: free for the server
+    diagnostics, server = start_diagnostics(parser.parse_args(["--http-port", str(port)]))
+    try:
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=TIMEOUT).json() == {"ok": True, "step": 0}
+        body = httpx.get(f"http://127.0.0.1:{port}/diagnostics", timeout=TIMEOUT).json()
+        assert body["status"] == "starting" and body["meta"] is None and body["stream"] is None
+    finally:
+        server.stop()
+    assert not server.thread.is_alive()
+
+
+def test_a_taken_port_leaves_training_without_the_server(caplog):
+    parser = argparse.ArgumentParser()
+    add_http_arguments(parser)
+    with socket_port(listen=True) as port:
+        diagnostics, server = start_diagnostics(parser.parse_args(["--http-port", str(port)]))
+    assert server is None and isinstance(diagnostics, Diagnostics)
+    assert "training goes on without it" in caplog.text
+
+
+class socket_port:
+    """A free TCP port on 127.0.0.1, bound (and listening with ``listen``) until exit."""
+
+    def __init__(self, listen: bool = False) -> None:
+        self.listen = listen
+
+    def __enter__(self) -> int:
+        import socket
+
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        if self.listen:
+            self.socket.listen()
+        return self.socket.getsockname()[1]
+
+    def __exit__(self, *exc) -> None:
+        self.socket.close()
+
+
+def test_snapshot_types_the_real_consumer_and_counts_a_foreign_stream():
+    """Real DatasetConsumer, real producer messages over ZeroMQ on 127.0.0.1, then a message
+    from a stream with another block size: meta_mismatch and rejecting fire."""
+    zmq = pytest.importorskip("zmq")
+    stream_module = pytest.importorskip("producer.stream")
+    config_module = pytest.importorskip("producer.config")
+    from shared.wire import encode
+    from trainer.consumer import DatasetConsumer
+
+    text = "".join(f"line {i} of a small corpus\n" for i in range(200))
+    corpus = pytest.importorskip("producer.corpus").Corpus(text=text, name="test", fingerprint="0" * 16)
+    stream = stream_module.BatchStream(config_module.DataConfig(block_size=32, rows_per_message=8), corpus)
+    foreign = stream_module.BatchStream(config_module.DataConfig(block_size=48, rows_per_message=8), corpus)
+    context = zmq.Context()
+    with DatasetConsumer("tcp://127.0.0.1:*", batch_size=8) as consumer:
+        push = context.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 0)
+        push.connect(consumer.endpoint)
+        try:
+            diagnostics = Diagnostics(consumer)
+            assert diagnostics.snapshot().meta is None
+            for index, tensors in enumerate(stream.val_set()):
+                push.send_multipart(encode(stream.meta, "val", "p0", index, tensors, val_index=index), copy=False)
+            train = stream.train_batches()
+            seq = len(stream.val_set())
+            for _ in range(4):
+                push.send_multipart(encode(stream.meta, "train", "p0", seq, next(train)), copy=False)
+                seq += 1
+            assert consumer.wait_for_val_set(TIMEOUT)
+            ratios = [consumer.next_batch(timeout=TIMEOUT)["mask_ratio"].numpy() for _ in range(3)]
+            snapshot = diagnostics.snapshot()
+            assert snapshot.meta.block_size == 32 and snapshot.loss.context_free_floor > 0  # pinned before on_start
+            assert snapshot.stream.producers["p0"].messages >= len(stream.val_set()) + 3
+            assert snapshot.batch.rows == 8
+            direct = MaskRatioHistogram()
+            direct.add(np.concatenate(ratios))
+            assert snapshot.cumulative.mask_ratio.p50 == direct.percentiles([50])[0]
+            assert not any(alarm.active for alarm in snapshot.alarms)
+
+            push.send_multipart(encode(foreign.meta, "train", "p1", 0, next(foreign.train_batches())), copy=False)
+            deadline = time.monotonic() + TIMEOUT
+            while consumer.stats()["rejected_total"] == 0 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            alarms = {alarm.name: alarm for alarm in diagnostics.snapshot().alarms}
+            assert alarms["meta_mismatch"].active and alarms["rejecting"].active
+        finally:
+            push.close()
+            context.term()

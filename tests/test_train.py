@@ -1,0 +1,256 @@
+"""The training loop: in process with an in-memory consumer, and as real processes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import trainer.model
+from synthetic_batches import SyntheticStream
+from trainer.checkpoint import load_checkpoint
+from trainer.selftest import MaskSelfTestError
+from trainer.train import TrainConfig, Trainer, learning_rate
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL_ARGS = dict(n_layer=2, n_head=2, n_embd=32, dropout=0.1)
+
+
+class MemoryConsumer:
+    """The DatasetConsumer methods the Trainer uses, over lists of batches."""
+
+    def __init__(self, meta, train_batches, val_batches):
+        self.meta = meta
+        self._train = iter(train_batches)
+        self._val = val_batches
+        self.consumed = 0
+
+    def wait_for_meta(self, timeout=None):
+        return self.meta
+
+    def wait_for_val_set(self, timeout=None):
+        return True
+
+    def val_batches(self):
+        return self._val
+
+    def next_batch(self, split="train", timeout=None):
+        self.consumed += 1
+        return next(self._train)
+
+    def stats(self):
+        return {"consumed_batches": self.consumed}
+
+
+class StepLosses:
+    def __init__(self):
+        self.losses = {}
+        self.evals = {}
+        self.summary = None
+
+    def on_start(self, trainer):
+        self.trainer = trainer
+
+    def on_step(self, step, numbers):
+        self.losses[step] = numbers["step_loss"]
+
+    def on_eval(self, step, numbers):
+        self.evals[step] = numbers
+
+    def on_end(self, summary):
+        self.summary = summary
+
+
+def data(n_train, seed=0, block_size=48, batch_size=8):
+    stream = SyntheticStream(block_size=block_size, batch_size=batch_size, seed=seed)
+    val = stream.batches(2)
+    return stream.meta, stream.batches(n_train), val
+
+
+def train(tmp_path, train_batches, meta, val, observers=(), **overrides):
+    settings = dict(out_dir=str(tmp_path), batch_size=8, max_iters=len(train_batches), eval_interval=10,
+                    log_interval=5, device="cpu", lr=3e-3, min_lr=3e-4, warmup_iters=5, seed=1)
+    config = TrainConfig(**{**settings, **overrides})
+    run = Trainer(config, MODEL_ARGS, MemoryConsumer(meta, train_batches, val), observers)
+    run.prepare(wait_timeout=5)
+    return run, run.run()
+
+
+def test_loss_decreases_and_metrics_are_written(tmp_path):
+    meta, batches, val = data(40)
+    steps = StepLosses()
+    run, summary = train(tmp_path, batches, meta, val, [steps])
+    assert summary["steps"] == 40 and summary["stream"] == {"consumed_batches": 40}
+    assert steps.evals[40]["val_loss"] < steps.evals[0]["val_loss"] - 0.5
+    assert summary["val_loss"] == steps.evals[40]["val_loss"]
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    train_records = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train_records] == [5, 10, 15, 20, 25, 30, 35, 40]
+    assert train_records[-1]["train_loss"] < train_records[0]["train_loss"]
+    assert {"lr", "ms_per_step", "tokens_per_s", "data_wait_pct", "grad_norm"} <= set(train_records[0])
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [0, 10, 20, 30, 40]
+    assert records[-1]["kind"] == "summary"
+    assert run.self_test["padding_check"] == "passed"
+    assert not os.path.exists(tmp_path / "ckpt.pt.tmp")
+
+
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path):
+    meta, batches, val = data(20, seed=3)
+    whole = StepLosses()
+    train(tmp_path / "whole", batches, meta, val, [whole], lr_decay_iters=20)
+
+    first = StepLosses()
+    train(tmp_path / "split", batches[:10], meta, val, [first], lr_decay_iters=20)
+    checkpoint = load_checkpoint(tmp_path / "split" / "ckpt.pt")
+    assert checkpoint["step"] == 10 and checkpoint["meta"] == meta.to_dict()
+    second = StepLosses()
+    run, _ = train(tmp_path / "split", batches[10:], meta, val, [second], lr_decay_iters=20, max_iters=20, resume=True)
+    assert run.step == 20
+    assert {**first.losses, **second.losses} == whole.losses  # bit-exact, dropout included
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "split" / "metrics.jsonl")]
+    assert steps[:2] == [0, 5] and steps[-3:] == [20, 20, 20]  # train, eval, summary; the curve goes on
+
+
+def test_same_seed_and_stream_give_identical_losses_and_another_seed_does_not(tmp_path):
+    meta, batches, val = data(10, seed=4)
+    runs = []
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        steps = StepLosses()
+        train(tmp_path / name, batches, meta, val, [steps], seed=seed)
+        runs.append(steps.losses)
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+
+
+def test_an_inverted_mask_makes_the_trainer_refuse_to_start(tmp_path, monkeypatch):
+    correct = trainer.model.key_padding_mask
+    monkeypatch.setattr(trainer.model, "key_padding_mask", lambda attention_mask: ~correct(attention_mask))
+    meta, batches, val = data(3)
+    with pytest.raises(MaskSelfTestError):
+        train(tmp_path, batches, meta, val)
+    assert not os.path.exists(tmp_path / "metrics.jsonl")
+
+
+def test_resume_refuses_a_stream_with_another_vocabulary(tmp_path):
+    meta, batches, val = data(10)
+    train(tmp_path, batches, meta, val)
+    other = SyntheticStream(text="completely different text\nwith other letters: XYZ\n", block_size=48, batch_size=8)
+    with pytest.raises(ValueError, match="another stream.*vocab"):
+        train(tmp_path, other.batches(2), other.meta, other.batches(1), resume=True, max_iters=12)
+
+
+def test_val_loss_is_reported_per_stage(tmp_path):
+    meta, batches, val = data(5)
+    for batch in [*batches, *val]:
+        batch["stage"] = torch.arange(8) % 2
+    steps = StepLosses()
+    run, summary = train(tmp_path, batches, meta, val, [steps], eval_interval=5)
+    by_stage = steps.evals[5]["val_loss_by_stage"]
+    assert set(by_stage) == {"0", "1"}
+    expected = {}
+    for stage in (0, 1):
+        rows = [{name: t[batch["stage"] == stage] for name, t in batch.items()} for batch in val]
+        expected[str(stage)] = run.evaluate(rows)["loss"]
+    assert by_stage == pytest.approx(expected, rel=1e-6)
+    overall = steps.evals[5]["val_loss"]
+    assert min(by_stage.values()) <= overall <= max(by_stage.values())
+
+
+def test_learning_rate_warms_up_then_decays_to_min_lr():
+    config = TrainConfig(out_dir="unused", max_iters=100, lr=1e-3, min_lr=1e-4, warmup_iters=10)
+    assert learning_rate(0, config) == pytest.approx(1e-3 / 11)
+    assert learning_rate(9, config) == pytest.approx(1e-3 * 10 / 11)
+    assert learning_rate(10, config) == pytest.approx(1e-3)
+    assert learning_rate(55, config) == pytest.approx(1e-4 + 0.5 * (1 + math.cos(math.pi / 2)) * 9e-4)
+    assert learning_rate(100, config) == pytest.approx(1e-4)
+    assert learning_rate(500, config) == pytest.approx(1e-4)
+
+
+def test_weight_decay_applies_to_matrices_only(tmp_path):
+    meta, batches, val = data(1)
+    run, _ = train(tmp_path, batches, meta, val)
+    decayed, plain = run.optimizer.param_groups
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decayed["params"]) and all(p.dim() == 1 for p in plain["params"])
+
+
+# ---- real processes: python -m producer run/replay  ->  python -m trainer ----------------
+
+TRAINER_FLAGS = ["--device", "cpu", "--batch-size", "8", "--max-iters", "20", "--eval-interval", "10",
+                 "--eval-batches", "1", "--log-interval", "5", "--n-layer", "1", "--n-head", "2",
+                 "--n-embd", "32", "--lr", "3e-3", "--warmup-iters", "5", "--seed", "7", "--wait-timeout", "30",
+                 "--http-port", "0"]
+PRODUCER_FLAGS = ["--block-size", "64", "--rows-per-message", "8", "--policy", "uniform", "--seed", "3"]
+PROCESS_TIMEOUT_S = 90
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start(module, *args):
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def run_pair(out_dir, producer_args, trainer_args=(), prelude=None):
+    """Start a trainer bound to a free port and a producer connected to it; the trainer's (exit status, log)."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    args = ["--bind", endpoint, "--out-dir", str(out_dir), *TRAINER_FLAGS, *trainer_args]
+    if prelude is None:
+        trainer_process = start("trainer", *args)
+    else:
+        script = f"{prelude}\nimport sys\nfrom trainer.__main__ import main\nsys.exit(main({args!r}))"
+        trainer_process = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
+                                           stderr=subprocess.STDOUT, text=True)
+    producer_process = start("producer", *producer_args, "--connect", endpoint)
+    try:
+        output, _ = trainer_process.communicate(timeout=PROCESS_TIMEOUT_S)
+    finally:
+        for process in (trainer_process, producer_process):
+            if process.poll() is None:
+                process.kill()
+            process.communicate()
+    return trainer_process.returncode, output
+
+
+def losses(out_dir):
+    records = [json.loads(line) for line in open(out_dir / "metrics.jsonl")]
+    return [(r["kind"], r["step"], r.get("train_loss"), r.get("val_loss")) for r in records if r["kind"] != "summary"]
+
+
+@pytest.mark.slow
+def test_processes_train_record_and_replay_identically(tmp_path):
+    recording = tmp_path / "stream.lps"
+    status, output = run_pair(tmp_path / "live", ["run", *PRODUCER_FLAGS], ["--record", str(recording)])
+    assert status == 0, output
+    assert "mask self-test passed" in output and "data wait" in output
+    live = losses(tmp_path / "live")
+    train_losses = [loss for kind, _, loss, _ in live if kind == "train"]
+    assert len(train_losses) == 4 and train_losses[-1] < train_losses[0] - 0.3, output
+
+    status, output = run_pair(tmp_path / "replayed", ["replay", str(recording)])
+    assert status == 0, output
+    assert losses(tmp_path / "replayed") == live  # step for step, bit-exact on CPU
+
+
+@pytest.mark.slow
+def test_a_trainer_with_an_inverted_mask_refuses_to_start(tmp_path):
+    prelude = (
+        "import trainer.model as model\n"
+        "correct = model.key_padding_mask\n"
+        "model.key_padding_mask = lambda attention_mask: ~correct(attention_mask)"
+    )
+    status, output = run_pair(tmp_path, ["run", *PRODUCER_FLAGS], prelude=prelude)
+    assert status == 2, output
+    assert "refusing to train: the mask self-test failed" in output and "inverted" in output
+    assert not (tmp_path / "metrics.jsonl").exists()

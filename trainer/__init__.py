@@ -1,0 +1,1 @@
+"""Linepack trainer: consumer, model, training loop, diagnostics."""

@@ -1,0 +1,135 @@
+"""Alarms: pure functions that say, in one line, when training or its data stream is unhealthy.
+
+Each check takes :class:`AlarmInputs` (numbers the diagnostics already hold) and
+:class:`AlarmSettings` and returns ``(active, explanation)``. :func:`evaluate_alarms` runs all
+of them and keeps the step and time each active alarm was first raised.
+
+- ``context_blind``: after warm-up, the val loss is within ``floor_margin`` nats of the
+  context-free floor, or the attention probe's no-context loss is within
+  ``no_context_margin`` nats of its real-mask loss: the model is not using other positions.
+- ``starved``: no message received for ``starved_seconds``.
+- ``rejecting``: more than ``reject_rate`` of the messages of the recent window were rejected.
+- ``meta_mismatch``: messages of the recent window were rejected because their stream meta
+  differs from the pinned one (another corpus, vocabulary, block size...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class AlarmSettings:
+    warmup_steps: int = 500
+    floor_margin: float = 0.1  # nats
+    no_context_margin: float = 0.02  # nats
+    starved_seconds: float = 30.0
+    reject_rate: float = 0.05  # fraction of the messages in the window
+    window_seconds: float = 60.0
+
+
+@dataclass(frozen=True)
+class AlarmInputs:
+    """What the checks look at; ``None`` = not known yet.
+
+    Attributes:
+        step: the training step.
+        val_loss: the latest val loss (nats); floor: the context-free floor of the val split.
+        no_context_gap: attention probe ``loss_no_context - loss_attn`` on the same positions.
+        seconds_without_data: since the last message was received (or since start).
+        window_accepted / window_rejected: messages accepted / rejected in the recent window.
+        window_rejected_by_reason: reason -> rejected count in the recent window.
+    """
+
+    step: int = 0
+    val_loss: float | None = None
+    floor: float | None = None
+    no_context_gap: float | None = None
+    seconds_without_data: float | None = None
+    window_accepted: int = 0
+    window_rejected: int = 0
+    window_rejected_by_reason: dict[str, int] | None = None
+
+
+@dataclass(frozen=True)
+class Alarm:
+    name: str
+    active: bool
+    since_step: int | None
+    since_time: float | None  # Unix seconds
+    explanation: str
+    check: str  # what to look at when it is active
+
+    def to_dict(self) -> dict:
+        return {field: getattr(self, field) for field in self.__dataclass_fields__}
+
+
+def context_blind(inputs: AlarmInputs, settings: AlarmSettings) -> tuple[bool, str]:
+    if inputs.step < settings.warmup_steps:
+        return False, f"warming up: checked from step {settings.warmup_steps} on"
+    reasons = []
+    if inputs.val_loss is not None and inputs.floor is not None:
+        gap = inputs.val_loss - inputs.floor
+        if abs(gap) <= settings.floor_margin:
+            reasons.append(f"val loss {inputs.val_loss:.3f} is within {settings.floor_margin} nats of the floor {inputs.floor:.3f}")
+    if inputs.no_context_gap is not None and inputs.no_context_gap <= settings.no_context_margin:
+        reasons.append(f"hiding all context costs only {inputs.no_context_gap:+.3f} nats")
+    if reasons:
+        return True, "; ".join(reasons) + ": the model is not using context"
+    if inputs.val_loss is None or inputs.floor is None:
+        return False, "no val loss yet"
+    return False, f"val loss {inputs.val_loss:.3f} vs floor {inputs.floor:.3f}"
+
+
+def starved(inputs: AlarmInputs, settings: AlarmSettings) -> tuple[bool, str]:
+    waited = inputs.seconds_without_data
+    if waited is None:
+        return False, "no stream statistics"
+    if waited >= settings.starved_seconds:
+        return True, f"no message received for {waited:.0f} s: the trainer is waiting for data"
+    return False, f"last message {waited:.1f} s ago"
+
+
+def rejecting(inputs: AlarmInputs, settings: AlarmSettings) -> tuple[bool, str]:
+    total = inputs.window_accepted + inputs.window_rejected
+    if total == 0:
+        return False, "no messages in the window"
+    rate = inputs.window_rejected / total
+    reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted((inputs.window_rejected_by_reason or {}).items()) if count)
+    text = f"{inputs.window_rejected} of {total} messages rejected ({rate:.1%}) in the last {settings.window_seconds:.0f} s"
+    return rate > settings.reject_rate, text + (f" ({reasons})" if reasons else "")
+
+
+def meta_mismatch(inputs: AlarmInputs, settings: AlarmSettings) -> tuple[bool, str]:
+    count = (inputs.window_rejected_by_reason or {}).get("meta_mismatch", 0)
+    if count:
+        return True, f"{count} messages rejected in the last {settings.window_seconds:.0f} s: their stream meta differs from the pinned one"
+    return False, "every producer agrees with the pinned meta"
+
+
+CHECKS: tuple[tuple[str, Callable[[AlarmInputs, AlarmSettings], tuple[bool, str]], str], ...] = (
+    ("context_blind", context_blind,
+     "the attention mask polarity (key_padding_mask: True = may attend) and the attention probe's no-context loss"),
+    ("starved", starved, "that producers are running and connect to the trainer's endpoint (stream.producers)"),
+    ("rejecting", rejecting, "the trainer log for rejection details and stream.rejected_by_reason"),
+    ("meta_mismatch", meta_mismatch,
+     "the trainer log line naming the differing field; every producer must use the same corpus and data flags"),
+)
+
+
+def evaluate_alarms(inputs: AlarmInputs, settings: AlarmSettings, previous: dict[str, Alarm], now: float) -> dict[str, Alarm]:
+    """Every alarm's state; an alarm that stays active keeps the step and time it was raised."""
+    alarms = {}
+    for name, check, what_to_check in CHECKS:
+        active, explanation = check(inputs, settings)
+        before = previous.get(name)
+        if active and before is not None and before.active:
+            since_step, since_time = before.since_step, before.since_time
+        elif active:
+            since_step, since_time = inputs.step, now
+        else:
+            since_step, since_time = None, None
+        alarms[name] = Alarm(name, active, since_step, since_time, explanation, what_to_check)
+    return alarms
+

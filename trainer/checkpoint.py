@@ -1,0 +1,62 @@
+"""Checkpoints: written atomically, read back with ``torch.load(weights_only=True)``.
+
+A checkpoint is a dict of tensors and plain Python values only (no pickled classes), so
+it loads with ``weights_only=True``:
+
+    model         the model's state_dict
+    optimizer     the optimizer's state_dict
+    step          optimizer steps done (int)
+    model_config  ModelConfig as a dict
+    train_config  TrainConfig as a dict
+    meta          the StreamMeta the model was trained on, as a dict
+    rng           {"cpu": ByteTensor, "cuda": [ByteTensor, ...]}: torch's generator states
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+CHECKPOINT_NAME = "ckpt.pt"
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Write ``state`` to ``path`` atomically: a temporary file, fsync, then ``os.replace``.
+
+    A reader (or a crash) sees either the previous checkpoint or the new one, never a torn file.
+    """
+    path = os.fspath(path)
+    temporary = f"{path}.tmp"
+    with open(temporary, "wb") as file:
+        torch.save(state, file)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+    directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint`; tensors land on ``device``."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path}: nothing to resume")
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+def rng_state() -> dict[str, Any]:
+    """torch's CPU and CUDA generator states (dropout draws from them)."""
+    return {
+        "cpu": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"].cpu())
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
