@@ -118,7 +118,7 @@ class RecordingReader:
         if header_len > MAX_FILE_HEADER_BYTES or header_len > self._size - len(head):
             raise RecordingError(f"{self.path}: file header length {header_len} is invalid")
         try:
-            info = msgpack.unpackb(self._file.read(header_len), raw=False, max_bin_len=0, max_ext_len=0)
+            info = msgpack.unpackb(self._file.read(header_len), raw=False, max_bin_len=MAX_FILE_HEADER_BYTES, max_ext_len=0)
         except Exception as error:
             raise RecordingError(f"{self.path}: file header is not msgpack ({error})") from None
         version = info.get("format_version") if isinstance(info, dict) else None

@@ -277,7 +277,8 @@ def _check_values(tensors: Mapping[str, np.ndarray], meta: StreamMeta) -> None:
     if int(x.max()) >= meta.vocab_size:
         raise WireError("value_range", f"x holds id {int(x.max())} >= vocab_size {meta.vocab_size}")
     labelled = y != meta.ignore_index
-    if labelled.any() and (int(y[labelled].min()) < 0 or int(y[labelled].max()) >= meta.vocab_size):
+    # ignore_index is negative, so "every label is ignore_index or in 0..V-1" needs no gather.
+    if int(y.max()) >= meta.vocab_size or ((y < 0) & labelled).any():
         raise WireError("value_range", f"y holds labels outside 0..{meta.vocab_size - 1} and {meta.ignore_index}")
     if int(mask.max()) > 1:
         raise WireError("value_range", f"attention_mask holds {int(mask.max())}; only 0 and 1 are allowed")
@@ -286,9 +287,9 @@ def _check_values(tensors: Mapping[str, np.ndarray], meta: StreamMeta) -> None:
         raise WireError("value_range", "mask_ratio must be finite and within [0, 1]")
     # Row layout (SPEC §2.3): attention_mask is a prefix of ones ending at [SEP]; [PAD]
     # fills exactly the positions after it, which are never supervised.
-    if (np.diff(mask.astype(np.int8), axis=1) > 0).any():
+    if (mask[:, 1:] > mask[:, :-1]).any():
         raise WireError("layout", "attention_mask is not a prefix of ones in every row")
-    valid_len = mask.sum(axis=1, dtype=np.int64)
+    valid_len = np.count_nonzero(mask, axis=1)
     if (valid_len == 0).any():
         raise WireError("layout", "a row has no visible token")
     hidden = mask == 0

@@ -246,8 +246,6 @@ def test_writer_refuses_huge_info(tmp_path):
     assert not (tmp_path / "a.rec").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the writer packs bytes values with use_bin_type=True, "
-                                        "the reader refuses any bin (max_bin_len=0)")
 def test_info_with_bytes_is_readable(tmp_path):
     path = tmp_path / "a.rec"
     RecordingWriter(path, {"blob": b"\x00\x01"}).close()
