@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from functools import cached_property
 from typing import Any
 
@@ -128,7 +128,8 @@ class StreamMeta:
         return cls(**{**data, "token_counts": tuple(data["token_counts"])})
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        """The wire form: a new dict of plain values (``token_counts`` as a list)."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["token_counts"] = list(self.token_counts)
         return data
 

@@ -9,6 +9,7 @@ Nothing received is ever unpickled or evaluated. ``docs/PROTOCOL.md`` is the pro
 
 from __future__ import annotations
 
+import math
 import reprlib
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -203,7 +204,7 @@ def _same_wire_form(received: Any, known: dict) -> bool:
     return (
         received == known
         and all(type(received[name]) is type(value) for name, value in known.items())
-        and all(type(count) is int for count in received["token_counts"])
+        and set(map(type, received["token_counts"])) <= {int}
     )
 
 
@@ -261,7 +262,7 @@ def decode(frames: Sequence[Any]) -> WireMessage:
         if shape != expected_shape:
             raise WireError("shape", f"tensor {name} has shape {shape}, expected {expected_shape}")
         buffer = _buffer(frame)
-        expected_bytes = wire_dtype.itemsize * int(np.prod(shape))
+        expected_bytes = wire_dtype.itemsize * math.prod(shape)
         if len(buffer) != expected_bytes:
             raise WireError("size", f"tensor {name} frame has {len(buffer)} bytes, its shape needs {expected_bytes}")
         tensor = np.frombuffer(buffer, dtype=wire_dtype).reshape(shape)
@@ -283,25 +284,28 @@ def _check_values(tensors: Mapping[str, np.ndarray], meta: StreamMeta) -> None:
     if int(mask.max()) > 1:
         raise WireError("value_range", f"attention_mask holds {int(mask.max())}; only 0 and 1 are allowed")
     ratio = tensors["mask_ratio"]
-    if not (np.isfinite(ratio).all() and (ratio >= 0).all() and (ratio <= 1).all()):
+    # min/max propagate NaN, and NaN fails both comparisons; +-inf fails one of them.
+    if not (ratio.min() >= 0 and ratio.max() <= 1):
         raise WireError("value_range", "mask_ratio must be finite and within [0, 1]")
     # Row layout (SPEC §2.3): attention_mask is a prefix of ones ending at [SEP]; [PAD]
     # fills exactly the positions after it, which are never supervised.
-    if (mask[:, 1:] > mask[:, :-1]).any():
+    visible = mask.view(np.bool_)  # exact: every value is 0 or 1 (checked above)
+    rows = np.arange(x.shape[0])
+    first_zero = visible.argmin(axis=1)  # 0 in a row without zeros
+    valid_len = np.where(visible[rows, first_zero], mask.shape[1], first_zero)
+    # Row r holds ones at 0..valid_len[r]-1 by construction; it is a prefix iff there are no others.
+    if int(valid_len.sum()) != np.count_nonzero(visible):
         raise WireError("layout", "attention_mask is not a prefix of ones in every row")
-    valid_len = np.count_nonzero(mask, axis=1)
-    if (valid_len == 0).any():
+    if not valid_len.all():
         raise WireError("layout", "a row has no visible token")
-    hidden = mask == 0
-    if ((x == meta.pad_id) != hidden).any():
+    if not ((x == meta.pad_id) != visible).all():
         raise WireError("layout", "[PAD] must fill exactly the positions where attention_mask is 0")
-    if (labelled & hidden).any():
+    if (labelled > visible).any():
         raise WireError("layout", "a position after [SEP] is supervised")
     if meta.packing == "lines":
-        rows = np.arange(x.shape[0])
         last_visible = valid_len - 1
         original_last = np.where(labelled[rows, last_visible], y[rows, last_visible], x[rows, last_visible])
         if (original_last != meta.sep_id).any():
             raise WireError("layout", "the last visible token of a row is not [SEP]")
-    elif hidden.any():
+    elif valid_len.min() != mask.shape[1]:
         raise WireError("layout", "fixed packing must have attention_mask all ones")

@@ -30,7 +30,7 @@ def batch_statistics(x: np.ndarray, y: np.ndarray, attention_mask: np.ndarray, m
     (percent of supervised positions whose input is [MASK] / neither [MASK] nor the
     original / the original); ``mask_ratio`` {p10, p50, p90} over the rows of the batch.
     """
-    valid_len = np.count_nonzero(attention_mask, axis=1)
+    valid_len = np.add.reduce(attention_mask, axis=1, dtype=np.int64)  # 0/1 values; faster than count_nonzero(axis=1)
     supervised = y != ignore_index
     n_supervised = int(np.count_nonzero(supervised))
     n_visible = int(valid_len.sum())
