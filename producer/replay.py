@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from producer.service import Sender, StopSignal, Throughput, add_sender_arguments, print_summary
+from producer.service import Sender, StopSignal, Throughput, add_sender_arguments, curve_client, print_summary
 from shared.recording import RecordingError, RecordingReader, RecordingReport
 
 
@@ -42,7 +42,7 @@ def run_replay(args: argparse.Namespace) -> int:
     except (RecordingError, OSError) as error:
         args.command_parser.error(str(error))
     stop = StopSignal()
-    sender = Sender(args.connect, args.bind, stop)
+    sender = Sender(args.connect, args.bind, stop, curve=curve_client(args))
     throughput = Throughput(f"replay {args.file}", sender, args.status_every)
     interval = 1.0 / args.rate if args.rate else 0.0
     next_send = time.monotonic()

@@ -2,6 +2,7 @@
 
     python -m producer run --connect tcp://trainer:5555 [data flags] [--val-every N] [--max-messages M]
     python -m producer run --bind tcp://*:5555 ...      # reverse topology: the trainer connects
+    python -m producer run --connect tcp://gpu0:5555 --connect tcp://gpu0:5556 ...   # data-parallel ranks
 
 By default the trainer binds and producers connect (ZeroMQ retries the connection forever,
 and messages wait in the socket until it succeeds). The send high-water mark is small, so a
@@ -9,6 +10,12 @@ slow or absent trainer blocks the producer instead of filling its memory. Messag
 train stream with one val message after every ``--val-every`` train messages, cycling through
 the fixed val set forever, so a trainer that joins late still gets the whole set. Sequence
 numbers count every message this producer sends: 0, 1, 2, ...
+
+Several ``--connect`` endpoints (one per data-parallel trainer rank; also comma-separated) are
+served by :class:`Routes`: train messages round-robin, each to one endpoint; every val message
+to every endpoint; sequence numbers and wire producer ids per endpoint. ``--val-every`` then
+counts the train messages each endpoint gets, and ``--max-messages`` the messages of the
+stream (a val message counts once, however many endpoints it goes to).
 
 SIGTERM or SIGINT stops it within a second. A status line goes to stderr every
 ``--status-every`` seconds (5; messages/s, tokens/s, MB/s, time blocked in send)
@@ -37,6 +44,8 @@ import zmq
 
 from producer.config import DataConfig, add_data_arguments
 from producer.stream import BatchStream
+from shared.curve import CurveClient, CurveKeyError, configure_client
+from shared.meta import StreamMeta
 from shared.wire import MAX_PRODUCER_ID_CHARS, encode
 
 SEND_HWM = 4  # messages queued per connected trainer before send blocks
@@ -47,7 +56,7 @@ POLL_MS = 100  # a blocked send wakes this often to notice a stop request
 def add_command(subparsers: argparse._SubParsersAction) -> None:
     run = subparsers.add_parser("run", help="stream batches to trainers over ZeroMQ",
                                 description="Stream train and val messages over a ZeroMQ PUSH socket.")
-    add_sender_arguments(run)
+    add_sender_arguments(run, connect_many=True)
     run.add_argument("--val-every", type=_non_negative_int, default=8, metavar="N",
                      help="send one val message after every N train messages; 0: no val messages (default: 8)")
     run.add_argument("--max-messages", type=_non_negative_int, default=None, metavar="M",
@@ -56,13 +65,35 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
     run.set_defaults(handler=run_service, command_parser=run)
 
 
-def add_sender_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--connect ADDR`` (the default topology) or ``--bind ADDR``, exactly one; ``--status-every``."""
+def add_sender_arguments(parser: argparse.ArgumentParser, connect_many: bool = False) -> None:
+    """``--connect ADDR`` (the default topology) or ``--bind ADDR``, exactly one; ``--status-every``.
+    With ``connect_many``, ``--connect`` may be repeated (or comma-separated): a list of strings."""
     where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--connect", metavar="ADDR", help="connect to a trainer that binds, e.g. tcp://trainer:5555")
+    if connect_many:
+        where.add_argument("--connect", metavar="ADDR", action="append",
+                           help="connect to a trainer that binds, e.g. tcp://trainer:5555; repeat it (or separate "
+                                "with commas) for the ranks of a data-parallel trainer: train messages go round-robin, "
+                                "val messages to each")
+    else:
+        where.add_argument("--connect", metavar="ADDR", help="connect to a trainer that binds, e.g. tcp://trainer:5555")
     where.add_argument("--bind", metavar="ADDR", help="bind here; trainers connect (e.g. tcp://*:5555)")
     parser.add_argument("--status-every", type=float, default=5.0, metavar="S",
                         help="seconds between status lines on stderr (default: 5)")
+    curve = parser.add_argument_group("CurveZMQ (optional; both flags or neither, see docs/SECURITY.md)")
+    curve.add_argument("--curve-secret-key", metavar="FILE", help="this producer's NAME.key_secret file")
+    curve.add_argument("--curve-server-key", metavar="FILE", help="the trainer's public NAME.key file")
+
+
+def curve_client(args: argparse.Namespace) -> CurveClient | None:
+    """The Curve keys named by ``--curve-secret-key`` / ``--curve-server-key``; None when neither is given."""
+    if args.curve_secret_key is None and args.curve_server_key is None:
+        return None
+    if args.curve_secret_key is None or args.curve_server_key is None:
+        args.command_parser.error("--curve-secret-key and --curve-server-key go together")
+    try:
+        return CurveClient.from_files(args.curve_secret_key, args.curve_server_key)
+    except CurveKeyError as error:
+        args.command_parser.error(str(error))
 
 
 def _non_negative_int(text: str) -> int:
@@ -98,13 +129,15 @@ class Sender:
     the time spent waiting.
     """
 
-    def __init__(self, connect: str | None, bind: str | None, stop: StopSignal) -> None:
+    def __init__(self, connect: str | None, bind: str | None, stop: StopSignal, curve: CurveClient | None = None) -> None:
         self.stop = stop
         self.blocked_s = 0.0
         self._context = zmq.Context()
         self._socket = self._context.socket(zmq.PUSH)
         self._socket.setsockopt(zmq.SNDHWM, SEND_HWM)
         self._socket.setsockopt(zmq.LINGER, LINGER_MS)
+        if curve is not None:
+            configure_client(self._socket, curve)
         if bind is not None:
             self._socket.bind(bind)
             self.endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -134,10 +167,66 @@ class Sender:
         self._context.term()
 
 
+def route_producer_id(producer_id: str, index: int) -> str:
+    """The wire producer id of endpoint ``index``: ``ID/index``, ``ID`` cut to fit the limit."""
+    suffix = f"/{index}"
+    return producer_id[: MAX_PRODUCER_ID_CHARS - len(suffix)] + suffix
+
+
+class Routes:
+    """Where ``producer run`` sends: one :class:`Sender` (PUSH socket) per trainer endpoint.
+
+    Train messages go round-robin, each to exactly one endpoint, so no two data-parallel ranks
+    train on the same message; val messages go to every endpoint, because every rank needs the
+    whole fixed val set. (One PUSH socket connected to every endpoint would round-robin by
+    itself, but it skips peers whose queue is full, so it could not promise each rank the val
+    set.) Each endpoint has its own sequence numbers 0, 1, 2, ... and, when there are several,
+    its own wire producer id (:func:`route_producer_id`), so each rank's gap accounting is exact
+    and no ``(producer id, seq)`` pair reaches two ranks. A full endpoint blocks the producer:
+    data-parallel ranks take batches in lockstep, so they share the stream evenly.
+    """
+
+    def __init__(self, senders: list[Sender], producer_id: str) -> None:
+        self.senders = senders
+        self.producer_ids = [producer_id] if len(senders) == 1 else [route_producer_id(producer_id, i) for i in range(len(senders))]
+        self.sent = [{"train": 0, "val": 0} for _ in senders]  # wire messages sent per endpoint
+        self._next_train = 0
+
+    @property
+    def blocked_s(self) -> float:
+        return sum(sender.blocked_s for sender in self.senders)
+
+    def send(self, meta: StreamMeta, split: str, tensors: dict[str, np.ndarray], val_index: int, throughput: "Throughput") -> bool:
+        """Sends one message of the stream (a val message to every endpoint); False if stopped."""
+        targets = range(len(self.senders)) if split == "val" else [self._next_train]
+        tokens = int(np.count_nonzero(tensors["attention_mask"]))
+        payload_bytes = sum(array.nbytes for array in tensors.values())
+        for index in targets:
+            sent = self.sent[index]
+            frames = encode(meta, split, self.producer_ids[index], sent["train"] + sent["val"], tensors, val_index=val_index)
+            if not self.senders[index].send(frames, while_blocked=throughput.tick):
+                return False
+            sent[split] += 1
+            throughput.add(split, tokens, payload_bytes)
+        if split == "train":
+            self._next_train = (self._next_train + 1) % len(self.senders)
+        return True
+
+    def summary(self) -> list[dict[str, Any]]:
+        return [
+            {"endpoint": sender.endpoint, "producer_id": producer_id, **sent}
+            for sender, producer_id, sent in zip(self.senders, self.producer_ids, self.sent)
+        ]
+
+    def close(self) -> None:
+        for sender in self.senders:
+            sender.close()
+
+
 class Throughput:
     """Counts what was sent; prints a status line to stderr every ``status_every`` seconds."""
 
-    def __init__(self, name: str, sender: Sender, status_every: float) -> None:
+    def __init__(self, name: str, sender: "Sender | Routes", status_every: float) -> None:
         self.name = name
         self.sender = sender
         self.status_every = status_every
@@ -213,24 +302,29 @@ def run_service(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as error:  # bad corpus, stage file or flag combination
         args.command_parser.error(str(error))
     stop = StopSignal()
-    sender = Sender(args.connect, args.bind, stop)
-    throughput = Throughput(f"producer {stream.producer_id}", sender, args.status_every)
+    curve = curve_client(args)
+    if args.bind is not None:
+        senders = [Sender(None, args.bind, stop, curve=curve)]
+    else:
+        endpoints = [part.strip() for value in args.connect for part in value.split(",") if part.strip()]
+        if not endpoints:
+            args.command_parser.error("--connect needs an endpoint")
+        senders = [Sender(endpoint, None, stop, curve=curve) for endpoint in endpoints]
+    routes = Routes(senders, stream.producer_id)
+    throughput = Throughput(f"producer {stream.producer_id}", routes, args.status_every)
     print(
         f"producer {stream.producer_id}: stream {stream.meta.digest} ({stream.meta.val_messages} val messages) "
-        f"{'to' if args.bind is None else 'on'} {sender.endpoint}",
+        f"{'to' if args.bind is None else 'on'} {', '.join(sender.endpoint for sender in senders)}",
         file=sys.stderr,
         flush=True,
     )
     try:
-        for seq, (split, val_index, tensors) in enumerate(messages(stream, args.val_every)):
-            if stop.is_set() or (args.max_messages is not None and seq >= args.max_messages):
+        for index, (split, val_index, tensors) in enumerate(messages(stream, args.val_every * len(senders))):
+            if stop.is_set() or (args.max_messages is not None and index >= args.max_messages):
                 break
-            frames = encode(stream.meta, split, stream.producer_id, seq, tensors, val_index=val_index)
-            if not sender.send(frames, while_blocked=throughput.tick):
+            if not routes.send(stream.meta, split, tensors, val_index, throughput):
                 break
-            mask = tensors["attention_mask"]
-            throughput.add(split, int(np.count_nonzero(mask)), sum(array.nbytes for array in tensors.values()))
     finally:
-        sender.close()
-    print_summary(throughput.summary(producer_id=stream.producer_id, stopped_by_signal=stop.is_set()))
+        routes.close()
+    print_summary(throughput.summary(producer_id=stream.producer_id, stopped_by_signal=stop.is_set(), routes=routes.summary()))
     return 0

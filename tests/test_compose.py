@@ -138,8 +138,9 @@ def test_run_directory_is_a_named_volume(compose):
     assert volume_name in compose["volumes"]
     assert out_dir == mount_point or out_dir.startswith(mount_point + "/")
 
-    (data_mount,) = compose["services"]["producer"]["volumes"]
+    data_mount, keys_mount = compose["services"]["producer"]["volumes"]
     assert interpolate(data_mount).endswith(":/data:ro")
+    assert interpolate(keys_mount).endswith(":/keys:ro") and interpolate(trainer["volumes"][1]) == interpolate(keys_mount)
 
 
 @pytest.mark.parametrize("role", ["trainer", "producer"])

@@ -282,3 +282,65 @@ def test_closed_consumer_refuses_batches_and_a_taken_port_is_an_error():
         c.next_batch(timeout=1)
     with DatasetConsumer(endpoint, 4) as again:  # the port is free again after close()
         assert again.endpoint == endpoint
+
+
+def test_an_aligned_message_becomes_its_batch_without_a_copy_and_others_are_copied():
+    meta = make_meta(rows_per_message=4, val_messages=0)
+    rng = np.random.default_rng(11)
+    aligned = make_tensors(meta, 4, rng)
+    assembler = BatchAssembler(4, aligned)
+    [(batch, tags)] = assembler.add(aligned, "m0")
+    assert tags == ["m0"] and all(np.shares_memory(batch[name], aligned[name]) for name in aligned)
+    small = make_tensors(meta, 2, rng)
+    assert assembler.add(small, "m1") == []
+    [(batch, tags)] = assembler.add(aligned, "m2")  # rows 0..1 of m2 complete the batch: a copy
+    assert tags == ["m1", "m2"] and not any(np.shares_memory(batch[name], aligned[name]) for name in aligned)
+    np.testing.assert_array_equal(batch["x"], np.concatenate([small["x"], aligned["x"][:2]]))
+
+
+def test_handed_out_tensors_are_writable_copies_not_views_of_the_frames(context):
+    meta = make_meta(rows_per_message=4, val_messages=0)
+    tensors = make_tensors(meta, 4, np.random.default_rng(12))
+    frames = encode(meta, "train", "p", 0, tensors)
+    with consumer(4) as c:
+        pusher(context, c.endpoint).send_multipart(frames)
+        batch = c.next_batch(timeout=5)
+    batch["x"].zero_()  # a view of a received frame would be read-only, or change under the consumer
+    assert batch["x"].dtype == torch.int64 and int(batch["x"].sum()) == 0
+    np.testing.assert_array_equal(decode(frames).tensors["x"], tensors["x"])
+
+
+@pytest.mark.parametrize("every_s,batches_with_stats", [(0.0, "all"), (3600.0, "first")])
+def test_batch_statistics_are_computed_per_interval_and_the_histogram_sees_every_row(context, monkeypatch, every_s, batches_with_stats):
+    monkeypatch.setattr("trainer.consumer.STATS_EVERY_S", every_s)
+    meta = make_meta(rows_per_message=4, val_messages=0)
+    rng = np.random.default_rng(13)
+    messages = [make_tensors(meta, 4, rng) for _ in range(6)]
+    seen = []
+    with consumer(4) as c:
+        socket = pusher(context, c.endpoint)
+        for seq, tensors in enumerate(messages):
+            socket.send_multipart(encode(meta, "train", "p", seq, tensors))
+        for _ in messages:
+            c.next_batch(timeout=5)
+            seen.append(c.last_batch_stats)
+    source = messages if batches_with_stats == "all" else [messages[0]] * len(messages)
+    for stats, tensors in zip(seen, source):
+        assert stats["valid_len"]["mean"] == pytest.approx(tensors["attention_mask"].sum(1).mean())
+        assert stats["mask_ratio"]["p50"] == pytest.approx(float(np.percentile(tensors["mask_ratio"], 50)))
+    assert c.cumulative_mask_ratio.count == 6 * 4
+
+
+def test_a_peer_sending_an_oversized_frame_is_cut_off_unread_and_others_go_on(context):
+    meta = make_meta(rows_per_message=4, val_messages=0)
+    rng = np.random.default_rng(14)
+    with consumer(4, max_frame_bytes=1 << 20) as c:
+        hostile = pusher(context, c.endpoint)
+        hostile.send_multipart([b"\x80", bytes(4 << 20)])  # a 4 MiB frame against a 1 MiB limit
+        good = pusher(context, c.endpoint)
+        tensors = make_tensors(meta, 4, rng)
+        good.send_multipart(encode(meta, "train", "good", 0, tensors))
+        batch = c.next_batch(timeout=5)
+        stats = c.stats()
+    np.testing.assert_array_equal(batch["x"].numpy(), tensors["x"])
+    assert stats["received"] == 1 and stats["rejected_total"] == 0 and set(stats["producers"]) == {"good"}

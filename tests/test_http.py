@@ -109,6 +109,7 @@ def test_every_key_is_present_with_sane_values(finished_run):
     assert body["meta"]["content_tokens"] == sum(consumer.meta.token_counts)
     loss = body["loss"]
     assert 0 < loss["train"] < 6 and 0 < loss["val"] < 6 and loss["train_step"] == 30 and loss["val_step"] == 30
+    assert loss["train_by_stage"] == {} and loss["val_by_stage"] == {}  # this stream has no stages
     assert 0 < loss["context_free_floor"] < math.log(consumer.meta.vocabulary.base_size)
     batch = body["batch"]
     assert batch["rows"] == 8 and 1 <= batch["valid_len"]["min"] <= batch["valid_len"]["p50"] <= batch["valid_len"]["max"] <= 48
@@ -212,6 +213,14 @@ def test_the_endpoint_answers_while_the_training_thread_is_blocked(tmp_path):
         server.stop()
     assert not thread.is_alive()
     assert diagnostics.snapshot().step == 12
+
+
+def test_per_stage_losses_reach_the_diagnostics():
+    diagnostics = Diagnostics(FakeConsumer())
+    diagnostics.on_step(5, {"log": True, "train_loss": 2.5, "train_loss_by_stage": {"0": 2.0, "1": 3.0}, "lr": 1e-3})
+    diagnostics.on_eval(5, {"val_loss": 2.6, "val_loss_by_stage": {"0": 2.1, "1": 3.1}})
+    loss = diagnostics.snapshot().loss
+    assert loss.train_by_stage == {"0": 2.0, "1": 3.0} and loss.val_by_stage == {"0": 2.1, "1": 3.1}
 
 
 def test_rejections_raise_rejecting_and_meta_mismatch():

@@ -205,3 +205,14 @@ def test_stack_ends_when_the_trainer_finishes(tmp_path):
         assert not [pid for pid in launcher.started if alive(pid)]
     finally:
         launcher.cleanup()
+
+
+def test_the_trainer_gets_the_cores_the_producers_leave(monkeypatch):
+    from trainer import stack
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert [stack.trainer_threads(n) for n in (0, 2, 7, 8, 12)] == [8, 6, 1, 1, 1]
+    args = stack.build_parser().parse_args(["--producers", "3", "--trainer-args", "--threads 2"])
+    command = stack.trainer_command(args)
+    assert command[command.index("--threads") + 1] == "5"
+    assert command[-2:] == ["--threads", "2"]  # passed-through flags come last and win

@@ -52,6 +52,7 @@ class MemoryConsumer:
 class StepLosses:
     def __init__(self):
         self.losses = {}
+        self.numbers = {}
         self.evals = {}
         self.summary = None
 
@@ -60,6 +61,7 @@ class StepLosses:
 
     def on_step(self, step, numbers):
         self.losses[step] = numbers["step_loss"]
+        self.numbers[step] = numbers
 
     def on_eval(self, step, numbers):
         self.evals[step] = numbers
@@ -161,6 +163,29 @@ def test_val_loss_is_reported_per_stage(tmp_path):
     assert by_stage == pytest.approx(expected, rel=1e-6)
     overall = steps.evals[5]["val_loss"]
     assert min(by_stage.values()) <= overall <= max(by_stage.values())
+
+
+def test_train_loss_is_reported_per_stage_and_its_weighted_mean_is_the_train_loss(tmp_path):
+    meta, batches, val = data(4)
+    for batch in [*batches, *val]:
+        batch["stage"] = torch.arange(8) % 2
+    steps = StepLosses()
+    train(tmp_path, batches, meta, val, [steps], log_interval=1)
+    for step, numbers in steps.numbers.items():
+        batch = batches[step - 1]
+        by_stage = numbers["train_loss_by_stage"]
+        assert set(by_stage) == {"0", "1"}
+        counts = {str(s): int(((batch["y"] != -100) & (batch["stage"][:, None] == s)).sum()) for s in (0, 1)}
+        weighted = sum(by_stage[s] * counts[s] for s in counts) / sum(counts.values())
+        assert weighted == pytest.approx(numbers["train_loss"], rel=1e-5)
+        assert by_stage["0"] != pytest.approx(by_stage["1"], rel=1e-6)
+
+
+def test_train_loss_by_stage_is_empty_without_stages(tmp_path):
+    meta, batches, val = data(2)
+    steps = StepLosses()
+    train(tmp_path, batches, meta, val, [steps], log_interval=1)
+    assert all(numbers["train_loss_by_stage"] == {} for numbers in steps.numbers.values())
 
 
 def test_learning_rate_warms_up_then_decays_to_min_lr():

@@ -14,6 +14,7 @@ it loads with ``weights_only=True``:
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -22,17 +23,29 @@ import torch
 CHECKPOINT_NAME = "ckpt.pt"
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, no permission...)."""
+
+
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
     """Write ``state`` to ``path`` atomically: a temporary file, fsync, then ``os.replace``.
 
     A reader (or a crash) sees either the previous checkpoint or the new one, never a torn file.
+    Raises :class:`CheckpointWriteError` (an OSError) when it cannot be written, e.g. a full
+    disk; the temporary file is removed and the previous checkpoint stays as it was.
     """
     path = os.fspath(path)
     temporary = f"{path}.tmp"
-    with open(temporary, "wb") as file:
-        torch.save(state, file)
-        file.flush()
-        os.fsync(file.fileno())
+    try:
+        with open(temporary, "wb") as file:
+            torch.save(state, file)
+            file.flush()
+            os.fsync(file.fileno())
+    except (OSError, RuntimeError) as error:  # torch.save reports a short write as RuntimeError
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        raise CheckpointWriteError(f"could not write the checkpoint {path} ({type(error).__name__}: {error}); "
+                                   f"the previous one, if any, is unchanged") from error
     os.replace(temporary, path)
     directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:

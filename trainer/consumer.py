@@ -4,7 +4,10 @@
 receive thread. The thread decodes every message with ``shared.wire.decode``, pins the
 stream meta on the first accepted message, keeps per-producer sequence accounting, stores
 the fixed val set, packs train rows into batches of exactly ``batch_size`` rows, computes
-their statistics (``trainer.batch_stats``) and puts them on a bounded queue. When the queue
+their statistics (``trainer.batch_stats``: every batch's rows go into the cumulative
+mask-ratio histogram; the full per-batch statistics at most every ``STATS_EVERY_S``) and puts
+them on a bounded queue, still at the wire's dtypes; :meth:`DatasetConsumer.next_batch`
+widens them in the caller's thread (on CUDA after the copy to the device). When the queue
 is full the thread stops reading, the socket's small high-water mark fills and producers
 block: memory stays bounded. The training thread calls :meth:`DatasetConsumer.next_batch`.
 
@@ -31,6 +34,7 @@ import numpy as np
 import torch
 import zmq
 
+from shared.curve import CurveGuard, CurveServer, configure_server
 from shared.meta import StreamMeta
 from shared.recording import RecordingWriter
 from shared.wire import WireError, WireMessage, decode
@@ -39,13 +43,22 @@ from trainer.batch_stats import MaskRatioHistogram, batch_statistics, mask_ratio
 log = logging.getLogger(__name__)
 
 RECEIVE_HWM = 4  # messages buffered per connected producer before it blocks
+# ZeroMQ drops the connection of a peer that sends a bigger frame, before buffering it. The
+# largest tensor frame of a real stream is rows_per_message x block_size x 2 bytes (2 MiB at
+# 1024 x 1024); 64 MiB leaves room for any sensible configuration.
+MAX_FRAME_BYTES = 64 << 20
 POLL_SECONDS = 0.1  # the receive thread wakes this often to notice close() and starvation
+# Batch statistics are for people and dashboards: computed for every batch while batches come
+# slower than this, else for the first batch after each such interval (bounded cost at any rate).
+STATS_EVERY_S = 0.05
 # Rejection reasons of the consumer itself, next to shared.wire.REASONS.
 META_MISMATCH = "meta_mismatch"
 TENSOR_SET = "tensor_set"
 # The trainer's dtypes; on CUDA applied after the host-to-device copy.
 WIDE_DTYPES = {"x": torch.int64, "y": torch.int64, "attention_mask": torch.int64, "mask_ratio": torch.float32, "stage": torch.int64}
 WIDE_NUMPY = {"x": np.int64, "y": np.int64, "attention_mask": np.int64, "mask_ratio": np.float32, "stage": np.int64}
+# Pinned host buffers at the wire width (uint16 ids travel as int16 bits, see _host_tensor).
+TORCH_OF_NUMPY = {np.dtype(np.int16): torch.int16, np.dtype(np.uint8): torch.uint8, np.dtype(np.float32): torch.float32}
 
 
 @dataclass
@@ -144,8 +157,14 @@ class BatchAssembler:
         self._tags: list[Any] = []
 
     def add(self, tensors: dict[str, np.ndarray], tag: Any) -> list[tuple[dict[str, np.ndarray], list[Any]]]:
-        """Copies the rows of ``tensors`` in; returns the batches this completed."""
+        """Copies the rows of ``tensors`` in; returns the batches this completed.
+
+        A message of exactly ``batch_size`` rows that starts a batch becomes that batch
+        as it is, without a copy (its arrays are read-only views of the received frames).
+        """
         rows = tensors["x"].shape[0]
+        if self._filled == 0 and rows == self.batch_size:
+            return [({name: tensors[name] for name in self._arrays}, [tag])]
         self._tags.append(tag)
         finished = []
         start = 0
@@ -163,8 +182,8 @@ class BatchAssembler:
 
 @dataclass
 class _ReadyBatch:
-    host: dict[str, torch.Tensor]  # see DatasetConsumer._host_tensor
-    stats: dict[str, Any]
+    host: dict[str, np.ndarray | torch.Tensor]  # see DatasetConsumer._host_tensor
+    stats: dict[str, Any] | None  # None when skipped (see STATS_EVERY_S)
     ratio_counts: np.ndarray
     new_messages: list[Any]  # one entry per message starting in this batch: its frames when recording, else None
 
@@ -184,6 +203,10 @@ class DatasetConsumer:
             in the order the val indices are first accepted. Replaying the file into a fresh
             consumer with the same ``batch_size`` gives the same batches in the same order.
         starved_after_s: seconds without any message before the consumer says it is waiting.
+        max_frame_bytes: a peer that sends a larger frame is disconnected by ZeroMQ unread
+            (the frame is never buffered, so a hostile peer cannot make the trainer allocate it).
+        curve: when set, the socket is a CurveZMQ server that accepts only the producers whose
+            public keys it lists (``shared.curve``); others never get a message through.
     """
 
     def __init__(
@@ -196,6 +219,8 @@ class DatasetConsumer:
         queue_batches: int = 8,
         record_path: str | None = None,
         starved_after_s: float = 5.0,
+        max_frame_bytes: int = MAX_FRAME_BYTES,
+        curve: CurveServer | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -205,8 +230,9 @@ class DatasetConsumer:
         self.bind = bind
         self.record_path = record_path
         self.starved_after_s = starved_after_s
+        self.max_frame_bytes = max_frame_bytes
         self.meta: StreamMeta | None = None
-        self.last_batch_stats: dict[str, Any] | None = None
+        self.last_batch_stats: dict[str, Any] | None = None  # of the latest handed-out batch that has them (STATS_EVERY_S)
         self.cumulative_mask_ratio = MaskRatioHistogram()
 
         self._queue: queue.Queue[_ReadyBatch] = queue.Queue(maxsize=queue_batches)
@@ -222,6 +248,8 @@ class DatasetConsumer:
         self._context: zmq.Context | None = None
         self._socket: zmq.Socket | None = None
         self._recorder: RecordingWriter | None = None
+        self.curve = curve
+        self.curve_guard: CurveGuard | None = None  # counts accepted / refused Curve clients
         self._assembler: BatchAssembler | None = None
         self._tensor_names: tuple[str, ...] = ()
         self._val: dict[int, dict[str, np.ndarray]] = {}
@@ -235,6 +263,7 @@ class DatasetConsumer:
         self._dropped_train = 0
         self._started_at = time.monotonic()
         self._last_message_at: float | None = None
+        self._stats_at = float("-inf")  # when batch statistics were last computed
         self._starved = False
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -244,7 +273,10 @@ class DatasetConsumer:
         self._context = zmq.Context()
         self._socket = self._context.socket(zmq.PULL)
         self._socket.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
+        self._socket.setsockopt(zmq.MAXMSGSIZE, self.max_frame_bytes)
         self._socket.setsockopt(zmq.LINGER, 0)
+        if self.curve is not None:
+            self.curve_guard = configure_server(self._socket, self.curve)
         try:
             if self.bind:
                 self._socket.bind(self.endpoint)
@@ -270,6 +302,8 @@ class DatasetConsumer:
         if self._socket is not None:
             self._socket.close(linger=0)
             self._socket = None
+        if self.curve_guard is not None:
+            self.curve_guard.stop()
         if self._context is not None:
             self._context.term()
             self._context = None
@@ -341,7 +375,8 @@ class DatasetConsumer:
         with self._lock:
             self._consumed_messages += len(ready.new_messages)
             self._consumed_batches += 1
-        self.last_batch_stats = ready.stats
+        if ready.stats is not None:
+            self.last_batch_stats = ready.stats
         self.cumulative_mask_ratio.add_counts(ready.ratio_counts)
         return self._to_device(ready.host)
 
@@ -387,25 +422,32 @@ class DatasetConsumer:
 
     # ---- host/device conversion ------------------------------------------------------
 
-    def _host_tensor(self, name: str, array: np.ndarray) -> torch.Tensor:
-        """The host side of a tensor, made in the receive thread.
+    def _host_tensor(self, name: str, array: np.ndarray) -> np.ndarray | torch.Tensor:
+        """The host side of a tensor, made in the receive thread, still at the wire width.
 
-        CPU device: already widened (numpy, single-threaded: torch's CPU dtype conversion
-        spawns intra-op threads, which a busy host makes slow). CUDA device: the wire width,
-        pinned, widened on the device after the copy; uint16 ids go as int16 bits, which read
-        as the same values because every id is below vocab_size <= 32767
-        (shared.vocab.MAX_VOCAB_SIZE, checked by decode).
+        CPU device: the numpy array itself (possibly a read-only view of the received frame).
+        CUDA device: a copy in pinned memory; uint16 ids go as int16 bits, which read as the
+        same values because every id is below vocab_size <= 32767 (shared.vocab.MAX_VOCAB_SIZE,
+        checked by decode).
         """
         if self.device.type != "cuda":
-            return torch.from_numpy(array.astype(WIDE_NUMPY[name]))
+            return array
         if array.dtype == np.uint16:
             array = array.view(np.int16)
-        return torch.from_numpy(np.ascontiguousarray(array)).pin_memory()
+        pinned = torch.empty(array.shape, dtype=TORCH_OF_NUMPY[array.dtype], pin_memory=True)
+        pinned.numpy()[...] = array
+        return pinned
 
-    def _to_device(self, host: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Copies the host tensors to the device and widens them there (a no-op on CPU)."""
+    def _to_device(self, host: dict[str, np.ndarray | torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Moves the host tensors to the device, then widens them to :data:`WIDE_DTYPES`.
+
+        Runs in the caller's thread. On CPU the widening is numpy's ``astype`` (a copy, so the
+        result never aliases a received frame; torch's own CPU conversion spawns intra-op
+        threads, which a busy host makes slow); on CUDA it happens on the device after a
+        ``non_blocking`` copy from pinned memory.
+        """
         if self.device.type != "cuda":
-            return dict(host)
+            return {name: torch.from_numpy(array.astype(WIDE_NUMPY[name])) for name, array in host.items()}
         return {name: tensor.to(self.device, non_blocking=True).to(WIDE_DTYPES[name]) for name, tensor in host.items()}
 
     # ---- the receive thread ----------------------------------------------------------
@@ -519,10 +561,15 @@ class DatasetConsumer:
             return
         tag = message.frames if self._recorder is not None else None
         for arrays, tags in self._assembler.add(message.tensors, tag):
+            now = time.monotonic()
+            stats = None
+            if now - self._stats_at >= STATS_EVERY_S:
+                self._stats_at = now
+                stats = batch_statistics(arrays["x"], arrays["y"], arrays["attention_mask"], arrays["mask_ratio"], self.meta.mask_id, self.meta.ignore_index)
             self._ready.append(
                 _ReadyBatch(
                     host={name: self._host_tensor(name, array) for name, array in arrays.items()},
-                    stats=batch_statistics(arrays["x"], arrays["y"], arrays["attention_mask"], arrays["mask_ratio"], self.meta.mask_id, self.meta.ignore_index),
+                    stats=stats,
                     ratio_counts=mask_ratio_counts(arrays["mask_ratio"]),
                     new_messages=tags,
                 )

@@ -61,6 +61,7 @@ class LossNumbers(BaseModel):
     context_free_floor: float | None = None
     context_free_floor_val: float | None = None
     val_by_stage: dict[str, float] = {}
+    train_by_stage: dict[str, float] = {}  # over the last log interval, by stage id; empty without stages
 
 
 class ValidLen(BaseModel):
@@ -137,8 +138,8 @@ class ProducerRow(BaseModel):
     seconds_since_last: float
 
 
-class StreamNumbers(BaseModel):
-    """``DatasetConsumer.stats()`` plus the training loop's data-wait fraction of step time."""
+class StreamCounts(BaseModel):
+    """``DatasetConsumer.stats()``: one consumer's stream accounting, or their totals."""
 
     received: int
     accepted: int
@@ -157,7 +158,23 @@ class StreamNumbers(BaseModel):
     val_messages_seen: int
     val_messages_total: int | None
     meta_digest: str | None
+
+
+class RankStream(StreamCounts):
+    """One data-parallel rank's consumer (``trainer.distributed``), as of step ``as_of_step``
+    (None: live, read at this request)."""
+
+    rank: int
+    endpoint: str
+    as_of_step: int | None
+
+
+class StreamNumbers(StreamCounts):
+    """The stream accounting plus the training loop's data-wait fraction of step time. Under
+    data-parallel training: the totals over every rank, and ``ranks`` (one entry per rank)."""
+
     data_wait_fraction: float | None = None
+    ranks: list[RankStream] | None = None
 
 
 class AlarmState(BaseModel):
@@ -172,7 +189,7 @@ class AlarmState(BaseModel):
 class DiagnosticsResponse(BaseModel):
     """``GET /diagnostics``: the trainer's live state (SPEC §6); None = not known yet."""
 
-    status: str  # starting | training | finished
+    status: str  # starting | training | finished | stopped (by a signal, before max_iters)
     time: float  # Unix seconds
     step: int
     meta: MetaSummary | None
@@ -212,6 +229,8 @@ class Diagnostics:
         alarm_settings: thresholds of trainer.alarms.
         history_length: points kept per history series.
         clock: Unix time source (tests pass a fake one).
+        stream_stats: where the ``stream`` numbers come from instead of ``consumer.stats()``
+            (``trainer.distributed.Ranks.stream_stats``: every rank's, on rank 0).
     """
 
     def __init__(
@@ -223,12 +242,14 @@ class Diagnostics:
         alarm_settings: AlarmSettings = AlarmSettings(),
         history_length: int = HISTORY_LENGTH,
         clock: Callable[[], float] = time.time,
+        stream_stats: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.probe_interval = probe_interval
         self.probe_rows = probe_rows
         self.no_context_positions = no_context_positions
         self.alarm_settings = alarm_settings
         self.clock = clock
+        self._stream_stats = stream_stats
         self._lock = threading.Lock()
         self._consumer = consumer
         self._created = clock()
@@ -286,6 +307,7 @@ class Diagnostics:
             self._throughput = throughput
             self._loss.train = finite_or_none(numbers.get("train_loss"))
             self._loss.train_step = step
+            self._loss.train_by_stage = {str(k): float(v) for k, v in (numbers.get("train_loss_by_stage") or {}).items()}
             point = {"step": step, "time": self.clock(), "loss": self._loss.train, **throughput.model_dump()}
             if batch is not None:
                 point.update({f"batch_{key}": value for key, value in batch.mask_ratio.model_dump().items()})
@@ -309,7 +331,7 @@ class Diagnostics:
 
     def on_end(self, summary: dict[str, Any]) -> None:
         with self._lock:
-            self._status = "finished"
+            self._status = "stopped" if "stopped_by" in summary else "finished"
             self._step = int(summary.get("steps", self._step))
 
     # ---- attention probe ----------------------------------------------------------------
@@ -358,7 +380,7 @@ class Diagnostics:
         return sample[1] - accepted_then, sample[2] - rejected_then, reasons
 
     def _seconds_without_data(self, stream: dict[str, Any] | None, now: float) -> float | None:
-        if stream is None or self._status == "finished":
+        if stream is None or self._status in ("finished", "stopped"):
             return None
         waited = stream["seconds_since_last_message"]
         return now - self._created if waited is None else waited
@@ -366,7 +388,7 @@ class Diagnostics:
     def snapshot(self) -> DiagnosticsResponse:
         """The full ``GET /diagnostics`` answer; also re-evaluates the alarms."""
         consumer = self._consumer
-        stream = consumer.stats() if consumer is not None else None
+        stream = self._stream_stats() if self._stream_stats is not None else consumer.stats() if consumer is not None else None
         if self._meta_summary is None and getattr(consumer, "meta", None) is not None:
             self.set_meta(consumer.meta)  # pinned while the trainer still prepares
         batch = self._batch_numbers()

@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import uvicorn
 from fastapi import FastAPI
@@ -193,12 +193,15 @@ def add_http_arguments(parser: argparse.ArgumentParser) -> None:
                        help=f"steps before context_blind may fire (default: {AlarmSettings.warmup_steps})")
 
 
-def start_diagnostics(args: argparse.Namespace, consumer: Any = None) -> tuple[Diagnostics, ServerHandle | None]:
+def start_diagnostics(
+    args: argparse.Namespace, consumer: Any = None, stream_stats: Callable[[], dict[str, Any]] | None = None,
+) -> tuple[Diagnostics, ServerHandle | None]:
     """A :class:`Diagnostics` over ``consumer`` to register as a trainer observer, and its
     server (None when ``--http-port 0``). Start it before ``Trainer.prepare`` so the stream
-    numbers and the ``starved`` alarm show while the trainer waits for producers."""
+    numbers and the ``starved`` alarm show while the trainer waits for producers.
+    ``stream_stats`` replaces ``consumer.stats()`` (data-parallel rank 0: every rank's)."""
     settings = AlarmSettings(warmup_steps=args.alarm_warmup_steps)
-    diagnostics = Diagnostics(consumer, probe_interval=args.probe_interval, alarm_settings=settings)
+    diagnostics = Diagnostics(consumer, probe_interval=args.probe_interval, alarm_settings=settings, stream_stats=stream_stats)
     if args.http_port == 0:
         return diagnostics, None
     try:
@@ -212,9 +215,11 @@ def start_diagnostics(args: argparse.Namespace, consumer: Any = None) -> tuple[D
 
 
 @contextlib.contextmanager
-def serve_diagnostics(args: argparse.Namespace, consumer: Any = None) -> Iterator[Diagnostics]:
+def serve_diagnostics(
+    args: argparse.Namespace, consumer: Any = None, stream_stats: Callable[[], dict[str, Any]] | None = None,
+) -> Iterator[Diagnostics]:
     """:func:`start_diagnostics` as a context manager: the server stops on exit."""
-    diagnostics, server = start_diagnostics(args, consumer)
+    diagnostics, server = start_diagnostics(args, consumer, stream_stats)
     try:
         yield diagnostics
     finally:

@@ -149,11 +149,18 @@ def producer_command(args: argparse.Namespace, producer_id: str) -> list[str]:
     return command
 
 
+def trainer_threads(producers: int) -> int:
+    """torch threads for a trainer sharing this machine with ``producers`` producer processes:
+    the cores they leave, at least one (more threads than free cores make CPU steps many times slower)."""
+    return max(1, (os.cpu_count() or 1) - producers)
+
+
 def trainer_command(args: argparse.Namespace) -> list[str]:
     bind_host = "*" if args.bind_host in ("*", "0.0.0.0") else args.bind_host
     command = [sys.executable, "-m", "trainer", "--bind", f"tcp://{bind_host}:{args.port}",
                "--http-host", args.http_host, "--http-port", str(args.http_port),
-               "--out-dir", args.out_dir, "--max-iters", str(args.max_iters), *DEFAULT_TRAINER_ARGS]
+               "--out-dir", args.out_dir, "--max-iters", str(args.max_iters), *DEFAULT_TRAINER_ARGS,
+               "--threads", str(trainer_threads(args.producers))]
     for extra in args.trainer_args:
         command += shlex.split(extra)
     return command

@@ -20,6 +20,12 @@ log), ``grad_norm``, ``ms_per_step``, ``tokens_per_s``, ``data_wait_pct`` (time 
 ``next_batch`` / wall time), and ``val_loss`` when the step also evaluated. ``train_loss``
 is the optimised loss (weighted when ``loss_weighting`` is ``inverse-t``); val losses are
 always the plain mean cross-entropy over supervised positions.
+
+Data-parallel (``ranks``, a :class:`trainer.distributed.Ranks` from torchrun): every rank
+trains a ``DistributedDataParallel`` copy on its own consumer's batches; only rank 0 evaluates,
+checkpoints and has observers. ``tokens`` and ``tokens_per_s`` then count every rank's batch,
+``train_loss`` is the mean over the ranks, and ``step_loss`` is this rank's own. Every rank
+takes part in the collectives at log steps (loss mean, stream stats gather) and at the end.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import torch
 from shared.meta import StreamMeta
 from shared.vocab import IGNORE_INDEX
 from trainer.checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from trainer.distributed import Ranks, parameter_digest
 from trainer.model import LOSS_WEIGHTINGS, BidirectionalTransformer, ModelConfig, token_losses
 from trainer.selftest import mask_self_test
 
@@ -72,6 +79,7 @@ class TrainConfig:
     loss_weighting: str = "none"
     compile: bool = False
     resume: bool = False
+    data_timeout: float | None = None  # seconds without a train batch before run() raises TimeoutError; None = wait forever
 
     def __post_init__(self) -> None:
         if self.loss_weighting not in LOSS_WEIGHTINGS:
@@ -139,7 +147,7 @@ class ConsoleLog:
             log.info("step %d | val %s (before training)", step, _format_val(numbers))
 
     def on_end(self, summary: dict[str, Any]) -> None:
-        log.info("done: %s", json.dumps(summary, default=str))
+        log.info("%s: %s", "stopped" if "stopped_by" in summary else "done", json.dumps(summary, default=str))
 
 
 def _format_val(numbers: dict[str, Any]) -> str:
@@ -181,7 +189,8 @@ class Trainer:
     Attributes for observers and diagnostics: ``config`` (TrainConfig), ``model_config``,
     ``model`` (the uncompiled module), ``meta`` (StreamMeta), ``consumer``, ``device``,
     ``step`` (optimizer steps done), ``val_batches`` (the fixed val batches evaluated),
-    ``self_test`` (the mask self-test result), and :meth:`evaluate`.
+    ``self_test`` (the mask self-test result), ``ranks`` (this process's place among the
+    data-parallel ranks; ``Ranks()`` = one process), and :meth:`evaluate`.
     """
 
     def __init__(
@@ -190,11 +199,13 @@ class Trainer:
         model_args: dict[str, Any],
         consumer: Any,
         observers: Iterable[Observer] = (),
+        ranks: Ranks | None = None,
     ) -> None:
         self.config = config
         self.model_args = dict(model_args)
         self.consumer = consumer
         self.extra_observers = list(observers)
+        self.ranks = ranks or Ranks()
         self.device = resolve_device(config.device)
         self.step = 0
         self.meta: StreamMeta | None = None
@@ -205,6 +216,9 @@ class Trainer:
         self.self_test: dict[str, Any] | None = None
         self.last_eval: dict[str, Any] = {}
         self.last_train_loss: float | None = None
+        # Per-stage train loss of the current log interval: supervised-position loss sums and counts.
+        self._stage_loss_sum = torch.zeros(MAX_STAGES, dtype=torch.float64)
+        self._stage_count = torch.zeros(MAX_STAGES, dtype=torch.float64)
         self.checkpoint_path = os.path.join(config.out_dir, CHECKPOINT_NAME)
         self._resumed = False
 
@@ -348,7 +362,9 @@ class Trainer:
     def _train_step(self, forward: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One optimizer step; the loss and the pre-clipping gradient norm, still on the device."""
         with self._autocast():
-            _, loss = forward(batch["x"], batch["attention_mask"], batch["y"], batch["mask_ratio"], self.config.loss_weighting)
+            logits, loss = forward(batch["x"], batch["attention_mask"], batch["y"], batch["mask_ratio"], self.config.loss_weighting)
+        if "stage" in batch:
+            self._add_stage_losses(logits.detach(), batch)
         loss.backward()
         grad_norm = None
         if self.config.grad_clip > 0:
@@ -357,16 +373,50 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return loss.detach(), grad_norm
 
+    def _add_stage_losses(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+        """Adds this batch's unweighted loss sums and supervised counts per stage id to the interval's totals."""
+        with torch.no_grad():
+            row_loss = token_losses(logits, batch["y"]).double().sum(dim=1).cpu()
+            row_count = (batch["y"] != IGNORE_INDEX).sum(dim=1).double().cpu()
+            stage = batch["stage"].long().cpu()
+        self._stage_loss_sum.index_add_(0, stage, row_loss)
+        self._stage_count.index_add_(0, stage, row_count)
+
+    def _take_stage_losses(self) -> dict[str, float]:
+        """Mean train loss per stage id (as a string) since the last call; empty without stages."""
+        present = torch.nonzero(self._stage_count).flatten().tolist()
+        by_stage = {str(s): float(self._stage_loss_sum[s] / self._stage_count[s]) for s in present}
+        self._stage_loss_sum.zero_()
+        self._stage_count.zero_()
+        return by_stage
+
+    def _next_batch(self) -> dict[str, torch.Tensor]:
+        """The consumer's next train batch; TimeoutError after ``data_timeout`` seconds without one."""
+        try:
+            return self.consumer.next_batch("train", timeout=self.config.data_timeout)
+        except TimeoutError as error:
+            raise TimeoutError(
+                f"rank {self.ranks.rank}: no train batch for {self.config.data_timeout:.0f} s (--data-timeout) "
+                f"on {getattr(self.consumer, 'endpoint', 'the stream')}: its producers stopped or never connected; "
+                f"stopping at step {self.step}"
+            ) from error
+
     def run(self) -> dict[str, Any]:
         """Train until ``max_iters`` steps are done; returns the summary. Call :meth:`prepare` first."""
         config = self.config
-        observers = [ConsoleLog(), MetricsFile(os.path.join(config.out_dir, METRICS_NAME), append=self._resumed)]
-        observers += self.extra_observers
-        forward = torch.compile(self.model) if config.compile else self.model
+        ranks = self.ranks
+        observers: list[Observer] = []
+        if ranks.is_main:
+            observers = [ConsoleLog(), MetricsFile(os.path.join(config.out_dir, METRICS_NAME), append=self._resumed)]
+            observers += self.extra_observers
+        forward = ranks.wrap(self.model)
+        if config.compile:
+            forward = torch.compile(forward)
         self.model.train()
+        ranks.gather_stream_stats(self.consumer, self.step)
         for observer in observers:
             observer.on_start(self)
-        if not self._resumed:
+        if not self._resumed and ranks.is_main:
             numbers = self._evaluate_and_checkpoint(before_training=True)
             for observer in observers:
                 observer.on_eval(self.step, numbers)
@@ -375,61 +425,82 @@ class Trainer:
         started = time.perf_counter()
         interval_start, interval_steps, interval_wait = started, 0, 0.0
         loss_sum = torch.zeros((), device=self.device)
-        while self.step < config.max_iters:
-            lr = learning_rate(self.step, config)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            step_start = time.perf_counter()
-            batch = self.consumer.next_batch("train")
-            data_wait = time.perf_counter() - step_start
-            batch = self._to_device(batch)
-            loss, grad_norm = self._train_step(forward, batch)
-            loss_sum += loss
-            self.step += 1
-            interval_steps += 1
-            interval_wait += data_wait
+        try:
+            while self.step < config.max_iters:
+                lr = learning_rate(self.step, config)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                step_start = time.perf_counter()
+                batch = self._next_batch()
+                data_wait = time.perf_counter() - step_start
+                batch = self._to_device(batch)
+                loss, grad_norm = self._train_step(forward, batch)
+                loss_sum += loss
+                self.step += 1
+                interval_steps += 1
+                interval_wait += data_wait
 
-            is_eval = self.step % config.eval_interval == 0 or self.step == config.max_iters
-            is_log = is_eval or self.step % config.log_interval == 0
-            numbers: dict[str, Any] = {
-                "log": is_log,
-                "lr": lr,
-                "step_ms": 1000 * (time.perf_counter() - step_start),
-                "data_wait_ms": 1000 * data_wait,
-                "tokens": batch["x"].numel(),
-            }
-            if read_every_step or is_log:
-                numbers["step_loss"] = loss.item()
-            if is_log:
-                elapsed = time.perf_counter() - interval_start
-                numbers.update(
-                    train_loss=loss_sum.item() / interval_steps,
-                    grad_norm=None if grad_norm is None else grad_norm.item(),
-                    ms_per_step=1000 * elapsed / interval_steps,
-                    tokens_per_s=numbers["tokens"] * interval_steps / elapsed,
-                    data_wait_pct=100 * interval_wait / elapsed,
-                )
-            eval_numbers = self._evaluate_and_checkpoint(before_training=False) if is_eval else None
-            if eval_numbers:
-                numbers.update(val_loss=eval_numbers["val_loss"], val_loss_by_stage=eval_numbers["val_loss_by_stage"])
-            for observer in observers:
-                observer.on_step(self.step, numbers)
-            if eval_numbers:
+                is_eval = self.step % config.eval_interval == 0 or self.step == config.max_iters
+                is_log = is_eval or self.step % config.log_interval == 0
+                numbers: dict[str, Any] = {
+                    "log": is_log,
+                    "lr": lr,
+                    "step_ms": 1000 * (time.perf_counter() - step_start),
+                    "data_wait_ms": 1000 * data_wait,
+                    "tokens": batch["x"].numel() * ranks.world_size,
+                }
+                if read_every_step or is_log:
+                    numbers["step_loss"] = loss.item()
+                if is_log:
+                    ranks.mean_(loss_sum)
+                    ranks.gather_stream_stats(self.consumer, self.step)
+                    elapsed = time.perf_counter() - interval_start
+                    numbers.update(
+                        train_loss=loss_sum.item() / interval_steps,
+                        train_loss_by_stage=self._take_stage_losses(),
+                        grad_norm=None if grad_norm is None else grad_norm.item(),
+                        ms_per_step=1000 * elapsed / interval_steps,
+                        tokens_per_s=numbers["tokens"] * interval_steps / elapsed,
+                        data_wait_pct=100 * interval_wait / elapsed,
+                    )
+                eval_numbers = self._evaluate_and_checkpoint(before_training=False) if is_eval and ranks.is_main else None
+                if eval_numbers:
+                    numbers.update(val_loss=eval_numbers["val_loss"], val_loss_by_stage=eval_numbers["val_loss_by_stage"])
                 for observer in observers:
-                    observer.on_eval(self.step, eval_numbers)
-            if is_log:
-                loss_sum.zero_()
-                interval_start, interval_steps, interval_wait = time.perf_counter(), 0, 0.0
-                self.last_train_loss = numbers["train_loss"]
+                    observer.on_step(self.step, numbers)
+                if eval_numbers:
+                    for observer in observers:
+                        observer.on_eval(self.step, eval_numbers)
+                if is_log:
+                    loss_sum.zero_()
+                    interval_start, interval_steps, interval_wait = time.perf_counter(), 0, 0.0
+                    self.last_train_loss = numbers["train_loss"]
 
+        except (KeyboardInterrupt, SystemExit) as interruption:  # Ctrl-C, or SIGTERM via trainer.__main__
+            # No collectives here: under DDP the other ranks may be gone already.
+            summary = {
+                "steps": self.step,
+                "stopped_by": type(interruption).__name__,
+                "train_loss": self.last_train_loss,
+                "val_loss": self.last_eval.get("val_loss"),
+                "wall_s": time.perf_counter() - started,
+                "stream": self.consumer.stats(),
+            }
+            for observer in observers:
+                observer.on_end(summary)
+            raise
+        ranks.gather_stream_stats(self.consumer, self.step)
+        digests = ranks.gather(parameter_digest(self.model)) if ranks.distributed else None
         summary = {
             "steps": self.step,
             "train_loss": self.last_train_loss,
             "val_loss": self.last_eval.get("val_loss"),
             "val_loss_by_stage": self.last_eval.get("val_loss_by_stage"),
             "wall_s": time.perf_counter() - started,
-            "stream": self.consumer.stats(),
+            "stream": ranks.stream_stats(self.consumer),
         }
+        if digests is not None:  # rank 0: one per rank; all equal when DDP kept the ranks in sync
+            summary.update(world_size=ranks.world_size, parameter_digests=digests)
         for observer in observers:
             observer.on_end(summary)
         return summary

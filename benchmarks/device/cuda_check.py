@@ -1,0 +1,82 @@
+"""CUDA path checks for a GPU machine; prints one JSON line.
+
+    python benchmarks/device/cuda_check.py
+
+1. ``DatasetConsumer(device="cuda")`` fed by a real ``python -m producer run`` process: host
+   buffers are pinned, batches arrive as int64 on the GPU, and their rows equal the recorded
+   messages (the consumer's own recording of what it handed out).
+2. SDPA with ``trainer.model.key_padding_mask`` against a hand-written masked softmax on the GPU,
+   in fp32 and under bf16 autocast (max absolute difference).
+
+A training run on CUDA (bf16 autocast, the start-up mask self-test) is ``python -m trainer
+--device cuda ...`` itself; docs/BENCHMARKS.md lists the commands and results.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+
+from shared.recording import RecordingReader  # noqa: E402
+from shared.wire import decode  # noqa: E402
+from trainer.consumer import DatasetConsumer  # noqa: E402
+from trainer.model import key_padding_mask  # noqa: E402
+
+
+def check_consumer(record_path: str) -> dict:
+    with DatasetConsumer("tcp://127.0.0.1:*", 24, device="cuda", record_path=record_path) as consumer:
+        producer = subprocess.Popen([sys.executable, "-m", "producer", "run", "--connect", consumer.endpoint, "--block-size", "256",
+                                     "--rows-per-message", "16", "--policy", "uniform", "--max-messages", "90", "--val-every", "2"])
+        consumer.wait_for_val_set(timeout=30)
+        batches = [consumer.next_batch(timeout=30) for _ in range(8)]
+        torch.cuda.synchronize()
+        pinned = bool(consumer._host_tensor("x", np.zeros((2, 3), np.uint16)).is_pinned())
+        producer.wait(timeout=30)
+    with RecordingReader(record_path) as reader:
+        messages = [decode(frames) for frames in reader]
+    sent_rows = np.concatenate([m.tensors["x"] for m in messages if m.split == "train"])
+    got_rows = torch.cat([batch["x"] for batch in batches]).cpu().numpy()
+    return {
+        "pinned": pinned,
+        "dtypes": {name: str(tensor.dtype) for name, tensor in batches[0].items()},
+        "devices": sorted({str(tensor.device) for tensor in batches[0].values()}),
+        "consumer_rows_equal_recording": bool(np.array_equal(got_rows, sent_rows[: len(got_rows)].astype(np.int64))),
+    }
+
+
+def check_sdpa() -> dict:
+    torch.manual_seed(0)
+    B, H, T, D = 3, 2, 37, 16
+    q, k, v = (torch.randn(B, H, T, D, device="cuda") for _ in range(3))
+    attention_mask = torch.ones(B, T, dtype=torch.int64, device="cuda")
+    attention_mask[0, 20:] = 0
+    attention_mask[2, 5:] = 0
+    attend = key_padding_mask(attention_mask)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(D)
+    reference = scores.masked_fill(attention_mask[:, None, None, :] == 0, float("-inf")).softmax(-1) @ v
+    fp32 = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attend)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        bf16 = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attend)
+    return {
+        "sdpa_vs_hand_max_abs": float((fp32 - reference).abs().max()),
+        "sdpa_bf16_vs_hand_max_abs": float((bf16.float() - reference).abs().max()),
+    }
+
+
+def main() -> None:
+    result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    with tempfile.TemporaryDirectory() as folder:
+        result.update(check_consumer(os.path.join(folder, "stream.lps")))
+    result.update(check_sdpa())
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""Data-parallel training across processes and hosts on PyTorch's own engine (``torchrun`` + DDP).
+
+``torchrun --nproc-per-node=N -m trainer ...`` starts N trainer processes (ranks). Each rank:
+
+- joins the process group from torchrun's environment (``RANK``, ``LOCAL_RANK``,
+  ``WORLD_SIZE``, ``MASTER_ADDR``/``MASTER_PORT``): NCCL when it trains on CUDA (device
+  ``cuda:LOCAL_RANK``), gloo on CPU;
+- binds its own consumer endpoint (:func:`rank_endpoint`: the base port + the local rank, or the
+  local rank's entry of a comma-separated list), so producers spread messages over the ranks
+  and no message reaches two of them (see ``producer.service.Routes``);
+- trains a ``DistributedDataParallel`` copy of the model (:meth:`Ranks.wrap`): gradients are
+  averaged over the ranks in ``backward``, so the parameters stay identical on every rank.
+
+Only rank 0 evaluates, checkpoints, writes ``metrics.jsonl`` and serves diagnostics. At log steps
+every rank sends its consumer's ``stats()`` to rank 0 (:meth:`Ranks.gather_stream_stats`, a
+``gather_object`` of a small dict of numbers and strings), and rank 0's ``/diagnostics`` shows
+their totals and a per-rank list (:meth:`Ranks.stream_stats`, :func:`merge_stream_stats`).
+
+A single process (no torchrun) gets ``Ranks()``: rank 0 of 1, where every collective is a no-op.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+# Seconds a rank waits for its next train batch under DDP before it gives up (--data-timeout).
+# The other ranks are then blocked in a collective; the stopped rank's exit ends the whole run.
+DEFAULT_DDP_DATA_TIMEOUT_S = 300.0
+# Collectives (gradient all-reduce, stats gather) wait this long for a slow rank: longer than
+# an evaluation on rank 0 and than the data timeout, so a rank without data reports itself first.
+MIN_COLLECTIVE_TIMEOUT_S = 1800.0
+# Consumer stats that add up over ranks.
+SUMMED_STATS = (
+    "received", "accepted", "rejected_total", "consumed_messages", "consumed_batches",
+    "dropped_train", "gaps", "duplicates", "out_of_order", "queue_depth",
+)
+
+
+class Ranks:
+    """This process's place in the process group, and the few collectives the trainer uses.
+
+    ``Ranks()`` is the single-process case: rank 0 of 1, no process group, every method cheap.
+    Rank 0 keeps the last stream stats gathered from every rank for :meth:`stream_stats`.
+    """
+
+    def __init__(self, rank: int = 0, local_rank: int = 0, world_size: int = 1, object_group: Any = None) -> None:
+        self.rank = rank
+        self.local_rank = local_rank
+        self.world_size = world_size
+        self.object_group = object_group  # gloo group for Python objects (the default group on CPU)
+        self._gathered: list[dict[str, Any]] = []  # rank 0: every rank's stats at the last gather
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``model`` in ``DistributedDataParallel`` (which copies rank 0's parameters to every
+        rank now and averages gradients in ``backward``); ``model`` itself in one process."""
+        if not self.distributed:
+            return model
+        device = next(model.parameters()).device
+        device_ids = [device] if device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+    def mean_(self, value: torch.Tensor) -> torch.Tensor:
+        """Replaces ``value`` (on the training device) by its mean over the ranks; a collective."""
+        if self.distributed:
+            dist.all_reduce(value, op=dist.ReduceOp.SUM)
+            value /= self.world_size
+        return value
+
+    def gather(self, obj: Any) -> list[Any] | None:
+        """Every rank's ``obj`` (small, picklable) in rank order on rank 0, None elsewhere; a collective."""
+        if not self.distributed:
+            return [obj]
+        gathered = [None] * self.world_size if self.is_main else None
+        dist.gather_object(obj, gathered, dst=0, group=self.object_group)
+        return gathered
+
+    def gather_stream_stats(self, consumer: Any, step: int) -> None:
+        """Sends this rank's ``consumer.stats()`` to rank 0, which keeps them; a collective."""
+        if not self.distributed:
+            return
+        stats = {"rank": self.rank, "endpoint": consumer.endpoint, "as_of_step": step, **consumer.stats()}
+        gathered = self.gather(stats)
+        if gathered is not None:
+            self._gathered = gathered
+
+    def stream_stats(self, consumer: Any) -> dict[str, Any]:
+        """``consumer.stats()`` in one process. Under DDP on rank 0: the totals over every rank
+        (:func:`merge_stream_stats`) with a ``ranks`` list: rank 0's numbers live, the others' as
+        of the last gather (``as_of_step``). Thread-safe: the HTTP threads call it."""
+        own = consumer.stats()
+        if not self.distributed:
+            return own
+        own = {"rank": self.rank, "endpoint": consumer.endpoint, "as_of_step": None, **own}
+        others = [stats for stats in self._gathered if stats["rank"] != self.rank]
+        return merge_stream_stats([own, *others])
+
+    def close(self) -> None:
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def init_distributed(device: torch.device, data_timeout_s: float | None) -> tuple[Ranks, torch.device]:
+    """Joins the process group torchrun describes in the environment; ``(Ranks(), device)``
+    without torchrun (or with one process). On CUDA each rank trains on ``cuda:LOCAL_RANK``
+    with NCCL, on CPU with gloo. Python objects always travel over a gloo group."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Ranks(), device
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(seconds=max(MIN_COLLECTIVE_TIMEOUT_S, 2 * (data_timeout_s or 0.0)))
+    dist.init_process_group(backend, timeout=timeout)
+    object_group = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
+    return Ranks(rank, local_rank, world_size, object_group), device
+
+
+def rank_endpoint(bind: str, local_rank: int) -> str:
+    """The endpoint the rank with ``local_rank`` binds.
+
+    ``bind`` is either one endpoint, whose port is the base (``tcp://*:5555`` -> local rank 1
+    binds ``tcp://*:5556``), or a comma-separated list with one endpoint per local rank.
+    """
+    endpoints = [part.strip() for part in bind.split(",") if part.strip()]
+    if len(endpoints) > 1:
+        if local_rank >= len(endpoints):
+            raise ValueError(f"--bind lists {len(endpoints)} endpoints, local rank {local_rank} has none")
+        return endpoints[local_rank]
+    if not endpoints:
+        raise ValueError("--bind is empty")
+    if local_rank == 0:
+        return endpoints[0]
+    match = re.fullmatch(r"(tcp://.+):(\d+)", endpoints[0])
+    if match is None:
+        raise ValueError(
+            f"--bind {endpoints[0]!r}: local rank {local_rank} adds itself to a tcp://HOST:PORT base port; "
+            "otherwise list one endpoint per local rank, comma-separated")
+    return f"{match.group(1)}:{int(match.group(2)) + local_rank}"
+
+
+def rank_path(path: str | None, ranks: Ranks) -> str | None:
+    """``run.lpr`` -> ``run.rank1.lpr`` under DDP (each rank records its own messages)."""
+    if path is None or not ranks.distributed:
+        return path
+    original = Path(path)
+    return str(original.with_name(f"{original.stem}.rank{ranks.rank}{original.suffix}"))
+
+
+def merge_stream_stats(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
+    """One ``DatasetConsumer.stats()``-shaped dict for several ranks, plus ``ranks`` (the inputs).
+
+    Counts are summed; ``starved`` is any rank's; ``seconds_since_last_message`` is the most
+    silent rank's (one starved rank stalls every rank) and None while any rank has received
+    nothing; ``val_messages_seen`` is the smallest (the set is complete when it is complete
+    everywhere). Producer rows keep their ids; an id seen by several ranks gets ``@rankN``.
+    """
+    total: dict[str, Any] = {key: sum(stats[key] for stats in per_rank) for key in SUMMED_STATS}
+    rejected: collections.Counter[str] = collections.Counter()
+    for stats in per_rank:
+        rejected.update(stats["rejected"])
+    total["rejected"] = dict(rejected)
+    owners = collections.Counter(producer for stats in per_rank for producer in stats["producers"])
+    total["producers"] = {
+        (producer if owners[producer] == 1 else f"{producer}@rank{stats['rank']}"): row
+        for stats in per_rank for producer, row in stats["producers"].items()
+    }
+    total["starved"] = any(stats["starved"] for stats in per_rank)
+    silences = [stats["seconds_since_last_message"] for stats in per_rank]
+    total["seconds_since_last_message"] = None if None in silences else max(silences)
+    total["val_messages_seen"] = min(stats["val_messages_seen"] for stats in per_rank)
+    total["val_messages_total"] = per_rank[0]["val_messages_total"]
+    total["meta_digest"] = per_rank[0]["meta_digest"]
+    total["ranks"] = sorted(per_rank, key=lambda stats: stats["rank"])
+    return total
+
+
+def parameter_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of every parameter and buffer's name and bytes: equal on every rank when DDP
+    kept them in sync (bit for bit)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
