@@ -344,3 +344,24 @@ def test_a_peer_sending_an_oversized_frame_is_cut_off_unread_and_others_go_on(co
         stats = c.stats()
     np.testing.assert_array_equal(batch["x"].numpy(), tensors["x"])
     assert stats["received"] == 1 and stats["rejected_total"] == 0 and set(stats["producers"]) == {"good"}
+
+
+def test_per_producer_accounting_counts_consumed_and_rejected_messages(context):
+    meta = make_meta(rows_per_message=4, val_messages=0)
+    other = make_meta(rows_per_message=4, val_messages=0, block_size=meta.block_size * 2)
+    rng = np.random.default_rng(15)
+    with consumer(4) as c:
+        socket = pusher(context, c.endpoint)
+        for seq in range(3):
+            socket.send_multipart(encode(meta, "train", "good", seq, make_tensors(meta, 4, rng)))
+        for seq in range(2):
+            socket.send_multipart(encode(other, "train", "foreign", seq, make_tensors(other, 4, rng)))
+        socket.send_multipart([b"garbage"])
+        batches = [c.next_batch(timeout=5) for _ in range(2)]
+        wait_until(lambda: c.stats()["received"] == 6)
+        stats = c.stats()
+    assert len(batches) == 2
+    assert stats["producers"]["good"]["consumed"] == 2 and stats["producers"]["good"]["messages"] == 3
+    assert "foreign" not in stats["producers"]
+    assert stats["rejected_by_producer"] == {"foreign": {"meta_mismatch": 2}}
+    assert stats["rejected"] == {"meta_mismatch": 2, "frame_count": 1}  # the garbage names no producer

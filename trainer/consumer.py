@@ -72,6 +72,8 @@ class _ProducerState:
     gaps: int = 0
     duplicates: int = 0
     out_of_order: int = 0
+    consumed: int = 0  # train messages whose first row went into a handed-out batch
+    dropped: int = 0  # train messages read past while waiting for the val set (see wait_for_val_set)
     missing: set[int] = field(default_factory=set)
 
 
@@ -118,6 +120,11 @@ class ProducerTable:
         else:
             state.train += 1
 
+    def add(self, producer_id: str, name: str) -> None:
+        """Counts one more ``consumed`` or ``dropped`` message of a producer already recorded."""
+        state = self._states[producer_id]
+        setattr(state, name, getattr(state, name) + 1)
+
     def total(self, name: str) -> int:
         return sum(getattr(state, name) for state in self._states.values())
 
@@ -132,6 +139,8 @@ class ProducerTable:
                 "gaps": s.gaps,
                 "duplicates": s.duplicates,
                 "out_of_order": s.out_of_order,
+                "consumed": s.consumed,
+                "dropped": s.dropped,
                 "seconds_since_last": round(now - s.last_seen, 3),
             }
             for producer_id, s in self._states.items()
@@ -142,8 +151,8 @@ class BatchAssembler:
     """Packs the rows of train messages, in arrival order, into batches of exactly ``batch_size`` rows.
 
     A message may be split across batches. Each finished batch comes with the tags of the
-    messages whose first row is in it (the consumer tags messages with their frames when
-    it records).
+    messages whose first row is in it (the consumer's tags are ``(producer id, frames)``,
+    the frames only when it records).
     """
 
     def __init__(self, batch_size: int, templates: dict[str, np.ndarray]) -> None:
@@ -185,7 +194,7 @@ class _ReadyBatch:
     host: dict[str, np.ndarray | torch.Tensor]  # see DatasetConsumer._host_tensor
     stats: dict[str, Any] | None  # None when skipped (see STATS_EVERY_S)
     ratio_counts: np.ndarray
-    new_messages: list[Any]  # one entry per message starting in this batch: its frames when recording, else None
+    new_messages: list[tuple[str, Any]]  # per message starting in this batch: (producer id, its frames when recording, else None)
 
 
 class DatasetConsumer:
@@ -256,6 +265,7 @@ class DatasetConsumer:
         self._val_batches: list[dict[str, torch.Tensor]] | None = None
         self._table = ProducerTable()
         self._rejected: collections.Counter[str] = collections.Counter()
+        self._rejected_by_producer: dict[str, collections.Counter[str]] = {}
         self._received = 0
         self._accepted = 0
         self._consumed_messages = 0
@@ -370,10 +380,12 @@ class DatasetConsumer:
                     )
         if self._recorder is not None:
             with self._record_lock:
-                for frames in ready.new_messages:
+                for _, frames in ready.new_messages:
                     self._recorder.write(frames)
         with self._lock:
             self._consumed_messages += len(ready.new_messages)
+            for producer_id, _ in ready.new_messages:
+                self._table.add(producer_id, "consumed")
             self._consumed_batches += 1
         if ready.stats is not None:
             self.last_batch_stats = ready.stats
@@ -404,6 +416,7 @@ class DatasetConsumer:
                 "received": self._received,
                 "accepted": self._accepted,
                 "rejected": dict(self._rejected),
+                "rejected_by_producer": {producer: dict(reasons) for producer, reasons in self._rejected_by_producer.items()},
                 "rejected_total": sum(self._rejected.values()),
                 "consumed_messages": self._consumed_messages,
                 "consumed_batches": self._consumed_batches,
@@ -511,10 +524,15 @@ class DatasetConsumer:
             self._reject(
                 META_MISMATCH,
                 f"producer {message.producer_id!r}: field {field_name} is {theirs!r:.200}, the pinned stream has {mine!r:.200}{also}",
+                message.producer_id,
             )
             return
         if tuple(sorted(message.tensors)) != self._tensor_names:
-            self._reject(TENSOR_SET, f"producer {message.producer_id!r} sent tensors {sorted(message.tensors)}, the stream has {list(self._tensor_names)}")
+            self._reject(
+                TENSOR_SET,
+                f"producer {message.producer_id!r} sent tensors {sorted(message.tensors)}, the stream has {list(self._tensor_names)}",
+                message.producer_id,
+            )
             return
         with self._lock:
             self._accepted += 1
@@ -524,10 +542,13 @@ class DatasetConsumer:
         else:
             self._accept_train(message)
 
-    def _reject(self, reason: str, detail: str) -> None:
+    def _reject(self, reason: str, detail: str, producer_id: str | None = None) -> None:
+        """Counts a rejected message by reason, and by producer when its header was readable."""
         with self._lock:
             self._rejected[reason] += 1
             count = self._rejected[reason]
+            if producer_id is not None:
+                self._rejected_by_producer.setdefault(producer_id, collections.Counter())[reason] += 1
         if count & (count - 1) == 0:  # the 1st, 2nd, 4th, 8th... of each reason
             log.warning("rejected message (%s, #%d): %s", reason, count, detail)
 
@@ -558,8 +579,9 @@ class DatasetConsumer:
         if self._ready:  # the queue is full and a val waiter needs us to read on (see wait_for_val_set)
             with self._lock:
                 self._dropped_train += 1
+                self._table.add(message.producer_id, "dropped")
             return
-        tag = message.frames if self._recorder is not None else None
+        tag = (message.producer_id, message.frames if self._recorder is not None else None)
         for arrays, tags in self._assembler.add(message.tensors, tag):
             now = time.monotonic()
             stats = None

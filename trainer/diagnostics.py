@@ -135,6 +135,8 @@ class ProducerRow(BaseModel):
     gaps: int
     duplicates: int
     out_of_order: int
+    consumed: int = 0  # train messages whose rows went into handed-out batches
+    dropped: int = 0  # train messages read past while the trainer waited for the val set
     seconds_since_last: float
 
 
@@ -144,6 +146,7 @@ class StreamCounts(BaseModel):
     received: int
     accepted: int
     rejected: dict[str, int]  # by reason
+    rejected_by_producer: dict[str, dict[str, int]] = {}  # reason counts of rejects whose header named a producer
     rejected_total: int
     consumed_messages: int
     consumed_batches: int

@@ -178,6 +178,11 @@ def merge_stream_stats(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
     for stats in per_rank:
         rejected.update(stats["rejected"])
     total["rejected"] = dict(rejected)
+    by_producer: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    for stats in per_rank:
+        for producer, reasons in stats.get("rejected_by_producer", {}).items():
+            by_producer[producer].update(reasons)
+    total["rejected_by_producer"] = {producer: dict(reasons) for producer, reasons in by_producer.items()}
     owners = collections.Counter(producer for stats in per_rank for producer in stats["producers"])
     total["producers"] = {
         (producer if owners[producer] == 1 else f"{producer}@rank{stats['rank']}"): row
