@@ -46,14 +46,23 @@ ROWS_PER_MESSAGE, BATCH_SIZE = 4, 8
 
 
 def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for probe in sockets:
-            probe.bind(("127.0.0.1", 0))
-        return [probe.getsockname()[1] for probe in sockets]
-    finally:
-        for probe in sockets:
-            probe.close()
+    """``count`` consecutive free ports below Linux's ephemeral range (32768-60999), so that no
+    process binding port 0 meanwhile (torchrun's store, an HTTP server) can take one of them:
+    the trainer's ranks bind base port + local rank, which must be free as a block."""
+    rng = random.Random()
+    for _ in range(100):
+        base = rng.randrange(20000, 32768 - count)
+        sockets = [socket.socket() for _ in range(count)]
+        try:
+            for offset, probe in enumerate(sockets):
+                probe.bind(("127.0.0.1", base + offset))
+            return list(range(base, base + count))
+        except OSError:
+            continue
+        finally:
+            for probe in sockets:
+                probe.close()
+    raise RuntimeError(f"no {count} consecutive free ports found")
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +214,7 @@ def test_two_ranks_share_the_stream_and_stay_in_sync(tmp_path, corpus, children)
 def test_lost_producers_stop_the_run_with_a_timeout(tmp_path, corpus, children):
     """Producers killed mid-run: each rank gives up after --data-timeout with a clear message,
     and torchrun ends (no hang). Before that, rank 0's /diagnostics shows both ranks."""
-    zmq_port, http_port = free_ports(2)
+    zmq_port, _, http_port = free_ports(3)
     endpoints = [f"tcp://127.0.0.1:{zmq_port}", f"tcp://127.0.0.1:{zmq_port + 1}"]  # base port + local rank
     producers = start_producers(children, corpus, [",".join(endpoints)], tmp_path)  # the comma-separated form
     trainer = torchrun(children, tmp_path, f"tcp://127.0.0.1:{zmq_port}", "--max-iters", "1000000",
