@@ -7,9 +7,10 @@
 By default the trainer binds and producers connect (ZeroMQ retries the connection forever,
 and messages wait in the socket until it succeeds). The send high-water mark is small, so a
 slow or absent trainer blocks the producer instead of filling its memory. Messages are the
-train stream with one val message after every ``--val-every`` train messages, cycling through
-the fixed val set forever, so a trainer that joins late still gets the whole set. Sequence
-numbers count every message this producer sends: 0, 1, 2, ...
+whole fixed val set first (a trainer needs it before its first step), then the train stream
+with one val message after every ``--val-every`` train messages, cycling through the val set
+forever, so a trainer that joins late still gets the whole set. Sequence numbers count every
+message this producer sends: 0, 1, 2, ...
 
 Several ``--connect`` endpoints (one per data-parallel trainer rank; also comma-separated) are
 served by :class:`Routes`: train messages round-robin, each to one endpoint; every val message
@@ -136,14 +137,19 @@ class Sender:
         self._socket = self._context.socket(zmq.PUSH)
         self._socket.setsockopt(zmq.SNDHWM, SEND_HWM)
         self._socket.setsockopt(zmq.LINGER, LINGER_MS)
-        if curve is not None:
-            configure_client(self._socket, curve)
-        if bind is not None:
-            self._socket.bind(bind)
-            self.endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        else:
-            self._socket.connect(connect)
-            self.endpoint = connect
+        try:
+            if curve is not None:
+                configure_client(self._socket, curve)
+            if bind is not None:
+                self._socket.bind(bind)
+                self.endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+            else:
+                self._socket.connect(connect)
+                self.endpoint = connect
+        except zmq.ZMQError:
+            self._socket.close(linger=0)
+            self._context.term()
+            raise
 
     def send(self, frames: list[Any], while_blocked: Callable[[], None] = lambda: None) -> bool:
         """Sends one message; False if a stop was requested before it could be sent.
@@ -282,8 +288,11 @@ def print_summary(summary: dict[str, Any]) -> None:
 
 
 def messages(stream: BatchStream, val_every: int) -> Iterator[tuple[str, int, dict[str, np.ndarray]]]:
-    """``(split, val_index, tensors)`` forever: ``val_every`` train messages, then the next val message."""
+    """``(split, val_index, tensors)`` forever: the val set once, then cycles of ``val_every``
+    train messages and the next val message (no val messages at all when ``val_every`` is 0)."""
     val_set = stream.val_set() if val_every else []
+    for val_index, tensors in enumerate(val_set):
+        yield "val", val_index, tensors
     train = stream.train_batches()
     for cycle in count():
         for _ in range(val_every if val_set else 1):
@@ -304,12 +313,19 @@ def run_service(args: argparse.Namespace) -> int:
     stop = StopSignal()
     curve = curve_client(args)
     if args.bind is not None:
-        senders = [Sender(None, args.bind, stop, curve=curve)]
+        places = [(None, args.bind)]
     else:
-        endpoints = [part.strip() for value in args.connect for part in value.split(",") if part.strip()]
-        if not endpoints:
+        places = [(part.strip(), None) for value in args.connect for part in value.split(",") if part.strip()]
+        if not places:
             args.command_parser.error("--connect needs an endpoint")
-        senders = [Sender(endpoint, None, stop, curve=curve) for endpoint in endpoints]
+    senders: list[Sender] = []
+    try:
+        for connect, bind in places:
+            senders.append(Sender(connect, bind, stop, curve=curve))
+    except zmq.ZMQError as error:  # a malformed endpoint, a port in use...
+        for sender in senders:
+            sender.close()
+        args.command_parser.error(f"cannot {'bind' if bind else 'connect'} {bind or connect}: {error}")
     routes = Routes(senders, stream.producer_id)
     throughput = Throughput(f"producer {stream.producer_id}", routes, args.status_every)
     print(

@@ -59,13 +59,16 @@ REASONS = (
 
 
 class WireError(ValueError):
-    """A message was rejected. ``reason`` is one of :data:`REASONS`; ``detail`` says why."""
+    """A message was rejected. ``reason`` is one of :data:`REASONS`; ``detail`` says why;
+    ``producer_id`` is the header's producer id when the header got far enough to have a valid
+    one (else None), so that rejects can be counted per producer."""
 
     def __init__(self, reason: str, detail: str) -> None:
         assert reason in REASONS, reason
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+        self.producer_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -226,6 +229,15 @@ def decode(frames: Sequence[Any]) -> WireMessage:
     producer_id = _field(header, "producer", str)
     if not 0 < len(producer_id) <= MAX_PRODUCER_ID_CHARS:
         raise WireError("header_schema", f"producer id must have 1..{MAX_PRODUCER_ID_CHARS} characters")
+    try:
+        return _decode_body(frames, header, split, producer_id)
+    except WireError as error:
+        error.producer_id = producer_id
+        raise
+
+
+def _decode_body(frames: Sequence[Any], header: dict, split: str, producer_id: str) -> WireMessage:
+    """The rest of :func:`decode`, once the header names a valid producer."""
     seq = _field(header, "seq", int)
     val_index = _field(header, "val_index", int)
     if seq < 0:

@@ -357,11 +357,15 @@ def test_per_producer_accounting_counts_consumed_and_rejected_messages(context):
         for seq in range(2):
             socket.send_multipart(encode(other, "train", "foreign", seq, make_tensors(other, 4, rng)))
         socket.send_multipart([b"garbage"])
+        bad = make_tensors(meta, 4, rng)
+        bad["x"] = bad["x"].copy()
+        bad["x"][0, 0] = meta.vocab_size  # an id outside the vocabulary
+        socket.send_multipart(encode(meta, "train", "good", 3, bad))
         batches = [c.next_batch(timeout=5) for _ in range(2)]
-        wait_until(lambda: c.stats()["received"] == 6)
+        wait_until(lambda: c.stats()["received"] == 7)
         stats = c.stats()
     assert len(batches) == 2
     assert stats["producers"]["good"]["consumed"] == 2 and stats["producers"]["good"]["messages"] == 3
     assert "foreign" not in stats["producers"]
-    assert stats["rejected_by_producer"] == {"foreign": {"meta_mismatch": 2}}
-    assert stats["rejected"] == {"meta_mismatch": 2, "frame_count": 1}  # the garbage names no producer
+    assert stats["rejected_by_producer"] == {"foreign": {"meta_mismatch": 2}, "good": {"value_range": 1}}
+    assert stats["rejected"] == {"meta_mismatch": 2, "frame_count": 1, "value_range": 1}  # the garbage names no producer

@@ -25,7 +25,9 @@ import pytest
 import torch
 import zmq
 
+from producer.config import DataConfig
 from producer.service import Routes, route_producer_id
+from producer.stream import BatchStream
 from shared.recording import RecordingReader
 from shared.wire import MAX_PRODUCER_ID_CHARS, decode
 from streamkit import make_frames, make_meta, make_tensors
@@ -150,10 +152,12 @@ def test_two_ranks_share_the_stream_and_stay_in_sync(tmp_path, corpus, children)
     ports = free_ports(2)
     endpoints = [f"tcp://127.0.0.1:{port}" for port in ports]
     # Each producer sends STEPS * BATCH_SIZE / ROWS_PER_MESSAGE train messages, half to each rank:
-    # each rank gets exactly the STEPS batches it trains on. With --val-every 1 and two endpoints the
-    # stream is 2 train + 1 val, so 90 stream messages hold 60 train messages.
+    # each rank gets exactly the STEPS batches it trains on. The stream starts with the val set;
+    # then, with --val-every 1 and two endpoints, it is 2 train + 1 val, so val_messages + 90
+    # stream messages hold 60 train messages.
     train_per_producer = STEPS * BATCH_SIZE // ROWS_PER_MESSAGE
-    producers = start_producers(children, corpus, endpoints, tmp_path, "--max-messages", str(train_per_producer * 3 // 2))
+    val_messages = BatchStream(DataConfig(corpus=str(corpus), block_size=64, rows_per_message=4, val_fraction=0.05)).meta.val_messages
+    producers = start_producers(children, corpus, endpoints, tmp_path, "--max-messages", str(val_messages + train_per_producer * 3 // 2))
     trainer = torchrun(children, tmp_path, ",".join(endpoints), "--max-iters", str(STEPS), "--eval-interval", "15",
                        "--http-port", "0", "--data-timeout", "30", "--record", str(tmp_path / "run.lpr"))
     log = tmp_path / "torchrun.log"

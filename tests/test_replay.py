@@ -76,9 +76,10 @@ def recorded(tmp_path):
         val = consumer.val_batches()
         train = []
         deadline = time.monotonic() + 20
-        while len(consumer.stats()["producers"]) < 2 and time.monotonic() < deadline:
-            train += take(consumer, 1)
-        train += take(consumer, 30)  # past the queued batches, into both producers' messages
+        consumed = lambda: [row["consumed"] for row in consumer.stats()["producers"].values()]  # noqa: E731
+        while (len(consumed()) < 2 or 0 in consumed()) and time.monotonic() < deadline:
+            train += take(consumer, 1)  # until train rows of both producers were handed out
+        train += take(consumer, 10)
         for proc in procs:
             proc.kill()
     return path, val, train

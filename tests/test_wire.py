@@ -180,6 +180,17 @@ def test_swapped_tensor_frames_rejected():
     rejected([frames[0], frames[3], *frames[2:3], frames[1], frames[4]], "size")
 
 
+def test_a_reject_names_the_producer_once_the_header_has_a_valid_one():
+    frames, _ = build()
+    assert rejected([frames[0], frames[2], frames[1], *frames[3:]], "value_range").producer_id == "producer-0"
+    header = header_of(frames)
+    header["seq"] = -1
+    assert rejected([msgpack.packb(header), *frames[1:]], "header_schema").producer_id == "producer-0"
+    header["producer"] = ""
+    assert rejected([msgpack.packb(header), *frames[1:]], "header_schema").producer_id is None
+    assert rejected([b"\xc1", *frames[1:]], "header_not_msgpack").producer_id is None
+
+
 # ---------------------------------------------------------------- header
 
 

@@ -42,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="ZeroMQ endpoint the trainer binds; producers connect. Under torchrun each rank binds "
                              "the port + its local rank, or its entry of a comma-separated list")
     stream.add_argument("--record", metavar="FILE", help="record every consumed message to FILE (replayable)")
-    stream.add_argument("--wait-timeout", type=float, default=None, help="give up after this many seconds without meta/val set (default: wait forever)")
+    stream.add_argument("--wait-timeout", type=float, default=None,
+                        help="give up (exit 2) after this many seconds without meta/val set (default: wait forever; "
+                             f"{DEFAULT_DDP_DATA_TIMEOUT_S:.0f} s under torchrun, where one rank without data stalls all)")
     stream.add_argument("--data-timeout", type=float, default=None,
                         help="stop (exit 3) after this many seconds without a train batch; 0 = wait forever "
                              f"(default: forever in one process, {DEFAULT_DDP_DATA_TIMEOUT_S:.0f} s under torchrun)")
@@ -143,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
              else contextlib.nullcontext()) as diagnostics:
         trainer = Trainer(config, model_args, consumer, [diagnostics] if diagnostics else [], ranks=ranks)
         try:
-            trainer.prepare(wait_timeout=args.wait_timeout)
+            trainer.prepare(wait_timeout=args.wait_timeout if args.wait_timeout is not None or not ranks.distributed
+                            else DEFAULT_DDP_DATA_TIMEOUT_S)
         except MaskSelfTestError as error:
             log.error("refusing to train: the mask self-test failed: %s", error)
             return 2

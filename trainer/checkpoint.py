@@ -41,12 +41,14 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
             torch.save(state, file)
             file.flush()
             os.fsync(file.fileno())
-    except (OSError, RuntimeError) as error:  # torch.save reports a short write as RuntimeError
+        os.replace(temporary, path)
+    except BaseException as error:  # also SystemExit from a SIGTERM mid-save: no stray temporary file
         with contextlib.suppress(OSError):
             os.remove(temporary)
-        raise CheckpointWriteError(f"could not write the checkpoint {path} ({type(error).__name__}: {error}); "
-                                   f"the previous one, if any, is unchanged") from error
-    os.replace(temporary, path)
+        if isinstance(error, (OSError, RuntimeError)):  # torch.save reports a short write as RuntimeError
+            raise CheckpointWriteError(f"could not write the checkpoint {path} ({type(error).__name__}: {error}); "
+                                       f"the previous one, if any, is unchanged") from error
+        raise
     directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:
         os.fsync(directory)
@@ -54,11 +56,25 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
         os.close(directory)
 
 
+CHECKPOINT_KEYS = ("model", "optimizer", "step", "model_config", "train_config", "meta", "rng")
+
+
 def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint`; tensors land on ``device``."""
+    """Read a checkpoint written by :func:`save_checkpoint`; tensors land on ``device``.
+
+    Raises FileNotFoundError when there is none, ValueError when the file is not a readable
+    checkpoint of this format (garbage, truncated, pickled objects, missing keys).
+    """
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}: nothing to resume")
-    return torch.load(path, map_location=device, weights_only=True)
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:  # UnpicklingError, RuntimeError (torn zip), ...: all mean "unusable"
+        raise ValueError(f"unusable checkpoint {path}: {type(error).__name__}: {str(error)[:300]}") from None
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise ValueError(f"unusable checkpoint {path}: missing {missing}")
+    return state
 
 
 def rng_state() -> dict[str, Any]:

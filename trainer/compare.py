@@ -59,7 +59,7 @@ COMMON_NAME = "common_val.lps"
 # The producer cuts its val set at this many rows (producer.stream.MAX_VAL_ROWS); recording
 # ceil(rows / rows_per_message) val messages covers it, and duplicates are dropped by val_index.
 PRODUCER_MAX_VAL_ROWS = 256
-WAIT_TIMEOUT_S = 300  # the trainer gives up when no producer data arrives within this
+WAIT_TIMEOUT_S = 300  # the trainer gives up when no producer data arrives within this (at start or mid-run)
 STOP_TIMEOUT_S = 5.0
 WITHIN = 0.03  # the lines arm's common-set val loss may exceed the baseline's by at most 3 %
 BELOW_FLOOR = 0.5  # both arms must end at least this many nats below the context-free floor
@@ -130,7 +130,8 @@ def trainer_command(args: argparse.Namespace, out_dir: str, endpoint: str, http_
         "positions": args.positions, "alarm-warmup-steps": args.alarm_warmup_steps,
     }
     command = [sys.executable, "-m", "trainer", "--bind", endpoint, "--out-dir", out_dir,
-               "--http-host", "127.0.0.1", "--http-port", str(http_port), "--wait-timeout", str(WAIT_TIMEOUT_S)]
+               "--http-host", "127.0.0.1", "--http-port", str(http_port), "--wait-timeout", str(WAIT_TIMEOUT_S),
+               "--data-timeout", str(WAIT_TIMEOUT_S)]
     for name, value in flags.items():
         command += [f"--{name}", str(value)]
     return command

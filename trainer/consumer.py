@@ -213,7 +213,8 @@ class DatasetConsumer:
             consumer with the same ``batch_size`` gives the same batches in the same order.
         starved_after_s: seconds without any message before the consumer says it is waiting.
         max_frame_bytes: a peer that sends a larger frame is disconnected by ZeroMQ unread
-            (the frame is never buffered, so a hostile peer cannot make the trainer allocate it).
+            (that frame is never buffered; ZeroMQ does not limit the number of frames of one
+            message, so this bounds single frames, not a hostile peer, see docs/SECURITY.md).
         curve: when set, the socket is a CurveZMQ server that accepts only the producers whose
             public keys it lists (``shared.curve``); others never get a message through.
     """
@@ -513,7 +514,7 @@ class DatasetConsumer:
         try:
             message = decode(frames)
         except WireError as error:
-            self._reject(error.reason, error.detail)
+            self._reject(error.reason, error.detail, error.producer_id)
             return
         if self.meta is None:
             self._pin(message)

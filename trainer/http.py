@@ -183,7 +183,7 @@ def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, tim
 
 
 def add_http_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--http-host``, ``--http-port`` (0 disables), ``--probe-interval``, ``--warmup-alarm-steps``."""
+    """``--http-host``, ``--http-port`` (0 disables), ``--probe-interval``, ``--alarm-warmup-steps``."""
     group = parser.add_argument_group("diagnostics")
     group.add_argument("--http-host", default="127.0.0.1", help="diagnostics bind address (default: 127.0.0.1)")
     group.add_argument("--http-port", type=int, default=8000, help="diagnostics port; 0 disables the server (default: 8000)")

@@ -217,8 +217,9 @@ class Trainer:
         self.last_eval: dict[str, Any] = {}
         self.last_train_loss: float | None = None
         # Per-stage train loss of the current log interval: supervised-position loss sums and counts.
-        self._stage_loss_sum = torch.zeros(MAX_STAGES, dtype=torch.float64)
-        self._stage_count = torch.zeros(MAX_STAGES, dtype=torch.float64)
+        # Kept on the training device (no host sync per step); read at log steps.
+        self._stage_loss_sum = torch.zeros(MAX_STAGES, dtype=torch.float64, device=self.device)
+        self._stage_count = torch.zeros(MAX_STAGES, dtype=torch.float64, device=self.device)
         self.checkpoint_path = os.path.join(config.out_dir, CHECKPOINT_NAME)
         self._resumed = False
 
@@ -374,21 +375,27 @@ class Trainer:
         return loss.detach(), grad_norm
 
     def _add_stage_losses(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
-        """Adds this batch's unweighted loss sums and supervised counts per stage id to the interval's totals."""
+        """Adds this batch's loss sums and supervised counts per stage id to the interval's totals.
+
+        Unweighted cross-entropy per supervised position, also under ``inverse-t`` weighting
+        (whose ``train_loss`` is the weighted mean): per-stage numbers compare across runs.
+        """
         with torch.no_grad():
-            row_loss = token_losses(logits, batch["y"]).double().sum(dim=1).cpu()
-            row_count = (batch["y"] != IGNORE_INDEX).sum(dim=1).double().cpu()
-            stage = batch["stage"].long().cpu()
-        self._stage_loss_sum.index_add_(0, stage, row_loss)
-        self._stage_count.index_add_(0, stage, row_count)
+            row_loss = token_losses(logits, batch["y"]).double().sum(dim=1)
+            row_count = (batch["y"] != IGNORE_INDEX).sum(dim=1).double()
+            stage = batch["stage"].long()
+            self._stage_loss_sum.index_add_(0, stage, row_loss)
+            self._stage_count.index_add_(0, stage, row_count)
 
     def _take_stage_losses(self) -> dict[str, float]:
-        """Mean train loss per stage id (as a string) since the last call; empty without stages."""
-        present = torch.nonzero(self._stage_count).flatten().tolist()
-        by_stage = {str(s): float(self._stage_loss_sum[s] / self._stage_count[s]) for s in present}
+        """Mean train loss per stage id (as a string) since the last call, over every rank (a
+        collective under DDP, so every rank calls it at the same log steps); empty without stages."""
+        self.ranks.mean_(self._stage_loss_sum)
+        self.ranks.mean_(self._stage_count)
+        sums, counts = self._stage_loss_sum.tolist(), self._stage_count.tolist()
         self._stage_loss_sum.zero_()
         self._stage_count.zero_()
-        return by_stage
+        return {str(stage): sums[stage] / count for stage, count in enumerate(counts) if count > 0}
 
     def _next_batch(self) -> dict[str, torch.Tensor]:
         """The consumer's next train batch; TimeoutError after ``data_timeout`` seconds without one."""
@@ -477,14 +484,16 @@ class Trainer:
                     self.last_train_loss = numbers["train_loss"]
 
         except (KeyboardInterrupt, SystemExit) as interruption:  # Ctrl-C, or SIGTERM via trainer.__main__
-            # No collectives here: under DDP the other ranks may be gone already.
+            # No collectives here (stream_stats uses the last gathered numbers): under DDP the
+            # other ranks may be gone already.
             summary = {
                 "steps": self.step,
                 "stopped_by": type(interruption).__name__,
                 "train_loss": self.last_train_loss,
                 "val_loss": self.last_eval.get("val_loss"),
+                "val_loss_by_stage": self.last_eval.get("val_loss_by_stage"),
                 "wall_s": time.perf_counter() - started,
-                "stream": self.consumer.stats(),
+                "stream": ranks.stream_stats(self.consumer),
             }
             for observer in observers:
                 observer.on_end(summary)
