@@ -169,8 +169,12 @@ class Sender:
 
     def close(self) -> None:
         """Closes the socket; queued messages get at most :data:`LINGER_MS` to leave."""
-        self._socket.close(linger=LINGER_MS)
+        self.close_socket()
         self._context.term()
+
+    def close_socket(self) -> None:
+        """Starts the linger without waiting for it (``close`` = this + waiting)."""
+        self._socket.close(linger=LINGER_MS)
 
 
 def route_producer_id(producer_id: str, index: int) -> str:
@@ -225,6 +229,10 @@ class Routes:
         ]
 
     def close(self) -> None:
+        """Closes every endpoint; their lingers run at the same time, so the whole takes at most
+        :data:`LINGER_MS` however many endpoints there are."""
+        for sender in self.senders:
+            sender.close_socket()
         for sender in self.senders:
             sender.close()
 

@@ -134,6 +134,17 @@ def test_sigterm_stops_a_producer_that_has_no_trainer(producers):
     assert 1 <= summary["messages_sent"] <= 8  # only what the pipe holds before the connection exists
 
 
+def test_sigterm_stops_a_producer_with_several_absent_trainers_within_one_linger(producers):
+    endpoints = ",".join(f"tcp://127.0.0.1:{port}" for port in (9, 11, 13))  # nothing listens on any
+    proc = producers.start(endpoints)
+    time.sleep(1.0)
+    assert proc.poll() is None
+    started = time.monotonic()
+    summary = producers.stop(proc)
+    assert time.monotonic() - started < 1.5 and proc.returncode == 0  # the three lingers overlap
+    assert [route["endpoint"] for route in summary["routes"]] == endpoints.split(",")
+
+
 def test_killed_producer_then_starved_then_recovered(producers):
     with DatasetConsumer("tcp://127.0.0.1:*", 6, starved_after_s=0.5) as consumer:
         first, second = producers.start(consumer.endpoint), producers.start(consumer.endpoint)

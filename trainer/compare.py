@@ -287,7 +287,8 @@ def evaluate_on_common(args: argparse.Namespace, arm_dir: str, common_meta: Stre
 
 def read_metrics(arm_dir: str) -> dict[str, Any]:
     """Train curve (per log step), val curve (per eval), throughput and the summary of one arm."""
-    records = [json.loads(line) for line in open(os.path.join(arm_dir, METRICS_NAME), encoding="utf-8")]
+    with open(os.path.join(arm_dir, METRICS_NAME), encoding="utf-8") as file:
+        records = [json.loads(line) for line in file]
     train = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
     summary = next(r for r in records if r["kind"] == "summary")
