@@ -286,9 +286,9 @@ class DatasetConsumer:
         self._socket.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
         self._socket.setsockopt(zmq.MAXMSGSIZE, self.max_frame_bytes)
         self._socket.setsockopt(zmq.LINGER, 0)
-        if self.curve is not None:
-            self.curve_guard = configure_server(self._socket, self.curve)
         try:
+            if self.curve is not None:
+                self.curve_guard = configure_server(self._socket, self.curve)
             if self.bind:
                 self._socket.bind(self.endpoint)
                 self.endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
