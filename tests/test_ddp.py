@@ -351,6 +351,24 @@ def test_merge_stream_stats_and_diagnostics():
     assert snapshot.stream.ranks[1].producers["p/1"].train == 4
 
 
+def test_rank_zero_ages_the_other_ranks_silence_since_their_last_gather(monkeypatch):
+    ranks = Ranks(rank=0, local_rank=0, world_size=2)
+    clock = [100.0]
+    monkeypatch.setattr("trainer.distributed.time.monotonic", lambda: clock[0])
+    ranks._gathered, ranks._gathered_at = [rank_stats(0, {}), rank_stats(1, {}, seconds_since_last_message=1.0)], clock[0]
+
+    class Consumer:
+        endpoint = "tcp://h:5555"
+
+        def stats(self):
+            return {key: value for key, value in rank_stats(0, {}).items() if key not in ("rank", "endpoint", "as_of_step")}
+
+    clock[0] += 6.0  # rank 1 has not reported for 6 s: no log step happened anywhere
+    stream = ranks.stream_stats(Consumer())
+    assert [entry["seconds_since_last_message"] for entry in stream["ranks"]] == [1.0, 7.0]
+    assert stream["seconds_since_last_message"] == 7.0
+
+
 def test_single_process_ranks_are_a_no_op():
     ranks = Ranks()
     model = torch.nn.Linear(2, 2)

@@ -26,6 +26,7 @@ import datetime
 import hashlib
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,7 @@ class Ranks:
         self.world_size = world_size
         self.object_group = object_group  # gloo group for Python objects (the default group on CPU)
         self._gathered: list[dict[str, Any]] = []  # rank 0: every rank's stats at the last gather
+        self._gathered_at = time.monotonic()  # when that was
 
     @property
     def distributed(self) -> bool:
@@ -99,6 +101,7 @@ class Ranks:
         gathered = self.gather(stats)
         if gathered is not None:
             self._gathered = gathered
+            self._gathered_at = time.monotonic()
 
     def stream_stats(self, consumer: Any) -> dict[str, Any]:
         """``consumer.stats()`` in one process. Under DDP on rank 0: the totals over every rank
@@ -108,7 +111,13 @@ class Ranks:
         if not self.distributed:
             return own
         own = {"rank": self.rank, "endpoint": consumer.endpoint, "as_of_step": None, **own}
-        others = [stats for stats in self._gathered if stats["rank"] != self.rank]
+        # Another rank's silence has grown since it was gathered (it may be the rank stalling everyone).
+        age = time.monotonic() - self._gathered_at
+        others = [
+            {**stats, "seconds_since_last_message": None if stats["seconds_since_last_message"] is None
+             else round(stats["seconds_since_last_message"] + age, 3)}
+            for stats in self._gathered if stats["rank"] != self.rank
+        ]
         return merge_stream_stats([own, *others])
 
     def close(self) -> None:
