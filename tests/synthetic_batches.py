@@ -83,3 +83,20 @@ class SyntheticStream:
 
     def batches(self, n: int) -> list[dict[str, torch.Tensor]]:
         return [self.batch() for _ in range(n)]
+
+
+class ReadyStream:
+    """The DatasetConsumer methods the Trainer calls before training, for in-process fakes whose
+    meta and val batches are known up front: ``self.meta`` and ``self._val`` set by the subclass."""
+
+    meta: StreamMeta
+    _val: list[dict[str, torch.Tensor]]
+
+    def wait_for_meta(self, timeout=None):
+        return self.meta
+
+    def wait_for_val_set(self, timeout=None):
+        return True
+
+    def val_batches(self):
+        return self._val

@@ -19,13 +19,13 @@ from trainer.diagnostics import Diagnostics
 from trainer.http import add_http_arguments, create_app, serve_in_thread, start_diagnostics
 from trainer.train import TrainConfig, Trainer
 
-from synthetic_batches import SyntheticStream
+from synthetic_batches import ReadyStream, SyntheticStream
 
 MODEL_ARGS = dict(n_layer=1, n_head=2, n_embd=32)
 TIMEOUT = 10.0
 
 
-class FakeConsumer:
+class FakeConsumer(ReadyStream):
     """The DatasetConsumer interface over a SyntheticStream, with the real batch statistics and
     histogram, a stats() dict in the consumer's format, and a gate that can block next_batch."""
 
@@ -42,15 +42,6 @@ class FakeConsumer:
         self.gate = threading.Event()
         self.gate.set()
         self.blocked = threading.Event()
-
-    def wait_for_meta(self, timeout=None):
-        return self.meta
-
-    def wait_for_val_set(self, timeout=None):
-        return True
-
-    def val_batches(self):
-        return self._val
 
     def next_batch(self, split="train", timeout=None):
         if not self.gate.is_set():

@@ -21,6 +21,7 @@ import trainer.train
 from producer.config import DataConfig
 from producer.corpus import Corpus
 from producer.stream import BatchStream
+from synthetic_batches import ReadyStream
 from trainer.alarms import AlarmSettings
 from trainer.diagnostics import Diagnostics
 from trainer.floor import context_free_floor
@@ -36,7 +37,7 @@ MODEL_ARGS = dict(n_layer=2, n_head=2, n_embd=64)
 DATA = DataConfig(block_size=64, rows_per_message=8, packing="lines", policy="bert", seed=0)
 
 
-class StreamConsumer:
+class StreamConsumer(ReadyStream):
     """The DatasetConsumer methods the Trainer and Diagnostics use, over a producer BatchStream
     in this process (no sockets): batches of BATCH_SIZE rows in the consumer's dtypes."""
 
@@ -51,15 +52,6 @@ class StreamConsumer:
         rows = {name: np.concatenate([m[name] for m in messages]) for name in ("x", "y", "attention_mask", "mask_ratio")}
         batch = {name: torch.from_numpy(array.astype(np.int64)) for name, array in rows.items() if name != "mask_ratio"}
         return {**batch, "mask_ratio": torch.from_numpy(rows["mask_ratio"].astype(np.float32))}
-
-    def wait_for_meta(self, timeout=None):
-        return self.meta
-
-    def wait_for_val_set(self, timeout=None):
-        return True
-
-    def val_batches(self):
-        return self._val
 
     def next_batch(self, split="train", timeout=None):
         self.consumed += 1

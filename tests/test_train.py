@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import trainer.model
-from synthetic_batches import SyntheticStream
+from synthetic_batches import ReadyStream, SyntheticStream
 from trainer.checkpoint import load_checkpoint
 from trainer.selftest import MaskSelfTestError
 from trainer.train import TrainConfig, Trainer, learning_rate
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL_ARGS = dict(n_layer=2, n_head=2, n_embd=32, dropout=0.1)
 
 
-class MemoryConsumer:
+class MemoryConsumer(ReadyStream):
     """The DatasetConsumer methods the Trainer uses, over lists of batches."""
 
     def __init__(self, meta, train_batches, val_batches):
@@ -31,15 +31,6 @@ class MemoryConsumer:
         self._train = iter(train_batches)
         self._val = val_batches
         self.consumed = 0
-
-    def wait_for_meta(self, timeout=None):
-        return self.meta
-
-    def wait_for_val_set(self, timeout=None):
-        return True
-
-    def val_batches(self):
-        return self._val
 
     def next_batch(self, split="train", timeout=None):
         self.consumed += 1
