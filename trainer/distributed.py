@@ -12,8 +12,8 @@
   averaged over the ranks in ``backward``, so the parameters stay identical on every rank.
 
 Only rank 0 evaluates, checkpoints, writes ``metrics.jsonl`` and serves diagnostics. At log steps
-every rank sends its consumer's ``stats()`` to rank 0 (:meth:`Ranks.gather_stream_stats`, a
-``gather_object`` of a small dict of numbers and strings), and rank 0's ``/diagnostics`` shows
+every rank sends its consumer's ``stats()`` to rank 0 (:meth:`Ranks.gather_stream_stats`: a
+small dict of numbers and strings as JSON bytes, never pickled), and rank 0's ``/diagnostics`` shows
 their totals and a per-rank list (:meth:`Ranks.stream_stats`, :func:`merge_stream_stats`).
 
 A single process (no torchrun) gets ``Ranks()``: rank 0 of 1, where every collective is a no-op.
@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import datetime
 import hashlib
+import json
 import os
 import re
 import time
@@ -86,12 +87,24 @@ class Ranks:
         return value
 
     def gather(self, obj: Any) -> list[Any] | None:
-        """Every rank's ``obj`` (small, picklable) in rank order on rank 0, None elsewhere; a collective."""
+        """Every rank's ``obj`` (small, JSON-able) in rank order on rank 0, None elsewhere; a collective.
+
+        The objects travel as JSON bytes in uint8 tensors over the gloo group, not through
+        ``gather_object``, which pickles: nothing a peer sends is ever unpickled.
+        """
         if not self.distributed:
             return [obj]
-        gathered = [None] * self.world_size if self.is_main else None
-        dist.gather_object(obj, gathered, dst=0, group=self.object_group)
-        return gathered
+        payload = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
+        lengths = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
+        dist.all_gather(lengths, torch.tensor([payload.numel()], dtype=torch.int64), group=self.object_group)
+        longest = int(max(length.item() for length in lengths))
+        padded = torch.zeros(longest, dtype=torch.uint8)
+        padded[: payload.numel()] = payload
+        buffers = [torch.empty(longest, dtype=torch.uint8) for _ in range(self.world_size)] if self.is_main else None
+        dist.gather(padded, buffers, dst=0, group=self.object_group)
+        if not self.is_main:
+            return None
+        return [json.loads(bytes(buffer[: int(length.item())].numpy())) for buffer, length in zip(buffers, lengths)]
 
     def gather_stream_stats(self, consumer: Any, step: int) -> None:
         """Sends this rank's ``consumer.stats()`` to rank 0, which keeps them; a collective."""
