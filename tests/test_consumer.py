@@ -12,7 +12,7 @@ from shared.recording import RecordingReader
 from shared.wire import decode
 from streamkit import as_bytes, make_frames, make_meta, make_tensors
 from shared.wire import encode
-from trainer.consumer import BatchAssembler, DatasetConsumer, ProducerTable
+from trainer.consumer import WIDE_DTYPES, BatchAssembler, DatasetConsumer, ProducerTable
 
 
 @pytest.fixture
@@ -300,14 +300,21 @@ def test_an_aligned_message_becomes_its_batch_without_a_copy_and_others_are_copi
 
 def test_handed_out_tensors_are_writable_copies_not_views_of_the_frames(context):
     meta = make_meta(rows_per_message=4, val_messages=0)
-    tensors = make_tensors(meta, 4, np.random.default_rng(12))
-    frames = encode(meta, "train", "p", 0, tensors)
-    with consumer(4) as c:
-        pusher(context, c.endpoint).send_multipart(frames)
-        batch = c.next_batch(timeout=5)
-    batch["x"].zero_()  # a view of a received frame would be read-only, or change under the consumer
-    assert batch["x"].dtype == torch.int64 and int(batch["x"].sum()) == 0
-    np.testing.assert_array_equal(decode(frames).tensors["x"], tensors["x"])
+    tensors = make_tensors(meta, 4, np.random.default_rng(12), with_stage=True)
+    received = decode([bytes(frame) for frame in encode(meta, "train", "p", 0, tensors)]).tensors  # read-only views
+    c = consumer(4)
+    host = {name: c._host_tensor(name, array) for name, array in received.items()}
+    batch = c._to_device(host)
+    for name, array in received.items():
+        assert not array.flags.writeable
+        assert batch[name].dtype == WIDE_DTYPES[name] and batch[name].numpy().flags.writeable, name
+        assert not np.shares_memory(batch[name].numpy(), array), name
+        np.testing.assert_array_equal(batch[name].numpy(), array)
+    with consumer(4) as live:  # and through the socket, end to end
+        pusher(context, live.endpoint).send_multipart(encode(meta, "train", "p", 0, tensors))
+        first = live.next_batch(timeout=5)
+    first["mask_ratio"].zero_()  # float32 stays float32: this is where a view would show
+    assert int(first["x"].sum()) == int(tensors["x"].sum())
 
 
 @pytest.mark.parametrize("every_s,batches_with_stats", [(0.0, "all"), (3600.0, "first")])

@@ -7,6 +7,7 @@ consumer never receives (let alone accepts) one of their messages. With Curve of
 
 from __future__ import annotations
 
+import json
 import stat
 import subprocess
 import sys
@@ -84,7 +85,7 @@ def test_only_listed_producers_get_a_message_through(keys):
                 cwd=ROOT, stderr=subprocess.PIPE, text=True),
         }
         try:
-            forged = forge_plain_messages(consumer.endpoint)
+            forge_plain_messages(consumer.endpoint)
             batches = [consumer.next_batch(timeout=30) for _ in range(10)]
             time.sleep(HANDSHAKE_GRACE_S)
             stats = consumer.stats()
@@ -98,10 +99,10 @@ def test_only_listed_producers_get_a_message_through(keys):
     assert stats["rejected_total"] == 0 and stats["gaps"] == 0
     assert guard.accepted >= 1 and guard.refused >= 1  # the stranger's key was seen and refused
     assert all(b["x"].shape == (8, 32) for b in batches)
-    assert forged == 3
     for name in ("plain", "stranger", "wrong-server"):
-        summary = [line for line in outputs[name].splitlines() if line.startswith("summary ")]
-        assert summary, outputs[name]  # it ran, queued a few messages into a pipe that never opened, and stopped
+        summary = [json.loads(line[len("summary "):]) for line in outputs[name].splitlines() if line.startswith("summary ")]
+        # It ran and tried: blocked in send nearly all the time, because no pipe to the trainer ever opened.
+        assert summary and summary[-1]["blocked_fraction"] > 0.5, outputs[name]
 
 
 def forge_plain_messages(endpoint: str) -> int:
@@ -176,13 +177,14 @@ def test_producer_flags_go_together(keys):
     assert result.returncode == 2 and "cannot read Curve key file" in result.stderr
 
 
-def test_trainer_flags_go_together(keys):
+def test_trainer_flags_go_together(keys, capsys):
     from trainer.__main__ import main as trainer_main
 
     directory, allowed = keys
     with pytest.raises(SystemExit) as error:
         trainer_main(["--out-dir", "unused", "--curve-secret-key", str(directory / "trainer.key_secret")])
     assert error.value.code == 2
+    assert "go together" in capsys.readouterr().err
     with pytest.raises(SystemExit) as error:
         trainer_main(["--out-dir", "unused", "--curve-secret-key", str(directory / "trainer.key"),
                       "--curve-authorized-keys", str(allowed)])

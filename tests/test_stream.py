@@ -1,6 +1,7 @@
 """BatchStream: wire validity, determinism, producer ids, the val set, epoch sampling, config."""
 
 import argparse
+import os
 import json
 from itertools import islice
 
@@ -199,3 +200,49 @@ def test_bad_combinations_raise_value_errors(tmp_path):
         parse(["--policy", "stages", "--stages", str(tmp_path / "missing.toml")])
     with pytest.raises(ValueError, match="mask fractions"):
         DataConfig(mask_fractions=(0.5, 0.5, 0.5))
+
+
+@pytest.mark.parametrize("supervise_sep", [False, True])
+def test_sep_is_a_candidate_only_with_supervise_sep(corpus_path, supervise_sep):
+    s = stream(corpus_path, policy="uniform", ratio_range=(0.5, 1.0), supervise_sep=supervise_sep)
+    sep_labels, sep_inputs = [], []
+    for batch in islice(s.train_batches(), 20):
+        last = batch["attention_mask"].sum(axis=1) - 1
+        rows = np.arange(len(last))
+        sep_labels.append(batch["y"][rows, last])
+        sep_inputs.append(batch["x"][rows, last])
+    labels, inputs = np.concatenate(sep_labels), np.concatenate(sep_inputs)
+    if supervise_sep:  # with ratios >= 0.5, many of the 160 [SEP]s are supervised, and their label is [SEP]
+        assert 20 < np.count_nonzero(labels != -100) < len(labels) and set(labels[labels != -100]) == {s.meta.sep_id}
+    else:
+        assert np.all(labels == -100) and np.all(inputs == s.meta.sep_id)
+
+
+def test_random_rows_start_at_every_train_line_uniformly(corpus_path):
+    s = stream(corpus_path, block_size=32, rows_per_message=64)
+    counts = np.zeros(271)  # the train lines: "line 0 ..." to "line 270 ..."
+    for batch in islice(s.train_batches(), 100):  # 6,400 rows, ~24 per line
+        for text in _row_texts(s, batch):
+            counts[int(text.split()[1])] += 1  # the row's first line, even when it is cut at the block
+    expected = counts.sum() / len(counts)
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    # 270 degrees of freedom: mean 270, sd ~23; a biased sampler (e.g. by line length) lands far above.
+    assert chi2 < 270 + 6 * 23, chi2
+
+
+def test_the_stream_does_not_depend_on_pythons_hash_seed(corpus_path, tmp_path):
+    import subprocess
+    import sys
+
+    from shared.recording import RecordingReader
+
+    recorded = []
+    for hash_seed in ("1", "2"):
+        out = tmp_path / f"s{hash_seed}.lps"
+        subprocess.run([sys.executable, "-m", "producer", "record", "--corpus", corpus_path, "--block-size", "64",
+                        "--rows-per-message", "8", "--policy", "uniform", "--producer-id", "not-the-default",
+                        "--messages", "3", "--out", str(out)],
+                       check=True, capture_output=True, timeout=60, env={**os.environ, "PYTHONHASHSEED": hash_seed})
+        with RecordingReader(out) as reader:
+            recorded.append([frames for frames in reader])
+    assert len(recorded[0]) == 3 and recorded[0] == recorded[1]
