@@ -116,6 +116,17 @@ def test_bert_rate_and_exact_uniform_counts():
     assert abs(ratios.mean() - 0.5) < 5 * math.sqrt(1 / 12 / 4000)
 
 
+def test_a_random_stage_draws_its_ratio_uniformly_up_to_its_maximum():
+    rng = np.random.default_rng(7)
+    policy = StagesPolicy(StagePlan(train=(RandomStage(0.6),), val=(RandomStage(0.6),)))
+    rows, n = 4000, 500
+    ratios = mask_ratio(policy.select(rng, np.full(rows, n), n, "train").supervised, np.full(rows, n))
+    # U(0, 0.6): mean 0.3, sd 0.6 / sqrt(12); a stage stuck at 0 or at its maximum fails here.
+    assert abs(ratios.mean() - 0.3) < 5 * 0.6 / math.sqrt(12 * rows)
+    assert ratios.min() < 0.01 and 0.59 < ratios.max() <= 0.6
+    assert abs(np.mean(ratios < 0.3) - 0.5) < 5 * math.sqrt(0.25 / rows)
+
+
 @pytest.mark.parametrize("fractions", [(0.8, 0.1, 0.1), (0.5, 0.25, 0.25)])
 def test_mask_random_unchanged_fractions(fractions):
     rng = np.random.default_rng(3)
