@@ -96,11 +96,15 @@ def make_trainer(tmp_path, stream: BatchStream, diagnostics: Diagnostics) -> Tra
 
 def train_and_diagnose(tmp_path, stream: BatchStream) -> dict:
     """Train STEPS steps with the live diagnostics attached; the ``GET /diagnostics`` answer."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: more threads only contend with other work on the host
-    diagnostics = Diagnostics(alarm_settings=AlarmSettings(warmup_steps=ALARM_WARMUP))
-    run = make_trainer(tmp_path, stream, diagnostics)
-    run.prepare(wait_timeout=5)
-    run.run()
+    try:
+        diagnostics = Diagnostics(alarm_settings=AlarmSettings(warmup_steps=ALARM_WARMUP))
+        run = make_trainer(tmp_path, stream, diagnostics)
+        run.prepare(wait_timeout=5)
+        run.run()
+    finally:
+        torch.set_num_threads(threads)  # the rest of the test session keeps its own setting
     response = TestClient(create_app(diagnostics)).get("/diagnostics")
     assert response.status_code == 200
     answer = response.json()

@@ -252,6 +252,6 @@ def test_two_producers_on_the_real_corpus_account_for_every_message(producers):
 
 def test_a_bad_endpoint_is_a_usage_error_not_a_traceback():
     done = subprocess.run([sys.executable, "-m", "producer", "run", "--connect", "tcp://127.0.0.1:1,not-an-endpoint", "--max-messages", "1"],
-                          capture_output=True, text=True, timeout=60)
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "cannot connect not-an-endpoint" in done.stderr and "Traceback" not in done.stderr
