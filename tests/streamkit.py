@@ -7,6 +7,8 @@ encodes them. All randomness comes from the generator passed in.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from shared.meta import StreamMeta
@@ -73,3 +75,12 @@ def make_frames(meta: StreamMeta, producer_id: str, seq: int, rng: np.random.Gen
 def as_bytes(frames) -> list[bytes]:
     """Frames as plain ``bytes`` (what a socket or a recording hands back)."""
     return [bytes(memoryview(frame).cast("B")) for frame in frames]
+
+
+def wait_until(predicate, timeout: float = 10.0) -> None:
+    """Polls ``predicate`` every 10 ms; AssertionError when it is still false after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.01)

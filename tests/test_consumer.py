@@ -10,7 +10,7 @@ import zmq
 
 from shared.recording import RecordingReader
 from shared.wire import decode
-from streamkit import as_bytes, make_frames, make_meta, make_tensors
+from streamkit import as_bytes, make_frames, make_meta, make_tensors, wait_until
 from shared.wire import encode
 from trainer.consumer import WIDE_DTYPES, BatchAssembler, DatasetConsumer, ProducerTable
 
@@ -32,14 +32,6 @@ def pusher(context, endpoint):
 def consumer(batch_size, **kwargs):
     """An unstarted consumer on a free loopback port; ``with`` starts it."""
     return DatasetConsumer("tcp://127.0.0.1:*", batch_size, **kwargs)
-
-
-def wait_until(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.01)
 
 
 def rows_of(batches, name):

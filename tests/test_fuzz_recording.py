@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from shared import recording
 from shared.recording import MAGIC, RecordingError, RecordingReader, RecordingWriter
 from shared.wire import encode
-from wirekit import make_meta, make_tensors
+from wirekit import make_meta, make_tensors, mutate_bytes
 
 FUZZ = dict(deadline=None, derandomize=True, database=None)
 SMALL_READ = 12  # the reader may ask for a fixed-size header even when fewer bytes remain
@@ -145,22 +145,6 @@ def test_tracked_file_catches_an_oversized_read(scratch):
     tracked.close()
 
 
-def apply(data: bytes, kind: str, position: int, payload: bytes) -> bytes:
-    position %= len(data) + 1
-    if kind == "flip" and data:
-        position %= len(data)
-        return data[:position] + bytes([data[position] ^ (payload[0] if payload else 0x55)]) + data[position + 1:]
-    if kind == "insert":
-        return data[:position] + payload + data[position:]
-    if kind == "delete":
-        return data[:position] + data[position + max(1, len(payload)):]
-    if kind == "overwrite":
-        return data[:position] + payload + data[position + len(payload):]
-    if kind == "truncate":
-        return data[:position]
-    return data
-
-
 u32_values = st.one_of(st.integers(0, 2**32 - 1), st.sampled_from([0, 1, 3, 4, 5, 64, 65, 2**16, 2**30, 2**30 + 1,
                                                                      2**31, 2**32 - 1]))
 field_offsets = st.sampled_from(
@@ -181,7 +165,7 @@ def test_fuzz_mutated_recordings(scratch, mutations):
         if kind == "u32":
             data = data[:position] + struct.pack("<I", payload) + data[position + 4:]
         else:
-            data = apply(data, kind, position, payload)
+            data = mutate_bytes(data, kind, position, payload)
     check(data, scratch)
 
 
@@ -205,7 +189,7 @@ def test_fuzz_seeded_numpy_loop_with_bounded_memory(scratch):
                 else:
                     kind = ["flip", "insert", "delete", "overwrite", "truncate"][int(rng.integers(0, 5))]
                     payload = bytes(rng.integers(0, 256, size=int(rng.integers(1, 9)), dtype=np.uint8))
-                    data = apply(data, kind, int(rng.integers(0, len(data) + 1)), payload)
+                    data = mutate_bytes(data, kind, int(rng.integers(0, len(data) + 1)), payload)
         if case == 500:
             tracemalloc.start()
         outcomes[check(data, scratch)] += 1

@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared.wire import MAX_HEADER_BYTES, REASONS, WireError, WireMessage, decode, encode
-from wirekit import assert_valid_message, make_meta, make_tensors, vocab_chars
+from wirekit import assert_valid_message, make_meta, make_tensors, mutate_bytes, vocab_chars
 
 FUZZ = dict(deadline=None, derandomize=True, database=None)
 TOP_FIELDS = ["magic", "version", "kind", "split", "producer", "seq", "val_index", "meta_hash", "meta", "tensors"]
@@ -67,25 +67,6 @@ def test_every_base_message_is_accepted():
 
 
 # ---------------------------------------------------------------- mutations
-
-
-def mutate_bytes(data: bytes, kind: str, position: int, payload: bytes) -> bytes:
-    """One byte-level mutation of ``data``; ``position`` is taken modulo its length (+1)."""
-    position %= len(data) + 1
-    if kind == "flip":
-        if not data:
-            return payload[:1]
-        position %= len(data)
-        return data[:position] + bytes([data[position] ^ (payload[0] if payload else 0xFF)]) + data[position + 1:]
-    if kind == "insert":
-        return data[:position] + payload + data[position:]
-    if kind == "delete":
-        return data[:position] + data[position + max(1, len(payload)):]
-    if kind == "overwrite":
-        return data[:position] + payload + data[position + len(payload):]
-    if kind == "truncate":
-        return data[:position]
-    raise AssertionError(kind)
 
 
 def mutate_frames(frames: list, kind: str, a: int, b: int) -> list:

@@ -11,7 +11,6 @@ import ast
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from processkit import free_port
 
 httpx = pytest.importorskip("httpx")
 
@@ -31,12 +31,6 @@ START_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 10.0
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def descendants(pid: int) -> set[int]:

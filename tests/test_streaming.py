@@ -14,7 +14,7 @@ import torch
 import zmq
 
 from shared.wire import encode
-from streamkit import make_frames, make_meta, make_tensors
+from streamkit import make_frames, make_meta, make_tensors, wait_until
 from trainer.consumer import DatasetConsumer
 
 pytestmark = pytest.mark.slow
@@ -76,14 +76,6 @@ def consume_until(consumer, predicate, timeout=10.0):
         except TimeoutError:
             pass
     return batches
-
-
-def wait_until(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.02)
 
 
 @pytest.mark.parametrize("rows_per_message,batch_size", [("3", 7), ("16", 5)])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 import torch
 
 import trainer.model
+from processkit import free_port
 from synthetic_batches import ReadyStream, SyntheticStream
 from trainer.checkpoint import load_checkpoint
 from trainer.selftest import MaskSelfTestError
@@ -205,12 +205,6 @@ TRAINER_FLAGS = ["--device", "cpu", "--batch-size", "8", "--max-iters", "20", "-
                  "--http-port", "0"]
 PRODUCER_FLAGS = ["--block-size", "64", "--rows-per-message", "8", "--policy", "uniform", "--seed", "3"]
 PROCESS_TIMEOUT_S = 90
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def start(module, *args):

@@ -1,5 +1,6 @@
 """Test helper: valid stream metas and valid wire tensors built with numpy, and an
-independent re-check of every invariant a decoded :class:`shared.wire.WireMessage` must hold.
+independent re-check of every invariant a decoded :class:`shared.wire.WireMessage` must hold,
+and the byte-level mutations the fuzz tests apply to frames and recording files.
 
 The checker deliberately uses plain per-row Python loops rather than the decoder's
 vectorized logic, so that a bug in one is not mirrored in the other.
@@ -147,3 +148,22 @@ def assert_valid_message(message: WireMessage) -> None:
             assert original == meta.sep_id
         else:
             assert valid_len == T
+
+
+def mutate_bytes(data: bytes, kind: str, position: int, payload: bytes) -> bytes:
+    """One byte-level mutation of ``data``; ``position`` is taken modulo its length (+1)."""
+    position %= len(data) + 1
+    if kind == "flip":
+        if not data:
+            return payload[:1]
+        position %= len(data)
+        return data[:position] + bytes([data[position] ^ (payload[0] if payload else 0xFF)]) + data[position + 1:]
+    if kind == "insert":
+        return data[:position] + payload + data[position:]
+    if kind == "delete":
+        return data[:position] + data[position + max(1, len(payload)):]
+    if kind == "overwrite":
+        return data[:position] + payload + data[position + len(payload):]
+    if kind == "truncate":
+        return data[:position]
+    raise AssertionError(kind)
