@@ -182,7 +182,18 @@ def supervised_loss(
     mask_ratio: torch.Tensor | None = None,
     loss_weighting: str = "none",
 ) -> torch.Tensor:
-    """The training loss, a scalar: a (weighted) mean over supervised positions.
+    """The training loss of ``logits`` (B, T, V): :func:`weighted_mean_loss` of :func:`token_losses`."""
+    return weighted_mean_loss(token_losses(logits, targets), targets, mask_ratio, loss_weighting)
+
+
+def weighted_mean_loss(
+    losses: torch.Tensor,
+    targets: torch.Tensor,
+    mask_ratio: torch.Tensor | None = None,
+    loss_weighting: str = "none",
+) -> torch.Tensor:
+    """The training loss, a scalar: a (weighted) mean over supervised positions of the
+    per-position ``losses`` (B, T) of :func:`token_losses`.
 
     With S_b the supervised positions of row b (``targets != -100``) and l_bt the
     cross-entropy at position t:
@@ -197,7 +208,6 @@ def supervised_loss(
     """
     if loss_weighting not in LOSS_WEIGHTINGS:
         raise ValueError(f"loss_weighting {loss_weighting!r} is not one of {LOSS_WEIGHTINGS}")
-    losses = token_losses(logits, targets)
     supervised = (targets != IGNORE_INDEX).float()
     if loss_weighting == "none":
         return losses.sum() / supervised.sum().clamp(min=1.0)

@@ -45,7 +45,7 @@ from shared.meta import StreamMeta
 from shared.vocab import IGNORE_INDEX
 from trainer.checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from trainer.distributed import Ranks, parameter_digest
-from trainer.model import LOSS_WEIGHTINGS, BidirectionalTransformer, ModelConfig, token_losses
+from trainer.model import LOSS_WEIGHTINGS, BidirectionalTransformer, ModelConfig, token_losses, weighted_mean_loss
 from trainer.selftest import mask_self_test
 
 log = logging.getLogger("trainer")
@@ -363,9 +363,11 @@ class Trainer:
     def _train_step(self, forward: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One optimizer step; the loss and the pre-clipping gradient norm, still on the device."""
         with self._autocast():
-            logits, loss = forward(batch["x"], batch["attention_mask"], batch["y"], batch["mask_ratio"], self.config.loss_weighting)
+            logits, _ = forward(batch["x"], batch["attention_mask"])
+            losses = token_losses(logits, batch["y"])
+            loss = weighted_mean_loss(losses, batch["y"], batch["mask_ratio"], self.config.loss_weighting)
         if "stage" in batch:
-            self._add_stage_losses(logits.detach(), batch)
+            self._add_stage_losses(losses.detach(), batch)
         loss.backward()
         grad_norm = None
         if self.config.grad_clip > 0:
@@ -374,14 +376,15 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return loss.detach(), grad_norm
 
-    def _add_stage_losses(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+    def _add_stage_losses(self, losses: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
         """Adds this batch's loss sums and supervised counts per stage id to the interval's totals.
 
-        Unweighted cross-entropy per supervised position, also under ``inverse-t`` weighting
-        (whose ``train_loss`` is the weighted mean): per-stage numbers compare across runs.
+        ``losses``: the step's per-position cross-entropy (B, T). Unweighted, also under
+        ``inverse-t`` weighting (whose ``train_loss`` is the weighted mean): per-stage numbers
+        compare across runs.
         """
         with torch.no_grad():
-            row_loss = token_losses(logits, batch["y"]).double().sum(dim=1)
+            row_loss = losses.double().sum(dim=1)
             row_count = (batch["y"] != IGNORE_INDEX).sum(dim=1).double()
             stage = batch["stage"].long()
             self._stage_loss_sum.index_add_(0, stage, row_loss)
