@@ -18,6 +18,8 @@ The sender re-sends a pool of pre-built messages, so the producer's generation s
 (``benchmarks/producer.py``) is not part of these numbers. Payload = tensor bytes
 (x, y, attention_mask, mask_ratio); headers are not counted. The four paths take turns
 ``--repeats`` times and each reports its best run, because a shared host is noisy.
+Each row also has the CPU microseconds per message of the receiving process (all its threads)
+and of the sender process, and what the host's cores offered per message at that rate.
 """
 
 from __future__ import annotations
@@ -80,15 +82,37 @@ def start_sender(role: str, endpoint: str, args) -> subprocess.Popen:
     )
 
 
-def measure(receive_one, seconds: float) -> tuple[int, float]:
-    """Calls ``receive_one()`` (returns messages taken) for ``seconds`` after a 1 s warm-up."""
+def process_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid`` so far (Linux ``/proc``; None elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            fields = file.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(receive_one, seconds: float, sender_pid: int) -> dict:
+    """Calls ``receive_one()`` (returns messages taken) for ``seconds`` after a 1 s warm-up.
+
+    Returns ``messages``, ``elapsed`` (s) and the CPU seconds over the timed part of this
+    receiving process (every thread: ZeroMQ's I/O thread, a consumer's receive thread) and of
+    the sender process.
+    """
     warm_until = time.monotonic() + 1.0
     while time.monotonic() < warm_until:
         receive_one()
     messages, started = 0, time.perf_counter()
+    receiver_cpu, sender_cpu = time.process_time(), process_cpu_s(sender_pid)
     while time.perf_counter() - started < seconds:
         messages += receive_one()
-    return messages, time.perf_counter() - started
+    sender_end = process_cpu_s(sender_pid)
+    return {
+        "messages": messages,
+        "elapsed": time.perf_counter() - started,
+        "receiver_cpu": time.process_time() - receiver_cpu,
+        "sender_cpu": None if sender_cpu is None or sender_end is None else sender_end - sender_cpu,
+    }
 
 
 def bench_raw(args, message_bytes: int) -> dict:
@@ -97,13 +121,13 @@ def bench_raw(args, message_bytes: int) -> dict:
     port = socket.bind_to_random_port("tcp://127.0.0.1")
     sender = start_sender("raw", f"tcp://127.0.0.1:{port}", args)
     try:
-        messages, elapsed = measure(lambda: (socket.recv_multipart(copy=False), 1)[1], args.seconds)
+        measured = measure(lambda: (socket.recv_multipart(copy=False), 1)[1], args.seconds, sender.pid)
     finally:
         sender.kill()
         sender.wait()
         socket.close(linger=0)
         context.term()
-    return result("raw pyzmq", messages, elapsed, message_bytes)
+    return result("raw pyzmq", measured, message_bytes)
 
 
 def bench_wire(args, message_bytes: int, validate: bool) -> dict:
@@ -117,13 +141,13 @@ def bench_wire(args, message_bytes: int, validate: bool) -> dict:
     sender = start_sender("wire", f"tcp://127.0.0.1:{port}", args)
     take = (lambda: decode(socket.recv_multipart(copy=False))) if validate else (lambda: socket.recv_multipart(copy=False))
     try:
-        messages, elapsed = measure(lambda: (take(), 1)[1], args.seconds)
+        measured = measure(lambda: (take(), 1)[1], args.seconds, sender.pid)
     finally:
         sender.kill()
         sender.wait()
         socket.close(linger=0)
         context.term()
-    return result("wire decode" if validate else "producer socket", messages, elapsed, message_bytes)
+    return result("wire decode" if validate else "producer socket", measured, message_bytes)
 
 
 def bench_socket(args, message_bytes: int) -> dict:
@@ -140,20 +164,27 @@ def bench_consumer(args, message_bytes: int) -> dict:
     with DatasetConsumer("tcp://127.0.0.1:*", args.rows) as consumer:
         sender = start_sender("wire", consumer.endpoint, args)
         try:
-            messages, elapsed = measure(lambda: (consumer.next_batch(timeout=30), 1)[1], args.seconds)
+            measured = measure(lambda: (consumer.next_batch(timeout=30), 1)[1], args.seconds, sender.pid)
             stats = consumer.stats()
         finally:
             sender.terminate()
             sender.wait()
     assert stats["gaps"] == 0 and stats["rejected_total"] == 0, stats
-    return result("consumer", messages, elapsed, message_bytes)
+    return result("consumer", measured, message_bytes)
 
 
-def result(name: str, messages: int, elapsed: float, message_bytes: int) -> dict:
+def result(name: str, measured: dict, message_bytes: int) -> dict:
+    """One path's row: rates, and CPU microseconds per message of the receiver and the sender
+    next to the wall-clock microseconds per message times the cores (what the host offered)."""
+    messages, elapsed = measured["messages"], measured["elapsed"]
+    per_message_us = 1e6 / messages
     return {
         "path": name,
         "messages_per_s": round(messages / elapsed, 1),
         "payload_GB_per_s": round(messages * message_bytes / elapsed / 1e9, 3),
+        "receiver_cpu_us_per_message": round(measured["receiver_cpu"] * per_message_us, 1),
+        "sender_cpu_us_per_message": None if measured["sender_cpu"] is None else round(measured["sender_cpu"] * per_message_us, 1),
+        "offered_cpu_us_per_message": round(elapsed * (os.cpu_count() or 1) * per_message_us, 1),
     }
 
 
