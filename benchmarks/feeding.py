@@ -4,11 +4,11 @@
 
 The same model (the demo configuration of ``python -m trainer.stack``: 4 layers x 4 heads x 128,
 batch 32 x block 128, built-in corpus, bert 15 % 80/10/10), the same training step as
-``trainer.train.Trainer`` (forward + loss, backward, gradient clipping at 1.0, AdamW from
-``trainer.train.make_optimizer``, ``loss.item()`` every step as on CPU), on CPU, fed by:
+``trainer.loop.train.Trainer`` (forward + loss, backward, gradient clipping at 1.0, AdamW from
+``trainer.loop.train.make_optimizer``, ``loss.item()`` every step as on CPU), on CPU, fed by:
 
 - ``linepack N producer(s)``: N real ``python -m producer run --connect ...`` processes
-  (``--block-size 128 --rows-per-message 16``) into the real ``trainer.consumer.DatasetConsumer``;
+  (``--block-size 128 --rows-per-message 16``) into the real ``trainer.data.consumer.DatasetConsumer``;
   the loop calls ``next_batch("train")``.
 - ``dataloader num_workers=W + hf collator``: ``torch.utils.data.DataLoader`` (batch 32, shuffle,
   ``num_workers`` W, persistent workers) over a map-style dataset of pre-tokenized, pre-packed
@@ -44,12 +44,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from hf_collator import hf_collator, hf_tokenizer, prepacked  # noqa: E402
-from producer.config import DataConfig  # noqa: E402
+
 from producer.stream import BatchStream  # noqa: E402
+from shared.data_config import DataConfig  # noqa: E402
 from shared.vocab import IGNORE_INDEX  # noqa: E402
-from trainer.consumer import DatasetConsumer  # noqa: E402
-from trainer.model import BidirectionalTransformer, ModelConfig  # noqa: E402
-from trainer.train import TrainConfig, make_optimizer  # noqa: E402
+from trainer.data.consumer import DatasetConsumer  # noqa: E402
+from trainer.loop.config import TrainConfig  # noqa: E402
+from trainer.loop.schedule import make_optimizer  # noqa: E402
+from trainer.model.transformer import BidirectionalTransformer, ModelConfig  # noqa: E402
 
 DEMO_BLOCK_SIZE, DEMO_ROWS_PER_MESSAGE, DEMO_BATCH_SIZE = 128, 16, 32  # trainer.stack's defaults
 DEMO_MODEL = {"n_layer": 4, "n_head": 4, "n_embd": 128}
@@ -128,7 +130,7 @@ def feed_linepack(producers: int, args) -> dict:
             stats = consumer.stats()
         finally:
             stop(processes)
-    result["stream"] = {name: stats.get(name) for name in ("gaps", "duplicates", "rejected_total")}
+    result["stream"] = {"gaps": stats.gaps, "duplicates": stats.duplicates, "rejected_total": stats.rejected_total}
     return {"feed": f"linepack {producers} producer{'s' if producers > 1 else ''}", **result}
 
 
@@ -176,14 +178,15 @@ def feed_dataloader(workers: int, stream: BatchStream, rows: list, args) -> dict
         num_workers=workers, persistent_workers=workers > 0,
     )
 
-    def batches():
+    def batches(loader=loader):
         while True:
             yield from loader
 
     iterator = batches()
     loop = TrainingLoop(stream.meta.vocab_size, stream.meta.block_size, args.model)
     result = loop.run(lambda: next(iterator), args.warmup_steps, args.steps)
-    del iterator, loader  # shuts the workers down
+    iterator.close()  # with the loader's last reference gone, its workers shut down
+    del loader
     return {"feed": f"dataloader num_workers={workers} + hf collator", **result}
 
 

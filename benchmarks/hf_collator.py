@@ -45,10 +45,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from producer.config import DataConfig  # noqa: E402
 from producer.corpus import load_corpus  # noqa: E402
 from producer.corruption import BertPolicy, UniformPolicy, corrupt, mask_ratio  # noqa: E402
 from producer.stream import BatchStream  # noqa: E402
+from shared.data_config import DataConfig  # noqa: E402
 from shared.vocab import IGNORE_INDEX, Vocabulary  # noqa: E402
 
 SHAKESPEARE = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinyshakespeare.txt").resolve()
@@ -68,7 +68,8 @@ def hf_tokenizer(vocabulary: Vocabulary):
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer(WordLevel(ids, unk_token="[PAD]")), mask_token="[MASK]", sep_token="[SEP]", pad_token="[PAD]"
     )
-    assert (tokenizer.mask_token_id, tokenizer.pad_token_id, len(tokenizer)) == (vocabulary.mask_id, vocabulary.pad_id, vocabulary.vocab_size)
+    ids = (tokenizer.mask_token_id, tokenizer.pad_token_id, len(tokenizer))
+    assert ids == (vocabulary.mask_id, vocabulary.pad_id, vocabulary.vocab_size)
     return tokenizer
 
 
@@ -114,7 +115,8 @@ def hf_collator(tokenizer, policy: str, return_tensors: str):
 def prepacked(batch: dict[str, np.ndarray], base_size: int) -> dict[str, np.ndarray]:
     """The uncorrupted rows of a Linepack batch (int64), its attention mask and special-tokens mask."""
     x = np.where(batch["y"] != IGNORE_INDEX, batch["y"], batch["x"]).astype(np.int64)
-    return {"input_ids": x, "attention_mask": batch["attention_mask"].astype(np.int64), "special_tokens_mask": (x >= base_size).astype(np.int64)}
+    return {"input_ids": x, "attention_mask": batch["attention_mask"].astype(np.int64),
+            "special_tokens_mask": (x >= base_size).astype(np.int64)}
 
 
 def examples(rows: dict[str, np.ndarray], kind: str) -> list[dict]:

@@ -1,4 +1,4 @@
-"""Attention-mask cost: a training step of ``trainer.model`` with the key-padding mask vs ``attn_mask=None``.
+"""Attention-mask cost: a training step of ``trainer.model.transformer`` with the key-padding mask vs ``attn_mask=None``.
 
     python benchmarks/mask_cost.py [--blocks 256,1024] [--batch-tokens 8192] [--repeats 7] [--quick]
 
@@ -33,10 +33,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import trainer.model as model_module  # noqa: E402
-from producer.config import DataConfig  # noqa: E402
+import trainer.model.transformer as model_module  # noqa: E402
 from producer.stream import BatchStream  # noqa: E402
-from trainer.model import BidirectionalTransformer, ModelConfig  # noqa: E402
+from shared.data_config import DataConfig  # noqa: E402
+from trainer.model.transformer import BidirectionalTransformer, ModelConfig  # noqa: E402
 
 
 @contextlib.contextmanager

@@ -23,10 +23,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from producer.config import DataConfig  # noqa: E402
 from producer.corpus import load_corpus  # noqa: E402
-from producer.stages import load_stage_plan  # noqa: E402
+from producer.stages import EXAMPLE_STAGES, load_stage_plan  # noqa: E402
 from producer.stream import BatchStream  # noqa: E402
+from shared.data_config import DataConfig  # noqa: E402
 from shared.vocab import IGNORE_INDEX  # noqa: E402
 from shared.wire import encode  # noqa: E402
 
@@ -50,7 +50,7 @@ class ReferenceProducer:
             offset += len(line)
         self.line_starts.append(offset)
         self.random = random.Random(seed)
-        self.plan = load_stage_plan(self.config.stages_path) if self.config.policy == "stages" else None
+        self.plan = load_stage_plan(self.config.stages or EXAMPLE_STAGES) if self.config.policy == "stages" else None
 
     def message(self) -> dict[str, np.ndarray]:
         rows = [self.row() for _ in range(ROWS)]
@@ -145,7 +145,7 @@ def main() -> None:
             config = DataConfig(corpus=args.corpus, block_size=BLOCK_SIZE, rows_per_message=ROWS, packing=packing, policy=policy)
             stream = BatchStream(config, corpus=corpus)
             batches = stream.train_batches()
-            fast = tokens_per_second(lambda: next(batches), stream.meta, args.messages, chunks=10)
+            fast = tokens_per_second(lambda batches=batches: next(batches), stream.meta, args.messages, chunks=10)
             reference = ReferenceProducer(stream)
             slow = tokens_per_second(reference.message, stream.meta, args.reference_messages, chunks=args.reference_messages)
             print(f"| {packing} | {policy} | {fast / 1e6:.1f} | {slow / 1e6:.3f} | {fast / slow:.0f}x |", flush=True)

@@ -6,11 +6,11 @@ Measures, in one run and for the same frame sizes:
 
 1. ``raw pyzmq``: PUSH -> PULL of pre-built frames with ``copy=False`` (default HWMs),
    nothing decoded: the ceiling for this machine.
-2. ``producer socket``: the producer's socket (``producer.service.Sender``, SNDHWM 4) sending
+2. ``producer socket``: the producer's socket (``producer.sending.Sender``, SNDHWM 4) sending
    pre-built tensors under a fresh header per message (``shared.wire.encode``, seq 0, 1, ...),
    received by a PULL socket with the consumer's RCVHWM that only counts.
 3. ``wire decode``: the same, and the receiver runs ``shared.wire.decode`` (full validation).
-4. ``consumer``: the same sender into ``trainer.consumer.DatasetConsumer`` (validation, meta
+4. ``consumer``: the same sender into ``trainer.data.consumer.DatasetConsumer`` (validation, meta
    pinning, accounting, batch assembly, batch statistics) and ``next_batch()`` on CPU,
    ``batch_size`` = rows per message.
 
@@ -33,13 +33,12 @@ import time
 from itertools import count
 from pathlib import Path
 
-import numpy as np
 import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from producer.config import DataConfig  # noqa: E402
 from producer.stream import BatchStream  # noqa: E402
+from shared.data_config import DataConfig  # noqa: E402
 from shared.wire import encode  # noqa: E402
 
 POOL = 8  # distinct pre-built messages the sender cycles through
@@ -67,7 +66,7 @@ def run_sender(args) -> None:
         for i in count():
             socket.send_multipart(frames[i % POOL], copy=False)
     else:
-        from producer.service import Sender, StopSignal
+        from producer.sending import Sender, StopSignal
 
         sender = Sender(args.endpoint, None, StopSignal())
         for seq in count():
@@ -159,7 +158,7 @@ def bench_decode(args, message_bytes: int) -> dict:
 
 
 def bench_consumer(args, message_bytes: int) -> dict:
-    from trainer.consumer import DatasetConsumer
+    from trainer.data.consumer import DatasetConsumer
 
     with DatasetConsumer("tcp://127.0.0.1:*", args.rows) as consumer:
         sender = start_sender("wire", consumer.endpoint, args)
@@ -169,7 +168,7 @@ def bench_consumer(args, message_bytes: int) -> dict:
         finally:
             sender.terminate()
             sender.wait()
-    assert stats["gaps"] == 0 and stats["rejected_total"] == 0, stats
+    assert stats.gaps == 0 and stats.rejected_total == 0, stats
     return result("consumer", measured, message_bytes)
 
 

@@ -1,4 +1,4 @@
-"""The corpus: loading it, and splitting its token ids into train and val lines (SPEC §2.2).
+"""The corpus: loading it, and splitting its token ids into train and val lines (docs/SPEC.md §2.2).
 
 A line is its characters plus its terminating ``\\n``; a corpus whose last line has no
 ``\\n`` gets one, so every line has one. Lines, not characters, are split: the first

@@ -1,4 +1,4 @@
-"""Corruption (SPEC §2.5): which positions are supervised, and what their inputs become.
+"""Corruption (docs/SPEC.md §2.5): which positions are supervised, and what their inputs become.
 
 A policy's ``select`` picks the supervised set S of every row from its candidate count:
 candidates are always the first ``n_candidates`` positions of a row (the visible content,

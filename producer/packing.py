@@ -1,4 +1,4 @@
-"""Packing token ids into rows of ``block_size`` (SPEC §2.3, §2.4). Vectorized: no loop over
+"""Packing token ids into rows of ``block_size`` (docs/SPEC.md §2.3, §2.4). Vectorized: no loop over
 rows, lines or tokens on the hot path.
 
 A packer turns an int64 array of *starts* into a :class:`Packed` batch:
@@ -59,7 +59,7 @@ def _windows(tokens: np.ndarray, block_size: int) -> np.ndarray:
 
 
 class LinePacker:
-    """Line-aligned rows over ``lines`` (SPEC §2.3)."""
+    """Line-aligned rows over ``lines`` (docs/SPEC.md §2.3)."""
 
     def __init__(self, lines: Lines, block_size: int, sep_id: int, pad_id: int) -> None:
         self.lines = lines
@@ -107,7 +107,7 @@ class LinePacker:
 
 
 class FixedPacker:
-    """Fixed windows of ``block_size`` consecutive tokens over ``lines.tokens`` (SPEC §2.4)."""
+    """Fixed windows of ``block_size`` consecutive tokens over ``lines.tokens`` (docs/SPEC.md §2.4)."""
 
     def __init__(self, lines: Lines, block_size: int) -> None:
         self.n_tokens = len(lines.tokens)

@@ -1,5 +1,5 @@
 """``python -m producer record`` writes a stream straight to a recording file; ``python -m
-producer inspect`` summarises one as a single JSON object (SPEC §5, §6 definitions).
+producer inspect`` summarises one as a single JSON object (docs/SPEC.md §5, §6 definitions).
 
     python -m producer record --out FILE --messages M [--split train|val] [data flags]
     python -m producer inspect FILE
@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from producer.config import DataConfig, add_data_arguments
 from producer.stream import BatchStream
+from shared import settings
+from shared.data_config import DataConfig
 from shared.recording import RecordingError, RecordingReader, RecordingWriter
 from shared.wire import WireError, decode, encode
 
@@ -29,7 +30,7 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
     record.add_argument("--messages", type=_positive_int, required=True, metavar="M", help="messages to write")
     record.add_argument("--split", choices=("train", "val"), default="train",
                         help="train: the train stream; val: the fixed val set, cycled (default: train)")
-    add_data_arguments(record)
+    settings.add_arguments(record, DataConfig, title="data")
     record.set_defaults(handler=run_record, command_parser=record)
 
     inspect = subparsers.add_parser("inspect", help="summarise a recording as JSON",
@@ -47,7 +48,7 @@ def _positive_int(text: str) -> int:
 
 def run_record(args: argparse.Namespace) -> int:
     try:
-        stream = BatchStream(DataConfig.from_args(args))
+        stream = BatchStream(settings.from_namespace(DataConfig, args))
     except (ValueError, OSError) as error:  # CorpusError, StageError and bad flag combinations
         args.command_parser.error(str(error))
     meta = stream.meta

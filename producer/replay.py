@@ -1,4 +1,4 @@
-"""``python -m producer replay``: serve a recording's exact frames over the wire (SPEC §5).
+"""``python -m producer replay``: serve a recording's exact frames over the wire (docs/SPEC.md §5).
 
     python -m producer replay FILE --connect tcp://trainer:5555 [--loop] [--rate MSG_PER_S]
 
@@ -13,27 +13,34 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass
 
-from producer.service import Sender, StopSignal, Throughput, add_sender_arguments, curve_client, print_summary
+from producer.sending import Sender, SenderSettings, StopSignal, Throughput, print_summary
+from shared import settings
+from shared.curve import CurveKeyError
 from shared.recording import RecordingError, RecordingReader, RecordingReport
+from shared.settings import setting
 
 
 def add_command(subparsers: argparse._SubParsersAction) -> None:
     replay = subparsers.add_parser("replay", help="serve a recording over ZeroMQ",
                                    description="Send the exact frames of a recording over a ZeroMQ PUSH socket.")
     replay.add_argument("file", metavar="FILE", help="recording to serve")
-    add_sender_arguments(replay)
-    replay.add_argument("--loop", action="store_true", help="start over at the end of the file")
-    replay.add_argument("--rate", type=_positive_float, default=None, metavar="MSG_PER_S",
-                        help="send at most this many messages per second (default: as fast as the trainer takes them)")
+    settings.add_arguments(replay, SenderSettings, title="transport")
+    settings.add_arguments(replay, ReplaySettings, title="replay")
     replay.set_defaults(handler=run_replay, command_parser=replay)
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
+def _check_rate(value: float) -> None:
     if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
-    return value
+        raise ValueError(f"{value} is not a positive number")
+
+
+@dataclass(frozen=True)
+class ReplaySettings:
+    loop: bool = setting(False, "start over at the end of the file")
+    rate: float | None = setting(None, "send at most this many messages per second (none: as fast as the trainer takes them)",
+                                 metavar="MSG_PER_S", check=_check_rate)
 
 
 def run_replay(args: argparse.Namespace) -> int:
@@ -41,10 +48,18 @@ def run_replay(args: argparse.Namespace) -> int:
         RecordingReader(args.file).close()
     except (RecordingError, OSError) as error:
         args.command_parser.error(str(error))
+    try:
+        transport = settings.from_namespace(SenderSettings, args)
+        options = settings.from_namespace(ReplaySettings, args)
+        curve = transport.curve()
+    except (ValueError, CurveKeyError) as error:
+        args.command_parser.error(str(error))
+    if len(transport.connect) > 1:
+        args.command_parser.error("replay sends to one endpoint: give one --connect ADDR")
     stop = StopSignal()
-    sender = Sender(args.connect, args.bind, stop, curve=curve_client(args))
-    throughput = Throughput(f"replay {args.file}", sender, args.status_every)
-    interval = 1.0 / args.rate if args.rate else 0.0
+    sender = Sender(transport.connect[0] if transport.connect else None, transport.bind, stop, curve=curve)
+    throughput = Throughput(f"replay {args.file}", sender, transport.status_every)
+    interval = 1.0 / options.rate if options.rate else 0.0
     next_send = time.monotonic()
     passes = 0
     report = RecordingReport()  # of the last complete pass (of the partial one if none completed)
@@ -64,7 +79,7 @@ def run_replay(args: argparse.Namespace) -> int:
             if not completed:
                 break
             passes += 1
-            if not args.loop or report.records == 0:
+            if not options.loop or report.records == 0:
                 break
     finally:
         sender.close()

@@ -1,4 +1,4 @@
-"""The stages policy (SPEC §2.5): a TOML stage file with ``[[train]]`` and ``[[val]]`` stages.
+"""The stages policy (docs/SPEC.md §2.5): a TOML stage file with ``[[train]]`` and ``[[val]]`` stages.
 
 The rows of each message are shared equally among the stages of its split (which stages get
 the leftover rows is random), then shuffled. Stage types and their parameters:
@@ -22,14 +22,17 @@ from __future__ import annotations
 import tomllib
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
 from producer.corruption import Selection, candidate_mask, choose_k, rounded_count
+from shared.limits import MAX_STAGES
 
 MAX_STICKY_ROUNDS = 256
-MAX_STAGES = 256  # stage indices travel as uint8
+
+
+EXAMPLE_STAGES = Path(__file__).resolve().parent / "examples" / "stages-baseline.toml"
 
 
 class StageError(ValueError):
@@ -56,7 +59,7 @@ class SpanStage:
     type: str = "span"
 
 
-Stage = Union[RandomStage, StickyStage, SpanStage]
+Stage = RandomStage | StickyStage | SpanStage
 _STAGE_TYPES = {"random": RandomStage, "sticky": StickyStage, "span": SpanStage}
 
 

@@ -1,4 +1,4 @@
-"""The stream of batches a producer sends: packing + corruption under a seed (SPEC §2.6).
+"""The stream of batches a producer sends: packing + corruption under a seed (docs/SPEC.md §2.6).
 
 Randomness comes only from ``numpy.random.SeedSequence``. The producer id (a string) enters as
 the eight 32-bit words of its SHA-256 digest, so every process and machine agrees:
@@ -23,19 +23,19 @@ it): ``policy`` and its parameters (``mask_prob``; ``ratio_range``; or ``stages`
 from __future__ import annotations
 
 import hashlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
-from producer.config import DataConfig
 from producer.corpus import Corpus, Lines, load_corpus, split_lines
 from producer.corruption import BertPolicy, UniformPolicy, corrupt, mask_ratio
 from producer.packing import FixedPacker, LinePacker
-from producer.stages import StagesPolicy, load_stage_plan
+from producer.stages import EXAMPLE_STAGES, StagesPolicy, load_stage_plan
+from shared.data_config import DataConfig
+from shared.limits import MAX_VAL_ROWS
 from shared.meta import StreamMeta
 from shared.vocab import Vocabulary
 
-MAX_VAL_ROWS = 256
 # How a "random" replacement is drawn, as the corruption description states it.
 RANDOM_TOKEN = "uniform over the base ids other than the original"
 DEFAULT_PRODUCER_ID = "0"
@@ -185,4 +185,4 @@ def _policy(config: DataConfig):
         return BertPolicy(config.mask_prob)
     if config.policy == "uniform":
         return UniformPolicy(config.ratio_range)
-    return StagesPolicy(load_stage_plan(config.stages_path))
+    return StagesPolicy(load_stage_plan(config.stages if config.stages is not None else EXAMPLE_STAGES))

@@ -108,7 +108,7 @@ class CurveServer:
     authorized_keys: frozenset[bytes]
 
     @classmethod
-    def from_files(cls, secret_key_path: str | os.PathLike, authorized_keys_path: str | os.PathLike) -> "CurveServer":
+    def from_files(cls, secret_key_path: str | os.PathLike, authorized_keys_path: str | os.PathLike) -> CurveServer:
         public, secret = load_secret_pair(secret_key_path)
         return cls(public, secret, load_authorized_keys(authorized_keys_path))
 
@@ -122,7 +122,7 @@ class CurveClient:
     server_key: bytes
 
     @classmethod
-    def from_files(cls, secret_key_path: str | os.PathLike, server_key_path: str | os.PathLike) -> "CurveClient":
+    def from_files(cls, secret_key_path: str | os.PathLike, server_key_path: str | os.PathLike) -> CurveClient:
         public, secret = load_secret_pair(secret_key_path)
         return cls(public, secret, load_public_key(server_key_path))
 

@@ -1,4 +1,4 @@
-"""Stream meta: what a trainer must know about a stream, and what pins it (SPEC §3).
+"""Stream meta: what a trainer must know about a stream, and what pins it (docs/SPEC.md §3).
 
 A :class:`StreamMeta` is immutable and has a stable hash (:attr:`StreamMeta.digest`), the
 same in every process and on every machine. It travels in every message header as a
@@ -8,16 +8,15 @@ rejects any message whose meta differs, naming the field (:meth:`StreamMeta.diff
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, fields
 from functools import cached_property
 from typing import Any
 
+from shared.limits import MAX_BLOCK_SIZE, MAX_ROWS_PER_MESSAGE, PACKINGS, SAMPLINGS
 from shared.vocab import IGNORE_INDEX, Vocabulary, VocabularyError
-
-PACKING_MODES = ("lines", "fixed")
-SAMPLING_MODES = ("random", "epoch")
 
 
 class MetaError(ValueError):
@@ -32,9 +31,9 @@ class StreamMeta:
         block_size: tokens per row (T).
         rows_per_message: rows per wire message (R); messages are reassembled into batches.
         vocab: the base characters in id order (id i is ``vocab[i]``).
-        vocab_size, mask_id, sep_id, pad_id, ignore_index: the special ids of SPEC §2.1,
+        vocab_size, mask_id, sep_id, pad_id, ignore_index: the special ids of docs/SPEC.md §2.1,
             redundant with ``vocab`` and checked against it.
-        packing: ``lines`` or ``fixed`` (SPEC §2.3, §2.4).
+        packing: ``lines`` or ``fixed`` (docs/SPEC.md §2.3, §2.4).
         sampling: ``random`` or ``epoch``.
         corruption: canonical JSON of the corruption policy (policy name, its parameters,
             mask fractions, supervise_sep, stages); see :attr:`corruption_config`.
@@ -76,14 +75,14 @@ class StreamMeta:
         for name, value in expected.items():
             if getattr(self, name) != value:
                 raise MetaError(f"meta field {name}={getattr(self, name)!r} does not match the vocabulary ({value})")
-        if not 2 <= self.block_size <= 65536:
-            raise MetaError(f"block_size {self.block_size} is outside 2..65536")
-        if not 1 <= self.rows_per_message <= 4096:
-            raise MetaError(f"rows_per_message {self.rows_per_message} is outside 1..4096")
-        if self.packing not in PACKING_MODES:
-            raise MetaError(f"packing {self.packing!r} is not one of {PACKING_MODES}")
-        if self.sampling not in SAMPLING_MODES:
-            raise MetaError(f"sampling {self.sampling!r} is not one of {SAMPLING_MODES}")
+        if not 2 <= self.block_size <= MAX_BLOCK_SIZE:
+            raise MetaError(f"block_size {self.block_size} is outside 2..{MAX_BLOCK_SIZE}")
+        if not 1 <= self.rows_per_message <= MAX_ROWS_PER_MESSAGE:
+            raise MetaError(f"rows_per_message {self.rows_per_message} is outside 1..{MAX_ROWS_PER_MESSAGE}")
+        if self.packing not in PACKINGS:
+            raise MetaError(f"packing {self.packing!r} is not one of {PACKINGS}")
+        if self.sampling not in SAMPLINGS:
+            raise MetaError(f"sampling {self.sampling!r} is not one of {SAMPLINGS}")
         if len(self.token_counts) != vocabulary.base_size:
             raise MetaError(f"token_counts has {len(self.token_counts)} entries, expected {vocabulary.base_size}")
         if self.val_messages < 0:
@@ -94,7 +93,7 @@ class StreamMeta:
             raise MetaError(f"corruption is not JSON: {error}") from None
 
     @classmethod
-    def build(cls, vocabulary: Vocabulary, corruption: dict[str, Any], token_counts, **rest: Any) -> "StreamMeta":
+    def build(cls, vocabulary: Vocabulary, corruption: dict[str, Any], token_counts, **rest: Any) -> StreamMeta:
         """A meta whose special ids come from ``vocabulary`` and whose corruption is canonical JSON."""
         return cls(
             vocab=vocabulary.chars,
@@ -109,7 +108,7 @@ class StreamMeta:
         )
 
     @classmethod
-    def from_dict(cls, data: Any) -> "StreamMeta":
+    def from_dict(cls, data: Any) -> StreamMeta:
         """Parse the wire form; raises :class:`MetaError` on any missing, extra or mistyped field."""
         if not isinstance(data, dict):
             raise MetaError("meta is not a map")
@@ -146,13 +145,31 @@ class StreamMeta:
     def corruption_config(self) -> dict[str, Any]:
         return json.loads(self.corruption)
 
-    def differences(self, other: "StreamMeta") -> list[tuple[str, Any, Any]]:
+    def summary(self) -> MetaSummary:
+        """The meta without the per-id counts and the vocabulary itself (for diagnostics)."""
+        data = {name: value for name, value in self.to_dict().items() if name not in SUMMARY_OMITS}
+        data["corruption"] = self.corruption_config
+        return MetaSummary(**data, base_size=len(self.token_counts), content_tokens=sum(self.token_counts), digest=self.digest)
+
+    def differences(self, other: StreamMeta) -> list[tuple[str, Any, Any]]:
         """``(field, self value, other value)`` for every field that differs, in field order."""
         return [
             (f.name, getattr(self, f.name), getattr(other, f.name))
             for f in fields(self)
             if getattr(self, f.name) != getattr(other, f.name)
         ]
+
+
+SUMMARY_OMITS = ("vocab", "token_counts")  # large, and in the meta only for decoding and the floor
+# StreamMeta without SUMMARY_OMITS, the corruption parsed, and three derived numbers: V0
+# (base_size), the sum of the counts (content_tokens) and the digest. Derived from StreamMeta's
+# fields so that a new meta field reaches the diagnostics without a second declaration.
+MetaSummary = dataclasses.make_dataclass(
+    "MetaSummary",
+    [(f.name, dict[str, Any] if f.name == "corruption" else f.type) for f in fields(StreamMeta) if f.name not in SUMMARY_OMITS]
+    + [("base_size", int), ("content_tokens", int), ("digest", str)],
+    frozen=True,
+)
 
 
 def canonical_json(value: Any) -> str:

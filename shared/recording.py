@@ -1,4 +1,4 @@
-"""The recording file format (SPEC §5): a file header, then one record per wire message.
+"""The recording file format (docs/SPEC.md §5): a file header, then one record per wire message.
 
 Layout, all integers little-endian uint32::
 
@@ -18,8 +18,9 @@ import os
 import reprlib
 import struct
 import zlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Iterator, Sequence
+from typing import Any, BinaryIO
 
 import msgpack
 
@@ -85,7 +86,7 @@ class RecordingWriter:
             os.fsync(self._file.fileno())
             self._file.close()
 
-    def __enter__(self) -> "RecordingWriter":
+    def __enter__(self) -> RecordingWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -163,7 +164,7 @@ class RecordingReader:
     def close(self) -> None:
         self._file.close()
 
-    def __enter__(self) -> "RecordingReader":
+    def __enter__(self) -> RecordingReader:
         return self
 
     def __exit__(self, *exc: object) -> None:

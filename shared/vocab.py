@@ -1,4 +1,4 @@
-"""Character vocabulary and special ids (SPEC §2.1).
+"""Character vocabulary and special ids (docs/SPEC.md §2.1).
 
 Base ids ``0..V0-1`` are the sorted distinct characters of the corpus; the specials are
 appended: ``[MASK] = V0``, ``[SEP] = V0 + 1``, ``[PAD] = V0 + 2``; ``vocab_size = V0 + 3``.
@@ -11,11 +11,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from shared.limits import MAX_VOCAB_SIZE
+
 IGNORE_INDEX = -100
 SPECIAL_TOKENS = ("[MASK]", "[SEP]", "[PAD]")
-# Token ids travel as uint16 and labels as int16 (SPEC §3), so the whole vocabulary,
-# specials included, must fit below int16's maximum.
-MAX_VOCAB_SIZE = np.iinfo(np.int16).max
 
 
 class VocabularyError(ValueError):
@@ -43,7 +42,7 @@ class Vocabulary:
         object.__setattr__(self, "_codepoints", codepoints)
 
     @classmethod
-    def from_text(cls, text: str) -> "Vocabulary":
+    def from_text(cls, text: str) -> Vocabulary:
         """The sorted set of characters in ``text``."""
         codepoints = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
         return cls(np.unique(codepoints).astype("<u4").tobytes().decode("utf-32-le"))

@@ -1,4 +1,4 @@
-"""The wire format: one msgpack header frame, then one raw frame per tensor (SPEC §3).
+"""The wire format: one msgpack header frame, then one raw frame per tensor (docs/SPEC.md §3).
 
 ``encode`` builds the frames of a message without copying tensor data; ``decode`` checks
 everything (frame count, header schema, dtypes, shapes, buffer sizes, id ranges, row
@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import math
 import reprlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import msgpack
 import numpy as np
 
+from shared.limits import MAX_PRODUCER_ID_CHARS
 from shared.meta import MetaError, StreamMeta
 
 PROTOCOL_MAGIC = "linepack"
@@ -26,7 +28,6 @@ KIND_BATCH = "batch"
 SPLITS = ("train", "val")
 
 MAX_HEADER_BYTES = 1 << 20
-MAX_PRODUCER_ID_CHARS = 128
 
 # name -> (wire dtype, rank). Rank 2 tensors are (rows, block_size); rank 1 are (rows,).
 TENSOR_SPECS: Mapping[str, tuple[np.dtype, int]] = MappingProxyType(
@@ -84,6 +85,7 @@ class WireMessage:
         tensors: name -> read-only array view of the frame: ``x`` uint16 (R, T),
             ``y`` int16 (R, T), ``attention_mask`` uint8 (R, T), ``mask_ratio`` float32 (R,),
             and ``stage`` uint8 (R,) when the stages policy is used.
+        valid_len: int64 (R,), real tokens per row ([SEP] included), found while checking the layout.
         frames: the exact frames received (header first), for recording.
     """
 
@@ -93,6 +95,7 @@ class WireMessage:
     val_index: int
     meta: StreamMeta
     tensors: Mapping[str, np.ndarray]
+    valid_len: np.ndarray
     frames: tuple[Any, ...]
 
     @property
@@ -254,7 +257,8 @@ def _decode_body(frames: Sequence[Any], header: dict, split: str, producer_id: s
     names = [d.get("name") if isinstance(d, dict) and type(d.get("name")) is str else None for d in descriptors]
     wanted = set(REQUIRED_TENSORS) | (set(OPTIONAL_TENSORS) & set(names))
     if sorted(map(str, names)) != sorted(wanted) or len(set(names)) != len(names):
-        raise WireError("tensor_list", f"tensors {_show(names)}, expected {sorted(REQUIRED_TENSORS)} plus optionally {list(OPTIONAL_TENSORS)}")
+        raise WireError("tensor_list",
+                        f"tensors {_show(names)}, expected {sorted(REQUIRED_TENSORS)} plus optionally {list(OPTIONAL_TENSORS)}")
 
     rows = None
     tensors: dict[str, np.ndarray] = {}
@@ -281,11 +285,12 @@ def _decode_body(frames: Sequence[Any], header: dict, split: str, producer_id: s
         tensor.flags.writeable = False  # also when the frames themselves are writable
         tensors[name] = tensor
 
-    _check_values(tensors, meta)
-    return WireMessage(split, producer_id, seq, val_index, meta, MappingProxyType(tensors), tuple(frames))
+    valid_len = _check_values(tensors, meta)
+    return WireMessage(split, producer_id, seq, val_index, meta, MappingProxyType(tensors), valid_len, tuple(frames))
 
 
-def _check_values(tensors: Mapping[str, np.ndarray], meta: StreamMeta) -> None:
+def _check_values(tensors: Mapping[str, np.ndarray], meta: StreamMeta) -> np.ndarray:
+    """Raises WireError unless every value and the row layout are valid; returns ``valid_len``."""
     x, y, mask = tensors["x"], tensors["y"], tensors["attention_mask"]
     if int(x.max()) >= meta.vocab_size:
         raise WireError("value_range", f"x holds id {int(x.max())} >= vocab_size {meta.vocab_size}")
@@ -299,7 +304,7 @@ def _check_values(tensors: Mapping[str, np.ndarray], meta: StreamMeta) -> None:
     # min/max propagate NaN, and NaN fails both comparisons; +-inf fails one of them.
     if not (ratio.min() >= 0 and ratio.max() <= 1):
         raise WireError("value_range", "mask_ratio must be finite and within [0, 1]")
-    # Row layout (SPEC §2.3): attention_mask is a prefix of ones ending at [SEP]; [PAD]
+    # Row layout (docs/SPEC.md §2.3): attention_mask is a prefix of ones ending at [SEP]; [PAD]
     # fills exactly the positions after it, which are never supervised.
     visible = mask.view(np.bool_)  # exact: every value is 0 or 1 (checked above)
     rows = np.arange(x.shape[0])
@@ -321,3 +326,4 @@ def _check_values(tensors: Mapping[str, np.ndarray], meta: StreamMeta) -> None:
             raise WireError("layout", "the last visible token of a row is not [SEP]")
     elif valid_len.min() != mask.shape[1]:
         raise WireError("layout", "fixed packing must have attention_mask all ones")
+    return valid_len.astype(np.int64)

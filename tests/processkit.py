@@ -112,7 +112,7 @@ class Cluster:
         self.endpoint = f"tcp://127.0.0.1:{self.port}"
         self.processes: list[Process] = []
 
-    def trainer(self, out_dir: Path, *flags: str, http_port: int | None = None) -> tuple[Process, "Diagnostics"]:
+    def trainer(self, out_dir: Path, *flags: str, http_port: int | None = None) -> tuple[Process, Diagnostics]:
         http_port = http_port or free_port()
         argv = [sys.executable, "-m", "trainer", "--bind", self.endpoint, "--out-dir", str(out_dir),
                 "--http-port", str(http_port), "--max-iters", "100000", *TINY_MODEL, *flags]

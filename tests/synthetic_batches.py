@@ -1,7 +1,7 @@
 """Small line-packed, corrupted batches for the trainer tests, built without the producer.
 
 ``SyntheticStream(text, block_size, batch_size, seed)`` packs lines of ``text`` the way
-SPEC §2.3 says ([SEP] after the content, [PAD] after it, attention_mask 1 up to [SEP]) and
+docs/SPEC.md §2.3 says ([SEP] after the content, [PAD] after it, attention_mask 1 up to [SEP]) and
 corrupts them with the ``uniform`` policy at 80/10/10, as torch tensors in the consumer's
 dtypes. It is plain Python: fine for a few thousand rows, not a producer.
 """

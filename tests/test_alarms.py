@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from trainer.alarms import AlarmInputs, AlarmSettings, evaluate_alarms
+import dataclasses
+
+from trainer.diagnostics.alarms import AlarmInputs, AlarmSettings, evaluate_alarms
 
 SETTINGS = AlarmSettings(warmup_steps=100, floor_margin=0.1, no_context_margin=0.02, starved_seconds=30, reject_rate=0.05)
 
@@ -17,7 +19,7 @@ def test_healthy_run_raises_nothing_and_every_alarm_is_explained():
     assert not any(alarm.active for alarm in alarms.values())
     for alarm in alarms.values():
         assert alarm.explanation and alarm.check and alarm.since_step is None and alarm.since_time is None
-        assert set(alarm.to_dict()) == {"name", "active", "since_step", "since_time", "explanation", "check"}
+        assert set(dataclasses.asdict(alarm)) == {"name", "active", "since_step", "since_time", "explanation", "check"}
 
 
 def test_context_blind_waits_for_warm_up_then_fires_near_the_floor():

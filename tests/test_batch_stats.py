@@ -1,14 +1,23 @@
-"""trainer.batch_stats: per-batch numbers on hand-checked rows, and the fixed-bin histogram."""
+"""shared.batch_stats: per-batch numbers on hand-checked rows, and the fixed-bin histogram."""
+
+import dataclasses
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from streamkit import make_meta, make_tensors
-from trainer.batch_stats import MaskRatioHistogram, batch_statistics, mask_ratio_counts
+
+from shared.batch_stats import MaskRatioHistogram, mask_ratio_counts, valid_lengths
+from shared.batch_stats import batch_statistics as typed_batch_statistics
 
 MASK, SEP, PAD, IGNORE = 5, 6, 7, -100
+
+
+def batch_statistics(x, y, attention_mask, mask_ratio, mask_id, ignore_index):
+    """The shared statistics of a batch as a plain dict, valid_len taken from ``attention_mask``."""
+    stats = typed_batch_statistics(x, y, valid_lengths(attention_mask), mask_ratio, mask_id, ignore_index)
+    return dataclasses.asdict(stats)
 
 
 def test_batch_statistics_on_a_hand_built_batch():

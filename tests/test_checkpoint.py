@@ -1,11 +1,11 @@
-"""trainer.checkpoint: atomic writes, clean failure, weights-only loading."""
+"""trainer.loop.checkpoint: atomic writes, clean failure, weights-only loading."""
 
 import os
 
 import pytest
 import torch
 
-from trainer.checkpoint import CheckpointWriteError, load_checkpoint, save_checkpoint
+from trainer.loop.checkpoint import CheckpointWriteError, load_checkpoint, save_checkpoint
 
 
 def test_a_failed_write_keeps_the_previous_checkpoint_and_leaves_no_temporary(tmp_path, monkeypatch):

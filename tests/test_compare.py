@@ -19,9 +19,10 @@ from shared.recording import RecordingReader
 from shared.vocab import IGNORE_INDEX
 from shared.wire import decode
 from trainer import compare
-from trainer.checkpoint import load_checkpoint
-from trainer.floor import context_free_floor
-from trainer.model import BidirectionalTransformer, ModelConfig, token_losses
+from trainer.diagnostics.floor import context_free_floor
+from trainer.loop.checkpoint import load_checkpoint
+from trainer.model.losses import token_losses
+from trainer.model.transformer import BidirectionalTransformer, ModelConfig
 
 pytestmark = pytest.mark.slow
 
@@ -139,8 +140,16 @@ def test_the_bert_policy_reaches_both_arms_and_its_floor(bert):
     assert "policy `bert` (15%)" in (out / "report.md").read_text()
 
 
-def test_a_trainer_that_refuses_to_start_fails_the_comparison(tmp_path, capsys):
-    status = compare.main(["--out", str(tmp_path), *TINY, "--n-head", "3"])  # 32 is not a multiple of 3
+def test_a_trainer_that_refuses_to_start_fails_the_comparison(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LINEPACK_RESUME", "always")  # inherited by the arms' trainers: there is no checkpoint to resume
+    status = compare.main(["--out", str(tmp_path), *TINY])
     assert status == 1
     assert "the fixed trainer exited with 2" in capsys.readouterr().err
     assert not (tmp_path / "report.json").exists()
+
+
+def test_an_impossible_model_is_a_usage_error_before_anything_runs(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        compare.main(["--out", str(tmp_path), *TINY, "--n-head", "3"])  # 32 is not a multiple of 3
+    assert stopped.value.code == 2 and "not a multiple of n_head 3" in capsys.readouterr().err
+    assert not (tmp_path / "fixed").exists()

@@ -1,15 +1,16 @@
 """Static checks of the Docker files; no Docker engine is needed.
 
-What a `docker compose up --scale producer=N` depends on is checked against the real code: the
-entrypoint script is run (with a stand-in `python` that prints its argv) on each service's
-environment, and every flag it produces must be one the real CLI lists in its --help. When a
-`docker compose` (or v2 `docker-compose`) client is installed, `config` validates both files too.
+What a `docker compose up --scale producer=N` depends on is checked against the real code: every
+variable a service passes is a setting of its CLI (``shared.settings``), every setting can be set,
+the entrypoint script is run (with a stand-in `python` that prints its argv) and the real parser
+accepts the result with the service's environment. When a `docker compose` (or v2
+`docker-compose`) client is installed, `config` validates both files too.
 """
 
 from __future__ import annotations
 
-import functools
 import http.server
+import os
 import re
 import shutil
 import socket
@@ -30,14 +31,12 @@ ZMQ_PORT = "5555"
 HTTP_PORT = "8000"
 # Read by compose for interpolation only; they never reach a container.
 COMPOSE_ONLY_VARIABLES = {"LINEPACK_PUBLISH_HTTP", "LINEPACK_DATA_DIR"}
-# CLI flags a service deliberately does not take from the environment, and why.
+# Settings a service deliberately does not take from compose's environment, and why.
 NOT_FROM_ENVIRONMENT = {
     "trainer": {
-        "--help",
         "--bind", "--http-host", "--http-port",  # fixed in the container; set in `command`
     },
     "producer": {
-        "--help",
         "--bind",            # producers connect to the trainer
         "--producer-id",     # one value for every replica would give them all the same stream
         "--max-messages",    # a producer that exits would be restarted by `restart: unless-stopped`
@@ -62,20 +61,6 @@ def interpolate(value: str, environment: dict[str, str] | None = None) -> str:
 
 def service_environment(service: dict, overrides: dict[str, str] | None = None) -> dict[str, str]:
     return {name: interpolate(str(value), overrides) for name, value in service["environment"].items()}
-
-
-@functools.lru_cache(maxsize=None)
-def cli_flags(role: str) -> frozenset[str]:
-    """The long option strings the real CLI of ``role`` lists in its --help."""
-    result = subprocess.run([*CLI[role], "--help"], capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert result.returncode == 0, result.stderr
-    flags = set()
-    for line in result.stdout.splitlines():
-        match = re.match(r"^\s+(?:-\w[^,]*, )?(--[a-z][a-z0-9-]*)", line)
-        if match:
-            flags.add(match[1])
-    assert "--help" in flags, result.stdout
-    return frozenset(flags)
 
 
 @pytest.fixture(scope="module")
@@ -143,60 +128,82 @@ def test_run_directory_is_a_named_volume(compose):
     assert interpolate(keys_mount).endswith(":/keys:ro") and interpolate(trainer["volumes"][1]) == interpolate(keys_mount)
 
 
+def role_settings(role: str) -> list[type]:
+    """The settings classes whose fields are the flags (and variables) of ``role``'s CLI."""
+    if role == "trainer":
+        from trainer.__main__ import SETTINGS
+
+        return [cls for cls, _ in SETTINGS]
+    from producer.sending import SenderSettings
+    from producer.service import RunSettings
+    from shared.data_config import DataConfig
+
+    return [SenderSettings, RunSettings, DataConfig]
+
+
 @pytest.mark.parametrize("role", ["trainer", "producer"])
-def test_every_environment_variable_is_a_real_flag(role, compose, fake_python):
-    """Set every variable a service passes on; each must turn into a flag that CLI accepts."""
+def test_every_environment_variable_is_a_real_setting(role, compose):
+    """Compose passes only variables that name a setting of the service's CLI, and every setting
+    of that CLI (but those fixed by the container) can be set through compose."""
+    from shared.settings import env_name, iter_settings
+
     service = compose["services"][role]
     names = set(service["environment"])
     assert all(name.startswith("LINEPACK_") for name in names)
     assert not names & COMPOSE_ONLY_VARIABLES
-    argv = run_entrypoint(fake_python, service["command"], {name: "true" for name in names})
-    assert argv[:len(CLI[role]) - 1] == CLI[role][1:], f"{role} does not start {' '.join(CLI[role][1:])}"
-    passed = {arg for arg in argv if arg.startswith("--")}
-    unknown = passed - cli_flags(role)
-    assert not unknown, f"{role} CLI has no {sorted(unknown)}"
-    expected_from_environment = cli_flags(role) - NOT_FROM_ENVIRONMENT[role]
-    from_environment = {"--" + name.removeprefix("LINEPACK_").lower().replace("_", "-") for name in names}
-    assert from_environment == expected_from_environment, (
-        f"{role}: flags without a variable {sorted(expected_from_environment - from_environment)}, "
-        f"variables without a flag {sorted(from_environment - expected_from_environment)}")
+    settable = {env_name(field.name) for _, field in iter_settings(*role_settings(role))}
+    assert names <= settable, f"{role}: variables that are no setting: {sorted(names - settable)}"
+    expected = settable - {env_name(flag.removeprefix("--").replace("-", "_")) for flag in NOT_FROM_ENVIRONMENT[role]}
+    assert names == expected, f"{role}: settings compose cannot set: {sorted(expected - names)}"
+
+
+@pytest.mark.parametrize("role", ["trainer", "producer"])
+def test_compose_leaves_the_defaults_to_the_code(role, compose):
+    """A variable compose passes is empty by default (the CLI's own default applies), except the
+    container-specific values, so no default is copied into the compose file."""
+    container_values = {"LINEPACK_OUT_DIR": "/runs", "LINEPACK_RESUME": "auto", "LINEPACK_CONNECT": f"tcp://trainer:{ZMQ_PORT}"}
+    for name, value in service_environment(compose["services"][role]).items():
+        assert value == container_values.get(name, ""), name
 
 
 @pytest.mark.parametrize("role", ["trainer", "producer"])
 def test_default_command_parses(role, compose, fake_python):
-    """The argv the container runs with compose's defaults passes the real parser's type checks."""
+    """The argv the container runs, with compose's environment, passes the real parser (every
+    variable is read and checked when the parser is built, before --help exits)."""
     service = compose["services"][role]
-    argv = run_entrypoint(fake_python, service["command"], service_environment(service))
-    # Options are parsed in order and --help exits when it is reached, after every value before it
-    # was converted and checked; an unknown flag would only be reported after --help, hence the test above.
-    result = subprocess.run([sys.executable, *argv, "--help"], capture_output=True, text=True,
-                            timeout=120, cwd=ROOT)
+    environment = service_environment(service)
+    argv = run_entrypoint(fake_python, service["command"], environment)
+    assert argv[:len(CLI[role]) - 1] == CLI[role][1:], f"{role} does not start {' '.join(CLI[role][1:])}"
+    result = subprocess.run([sys.executable, *argv, "--help"], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                            env={**os.environ, **environment})
     assert result.returncode == 0, result.stderr
+    bad = subprocess.run([sys.executable, *argv, "--help"], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                         env={**os.environ, **environment, "LINEPACK_SEED": "minus one"})
+    assert bad.returncode == 2 and "LINEPACK_SEED='minus one'" in bad.stderr
 
 
-def test_entrypoint_translation(fake_python):
-    argv = run_entrypoint(fake_python, ["producer", "--block-size", "64"], {
-        "LINEPACK_BLOCK_SIZE": "256", "LINEPACK_SUPERVISE_SEP": "true", "LINEPACK_PACKING": "false",
-        "LINEPACK_CORPUS": "", "LINEPACK_RATIO_RANGE": "0.2,0.5", "LINEPACK_STAGES": "/data/my stages.toml"})
-    assert argv[:3] == ["-m", "producer", "run"]
-    assert argv[3] == "--producer-id", "replicas need distinct ids by default"
-    rest = argv[5:]
-    assert rest == ["--block-size", "256", "--ratio-range", "0.2,0.5", "--stages", "/data/my stages.toml",
-                    "--supervise-sep", "--block-size", "64"]
-
-    assert run_entrypoint(fake_python, ["producer"], {"LINEPACK_PRODUCER_ID": "a"})[3:] == [
-        "--producer-id", socket.gethostname(), "--producer-id", "a"]
+def test_entrypoint(fake_python):
+    argv = run_entrypoint(fake_python, ["producer", "--block-size", "64"], {})
+    assert argv == ["-m", "producer", "run", "--producer-id", socket.gethostname(), "--block-size", "64"], \
+        "replicas need distinct ids by default"
+    assert run_entrypoint(fake_python, ["producer"], {"LINEPACK_PRODUCER_ID": "a"}) == ["-m", "producer", "run"]
+    assert run_entrypoint(fake_python, ["trainer", "--max-iters", "5"], {}) == ["-m", "trainer", "--max-iters", "5"]
     assert run_entrypoint(fake_python, ["python", "-m", "trainer.consume"], {"LINEPACK_X": "1"}) == [
         "-m", "trainer.consume"]
 
 
-def test_entrypoint_resumes_only_from_an_existing_checkpoint(fake_python, tmp_path):
-    from trainer.checkpoint import CHECKPOINT_NAME
+def test_resume_auto_resumes_only_from_an_existing_checkpoint(tmp_path):
+    from trainer.loop.checkpoint import CHECKPOINT_NAME
+    from trainer.loop.config import TrainConfig
+    from trainer.loop.startup import checkpoint_to_resume
 
-    environment = {"LINEPACK_OUT_DIR": str(tmp_path), "LINEPACK_RESUME": "auto"}
-    assert "--resume" not in run_entrypoint(fake_python, ["trainer"], environment)
-    (tmp_path / CHECKPOINT_NAME).write_bytes(b"")
-    assert "--resume" in run_entrypoint(fake_python, ["trainer"], environment)
+    path = tmp_path / CHECKPOINT_NAME
+    auto = TrainConfig(out_dir=str(tmp_path), resume="auto")
+    assert checkpoint_to_resume(auto, str(path), "cpu") is None
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="unusable checkpoint"):  # there is one now: auto tries it
+        checkpoint_to_resume(auto, str(path), "cpu")
+    assert checkpoint_to_resume(TrainConfig(out_dir=str(tmp_path), resume="never"), str(path), "cpu") is None
 
 
 def test_healthcheck_command_follows_healthz(compose, tmp_path):
@@ -289,20 +296,3 @@ def test_docker_compose_config(files):
     result = subprocess.run([*client, *arguments, "config", "--format", "json"],
                             capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert result.returncode == 0, result.stderr
-
-
-def test_compose_defaults_match_the_local_stack(compose):
-    """`docker compose up` and `bash scripts/run.sh` train the same small CPU setup by default."""
-    from trainer import stack
-
-    def as_environment(arguments: tuple[str, ...]) -> dict[str, str]:
-        pairs = zip(arguments[::2], arguments[1::2])
-        return {"LINEPACK_" + flag.removeprefix("--").upper().replace("-", "_"): value for flag, value in pairs}
-
-    producer = service_environment(compose["services"]["producer"])
-    trainer = service_environment(compose["services"]["trainer"])
-    for name, value in as_environment(stack.DEFAULT_PRODUCER_ARGS).items():
-        assert producer[name] == value, name
-    for name, value in as_environment(stack.DEFAULT_TRAINER_ARGS).items():
-        assert trainer[name] == value, name
-    assert trainer["LINEPACK_MAX_ITERS"] == str(stack.build_parser().get_default("max_iters"))

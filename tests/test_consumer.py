@@ -1,5 +1,6 @@
 """DatasetConsumer in-process, fed by a PUSH socket in the test with hand-built messages."""
 
+import dataclasses
 import logging
 import time
 
@@ -7,12 +8,14 @@ import numpy as np
 import pytest
 import torch
 import zmq
+from streamkit import as_bytes, make_frames, make_meta, make_tensors, wait_until
 
 from shared.recording import RecordingReader
-from shared.wire import decode
-from streamkit import as_bytes, make_frames, make_meta, make_tensors, wait_until
-from shared.wire import encode
-from trainer.consumer import WIDE_DTYPES, BatchAssembler, DatasetConsumer, ProducerTable
+from shared.wire import decode, encode
+from trainer.data.accounting import ProducerTable
+from trainer.data.assembly import BatchAssembler
+from trainer.data.consumer import DatasetConsumer
+from trainer.data.device import WIDE_DTYPES, host_tensor, to_device
 
 
 @pytest.fixture
@@ -49,8 +52,8 @@ def test_batches_have_exact_size_and_keep_row_order(context, rows_per_message, b
             socket.send_multipart(encode(meta, "train", "p0", seq, tensors), copy=False)
         n_batches = 12 * rows_per_message // batch_size
         batches = [c.next_batch(timeout=5) for _ in range(n_batches)]
-        wait_until(lambda: c.stats()["accepted"] == 12)
-        stats = c.stats()
+        wait_until(lambda: c.stats().to_dict()["accepted"] == 12)
+        stats = c.stats().to_dict()
     for batch in batches:
         assert batch["x"].shape == (batch_size, meta.block_size)
         assert batch["x"].dtype == batch["y"].dtype == batch["attention_mask"].dtype == torch.int64
@@ -72,8 +75,8 @@ def test_stage_is_widened_and_batch_stats_are_set(context):
         batch = c.next_batch(timeout=5)
     assert batch["stage"].dtype == torch.int64
     np.testing.assert_array_equal(batch["stage"].numpy(), tensors["stage"])
-    assert c.last_batch_stats["rows"] == 4
-    assert c.last_batch_stats["valid_len"]["max"] == int(tensors["attention_mask"].sum(1).max())
+    assert dataclasses.asdict(c.last_batch_stats)["rows"] == 4
+    assert dataclasses.asdict(c.last_batch_stats)["valid_len"]["max"] == int(tensors["attention_mask"].sum(1).max())
     assert c.cumulative_mask_ratio.count == 4
 
 
@@ -81,7 +84,7 @@ def test_producer_table_counts_gaps_duplicates_and_late_arrivals():
     table = ProducerTable()
     for seq in [5, 6, 9, 7, 7, 3, 4, 10]:
         table.record("a", seq, "train", 0.0)
-    row = table.to_dict(0.0)["a"]
+    row = dataclasses.asdict(table.rows(0.0)["a"])
     # Seen 3..10 except 8: one gap. 7 and 3 and 4 came late (7 filled a gap, 3 extended the start, 4 filled).
     assert row["gaps"] == 1
     assert row["duplicates"] == 1
@@ -98,7 +101,7 @@ def test_gaps_and_duplicates_on_the_wire(context):
             socket.send_multipart(make_frames(meta, "p", seq, rng))
         for _ in range(5):
             c.next_batch(timeout=5)
-        stats = c.stats()
+        stats = c.stats().to_dict()
     assert stats["gaps"] == 2 and stats["duplicates"] == 1
     assert stats["consumed_messages"] == 5 and stats["consumed_batches"] == 5
 
@@ -120,7 +123,7 @@ def test_bad_messages_are_rejected_by_reason_and_the_good_stream_is_unaffected(c
         encode(meta, "train", "bad", 1, no_ratio),
         encode(meta, "train", "bad", 2, make_tensors(meta, 4, rng, with_stage=True)),
     ]
-    caplog.set_level(logging.WARNING, logger="trainer.consumer")
+    caplog.set_level(logging.WARNING, logger="trainer.data.consumer")
     with consumer(4) as c:
         socket = pusher(context, c.endpoint)
         for good_frames, bad_frames in zip(good, bad + [None]):
@@ -128,8 +131,8 @@ def test_bad_messages_are_rejected_by_reason_and_the_good_stream_is_unaffected(c
             if bad_frames is not None:
                 socket.send_multipart(bad_frames)
         batches = [c.next_batch(timeout=5) for _ in range(7)]
-        wait_until(lambda: c.stats()["received"] == 13)
-        stats = c.stats()
+        wait_until(lambda: c.stats().to_dict()["received"] == 13)
+        stats = c.stats().to_dict()
     assert stats["rejected"] == {"frame_count": 1, "header_not_msgpack": 1, "size": 1, "meta_mismatch": 1, "tensor_list": 1, "tensor_set": 1}
     assert stats["accepted"] == 7 and stats["gaps"] == 0
     assert list(stats["producers"]) == ["good"]
@@ -156,7 +159,7 @@ def test_val_set_first_copy_wins_and_batches_are_in_val_index_order(context):
         socket.send_multipart(encode(meta, "val", "b", 1, val[1], val_index=1))
         assert c.wait_for_val_set(timeout=5)
         batches = c.val_batches()
-        stats = c.stats()
+        stats = c.stats().to_dict()
     assert [len(b["x"]) for b in batches] == [5, 5, 2]
     np.testing.assert_array_equal(rows_of(batches, "x"), np.concatenate([v["x"] for v in val]))
     assert stats["val_messages_seen"] == 3 and stats["val_messages_total"] == 3
@@ -173,7 +176,7 @@ def test_waiting_for_the_val_set_reads_past_a_full_queue(context):
             socket.send_multipart(make_frames(meta, "p", seq, rng))
         socket.send_multipart(make_frames(meta, "p", seq + 1, rng, split="val", val_index=0))
         assert c.wait_for_val_set(timeout=10)
-        stats = c.stats()
+        stats = c.stats().to_dict()
         assert stats["dropped_train"] > 0
         assert stats["gaps"] == 0  # dropped by the consumer, not lost on the way
         first = c.next_batch(timeout=5)
@@ -183,16 +186,16 @@ def test_waiting_for_the_val_set_reads_past_a_full_queue(context):
 def test_starved_after_silence_and_recovers(context, caplog):
     meta = make_meta(val_messages=0)
     rng = np.random.default_rng(7)
-    caplog.set_level(logging.INFO, logger="trainer.consumer")
+    caplog.set_level(logging.INFO, logger="trainer.data.consumer")
     with consumer(4, starved_after_s=0.3) as c:
-        wait_until(lambda: c.stats()["starved"])
+        wait_until(lambda: c.stats().to_dict()["starved"])
         assert any("waiting for producers" in r.message for r in caplog.records)
         with pytest.raises(TimeoutError, match="no train batch within 0.2 s"):
             c.next_batch(timeout=0.2)
         socket = pusher(context, c.endpoint)
         socket.send_multipart(make_frames(meta, "p", 0, rng))
         c.next_batch(timeout=5)
-        assert not c.stats()["starved"]
+        assert not c.stats().to_dict()["starved"]
         assert any("producers are back" in r.message for r in caplog.records)
 
 
@@ -216,11 +219,11 @@ def test_full_queue_stops_reading_so_the_sender_blocks(context):
                 except zmq.Again:
                     break
         assert time.monotonic() < deadline, "the sender never blocked"
-        received = c.stats()["received"]
+        received = c.stats().to_dict()["received"]
         in_flight_bytes = (sent - received) * sum(len(f) for f in as_bytes(frames))
         # Bounded by the high-water marks plus the kernel's TCP buffers (a few MB on loopback).
         assert received < sent and in_flight_bytes < 32 << 20
-        assert c.stats()["queue_depth"] == 2
+        assert c.stats().to_dict()["queue_depth"] == 2
 
 
 def test_recording_holds_handed_out_messages_in_consumption_order(tmp_path, context):
@@ -249,7 +252,7 @@ def test_recording_holds_handed_out_messages_in_consumption_order(tmp_path, cont
             socket.send_multipart(record)
         assert replayed.wait_for_val_set(timeout=5)
         again = [replayed.next_batch(timeout=5) for _ in range(4)]
-        assert replayed.stats()["duplicates"] == 0
+        assert replayed.stats().to_dict()["duplicates"] == 0
     for a, b in zip(batches, again):
         for name in a:
             assert torch.equal(a[name], b[name])
@@ -294,9 +297,9 @@ def test_handed_out_tensors_are_writable_copies_not_views_of_the_frames(context)
     meta = make_meta(rows_per_message=4, val_messages=0)
     tensors = make_tensors(meta, 4, np.random.default_rng(12), with_stage=True)
     received = decode([bytes(frame) for frame in encode(meta, "train", "p", 0, tensors)]).tensors  # read-only views
-    c = consumer(4)
-    host = {name: c._host_tensor(name, array) for name, array in received.items()}
-    batch = c._to_device(host)
+    cpu = torch.device("cpu")
+    host = {name: host_tensor(cpu, array) for name, array in received.items()}
+    batch = to_device(cpu, host)
     for name, array in received.items():
         assert not array.flags.writeable
         assert batch[name].dtype == WIDE_DTYPES[name] and batch[name].numpy().flags.writeable, name
@@ -311,7 +314,7 @@ def test_handed_out_tensors_are_writable_copies_not_views_of_the_frames(context)
 
 @pytest.mark.parametrize("every_s,batches_with_stats", [(0.0, "all"), (3600.0, "first")])
 def test_batch_statistics_are_computed_per_interval_and_the_histogram_sees_every_row(context, monkeypatch, every_s, batches_with_stats):
-    monkeypatch.setattr("trainer.consumer.STATS_EVERY_S", every_s)
+    monkeypatch.setattr("trainer.data.intake.STATS_EVERY_S", every_s)
     meta = make_meta(rows_per_message=4, val_messages=0)
     rng = np.random.default_rng(13)
     messages = [make_tensors(meta, 4, rng) for _ in range(6)]
@@ -322,7 +325,7 @@ def test_batch_statistics_are_computed_per_interval_and_the_histogram_sees_every
             socket.send_multipart(encode(meta, "train", "p", seq, tensors))
         for _ in messages:
             c.next_batch(timeout=5)
-            seen.append(c.last_batch_stats)
+            seen.append(dataclasses.asdict(c.last_batch_stats))
     source = messages if batches_with_stats == "all" else [messages[0]] * len(messages)
     for stats, tensors in zip(seen, source):
         assert stats["valid_len"]["mean"] == pytest.approx(tensors["attention_mask"].sum(1).mean())
@@ -340,7 +343,7 @@ def test_a_peer_sending_an_oversized_frame_is_cut_off_unread_and_others_go_on(co
         tensors = make_tensors(meta, 4, rng)
         good.send_multipart(encode(meta, "train", "good", 0, tensors))
         batch = c.next_batch(timeout=5)
-        stats = c.stats()
+        stats = c.stats().to_dict()
     np.testing.assert_array_equal(batch["x"].numpy(), tensors["x"])
     assert stats["received"] == 1 and stats["rejected_total"] == 0 and set(stats["producers"]) == {"good"}
 
@@ -361,8 +364,8 @@ def test_per_producer_accounting_counts_consumed_and_rejected_messages(context):
         bad["x"][0, 0] = meta.vocab_size  # an id outside the vocabulary
         socket.send_multipart(encode(meta, "train", "good", 3, bad))
         batches = [c.next_batch(timeout=5) for _ in range(2)]
-        wait_until(lambda: c.stats()["received"] == 7)
-        stats = c.stats()
+        wait_until(lambda: c.stats().to_dict()["received"] == 7)
+        stats = c.stats().to_dict()
     assert len(batches) == 2
     assert stats["producers"]["good"]["consumed"] == 2 and stats["producers"]["good"]["messages"] == 3
     assert "foreign" not in stats["producers"]

@@ -1,4 +1,4 @@
-"""Corruption (SPEC §2.5): candidates, the policies, 80/10/10, and the stage file."""
+"""Corruption (docs/SPEC.md §2.5): candidates, the policies, 80/10/10, and the stage file."""
 
 import math
 
@@ -7,10 +7,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from producer.config import EXAMPLE_STAGES
 from producer.corruption import BertPolicy, Selection, UniformPolicy, choose_k, corrupt, mask_ratio
-from producer.stages import StageError, StagePlan, StagesPolicy, load_stage_plan, span_select, sticky_select
-from producer.stages import RandomStage, SpanStage, StickyStage
+from producer.stages import (
+    EXAMPLE_STAGES,
+    RandomStage,
+    SpanStage,
+    StageError,
+    StagePlan,
+    StagesPolicy,
+    StickyStage,
+    load_stage_plan,
+    span_select,
+    sticky_select,
+)
 
 BASE = 60  # base ids 0..59
 MASK, SEP, PAD = 60, 61, 62

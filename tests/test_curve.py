@@ -16,13 +16,13 @@ import time
 import numpy as np
 import pytest
 import zmq
-
 from processkit import ROOT, TINY_DATA, Cluster
-from shared.curve import (CurveClient, CurveKeyError, CurveServer, configure_client, load_authorized_keys,
-                          load_public_key, load_secret_pair, main as curve_main)
-from shared.recording import RecordingWriter
 from streamkit import make_frames, make_meta
-from trainer.consumer import DatasetConsumer
+
+from shared.curve import CurveClient, CurveKeyError, CurveServer, configure_client, load_authorized_keys, load_public_key, load_secret_pair
+from shared.curve import main as curve_main
+from shared.recording import RecordingWriter
+from trainer.data.consumer import DatasetConsumer
 
 HANDSHAKE_GRACE_S = 1.5  # ample for a loopback handshake and a few reconnect attempts
 
@@ -88,7 +88,7 @@ def test_only_listed_producers_get_a_message_through(keys):
             forge_plain_messages(consumer.endpoint)
             batches = [consumer.next_batch(timeout=30) for _ in range(10)]
             time.sleep(HANDSHAKE_GRACE_S)
-            stats = consumer.stats()
+            stats = consumer.stats().to_dict()
             guard = consumer.curve_guard
         finally:
             for proc in procs.values():
@@ -133,7 +133,7 @@ def test_with_curve_off_a_plain_producer_works_and_a_curve_client_gets_nothing_t
             try:
                 batches = [consumer.next_batch(timeout=30) for _ in range(5)]
                 time.sleep(HANDSHAKE_GRACE_S)
-                stats = consumer.stats()
+                stats = consumer.stats().to_dict()
             finally:
                 plain.terminate()
                 plain.communicate(timeout=10)
@@ -159,7 +159,7 @@ def test_replay_takes_the_same_curve_flags(tmp_path, keys):
                                  cwd=ROOT, capture_output=True, text=True, timeout=60)
         batches = [consumer.next_batch(timeout=30) for _ in range(6)]
         time.sleep(HANDSHAKE_GRACE_S)
-        stats = consumer.stats()
+        stats = consumer.stats().to_dict()
         plain.terminate()  # its connection never opens: it blocks once its queue is full
         plain_stderr = plain.communicate(timeout=10)[1]
     assert trusted.returncode == 0 and plain.returncode == 0 and "summary " in plain_stderr

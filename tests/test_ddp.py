@@ -1,4 +1,4 @@
-"""Data-parallel training: ``trainer.distributed`` and ``producer.service.Routes``.
+"""Data-parallel training: ``trainer.loop.distributed`` and ``producer.sending.Routes``.
 
 The two slow tests run the real thing on 127.0.0.1: ``python -m torch.distributed.run
 --nproc-per-node=2 -m trainer`` (gloo on CPU, one consumer endpoint per rank) fed by two
@@ -8,6 +8,7 @@ pieces in-process.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -24,16 +25,18 @@ import numpy as np
 import pytest
 import torch
 import zmq
-
-from producer.config import DataConfig
-from producer.service import Routes, route_producer_id
-from producer.stream import BatchStream
-from shared.recording import RecordingReader
-from shared.wire import MAX_PRODUCER_ID_CHARS, decode
 from streamkit import make_frames, make_meta, make_tensors
-from trainer.consumer import DatasetConsumer
-from trainer.diagnostics import Diagnostics
-from trainer.distributed import Ranks, merge_stream_stats, parameter_digest, rank_endpoint, rank_path
+
+from producer.sending import Routes, route_producer_id
+from producer.stream import BatchStream
+from shared.data_config import DataConfig
+from shared.limits import MAX_PRODUCER_ID_CHARS
+from shared.recording import RecordingReader
+from shared.wire import decode
+from trainer.data.consumer import DatasetConsumer
+from trainer.data.stats import StreamStats, merge_stream_stats
+from trainer.diagnostics.state import Diagnostics
+from trainer.loop.distributed import Ranks, parameter_digest, rank_endpoint, rank_path
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("the a of to and in is it that was for on are with as be at by this have from or one had not but what "
@@ -316,7 +319,7 @@ def test_routes_round_robin_train_and_send_val_everywhere():
     assert len(route_producer_id("x" * MAX_PRODUCER_ID_CHARS, 12)) == MAX_PRODUCER_ID_CHARS
 
 
-def rank_stats(rank: int, producers: dict, **numbers) -> dict:
+def rank_stats(rank: int, producers: dict, **numbers) -> StreamStats:
     stats = {
         "rank": rank, "endpoint": f"tcp://h:{5555 + rank}", "as_of_step": None if rank == 0 else 10,
         "received": 10, "accepted": 9, "rejected": {"bad_dtype": 1}, "rejected_total": 1, "consumed_messages": 8,
@@ -325,7 +328,7 @@ def rank_stats(rank: int, producers: dict, **numbers) -> dict:
         "val_messages_seen": 3, "val_messages_total": 3, "meta_digest": "d",
     }
     stats.update(numbers)
-    return stats
+    return StreamStats.from_dict({**stats, "producers": {name: dict(row) for name, row in stats["producers"].items()}})
 
 
 ROW = {"messages": 5, "train": 4, "val": 1, "first_seq": 0, "last_seq": 4, "gaps": 0, "duplicates": 0,
@@ -339,13 +342,14 @@ def test_merge_stream_stats_and_diagnostics():
                    rejected={"bad_dtype": 2, "meta_mismatch": 1}, rejected_total=3),
     ]
     total = merge_stream_stats(per_rank)
+    snapshot = Diagnostics(stream_stats=lambda: total).snapshot()
+    total = total.to_dict()
     assert (total["received"], total["accepted"], total["consumed_batches"], total["queue_depth"]) == (20, 18, 8, 4)
     assert total["rejected"] == {"bad_dtype": 3, "meta_mismatch": 1} and total["rejected_total"] == 4
     assert set(total["producers"]) == {"p/0", "p/1", "q@rank0", "q@rank1"}
     assert total["starved"] and total["seconds_since_last_message"] == 7.5 and total["val_messages_seen"] == 1
-    assert merge_stream_stats([per_rank[0], rank_stats(1, {}, seconds_since_last_message=None)])["seconds_since_last_message"] is None
+    assert merge_stream_stats([per_rank[0], rank_stats(1, {}, seconds_since_last_message=None)]).seconds_since_last_message is None
 
-    snapshot = Diagnostics(stream_stats=lambda: total).snapshot()
     assert snapshot.stream.received == 20
     assert [(entry.rank, entry.as_of_step) for entry in snapshot.stream.ranks] == [(0, None), (1, 10)]
     assert snapshot.stream.ranks[1].producers["p/1"].train == 4
@@ -354,17 +358,17 @@ def test_merge_stream_stats_and_diagnostics():
 def test_rank_zero_ages_the_other_ranks_silence_since_their_last_gather(monkeypatch):
     ranks = Ranks(rank=0, local_rank=0, world_size=2)
     clock = [100.0]
-    monkeypatch.setattr("trainer.distributed.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("trainer.loop.distributed.time.monotonic", lambda: clock[0])
     ranks._gathered, ranks._gathered_at = [rank_stats(0, {}), rank_stats(1, {}, seconds_since_last_message=1.0)], clock[0]
 
     class Consumer:
         endpoint = "tcp://h:5555"
 
         def stats(self):
-            return {key: value for key, value in rank_stats(0, {}).items() if key not in ("rank", "endpoint", "as_of_step")}
+            return dataclasses.replace(rank_stats(0, {}), rank=None, endpoint=None, as_of_step=None)
 
     clock[0] += 6.0  # rank 1 has not reported for 6 s: no log step happened anywhere
-    stream = ranks.stream_stats(Consumer())
+    stream = ranks.stream_stats(Consumer()).to_dict()
     assert [entry["seconds_since_last_message"] for entry in stream["ranks"]] == [1.0, 7.0]
     assert stream["seconds_since_last_message"] == 7.0
 
@@ -379,10 +383,10 @@ def test_single_process_ranks_are_a_no_op():
         endpoint = "tcp://h:1"
 
         def stats(self):
-            return {"received": 1}
+            return StreamStats(received=1)
 
     ranks.gather_stream_stats(Consumer(), 5)
-    assert ranks.stream_stats(Consumer()) == {"received": 1}  # the one-process schema, no ``ranks``
+    assert ranks.stream_stats(Consumer()) == StreamStats(received=1)  # the one-process numbers, no ``ranks``
 
 
 def test_producers_only_compose_file():

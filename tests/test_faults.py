@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 import torch
 import zmq
-
 from processkit import ROOT, Cluster, last_status_count
+from streamkit import make_frames, make_meta
+
 from shared.recording import RecordingReader
 from shared.wire import decode
-from streamkit import make_frames, make_meta
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""The context-free floor: exact value against brute force, and the Shakespeare figure of SPEC §6."""
+"""The context-free floor: exact value against brute force, and the Shakespeare figure of docs/SPEC.md §6."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from shared.meta import StreamMeta
 from shared.vocab import Vocabulary
-from trainer.floor import context_free_floor, corrupted_token_entropy, entropy, span_coverage, stage_floors
+from trainer.diagnostics.floor import context_free_floor, corrupted_token_entropy, entropy, span_coverage, stage_floors
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -120,7 +120,7 @@ def test_span_coverage_matches_enumeration_and_its_large_n_limit(spans, candidat
 def test_floor_matches_the_real_producer_stream():
     """Supervised (label, input) pairs from producer.stream.BatchStream, fitted and scored."""
     stream_module = pytest.importorskip("producer.stream")
-    config_module = pytest.importorskip("producer.config")
+    config_module = pytest.importorskip("shared.data_config")
     corpus_module = pytest.importorskip("producer.corpus")
     text = "".join(f"{'ab' * (i % 5)}{'c' * (i % 3)}d{'ee' * (i % 2)}\n" for i in range(400))
     corpus = corpus_module.Corpus(text=text, name="test", fingerprint="0" * 16)

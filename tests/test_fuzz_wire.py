@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from wirekit import assert_valid_message, make_meta, make_tensors, mutate_bytes, vocab_chars
 
 from shared.wire import MAX_HEADER_BYTES, REASONS, WireError, WireMessage, decode, encode
-from wirekit import assert_valid_message, make_meta, make_tensors, mutate_bytes, vocab_chars
 
 FUZZ = dict(deadline=None, derandomize=True, database=None)
 TOP_FIELDS = ["magic", "version", "kind", "split", "producer", "seq", "val_index", "meta_hash", "meta", "tensors"]

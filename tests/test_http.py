@@ -3,7 +3,6 @@ cumulative percentiles, answers while the training thread is blocked, Prometheus
 
 from __future__ import annotations
 
-import argparse
 import math
 import threading
 import time
@@ -12,22 +11,26 @@ import httpx
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-
-from trainer.alarms import AlarmSettings
-from trainer.batch_stats import MaskRatioHistogram, batch_statistics, mask_ratio_counts
-from trainer.diagnostics import Diagnostics
-from trainer.http import add_http_arguments, create_app, serve_in_thread, start_diagnostics
-from trainer.train import TrainConfig, Trainer
-
 from synthetic_batches import ReadyStream, SyntheticStream
 
-MODEL_ARGS = dict(n_layer=1, n_head=2, n_embd=32)
+from shared.batch_stats import MaskRatioHistogram, batch_statistics, mask_ratio_counts, valid_lengths
+from trainer.data.stats import ProducerRow, StreamStats
+from trainer.diagnostics.alarms import AlarmSettings
+from trainer.diagnostics.config import DiagnosticsSettings
+from trainer.diagnostics.http import create_app, serve_in_thread, start_diagnostics
+from trainer.diagnostics.state import Diagnostics
+from trainer.loop.config import TrainConfig
+from trainer.loop.numbers import EvalNumbers, StepNumbers
+from trainer.loop.train import Trainer
+from trainer.model.transformer import ModelConfig
+
+MODEL = ModelConfig(n_layer=1, n_head=2, n_embd=32)
 TIMEOUT = 10.0
 
 
 class FakeConsumer(ReadyStream):
     """The DatasetConsumer interface over a SyntheticStream, with the real batch statistics and
-    histogram, a stats() dict in the consumer's format, and a gate that can block next_batch."""
+    histogram, StreamStats as the consumer makes them, and a gate that can block next_batch."""
 
     def __init__(self, block_size: int = 48, batch_size: int = 8, seed: int = 0) -> None:
         self.stream = SyntheticStream(block_size=block_size, batch_size=batch_size, seed=seed)
@@ -50,7 +53,8 @@ class FakeConsumer(ReadyStream):
         batch = self.stream.batch()
         arrays = {name: tensor.numpy() for name, tensor in batch.items()}
         self.last_batch_stats = batch_statistics(
-            arrays["x"], arrays["y"], arrays["attention_mask"], arrays["mask_ratio"], self.meta.mask_id, self.meta.ignore_index
+            arrays["x"], arrays["y"], valid_lengths(arrays["attention_mask"]), arrays["mask_ratio"], self.meta.mask_id,
+            self.meta.ignore_index
         )
         self.cumulative_mask_ratio.add_counts(mask_ratio_counts(arrays["mask_ratio"]))
         self.ratios_seen.append(arrays["mask_ratio"])
@@ -60,22 +64,22 @@ class FakeConsumer(ReadyStream):
 
     def stats(self):
         total_rejected = sum(self.rejected.values())
-        return {
-            "received": self.consumed + total_rejected, "accepted": self.consumed, "rejected": dict(self.rejected),
-            "rejected_total": total_rejected, "consumed_messages": self.consumed, "consumed_batches": self.consumed,
-            "dropped_train": 0, "gaps": 1, "duplicates": 0, "out_of_order": 0,
-            "producers": {"p0": {"messages": self.consumed, "train": self.consumed, "val": 2, "first_seq": 0,
-                                  "last_seq": self.consumed + 2, "gaps": 1, "duplicates": 0, "out_of_order": 0,
-                                  "seconds_since_last": 0.0}},
-            "starved": False, "seconds_since_last_message": round(time.monotonic() - self.last_message, 3),
-            "queue_depth": 2, "val_messages_seen": 2, "val_messages_total": 2, "meta_digest": self.meta.digest,
-        }
+        return StreamStats(
+            received=self.consumed + total_rejected, accepted=self.consumed, rejected=dict(self.rejected),
+            rejected_total=total_rejected, consumed_messages=self.consumed, consumed_batches=self.consumed,
+            dropped_train=0, gaps=1, duplicates=0, out_of_order=0,
+            producers={"p0": ProducerRow(messages=self.consumed, train=self.consumed, val=2, first_seq=0,
+                                         last_seq=self.consumed + 2, gaps=1, duplicates=0, out_of_order=0,
+                                         seconds_since_last=0.0)},
+            starved=False, seconds_since_last_message=round(time.monotonic() - self.last_message, 3),
+            queue_depth=2, val_messages_seen=2, val_messages_total=2, meta_digest=self.meta.digest,
+        )
 
 
 def make_trainer(tmp_path, consumer, diagnostics, max_iters=30, eval_interval=10) -> Trainer:
     config = TrainConfig(out_dir=str(tmp_path), batch_size=8, max_iters=max_iters, eval_interval=eval_interval,
                          log_interval=5, device="cpu", lr=3e-3, warmup_iters=5, seed=1)
-    trainer = Trainer(config, MODEL_ARGS, consumer, [diagnostics])
+    trainer = Trainer(config, MODEL, consumer, [diagnostics])
     trainer.prepare(wait_timeout=5)
     return trainer
 
@@ -208,8 +212,10 @@ def test_the_endpoint_answers_while_the_training_thread_is_blocked(tmp_path):
 
 def test_per_stage_losses_reach_the_diagnostics():
     diagnostics = Diagnostics(FakeConsumer())
-    diagnostics.on_step(5, {"log": True, "train_loss": 2.5, "train_loss_by_stage": {"0": 2.0, "1": 3.0}, "lr": 1e-3})
-    diagnostics.on_eval(5, {"val_loss": 2.6, "val_loss_by_stage": {"0": 2.1, "1": 3.1}})
+    diagnostics.on_step(StepNumbers(step=5, log=True, lr=1e-3, step_ms=1.0, data_wait_ms=0.0, tokens=8, train_loss=2.5,
+                                    train_loss_by_stage={"0": 2.0, "1": 3.0}))
+    diagnostics.on_eval(EvalNumbers(step=5, val_loss=2.6, val_loss_by_stage={"0": 2.1, "1": 3.1}, val_supervised=10,
+                                    eval_ms=1.0, before_training=False))
     loss = diagnostics.snapshot().loss
     assert loss.train_by_stage == {"0": 2.0, "1": 3.0} and loss.val_by_stage == {"0": 2.1, "1": 3.1}
 
@@ -227,15 +233,13 @@ def test_rejections_raise_rejecting_and_meta_mismatch():
 
 
 def test_cli_arguments_and_port_zero_disables_the_server():
-    parser = argparse.ArgumentParser()
-    add_http_arguments(parser)
-    defaults = parser.parse_args([])
+    defaults = DiagnosticsSettings()
     assert (defaults.http_host, defaults.http_port, defaults.probe_interval) == ("127.0.0.1", 8000, None)
-    diagnostics, server = start_diagnostics(parser.parse_args(["--http-port", "0", "--probe-interval", "50"]))
-    assert server is None and diagnostics.probe_interval == 50
+    diagnostics, server = start_diagnostics(DiagnosticsSettings(http_port=0, probe_interval=50))
+    assert server is None and diagnostics.prober.interval == 50
     with socket_port() as port:
         pass  # released: free for the server
-    diagnostics, server = start_diagnostics(parser.parse_args(["--http-port", str(port)]))
+    diagnostics, server = start_diagnostics(DiagnosticsSettings(http_port=port))
     try:
         assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=TIMEOUT).json() == {"ok": True, "step": 0}
         body = httpx.get(f"http://127.0.0.1:{port}/diagnostics", timeout=TIMEOUT).json()
@@ -246,10 +250,8 @@ def test_cli_arguments_and_port_zero_disables_the_server():
 
 
 def test_a_taken_port_leaves_training_without_the_server(caplog):
-    parser = argparse.ArgumentParser()
-    add_http_arguments(parser)
     with socket_port(listen=True) as port:
-        diagnostics, server = start_diagnostics(parser.parse_args(["--http-port", str(port)]))
+        diagnostics, server = start_diagnostics(DiagnosticsSettings(http_port=port))
     assert server is None and isinstance(diagnostics, Diagnostics)
     assert "training goes on without it" in caplog.text
 
@@ -278,9 +280,9 @@ def test_snapshot_types_the_real_consumer_and_counts_a_foreign_stream():
     from a stream with another block size: meta_mismatch and rejecting fire."""
     zmq = pytest.importorskip("zmq")
     stream_module = pytest.importorskip("producer.stream")
-    config_module = pytest.importorskip("producer.config")
+    config_module = pytest.importorskip("shared.data_config")
     from shared.wire import encode
-    from trainer.consumer import DatasetConsumer
+    from trainer.data.consumer import DatasetConsumer
 
     text = "".join(f"line {i} of a small corpus\n" for i in range(200))
     corpus = pytest.importorskip("producer.corpus").Corpus(text=text, name="test", fingerprint="0" * 16)
@@ -314,7 +316,7 @@ def test_snapshot_types_the_real_consumer_and_counts_a_foreign_stream():
 
             push.send_multipart(encode(foreign.meta, "train", "p1", 0, next(foreign.train_batches())), copy=False)
             deadline = time.monotonic() + TIMEOUT
-            while consumer.stats()["rejected_total"] == 0 and time.monotonic() < deadline:
+            while consumer.stats().to_dict()["rejected_total"] == 0 and time.monotonic() < deadline:
                 time.sleep(0.02)
             alarms = {alarm.name: alarm for alarm in diagnostics.snapshot().alarms}
             assert alarms["meta_mismatch"].active and alarms["rejecting"].active

@@ -1,4 +1,4 @@
-"""StreamMeta: wire form, stable digest, differences, strict parsing (SPEC §3)."""
+"""StreamMeta: wire form, stable digest, differences, strict parsing (docs/SPEC.md §3)."""
 
 import json
 import os
@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from wirekit import make_meta
 
 from shared.meta import MetaError, StreamMeta, canonical_json
 from shared.vocab import Vocabulary
-from wirekit import make_meta
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -5,15 +5,16 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from synthetic_batches import SyntheticStream, make_meta
 
 from shared.vocab import IGNORE_INDEX
-from synthetic_batches import SyntheticStream, make_meta
-from trainer.model import BidirectionalTransformer, ModelConfig, key_padding_mask, supervised_loss
+from trainer.model.losses import supervised_loss
+from trainer.model.transformer import BidirectionalTransformer, ModelConfig, key_padding_mask
 
 
 def tiny_model(meta, positions="learned", seed=0):
     torch.manual_seed(seed)
-    return BidirectionalTransformer(ModelConfig.from_meta(meta, n_layer=2, n_head=2, n_embd=32, positions=positions)).eval()
+    return BidirectionalTransformer(ModelConfig(n_layer=2, n_head=2, n_embd=32, positions=positions).for_stream(meta)).eval()
 
 
 def test_key_padding_mask_is_true_for_real_tokens_and_broadcasts_over_queries():
@@ -103,7 +104,7 @@ def test_loss_of_a_batch_without_supervision_is_zero():
 
 def test_check_covers_refuses_a_model_too_small_for_the_stream():
     meta = make_meta(block_size=64)
-    ModelConfig.from_meta(meta).check_covers(meta)
+    ModelConfig().for_stream(meta).check_covers(meta)
     with pytest.raises(ValueError, match="pad_id"):
         ModelConfig(vocab_size=meta.vocab_size - 1, block_size=64).check_covers(meta)
     with pytest.raises(ValueError, match="block_size 64 > the model's block_size 32"):

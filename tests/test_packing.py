@@ -1,4 +1,4 @@
-"""Line-aligned and fixed packing (SPEC §2.3, §2.4) on random corpora and block sizes."""
+"""Line-aligned and fixed packing (docs/SPEC.md §2.3, §2.4) on random corpora and block sizes."""
 
 import numpy as np
 from hypothesis import given, settings
@@ -23,7 +23,7 @@ def corpora(draw):
 
 
 def reference_row(lines: Lines, line: int, block_size: int) -> list[int]:
-    """The row starting at ``line``, built line by line: the definition of SPEC §2.3."""
+    """The row starting at ``line``, built line by line: the definition of docs/SPEC.md §2.3."""
     content = []
     for i in range(line, lines.n_lines):
         piece = lines.tokens[lines.starts[i] : lines.starts[i + 1]].tolist()

@@ -1,4 +1,4 @@
-"""The plateau's cause, demonstrated (SPEC §9.1): an inverted key-padding mask is refused at
+"""The plateau's cause, demonstrated (docs/SPEC.md §9.1): an inverted key-padding mask is refused at
 start-up, and, forced through with the self-test bypassed, keeps val loss at the context-free
 floor while ``context_blind`` fires in ``GET /diagnostics``; with the correct mask it stays quiet.
 
@@ -15,25 +15,28 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from synthetic_batches import ReadyStream
 
-import trainer.model
-import trainer.train
-from producer.config import DataConfig
+import trainer.loop.train
+import trainer.model.transformer
 from producer.corpus import Corpus
 from producer.stream import BatchStream
-from synthetic_batches import ReadyStream
-from trainer.alarms import AlarmSettings
-from trainer.diagnostics import Diagnostics
-from trainer.floor import context_free_floor
-from trainer.http import create_app
-from trainer.selftest import MaskSelfTestError
-from trainer.train import TrainConfig, Trainer
+from shared.data_config import DataConfig
+from trainer.data.stats import StreamStats
+from trainer.diagnostics.alarms import AlarmSettings
+from trainer.diagnostics.floor import context_free_floor
+from trainer.diagnostics.http import create_app
+from trainer.diagnostics.state import Diagnostics
+from trainer.loop.config import TrainConfig
+from trainer.loop.train import Trainer
+from trainer.model.selftest import MaskSelfTestError
+from trainer.model.transformer import ModelConfig
 
 WORDS = "the quick brown fox jumps over a lazy dog and then sleeps in the warm sun".split()
 BATCH_SIZE = 16
 STEPS = 300
 ALARM_WARMUP = 150
-MODEL_ARGS = dict(n_layer=2, n_head=2, n_embd=64)
+MODEL = ModelConfig(n_layer=2, n_head=2, n_embd=64)
 DATA = DataConfig(block_size=64, rows_per_message=8, packing="lines", policy="bert", seed=0)
 
 
@@ -60,13 +63,11 @@ class StreamConsumer(ReadyStream):
     def stats(self):
         """DatasetConsumer.stats() of a clean stream: every message accepted, none lost."""
         messages = self.consumed * (BATCH_SIZE // DATA.rows_per_message) + len(self._val)
-        return {
-            "received": messages, "accepted": messages, "rejected": {}, "rejected_total": 0,
-            "consumed_messages": messages, "consumed_batches": self.consumed, "dropped_train": 0,
-            "gaps": 0, "duplicates": 0, "out_of_order": 0, "producers": {}, "starved": False,
-            "seconds_since_last_message": 0.0, "queue_depth": 0, "val_messages_seen": len(self._val),
-            "val_messages_total": self.meta.val_messages, "meta_digest": self.meta.digest,
-        }
+        return StreamStats(
+            received=messages, accepted=messages, consumed_messages=messages, consumed_batches=self.consumed,
+            seconds_since_last_message=0.0, val_messages_seen=len(self._val), val_messages_total=self.meta.val_messages,
+            meta_digest=self.meta.digest,
+        )
 
 
 def word_corpus(lines: int = 2000, seed: int = 0) -> Corpus:
@@ -84,14 +85,14 @@ def stream() -> BatchStream:
 
 def inverted(monkeypatch) -> None:
     """Pass SDPA the padding mask (True = [PAD]) where it wants True = may attend: the §9.1 bug."""
-    correct = trainer.model.key_padding_mask
-    monkeypatch.setattr(trainer.model, "key_padding_mask", lambda attention_mask: ~correct(attention_mask))
+    correct = trainer.model.transformer.key_padding_mask
+    monkeypatch.setattr(trainer.model.transformer, "key_padding_mask", lambda attention_mask: ~correct(attention_mask))
 
 
 def make_trainer(tmp_path, stream: BatchStream, diagnostics: Diagnostics) -> Trainer:
     config = TrainConfig(out_dir=str(tmp_path), batch_size=BATCH_SIZE, max_iters=STEPS, eval_interval=STEPS,
                          log_interval=50, device="cpu", lr=5e-3, min_lr=5e-4, warmup_iters=20, seed=0)
-    return Trainer(config, MODEL_ARGS, StreamConsumer(stream), [diagnostics])
+    return Trainer(config, MODEL, StreamConsumer(stream), [diagnostics])
 
 
 def train_and_diagnose(tmp_path, stream: BatchStream) -> dict:
@@ -127,7 +128,7 @@ def test_an_inverted_mask_is_refused_before_the_first_step(tmp_path, stream, mon
 
 def test_forced_through_an_inverted_mask_sits_at_the_floor_and_context_blind_fires(tmp_path, stream, monkeypatch):
     inverted(monkeypatch)
-    monkeypatch.setattr(trainer.train, "mask_self_test", lambda model, batch, meta: {"bypassed": True})
+    monkeypatch.setattr(trainer.loop.train, "mask_self_test", lambda model, batch, meta: {"bypassed": True})
     answer = train_and_diagnose(tmp_path, stream)
 
     floor = context_free_floor(stream.meta, "val")

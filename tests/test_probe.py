@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from shared.vocab import IGNORE_INDEX
-from trainer.probe import attention_probe, build_probe_set
+from trainer.diagnostics.probe import attention_probe, build_probe_set
 
 VOCAB, T = 11, 24
 
@@ -86,22 +86,22 @@ def test_probe_numbers_match_direct_computation_for_a_context_model():
     probe = build_probe_set(make_val_batches(), rows=12, no_context_positions=40)
     result = attention_probe(model, probe, batch_size=5)
     with torch.no_grad():
-        assert result["loss_attn"] == pytest.approx(direct_loss(model, probe.x, probe.attention_mask, probe.y), rel=1e-5)
+        assert result.loss_attn == pytest.approx(direct_loss(model, probe.x, probe.attention_mask, probe.y), rel=1e-5)
         noattn = direct_loss(model, probe.x, torch.ones_like(probe.attention_mask), probe.y)
-        assert result["loss_noattn"] == pytest.approx(noattn, rel=1e-5)
-        assert result["loss_no_context"] == pytest.approx(brute_force_no_context(model, probe), rel=1e-5)
-    assert result["loss_noattn_minus_attn"] == pytest.approx(result["loss_noattn"] - result["loss_attn"])
-    assert abs(result["loss_noattn_minus_attn"]) > 1e-4  # the [PAD] tail changes a context model
-    assert abs(result["loss_no_context_minus_attn"]) > 1e-3
-    assert result["positions"] == int((probe.y != IGNORE_INDEX).sum())
-    assert result["no_context_positions"] == 40 and result["rows"] == 12
+        assert result.loss_noattn == pytest.approx(noattn, rel=1e-5)
+        assert result.loss_no_context == pytest.approx(brute_force_no_context(model, probe), rel=1e-5)
+    assert result.loss_noattn_minus_attn == pytest.approx(result.loss_noattn - result.loss_attn)
+    assert abs(result.loss_noattn_minus_attn) > 1e-4  # the [PAD] tail changes a context model
+    assert abs(result.loss_no_context_minus_attn) > 1e-3
+    assert result.positions == int((probe.y != IGNORE_INDEX).sum())
+    assert result.no_context_positions == 40 and result.rows == 12
 
 
 def test_a_context_blind_model_loses_nothing_without_context():
     model = PoolingModel(uses_context=False)
     result = attention_probe(model, build_probe_set(make_val_batches(), rows=12, no_context_positions=40))
-    assert result["loss_no_context_minus_attn"] == pytest.approx(0.0, abs=1e-6)
-    assert result["loss_noattn_minus_attn"] == pytest.approx(0.0, abs=1e-6)
+    assert result.loss_no_context_minus_attn == pytest.approx(0.0, abs=1e-6)
+    assert result.loss_noattn_minus_attn == pytest.approx(0.0, abs=1e-6)
 
 
 def test_probe_runs_in_eval_mode_and_restores_the_mode():
@@ -114,7 +114,7 @@ def test_probe_runs_in_eval_mode_and_restores_the_mode():
 
 
 def test_probe_on_the_real_transformer_matches_full_length_rows():
-    model_module = pytest.importorskip("trainer.model")
+    model_module = pytest.importorskip("trainer.model.transformer")
     torch.manual_seed(0)
     config = model_module.ModelConfig(vocab_size=VOCAB, block_size=T, n_layer=1, n_head=2, n_embd=16, dropout=0.1)
     model = model_module.BidirectionalTransformer(config)
@@ -122,5 +122,5 @@ def test_probe_on_the_real_transformer_matches_full_length_rows():
     result = attention_probe(model, probe, batch_size=4)
     model.eval()
     with torch.no_grad():
-        assert result["loss_no_context"] == pytest.approx(brute_force_no_context(model, probe), rel=1e-4)
-        assert result["loss_attn"] == pytest.approx(direct_loss(model, probe.x, probe.attention_mask, probe.y), rel=1e-4)
+        assert result.loss_no_context == pytest.approx(brute_force_no_context(model, probe), rel=1e-4)
+        assert result.loss_attn == pytest.approx(direct_loss(model, probe.x, probe.attention_mask, probe.y), rel=1e-4)

@@ -1,4 +1,4 @@
-"""Recording file format (SPEC §5): exact round trip, truncation, CRC, bad files."""
+"""Recording file format (docs/SPEC.md §5): exact round trip, truncation, CRC, bad files."""
 
 import struct
 import zlib
@@ -6,6 +6,7 @@ import zlib
 import msgpack
 import numpy as np
 import pytest
+from wirekit import make_meta, make_tensors
 
 from shared.recording import (
     MAGIC,
@@ -16,7 +17,6 @@ from shared.recording import (
     RecordingWriter,
 )
 from shared.wire import decode, encode
-from wirekit import make_meta, make_tensors
 
 FILE_HEAD = len(MAGIC) + 4
 RECORD_HEAD = 12

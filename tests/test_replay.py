@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from streamkit import make_frames, make_meta
 
 from shared.recording import RecordingReader, RecordingWriter
 from shared.wire import decode
-from streamkit import make_frames, make_meta
-from trainer.consumer import DatasetConsumer
+from trainer.data.consumer import DatasetConsumer
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,7 +76,7 @@ def recorded(tmp_path):
         val = consumer.val_batches()
         train = []
         deadline = time.monotonic() + 20
-        consumed = lambda: [row["consumed"] for row in consumer.stats()["producers"].values()]  # noqa: E731
+        consumed = lambda: [row["consumed"] for row in consumer.stats().to_dict()["producers"].values()]  # noqa: E731
         while (len(consumed()) < 2 or 0 in consumed()) and time.monotonic() < deadline:
             train += take(consumer, 1)  # until train rows of both producers were handed out
         train += take(consumer, 10)
@@ -96,7 +96,7 @@ def test_replay_gives_the_same_batches_in_the_same_order(recorded):
         assert_same_batches(consumer.val_batches(), val)
         assert_same_batches(take(consumer, len(train)), train)
         summary = summary_of(proc)
-        stats = consumer.stats()
+        stats = consumer.stats().to_dict()
     assert summary["records_sent"] == summary["records_in_file"] == len(records)
     assert not summary["truncated"] and summary["lost_bytes"] == 0
     assert stats["duplicates"] == 0 and stats["rejected_total"] == 0
@@ -116,7 +116,7 @@ def test_replay_of_a_truncated_recording_says_what_was_lost(recorded, tmp_path):
         replayed = take(consumer, len(train) - 2)  # the lost last message fed only the last batch
         summary = summary_of(proc)
         time.sleep(0.2)
-        received = consumer.stats()["received"]
+        received = consumer.stats().to_dict()["received"]
     assert_same_batches(replayed, train[:-2])
     assert summary["records_sent"] == total - 1 == received
     assert summary["truncated"] and summary["lost_bytes"] > 1000 - 1
@@ -139,7 +139,7 @@ def test_replay_skips_a_corrupt_record_and_loops(tmp_path):
         elapsed = time.monotonic() - started
         proc.terminate()
         summary = summary_of(proc)
-        stats = consumer.stats()
+        stats = consumer.stats().to_dict()
     assert elapsed > 11 / 50 - 0.05  # paced by --rate
     assert summary["complete_passes"] >= 2 and summary["corrupt_records"] == 1 and summary["records_in_file"] == 5
     assert stats["producers"]["p"]["duplicates"] >= 6  # the second pass repeats seq numbers 0..4

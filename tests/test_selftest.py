@@ -2,18 +2,18 @@
 
 import pytest
 import torch
-
-import trainer.model
 from synthetic_batches import SyntheticStream
-from trainer.model import BidirectionalTransformer, ModelConfig
-from trainer.selftest import MaskSelfTestError, mask_self_test
+
+import trainer.model.transformer
+from trainer.model.selftest import MaskSelfTestError, mask_self_test
+from trainer.model.transformer import BidirectionalTransformer, ModelConfig
 
 
 @pytest.fixture
 def setup():
     stream = SyntheticStream(block_size=48, batch_size=6, seed=5)
     torch.manual_seed(0)
-    model = BidirectionalTransformer(ModelConfig.from_meta(stream.meta, n_layer=2, n_head=2, n_embd=32, dropout=0.1))
+    model = BidirectionalTransformer(ModelConfig(n_layer=2, n_head=2, n_embd=32, dropout=0.1).for_stream(stream.meta))
     return stream, model
 
 
@@ -30,8 +30,8 @@ def test_a_correct_model_passes_and_train_mode_is_restored(setup):
 
 def test_an_inverted_mask_is_caught(setup, monkeypatch):
     stream, model = setup
-    correct = trainer.model.key_padding_mask
-    monkeypatch.setattr(trainer.model, "key_padding_mask", lambda attention_mask: ~correct(attention_mask))
+    correct = trainer.model.transformer.key_padding_mask
+    monkeypatch.setattr(trainer.model.transformer, "key_padding_mask", lambda attention_mask: ~correct(attention_mask))
     with pytest.raises(MaskSelfTestError, match="inverted"):
         mask_self_test(model, stream.batch(), stream.meta)
 
@@ -41,8 +41,8 @@ def test_an_inverted_mask_is_caught_on_padded_rows_alone(setup, monkeypatch):
     batch = stream.batch()
     padded = (batch["attention_mask"] == 0).any(dim=1)
     batch = {name: tensor[padded] for name, tensor in batch.items()}
-    correct = trainer.model.key_padding_mask
-    monkeypatch.setattr(trainer.model, "key_padding_mask", lambda attention_mask: ~correct(attention_mask))
+    correct = trainer.model.transformer.key_padding_mask
+    monkeypatch.setattr(trainer.model.transformer, "key_padding_mask", lambda attention_mask: ~correct(attention_mask))
     with pytest.raises(MaskSelfTestError, match="tokens after \\[SEP\\] changed"):
         mask_self_test(model, batch, stream.meta)
 
@@ -52,15 +52,15 @@ def test_an_inverted_mask_is_caught_on_rows_without_padding(setup, monkeypatch):
     batch = stream.batch()
     batch["attention_mask"][:] = 1
     batch["x"][batch["x"] == stream.meta.pad_id] = 0
-    correct = trainer.model.key_padding_mask
-    monkeypatch.setattr(trainer.model, "key_padding_mask", lambda attention_mask: ~correct(attention_mask))
+    correct = trainer.model.transformer.key_padding_mask
+    monkeypatch.setattr(trainer.model.transformer, "key_padding_mask", lambda attention_mask: ~correct(attention_mask))
     with pytest.raises(MaskSelfTestError, match="inverted"):
         mask_self_test(model, batch, stream.meta)
 
 
 def test_an_ignored_mask_is_caught(setup, monkeypatch):
     stream, model = setup
-    monkeypatch.setattr(trainer.model, "key_padding_mask", lambda attention_mask: None)
+    monkeypatch.setattr(trainer.model.transformer, "key_padding_mask", lambda attention_mask: None)
     with pytest.raises(MaskSelfTestError, match="attend to padding"):
         mask_self_test(model, stream.batch(), stream.meta)
 
@@ -69,7 +69,7 @@ def test_a_model_whose_tokens_cannot_see_each_other_is_caught(setup, monkeypatch
     stream, model = setup
     # each real token attends only to itself: no leak from padding, but no context either
     monkeypatch.setattr(
-        trainer.model.F,
+        trainer.model.transformer.F,
         "scaled_dot_product_attention",
         lambda q, k, v, attn_mask=None, dropout_p=0.0: v,
     )
@@ -85,7 +85,7 @@ def test_a_causal_mask_is_caught(setup, monkeypatch):
         T = q.size(-2)
         return sdpa(q, k, v, attn_mask=attn_mask & torch.ones(T, T, dtype=torch.bool).tril(), dropout_p=dropout_p)
 
-    monkeypatch.setattr(trainer.model.F, "scaled_dot_product_attention", causal)
+    monkeypatch.setattr(trainer.model.transformer.F, "scaled_dot_product_attention", causal)
     with pytest.raises(MaskSelfTestError, match="before it"):
         mask_self_test(model, stream.batch(), stream.meta)
 

@@ -1,16 +1,19 @@
 """BatchStream: wire validity, determinism, producer ids, the val set, epoch sampling, config."""
 
 import argparse
-import os
 import json
+import os
 from itertools import islice
 
 import numpy as np
 import pytest
 
-from producer.config import DataConfig, add_data_arguments
 from producer.corpus import Corpus, load_corpus
-from producer.stream import MAX_VAL_ROWS, BatchStream
+from producer.stages import EXAMPLE_STAGES, load_stage_plan
+from producer.stream import BatchStream, _policy
+from shared import settings
+from shared.data_config import DataConfig
+from shared.limits import MAX_VAL_ROWS
 from shared.wire import decode, encode
 
 # Unique lines of varied length, so rows can be mapped back to lines.
@@ -158,8 +161,8 @@ def test_explicit_corpus_object_is_used(corpus_path):
 
 def parse(argv):
     parser = argparse.ArgumentParser()
-    add_data_arguments(parser)
-    return DataConfig.from_args(parser.parse_args(argv))
+    settings.add_arguments(parser, DataConfig)
+    return settings.from_namespace(DataConfig, parser.parse_args(argv))
 
 
 def test_flags_defaults_and_parsing():
@@ -168,7 +171,8 @@ def test_flags_defaults_and_parsing():
                     "--policy", "uniform", "--supervise-sep", "--producer-id", "w1", "--sampling", "epoch"])
     assert config.block_size == 128 and config.ratio_range == (0.2, 0.6) and config.mask_fractions == (1.0, 0.0, 0.0)
     assert config.supervise_sep and config.producer_id == "w1" and config.sampling == "epoch"
-    assert parse(["--policy", "stages"]).stages_path.name == "stages-baseline.toml"
+    stages = parse(["--policy", "stages"])
+    assert stages.stages is None and _policy(stages).plan == load_stage_plan(EXAMPLE_STAGES)  # the shipped mix
 
 
 @pytest.mark.parametrize(
@@ -197,7 +201,7 @@ def test_bad_combinations_raise_value_errors(tmp_path):
     with pytest.raises(ValueError, match="--stages applies only"):
         parse(["--stages", "x.toml"])
     with pytest.raises(ValueError, match="stage file"):
-        parse(["--policy", "stages", "--stages", str(tmp_path / "missing.toml")])
+        BatchStream(parse(["--policy", "stages", "--stages", str(tmp_path / "missing.toml")]), corpus=Corpus("ab\ncd\n", "x", "f" * 16))
     with pytest.raises(ValueError, match="mask fractions"):
         DataConfig(mask_fractions=(0.5, 0.5, 0.5))
 

@@ -1,7 +1,6 @@
 """Real processes, real sockets on 127.0.0.1: `python -m producer run` feeding DatasetConsumer."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -10,12 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import zmq
+from streamkit import make_frames, make_meta, make_tensors, wait_until
 
 from shared.wire import encode
-from streamkit import make_frames, make_meta, make_tensors, wait_until
-from trainer.consumer import DatasetConsumer
+from trainer.data.consumer import DatasetConsumer
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,10 +80,10 @@ def consume_until(consumer, predicate, timeout=10.0):
 def test_several_producers_feed_one_consumer(producers, rows_per_message, batch_size):
     with DatasetConsumer("tcp://127.0.0.1:*", batch_size) as consumer:
         procs = [producers.start(consumer.endpoint, "--rows-per-message", rows_per_message) for _ in range(3)]
-        batches = consume_until(consumer, lambda: len(consumer.stats()["producers"]) == 3)
+        batches = consume_until(consumer, lambda: len(consumer.stats().to_dict()["producers"]) == 3)
         batches += [consumer.next_batch(timeout=10) for _ in range(10)]
         summaries = [producers.stop(proc) for proc in procs]
-        stats = consumer.stats()
+        stats = consumer.stats().to_dict()
     assert all(b["x"].shape == (batch_size, 64) for b in batches)
     assert all(b["attention_mask"].sum(1).min() >= 1 for b in batches)
     assert sorted(stats["producers"]) == sorted(s["producer_id"] for s in summaries)
@@ -97,11 +95,11 @@ def test_several_producers_feed_one_consumer(producers, rows_per_message, batch_
 def test_backpressure_blocks_the_producer_with_flat_memory(producers):
     with DatasetConsumer("tcp://127.0.0.1:*", 4, queue_batches=1) as consumer:
         proc = producers.start(consumer.endpoint, "--block-size", "1024", "--rows-per-message", "16", "--status-every", "0.5")
-        wait_until(lambda: consumer.stats()["received"] > 0)
+        wait_until(lambda: consumer.stats().to_dict()["received"] > 0)
         time.sleep(1.0)  # let every buffer on the way fill
-        received, rss = consumer.stats()["received"], rss_kib(proc.pid)
+        received, rss = consumer.stats().to_dict()["received"], rss_kib(proc.pid)
         time.sleep(1.5)
-        assert consumer.stats()["received"] == received  # nobody takes batches: reading stopped
+        assert consumer.stats().to_dict()["received"] == received  # nobody takes batches: reading stopped
         assert abs(rss_kib(proc.pid) - rss) < 4096  # KiB
         started = time.monotonic()
         proc.terminate()
@@ -140,18 +138,18 @@ def test_sigterm_stops_a_producer_with_several_absent_trainers_within_one_linger
 def test_killed_producer_then_starved_then_recovered(producers):
     with DatasetConsumer("tcp://127.0.0.1:*", 6, starved_after_s=0.5) as consumer:
         first, second = producers.start(consumer.endpoint), producers.start(consumer.endpoint)
-        consume_until(consumer, lambda: len(consumer.stats()["producers"]) == 2)
+        consume_until(consumer, lambda: len(consumer.stats().to_dict()["producers"]) == 2)
         producers.stop(first, signal.SIGKILL)
-        before = consumer.stats()["received"]
+        before = consumer.stats().to_dict()["received"]
         for _ in range(20):
             consumer.next_batch(timeout=10)
-        assert consumer.stats()["received"] > before  # the survivor keeps the stream going
+        assert consumer.stats().to_dict()["received"] > before  # the survivor keeps the stream going
         producers.stop(second, signal.SIGKILL)
-        consume_until(consumer, lambda: consumer.stats()["starved"])  # drains what was buffered
+        consume_until(consumer, lambda: consumer.stats().to_dict()["starved"])  # drains what was buffered
         third = producers.start(consumer.endpoint)
         consumer.next_batch(timeout=10)
-        wait_until(lambda: not consumer.stats()["starved"])
-        stats = consumer.stats()
+        wait_until(lambda: not consumer.stats().to_dict()["starved"])
+        stats = consumer.stats().to_dict()
         producers.stop(third)
     assert len(stats["producers"]) == 3 and stats["rejected_total"] == 0
     assert stats["duplicates"] == 0
@@ -164,14 +162,14 @@ def test_consumer_restart_while_producers_live(producers):
         proc = producers.start(endpoint)
         for _ in range(5):
             consumer.next_batch(timeout=10)
-        first_ids = set(consumer.stats()["producers"])
+        first_ids = set(consumer.stats().to_dict()["producers"])
     finally:
         consumer.close()
     time.sleep(0.3)
     with DatasetConsumer(endpoint, 4) as restarted:
         for _ in range(5):
             restarted.next_batch(timeout=10)
-        stats = restarted.stats()
+        stats = restarted.stats().to_dict()
     assert set(stats["producers"]) == first_ids
     row = stats["producers"][next(iter(first_ids))]
     assert row["first_seq"] > 0  # the same producer went on, it did not restart
@@ -207,10 +205,10 @@ def test_bad_messages_next_to_a_live_producer(producers):
                            encode(real_meta, "train", "forger", 0, _tensors_beyond_vocab(real_meta, rng))):
                 attacker.send_multipart(frames)
                 consumer.next_batch(timeout=10)
-            wait_until(lambda: consumer.stats()["rejected_total"] == 5)
+            wait_until(lambda: consumer.stats().to_dict()["rejected_total"] == 5)
             attacker.close(linger=1000)
         batches = [consumer.next_batch(timeout=10) for _ in range(5)]
-        stats = consumer.stats()
+        stats = consumer.stats().to_dict()
         producers.stop(proc)
     assert stats["rejected"] == {"frame_count": 1, "header_schema": 1, "size": 1, "meta_mismatch": 1, "value_range": 1}
     assert len(stats["producers"]) == 1 and not {"bad", "forger"} & set(stats["producers"])
@@ -232,8 +230,8 @@ def test_two_producers_on_the_real_corpus_account_for_every_message(producers):
         consume_until(consumer, lambda: all(p.poll() is not None for p in procs), timeout=30)
         summaries = [producers.stop(proc) for proc in procs]
         sent = sum(s["messages_sent"] for s in summaries)
-        consume_until(consumer, lambda: consumer.stats()["received"] == sent)
-        stats = consumer.stats()
+        consume_until(consumer, lambda: consumer.stats().to_dict()["received"] == sent)
+        stats = consumer.stats().to_dict()
     assert [s["messages_sent"] for s in summaries] == [150, 230]
     assert stats["received"] + stats["gaps"] == sent
     for summary in summaries:

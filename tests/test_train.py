@@ -11,16 +11,20 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import trainer.model
 from processkit import free_port
 from synthetic_batches import ReadyStream, SyntheticStream
-from trainer.checkpoint import load_checkpoint
-from trainer.selftest import MaskSelfTestError
-from trainer.train import TrainConfig, Trainer, learning_rate
+
+import trainer.model.transformer
+from trainer.data.stats import StreamStats
+from trainer.loop.checkpoint import load_checkpoint
+from trainer.loop.config import TrainConfig
+from trainer.loop.schedule import learning_rate
+from trainer.loop.train import Trainer
+from trainer.model.selftest import MaskSelfTestError
+from trainer.model.transformer import ModelConfig
 
 ROOT = Path(__file__).resolve().parent.parent
-MODEL_ARGS = dict(n_layer=2, n_head=2, n_embd=32, dropout=0.1)
+MODEL = ModelConfig(n_layer=2, n_head=2, n_embd=32, dropout=0.1)
 
 
 class MemoryConsumer(ReadyStream):
@@ -37,7 +41,7 @@ class MemoryConsumer(ReadyStream):
         return next(self._train)
 
     def stats(self):
-        return {"consumed_batches": self.consumed}
+        return StreamStats(consumed_batches=self.consumed)
 
 
 class StepLosses:
@@ -50,15 +54,15 @@ class StepLosses:
     def on_start(self, trainer):
         self.trainer = trainer
 
-    def on_step(self, step, numbers):
-        self.losses[step] = numbers["step_loss"]
-        self.numbers[step] = numbers
+    def on_step(self, numbers):
+        self.losses[numbers.step] = numbers.step_loss
+        self.numbers[numbers.step] = numbers.record()
 
-    def on_eval(self, step, numbers):
-        self.evals[step] = numbers
+    def on_eval(self, numbers):
+        self.evals[numbers.step] = numbers.record()
 
     def on_end(self, summary):
-        self.summary = summary
+        self.summary = summary.record()
 
 
 def data(n_train, seed=0, block_size=48, batch_size=8):
@@ -71,16 +75,16 @@ def train(tmp_path, train_batches, meta, val, observers=(), **overrides):
     settings = dict(out_dir=str(tmp_path), batch_size=8, max_iters=len(train_batches), eval_interval=10,
                     log_interval=5, device="cpu", lr=3e-3, min_lr=3e-4, warmup_iters=5, seed=1)
     config = TrainConfig(**{**settings, **overrides})
-    run = Trainer(config, MODEL_ARGS, MemoryConsumer(meta, train_batches, val), observers)
+    run = Trainer(config, MODEL, MemoryConsumer(meta, train_batches, val), observers)
     run.prepare(wait_timeout=5)
-    return run, run.run()
+    return run, run.run().record()
 
 
 def test_loss_decreases_and_metrics_are_written(tmp_path):
     meta, batches, val = data(40)
     steps = StepLosses()
     run, summary = train(tmp_path, batches, meta, val, [steps])
-    assert summary["steps"] == 40 and summary["stream"] == {"consumed_batches": 40}
+    assert summary["steps"] == 40 and summary["stream"] == StreamStats(consumed_batches=40).to_dict()
     assert steps.evals[40]["val_loss"] < steps.evals[0]["val_loss"] - 0.5
     assert summary["val_loss"] == steps.evals[40]["val_loss"]
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
@@ -104,7 +108,7 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path):
     checkpoint = load_checkpoint(tmp_path / "split" / "ckpt.pt")
     assert checkpoint["step"] == 10 and checkpoint["meta"] == meta.to_dict()
     second = StepLosses()
-    run, _ = train(tmp_path / "split", batches[10:], meta, val, [second], lr_decay_iters=20, max_iters=20, resume=True)
+    run, _ = train(tmp_path / "split", batches[10:], meta, val, [second], lr_decay_iters=20, max_iters=20, resume="always")
     assert run.step == 20
     assert {**first.losses, **second.losses} == whole.losses  # bit-exact, dropout included
     steps = [json.loads(line)["step"] for line in open(tmp_path / "split" / "metrics.jsonl")]
@@ -123,8 +127,8 @@ def test_same_seed_and_stream_give_identical_losses_and_another_seed_does_not(tm
 
 
 def test_an_inverted_mask_makes_the_trainer_refuse_to_start(tmp_path, monkeypatch):
-    correct = trainer.model.key_padding_mask
-    monkeypatch.setattr(trainer.model, "key_padding_mask", lambda attention_mask: ~correct(attention_mask))
+    correct = trainer.model.transformer.key_padding_mask
+    monkeypatch.setattr(trainer.model.transformer, "key_padding_mask", lambda attention_mask: ~correct(attention_mask))
     meta, batches, val = data(3)
     with pytest.raises(MaskSelfTestError):
         train(tmp_path, batches, meta, val)
@@ -136,7 +140,7 @@ def test_resume_refuses_a_stream_with_another_vocabulary(tmp_path):
     train(tmp_path, batches, meta, val)
     other = SyntheticStream(text="completely different text\nwith other letters: XYZ\n", block_size=48, batch_size=8)
     with pytest.raises(ValueError, match="another stream.*vocab"):
-        train(tmp_path, other.batches(2), other.meta, other.batches(1), resume=True, max_iters=12)
+        train(tmp_path, other.batches(2), other.meta, other.batches(1), resume="always", max_iters=12)
 
 
 def test_val_loss_is_reported_per_stage(tmp_path):
@@ -150,7 +154,7 @@ def test_val_loss_is_reported_per_stage(tmp_path):
     expected = {}
     for stage in (0, 1):
         rows = [{name: t[batch["stage"] == stage] for name, t in batch.items()} for batch in val]
-        expected[str(stage)] = run.evaluate(rows)["loss"]
+        expected[str(stage)] = run.evaluate(rows).loss
     assert by_stage == pytest.approx(expected, rel=1e-6)
     overall = steps.evals[5]["val_loss"]
     assert min(by_stage.values()) <= overall <= max(by_stage.values())
@@ -256,7 +260,7 @@ def test_processes_train_record_and_replay_identically(tmp_path):
 @pytest.mark.slow
 def test_a_trainer_with_an_inverted_mask_refuses_to_start(tmp_path):
     prelude = (
-        "import trainer.model as model\n"
+        "import trainer.model.transformer as model\n"
         "correct = model.key_padding_mask\n"
         "model.key_padding_mask = lambda attention_mask: ~correct(attention_mask)"
     )

@@ -1,11 +1,12 @@
-"""Vocabulary and special ids (SPEC §2.1)."""
+"""Vocabulary and special ids (docs/SPEC.md §2.1)."""
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.vocab import IGNORE_INDEX, MAX_VOCAB_SIZE, SPECIAL_TOKENS, Vocabulary, VocabularyError
+from shared.limits import MAX_VOCAB_SIZE
+from shared.vocab import IGNORE_INDEX, SPECIAL_TOKENS, Vocabulary, VocabularyError
 
 # Any character that UTF-8 / UTF-32 can carry (lone surrogates excluded), BMP and beyond.
 text_chars = st.characters(blacklist_categories=("Cs",))

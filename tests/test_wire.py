@@ -1,4 +1,4 @@
-"""Wire format (SPEC §3): encode/decode round trip and every rejection, with its reason."""
+"""Wire format (docs/SPEC.md §3): encode/decode round trip and every rejection, with its reason."""
 
 import time
 import tracemalloc
@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from wirekit import assert_valid_message, make_meta, make_tensors, vocab_chars
 
 from shared import wire
 from shared.meta import StreamMeta
 from shared.wire import MAX_HEADER_BYTES, REASONS, WireError, decode, encode
-from wirekit import assert_valid_message, make_meta, make_tensors, vocab_chars
 
 META = make_meta(block_size=16, rows_per_message=4)
 FIXED_META = make_meta(block_size=16, rows_per_message=4, packing="fixed")

@@ -11,11 +11,11 @@ from __future__ import annotations
 import msgpack
 import numpy as np
 
+from shared.limits import MAX_PRODUCER_ID_CHARS
 from shared.meta import StreamMeta
 from shared.vocab import IGNORE_INDEX, Vocabulary
 from shared.wire import (
     KIND_BATCH,
-    MAX_PRODUCER_ID_CHARS,
     OPTIONAL_TENSORS,
     PROTOCOL_MAGIC,
     PROTOCOL_VERSION,

@@ -1,6 +1,6 @@
 """``python -m trainer.consume``: pull batches without training, to watch or record a stream.
 
-    python -m trainer.consume --bind tcp://*:5555 --batches 1000 [--batch-size 32] [--record FILE]
+    python -m trainer.consume [--bind tcp://*:5555 | --connect ADDR] --batches 1000 [--batch-size 32] [--record FILE]
 
 Prints one JSON line of stream statistics (``DatasetConsumer.stats()`` plus the batch and
 mask-ratio numbers) per second to stdout, and a final line with ``"final": true`` after
@@ -11,37 +11,54 @@ mask-ratio numbers) per second to stdout, and a final line with ``"final": true`
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 
-from trainer.consumer import DatasetConsumer
+from shared import settings
+from shared.settings import setting
+from trainer.data.config import StreamSettings
+from trainer.data.consumer import DatasetConsumer
+from trainer.loop.config import TrainConfig
+
+
+def _positive(value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{value} is not positive")
+
+
+@dataclass(frozen=True)
+class ConsumeSettings:
+    """``--bind`` and ``--record`` are the trainer's, ``--batch-size`` the training loop's."""
+
+    connect: str | None = setting(None, "connect to a producer that binds, instead of binding", metavar="ADDR")
+    batches: int | None = setting(None, "stop after N batches", metavar="N", check=_positive)
+    val: bool = setting(False, "wait for the whole val set before the first batch")
+    starved_after: float = setting(5.0, "seconds of silence before it reports waiting for producers", metavar="S",
+                                   check=_positive)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m trainer.consume", description=__doc__.split("\n\n")[0])
-    where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--bind", metavar="ADDR", help="bind here; producers connect (e.g. tcp://*:5555)")
-    where.add_argument("--connect", metavar="ADDR", help="connect to a producer that binds")
-    parser.add_argument("--batches", type=int, required=True, metavar="N", help="stop after N batches")
-    parser.add_argument("--batch-size", type=int, default=32, metavar="B", help="rows per batch (default: 32)")
-    parser.add_argument("--record", metavar="FILE", default=None, help="record the consumed messages here")
-    parser.add_argument("--val", action="store_true", help="wait for the whole val set before the first batch")
-    parser.add_argument("--starved-after", type=float, default=5.0, metavar="S",
-                        help="seconds of silence before it reports waiting for producers (default: 5)")
+    settings.add_arguments(parser, ConsumeSettings, required=("batches",))
+    settings.add_arguments(parser, StreamSettings, only=("bind", "record"))
+    settings.add_arguments(parser, TrainConfig, only=("batch_size",))
     return parser.parse_args(argv)
 
 
 def report(consumer: DatasetConsumer, batches: int, started: float, **extra) -> str:
-    stats = consumer.stats()
+    stats = consumer.stats().to_dict()
+    cumulative = consumer.cumulative_mask_ratio.summary()
     stats.update(
         batches=batches,
         seconds=round(time.monotonic() - started, 3),
-        last_batch=consumer.last_batch_stats,
-        mask_ratio_cumulative=consumer.cumulative_mask_ratio.to_dict(),
+        last_batch=None if consumer.last_batch_stats is None else dataclasses.asdict(consumer.last_batch_stats),
+        mask_ratio_cumulative=None if cumulative is None else dataclasses.asdict(cumulative),
         **extra,
     )
     return json.dumps(stats)
@@ -54,9 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopping.set())
     consumer = DatasetConsumer(
-        args.bind or args.connect,
+        args.connect or args.bind,
         args.batch_size,
-        bind=args.bind is not None,
+        bind=args.connect is None,
         record_path=args.record,
         starved_after_s=args.starved_after,
     )

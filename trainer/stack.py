@@ -6,15 +6,15 @@
                             [--producer-args "ARGS"] [--trainer-args "ARGS"]
 
 ``--producer-args`` / ``--trainer-args`` are shell-quoted strings appended to every producer's
-(the trainer's) command line after the launcher's own defaults, so they override them
-(argparse keeps the last value): ``--producer-args "--block-size 256 --policy uniform"``. A single
-flag with no value needs the ``=`` form: ``--producer-args=--supervise-sep``.
+(the trainer's) command line after the launcher's own flags, so they override them (argparse
+keeps the last value): ``--producer-args "--block-size 256 --policy uniform"``. A single flag
+with no value needs the ``=`` form: ``--producer-args=--supervise-sep``.
 
-Every child runs in its own session (its own process group), its output is relayed here line by
-line with a ``[name]`` prefix, and a child that exits is reported, never restarted. Ctrl-C or
-SIGTERM stops the stack: SIGTERM to every child's group (both CLIs then close their sockets and
-flush what they write), then SIGKILL to whatever is left after :data:`STOP_TIMEOUT_S`. The stack
-ends when the trainer ends, with the trainer's exit code (128 + the signal's number after a signal).
+Every child's output is relayed here line by line with a ``[name]`` prefix
+(:mod:`trainer.processes`), and a child that exits is reported, never restarted. Ctrl-C or
+SIGTERM stops the stack (:func:`trainer.processes.stop_all`). The stack ends when the trainer
+ends, with the trainer's exit code (128 + the signal's number after a signal). Producers and
+trainer run with their own defaults (``--corpus`` and ``--max-iters`` are theirs, passed on).
 
 Producers are started as processes (``python -m producer run``); this module never imports them.
 """
@@ -26,82 +26,34 @@ import os
 import shlex
 import signal
 import socket
-import subprocess
 import sys
 import threading
-import time
+from dataclasses import dataclass
 
-# A small model and short rows: a few minutes of training on a laptop CPU.
-DEFAULT_PRODUCER_ARGS = ("--block-size", "128", "--rows-per-message", "16")
-DEFAULT_TRAINER_ARGS = ("--batch-size", "32", "--n-layer", "4", "--n-head", "4", "--n-embd", "128")
-STOP_TIMEOUT_S = 5.0
+from shared import settings
+from shared.data_config import DataConfig
+from shared.settings import setting
+from trainer.loop.config import TrainConfig
+from trainer.processes import Child, exit_description, python_module, say, stop_all
+
 POLL_INTERVAL_S = 0.5
 
-_print_lock = threading.Lock()
 
+@dataclass(frozen=True)
+class StackSettings:
+    """The launcher's own flags; the data and training flags are the producers' and the trainer's."""
 
-def say(name: str, line: str) -> None:
-    """Print one line with a ``[name]`` prefix; lines of different children never interleave."""
-    with _print_lock:
-        print(f"[{name}] {line}", flush=True)
-
-
-class Child:
-    """A started process, its name for the log, and the thread that relays its output."""
-
-    def __init__(self, name: str, argv: list[str]):
-        self.name = name
-        self.argv = argv
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.process = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, errors="replace", env=env, start_new_session=True)
-        self.reported = False
-        self._relay = threading.Thread(target=self._relay_output, name=f"relay-{name}", daemon=True)
-        self._relay.start()
-
-    def _relay_output(self) -> None:
-        for line in self.process.stdout:
-            say(self.name, line.rstrip("\n"))
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def signal_group(self, signum: int) -> None:
-        """Send ``signum`` to the child's whole process group (its own children included)."""
-        try:
-            os.killpg(self.pid, signum)
-        except ProcessLookupError:
-            pass
-
-    def finish_relay(self, timeout: float = 1.0) -> None:
-        self._relay.join(timeout)
-
-
-def exit_description(code: int) -> str:
-    if code < 0:
-        return f"was killed by {signal.Signals(-code).name}"
-    return f"exited with code {code}"
-
-
-def stop_children(children: list[Child], timeout: float = STOP_TIMEOUT_S) -> None:
-    """Terminate every child's process group, wait up to ``timeout`` seconds, then kill the rest.
-
-    Groups are signalled even when the leader has exited, so a grandchild left behind dies too.
-    """
-    for child in children:
-        child.signal_group(signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    for child in children:
-        try:
-            child.process.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            say("stack", f"{child.name} (pid {child.pid}) did not stop within {timeout:.0f} s: killing it")
-    for child in children:
-        child.signal_group(signal.SIGKILL)
-        child.process.wait()
-        child.finish_relay()
+    producers: int = setting(2, "producer processes to start", metavar="N")
+    port: int = setting(5555, "the trainer's ZeroMQ port", metavar="PORT")
+    bind_host: str = setting("127.0.0.1", "address the trainer's ZeroMQ socket binds; 0.0.0.0 or * also accepts "
+                                          "producers from other hosts", metavar="HOST")
+    http_host: str = setting("127.0.0.1", "diagnostics address", metavar="HOST")
+    http_port: int = setting(8000, "diagnostics port", metavar="PORT")
+    out_dir: str = setting(os.path.join("runs", "stack"), "the trainer's run directory", metavar="DIR")
+    producer_args: tuple[str, ...] = setting((), "extra producer flags as one quoted string; repeatable", metavar="ARGS",
+                                             many=True, separator=None)
+    trainer_args: tuple[str, ...] = setting((), "extra trainer flags as one quoted string; repeatable", metavar="ARGS",
+                                            many=True, separator=None)
 
 
 def check_port_free(host: str, port: int, what: str) -> None:
@@ -119,31 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m trainer.stack",
         description="Run a trainer and N producers as local processes; Ctrl-C stops them all.")
-    parser.add_argument("--producers", type=int, default=2, help="producer processes to start (default: 2)")
-    parser.add_argument("--corpus", metavar="PATH", default=None,
-                        help="text file or folder for the producers (default: the built-in corpus)")
-    parser.add_argument("--max-iters", type=int, default=2000, help="training steps (default: 2000)")
-    parser.add_argument("--port", type=int, default=5555, help="the trainer's ZeroMQ port (default: 5555)")
-    parser.add_argument("--bind-host", default="127.0.0.1",
-                        help="address the trainer's ZeroMQ socket binds; 0.0.0.0 or * also accepts "
-                             "producers from other hosts (default: 127.0.0.1)")
-    parser.add_argument("--http-host", default="127.0.0.1", help="diagnostics address (default: 127.0.0.1)")
-    parser.add_argument("--http-port", type=int, default=8000, help="diagnostics port (default: 8000)")
-    parser.add_argument("--out-dir", default=os.path.join("runs", "stack"),
-                        help="the trainer's run directory (default: runs/stack)")
-    parser.add_argument("--producer-args", action="append", default=[], metavar="ARGS",
-                        help="extra producer flags as one quoted string; repeatable")
-    parser.add_argument("--trainer-args", action="append", default=[], metavar="ARGS",
-                        help="extra trainer flags as one quoted string; repeatable")
+    settings.add_arguments(parser, StackSettings)
+    settings.add_arguments(parser, DataConfig, only=("corpus",))
+    settings.add_arguments(parser, TrainConfig, only=("max_iters",))
     return parser
 
 
 def producer_command(args: argparse.Namespace, producer_id: str) -> list[str]:
     """The command line of one producer; only ``producer_id`` differs between producers."""
-    command = [sys.executable, "-m", "producer", "run", "--connect", f"tcp://127.0.0.1:{args.port}",
-               "--producer-id", producer_id, *DEFAULT_PRODUCER_ARGS]
-    if args.corpus is not None:
-        command += ["--corpus", args.corpus]
+    command = python_module("producer", "run", "--connect", f"tcp://127.0.0.1:{args.port}", "--producer-id", producer_id)
+    command += settings.to_argv(settings.from_namespace(DataConfig, args), only=("corpus",))
     for extra in args.producer_args:
         command += shlex.split(extra)
     return command
@@ -157,10 +94,9 @@ def trainer_threads(producers: int) -> int:
 
 def trainer_command(args: argparse.Namespace) -> list[str]:
     bind_host = "*" if args.bind_host in ("*", "0.0.0.0") else args.bind_host
-    command = [sys.executable, "-m", "trainer", "--bind", f"tcp://{bind_host}:{args.port}",
-               "--http-host", args.http_host, "--http-port", str(args.http_port),
-               "--out-dir", args.out_dir, "--max-iters", str(args.max_iters), *DEFAULT_TRAINER_ARGS,
-               "--threads", str(trainer_threads(args.producers))]
+    command = python_module("trainer", "--bind", f"tcp://{bind_host}:{args.port}", "--http-host", args.http_host,
+                            "--http-port", str(args.http_port), "--out-dir", args.out_dir, "--max-iters", str(args.max_iters),
+                            "--threads", str(trainer_threads(args.producers)))
     for extra in args.trainer_args:
         command += shlex.split(extra)
     return command
@@ -197,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
         say("stack", "Ctrl-C stops everything")
 
         while not stop_requested.wait(POLL_INTERVAL_S):
-            if trainer.process.poll() is not None:
+            if trainer.poll() is not None:
                 break
             report_exited_producers(children[1:])
     finally:
@@ -205,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
             signal.signal(signum, handler)
         if stop_signal:
             say("stack", f"{signal.Signals(stop_signal[0]).name}: stopping {len(children)} process(es)")
-        stop_children(children)
+        stop_all(children)
 
     if stop_signal:
         return 128 + stop_signal[0]
@@ -217,11 +153,11 @@ def run(args: argparse.Namespace) -> int:
 def report_exited_producers(producers: list[Child]) -> None:
     """Say once, loudly, when a producer has exited: nothing restarts it."""
     for producer in producers:
-        code = producer.process.poll()
+        code = producer.poll()
         if code is None or producer.reported:
             continue
         producer.reported = True
-        alive = sum(other.process.poll() is None for other in producers)
+        alive = sum(other.poll() is None for other in producers)
         say("stack", f"{producer.name} (pid {producer.pid}) {exit_description(code)}; not restarted; "
                      f"{alive} producer(s) left" + ("" if alive else ": the trainer waits for data"))
 

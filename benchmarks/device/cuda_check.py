@@ -5,7 +5,7 @@
 1. ``DatasetConsumer(device="cuda")`` fed by a real ``python -m producer run`` process: host
    buffers are pinned, batches arrive as int64 on the GPU, and their rows equal the recorded
    messages (the consumer's own recording of what it handed out).
-2. SDPA with ``trainer.model.key_padding_mask`` against a hand-written masked softmax on the GPU,
+2. SDPA with ``trainer.model.transformer.key_padding_mask`` against a hand-written masked softmax on the GPU,
    in fp32 and under bf16 autocast (max absolute difference).
 
 A training run on CUDA (bf16 autocast, the start-up mask self-test) is ``python -m trainer
@@ -26,8 +26,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from shared.recording import RecordingReader  # noqa: E402
 from shared.wire import decode  # noqa: E402
-from trainer.consumer import DatasetConsumer  # noqa: E402
-from trainer.model import key_padding_mask  # noqa: E402
+from trainer.data.consumer import DatasetConsumer  # noqa: E402
+from trainer.model.transformer import key_padding_mask  # noqa: E402
 
 
 def check_consumer(record_path: str) -> dict:

@@ -1,4 +1,4 @@
-"""The bidirectional transformer trained on Linepack batches (SPEC §7).
+"""The bidirectional transformer trained on Linepack batches (docs/SPEC.md §7).
 
 One file in the spirit of nanoGPT's ``model.py``: token embedding, positions (learned or
 rotary), pre-norm blocks (LayerNorm, self-attention, MLP), a final LayerNorm and a tied
@@ -10,6 +10,7 @@ Shapes: B rows, T positions (T <= block_size), C = n_embd, V = vocab_size.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -18,14 +19,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from shared import settings
 from shared.meta import StreamMeta
-from shared.vocab import IGNORE_INDEX
+from shared.settings import setting
+from trainer.model.losses import supervised_loss
 
 POSITION_KINDS = ("learned", "rotary")
-LOSS_WEIGHTINGS = ("none", "inverse-t")
-# inverse-t weights are 1 / max(mask_ratio, MIN_MASK_RATIO), so a row with a tiny ratio
-# cannot dominate the batch (its weight is at most 1000).
-MIN_MASK_RATIO = 1e-3
 
 
 def key_padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -43,20 +42,32 @@ def key_padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask == 1)[:, None, None, :]
 
 
-@dataclass
-class ModelConfig:
-    """Model hyper-parameters. ``vocab_size`` and ``block_size`` normally come from the stream."""
+def _positive(value: int) -> None:
+    if value < 1:
+        raise ValueError(f"{value} is not positive")
 
-    vocab_size: int
-    block_size: int
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    dropout: float = 0.0
-    positions: str = "learned"
-    bias: bool = True
+
+def _dropout(value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"dropout {value} is outside [0, 1)")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Model hyper-parameters. ``vocab_size`` and ``block_size`` come from the stream
+    (:meth:`for_stream`); 0 means not known yet. The others are settings (``--n-layer`` ...)."""
+
+    vocab_size: int = 0
+    block_size: int = 0
+    n_layer: int = setting(4, "transformer blocks", metavar="N", check=_positive)
+    n_head: int = setting(4, "attention heads per block", metavar="N", check=_positive)
+    n_embd: int = setting(128, "embedding width C", metavar="C", check=_positive)
+    dropout: float = setting(0.0, "dropout probability", check=_dropout)
+    positions: str = setting("learned", "position embedding: learned absolute or rotary", choices=POSITION_KINDS)
+    bias: bool = setting(True, "biases in Linear and LayerNorm")
 
     def __post_init__(self) -> None:
+        settings.check_fields(self)
         if self.positions not in POSITION_KINDS:
             raise ValueError(f"positions {self.positions!r} is not one of {POSITION_KINDS}")
         if self.n_embd % self.n_head:
@@ -64,10 +75,9 @@ class ModelConfig:
         if self.positions == "rotary" and (self.n_embd // self.n_head) % 2:
             raise ValueError(f"rotary positions need an even head size, got {self.n_embd // self.n_head}")
 
-    @classmethod
-    def from_meta(cls, meta: StreamMeta, **model_args: Any) -> "ModelConfig":
-        """A config whose vocabulary and block size are the stream's."""
-        return cls(vocab_size=meta.vocab_size, block_size=meta.block_size, **model_args)
+    def for_stream(self, meta: StreamMeta) -> ModelConfig:
+        """This config with the stream's vocabulary and block size."""
+        return dataclasses.replace(self, vocab_size=meta.vocab_size, block_size=meta.block_size)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -167,54 +177,6 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), attend)
         return x + self.mlp(self.ln_2(x))
-
-
-def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-position cross-entropy in nats, (B, T) float32; 0 where ``targets == IGNORE_INDEX``."""
-    B, T, V = logits.shape
-    losses = F.cross_entropy(logits.float().view(B * T, V), targets.view(B * T), ignore_index=IGNORE_INDEX, reduction="none")
-    return losses.view(B, T)
-
-
-def supervised_loss(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    mask_ratio: torch.Tensor | None = None,
-    loss_weighting: str = "none",
-) -> torch.Tensor:
-    """The training loss of ``logits`` (B, T, V): :func:`weighted_mean_loss` of :func:`token_losses`."""
-    return weighted_mean_loss(token_losses(logits, targets), targets, mask_ratio, loss_weighting)
-
-
-def weighted_mean_loss(
-    losses: torch.Tensor,
-    targets: torch.Tensor,
-    mask_ratio: torch.Tensor | None = None,
-    loss_weighting: str = "none",
-) -> torch.Tensor:
-    """The training loss, a scalar: a (weighted) mean over supervised positions of the
-    per-position ``losses`` (B, T) of :func:`token_losses`.
-
-    With S_b the supervised positions of row b (``targets != -100``) and l_bt the
-    cross-entropy at position t:
-
-    - ``none``:      loss = sum_b sum_{t in S_b} l_bt / sum_b |S_b|
-    - ``inverse-t``: w_b = 1 / max(mask_ratio_b, 1e-3);
-                     loss = sum_b w_b sum_{t in S_b} l_bt / sum_b w_b |S_b|
-
-    so ``inverse-t`` is a weighted mean in which each supervised position of row b counts
-    w_b times; with equal ratios it equals ``none``. A batch with no supervised position
-    has loss 0 (and zero gradient).
-    """
-    if loss_weighting not in LOSS_WEIGHTINGS:
-        raise ValueError(f"loss_weighting {loss_weighting!r} is not one of {LOSS_WEIGHTINGS}")
-    supervised = (targets != IGNORE_INDEX).float()
-    if loss_weighting == "none":
-        return losses.sum() / supervised.sum().clamp(min=1.0)
-    if mask_ratio is None:
-        raise ValueError("inverse-t loss weighting needs mask_ratio")
-    weights = supervised / mask_ratio.float().clamp(min=MIN_MASK_RATIO)[:, None]
-    return (weights * losses).sum() / weights.sum().clamp(min=torch.finfo(torch.float32).tiny)
 
 
 class BidirectionalTransformer(nn.Module):

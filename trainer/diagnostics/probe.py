@@ -1,4 +1,4 @@
-"""Attention probe: does the model use its context, and does the mask mean what it should? (SPEC §6)
+"""Attention probe: does the model use its context, and does the mask mean what it should? (docs/SPEC.md §6)
 
 On a fixed probe subset of the val set, in eval mode (no dropout) and without gradients:
 
@@ -21,13 +21,16 @@ All losses are means in nats over supervised positions (``y != -100``), unweight
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from shared.vocab import IGNORE_INDEX
+from trainer.model.evaluation import eval_mode
+from trainer.model.losses import token_losses
 
 
 @dataclass(frozen=True)
@@ -62,8 +65,7 @@ def build_probe_set(val_batches: list[dict[str, torch.Tensor]], rows: int = 32, 
 def summed_loss(model: nn.Module, x: torch.Tensor, attention_mask: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
     """(sum of cross-entropy over supervised positions, their count) for one forward pass."""
     logits, _ = model(x, attention_mask)
-    total = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-    return float(total), int((y != IGNORE_INDEX).sum())
+    return float(token_losses(logits, y).sum()), int((y != IGNORE_INDEX).sum())
 
 
 def _mean_loss(model: nn.Module, x, attention_mask, y, batch_size: int, device) -> tuple[float, int]:
@@ -88,13 +90,29 @@ def _no_context_batch(probe: ProbeSet, chunk: slice) -> tuple[torch.Tensor, torc
     return x, attention_mask, y
 
 
-@torch.no_grad()
-def attention_probe(model: nn.Module, probe: ProbeSet, batch_size: int = 32) -> dict[str, float]:
+@dataclass(frozen=True)
+class ProbeResult:
+    """The probe's losses (nats, see the module docstring) on ``rows`` rows, ``positions``
+    supervised positions and ``no_context_positions`` sampled ones; ``step`` and ``seconds``
+    (how long it took) are set by whoever ran it."""
+
+    loss_attn: float
+    loss_noattn: float
+    loss_noattn_minus_attn: float
+    loss_no_context: float
+    loss_attn_sampled: float
+    loss_no_context_minus_attn: float
+    rows: int
+    positions: int
+    no_context_positions: int
+    step: int | None = None
+    seconds: float | None = None
+
+
+def attention_probe(model: nn.Module, probe: ProbeSet, batch_size: int = 32) -> ProbeResult:
     """Run the probe; the model is put in eval mode and given back in the mode it was in."""
-    was_training = model.training
     device = next(model.parameters()).device
-    model.eval()
-    try:
+    with eval_mode(model):
         loss_attn, positions = _mean_loss(model, probe.x, probe.attention_mask, probe.y, batch_size, device)
         loss_noattn, _ = _mean_loss(model, probe.x, torch.ones_like(probe.attention_mask), probe.y, batch_size, device)
         sampled_y = torch.full_like(probe.y, IGNORE_INDEX)
@@ -105,16 +123,40 @@ def attention_probe(model: nn.Module, probe: ProbeSet, batch_size: int = 32) -> 
             x, attention_mask, y = _no_context_batch(probe, slice(start, start + batch_size))
             no_context_total += summed_loss(model, x.to(device), attention_mask.to(device), y.to(device))[0]
         loss_no_context = no_context_total / max(sampled, 1)
-    finally:
-        model.train(was_training)
-    return {
-        "loss_attn": loss_attn,
-        "loss_noattn": loss_noattn,
-        "loss_noattn_minus_attn": loss_noattn - loss_attn,
-        "loss_no_context": loss_no_context,
-        "loss_attn_sampled": loss_attn_sampled,
-        "loss_no_context_minus_attn": loss_no_context - loss_attn_sampled,
-        "rows": int(len(probe.x)),
-        "positions": positions,
-        "no_context_positions": sampled,
-    }
+    return ProbeResult(
+        loss_attn=loss_attn,
+        loss_noattn=loss_noattn,
+        loss_noattn_minus_attn=loss_noattn - loss_attn,
+        loss_no_context=loss_no_context,
+        loss_attn_sampled=loss_attn_sampled,
+        loss_no_context_minus_attn=loss_no_context - loss_attn_sampled,
+        rows=int(len(probe.x)),
+        positions=positions,
+        no_context_positions=sampled,
+    )
+
+
+class ProbeRunner:
+    """When the probe runs: at the first eval, then at the first eval at least ``interval`` steps
+    after the previous probe (None: every eval; 0: never). Keeps the fixed probe set."""
+
+    def __init__(self, interval: int | None = None, rows: int = 32, no_context_positions: int = 256) -> None:
+        self.interval = interval
+        self.rows = rows
+        self.no_context_positions = no_context_positions
+        self.last_step: int | None = None
+        self._probe_set: ProbeSet | None = None
+
+    def due(self, step: int) -> bool:
+        if self.interval == 0:
+            return False
+        return self.last_step is None or self.interval is None or step - self.last_step >= self.interval
+
+    def run(self, model: nn.Module, val_batches: list[dict[str, torch.Tensor]], step: int) -> ProbeResult:
+        """The probe on ``model`` now (the training thread: it never races the optimizer)."""
+        if self._probe_set is None:
+            self._probe_set = build_probe_set(val_batches, self.rows, self.no_context_positions)
+        started = time.perf_counter()
+        result = attention_probe(model, self._probe_set)
+        self.last_step = step
+        return dataclasses.replace(result, step=step, seconds=time.perf_counter() - started)

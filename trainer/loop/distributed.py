@@ -7,21 +7,21 @@
   ``cuda:LOCAL_RANK``), gloo on CPU;
 - binds its own consumer endpoint (:func:`rank_endpoint`: the base port + the local rank, or the
   local rank's entry of a comma-separated list), so producers spread messages over the ranks
-  and no message reaches two of them (see ``producer.service.Routes``);
+  and no message reaches two of them (see ``producer.sending.Routes``);
 - trains a ``DistributedDataParallel`` copy of the model (:meth:`Ranks.wrap`): gradients are
   averaged over the ranks in ``backward``, so the parameters stay identical on every rank.
 
 Only rank 0 evaluates, checkpoints, writes ``metrics.jsonl`` and serves diagnostics. At log steps
 every rank sends its consumer's ``stats()`` to rank 0 (:meth:`Ranks.gather_stream_stats`: a
 small dict of numbers and strings as JSON bytes, never pickled), and rank 0's ``/diagnostics`` shows
-their totals and a per-rank list (:meth:`Ranks.stream_stats`, :func:`merge_stream_stats`).
+their totals and a per-rank list (:meth:`Ranks.stream_stats`, ``trainer.data.stats.merge_stream_stats``).
 
 A single process (no torchrun) gets ``Ranks()``: rank 0 of 1, where every collective is a no-op.
 """
 
 from __future__ import annotations
 
-import collections
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -34,19 +34,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from trainer.data.source import BatchSource
+from trainer.data.stats import StreamStats, merge_stream_stats
+
 # Seconds a rank waits for its next train batch under DDP before it gives up (--data-timeout).
 # The other ranks are then blocked in a collective; the stopped rank's exit ends the whole run.
 DEFAULT_DDP_DATA_TIMEOUT_S = 300.0
 # Collectives (gradient all-reduce, stats gather) wait this long for a slow rank: longer than
 # an evaluation on rank 0 and than the data timeout, so a rank without data reports itself first.
 MIN_COLLECTIVE_TIMEOUT_S = 1800.0
-# Consumer stats that add up over ranks.
-SUMMED_STATS = (
-    "received", "accepted", "rejected_total", "consumed_messages", "consumed_batches",
-    "dropped_train", "gaps", "duplicates", "out_of_order", "queue_depth",
-)
-
-
 class Ranks:
     """This process's place in the process group, and the few collectives the trainer uses.
 
@@ -59,7 +55,7 @@ class Ranks:
         self.local_rank = local_rank
         self.world_size = world_size
         self.object_group = object_group  # gloo group for Python objects (the default group on CPU)
-        self._gathered: list[dict[str, Any]] = []  # rank 0: every rank's stats at the last gather
+        self._gathered: list[StreamStats] = []  # rank 0: every rank's stats at the last gather
         self._gathered_at = time.monotonic()  # when that was
 
     @property
@@ -106,30 +102,30 @@ class Ranks:
             return None
         return [json.loads(bytes(buffer[: int(length.item())].numpy())) for buffer, length in zip(buffers, lengths)]
 
-    def gather_stream_stats(self, consumer: Any, step: int) -> None:
-        """Sends this rank's ``consumer.stats()`` to rank 0, which keeps them; a collective."""
+    def gather_stream_stats(self, source: BatchSource, step: int) -> None:
+        """Sends this rank's ``source.stats()`` to rank 0, which keeps them; a collective."""
         if not self.distributed:
             return
-        stats = {"rank": self.rank, "endpoint": consumer.endpoint, "as_of_step": step, **consumer.stats()}
-        gathered = self.gather(stats)
+        stats = dataclasses.replace(source.stats(), rank=self.rank, endpoint=source.endpoint, as_of_step=step)
+        gathered = self.gather(stats.to_dict())
         if gathered is not None:
-            self._gathered = gathered
+            self._gathered = [StreamStats.from_dict(entry) for entry in gathered]
             self._gathered_at = time.monotonic()
 
-    def stream_stats(self, consumer: Any) -> dict[str, Any]:
-        """``consumer.stats()`` in one process. Under DDP on rank 0: the totals over every rank
-        (:func:`merge_stream_stats`) with a ``ranks`` list: rank 0's numbers live, the others' as
-        of the last gather (``as_of_step``). Thread-safe: the HTTP threads call it."""
-        own = consumer.stats()
+    def stream_stats(self, source: BatchSource) -> StreamStats:
+        """``source.stats()`` in one process. Under DDP on rank 0: the totals over every rank
+        (:func:`~trainer.data.stats.merge_stream_stats`) with a ``ranks`` list: rank 0's numbers
+        live, the others' as of the last gather (``as_of_step``). Thread-safe: the HTTP threads call it."""
+        own = source.stats()
         if not self.distributed:
             return own
-        own = {"rank": self.rank, "endpoint": consumer.endpoint, "as_of_step": None, **own}
+        own = dataclasses.replace(own, rank=self.rank, endpoint=source.endpoint, as_of_step=None)
         # Another rank's silence has grown since it was gathered (it may be the rank stalling everyone).
         age = time.monotonic() - self._gathered_at
         others = [
-            {**stats, "seconds_since_last_message": None if stats["seconds_since_last_message"] is None
-             else round(stats["seconds_since_last_message"] + age, 3)}
-            for stats in self._gathered if stats["rank"] != self.rank
+            dataclasses.replace(stats, seconds_since_last_message=None if stats.seconds_since_last_message is None
+                                else round(stats.seconds_since_last_message + age, 3))
+            for stats in self._gathered if stats.rank != self.rank
         ]
         return merge_stream_stats([own, *others])
 
@@ -185,39 +181,6 @@ def rank_path(path: str | None, ranks: Ranks) -> str | None:
         return path
     original = Path(path)
     return str(original.with_name(f"{original.stem}.rank{ranks.rank}{original.suffix}"))
-
-
-def merge_stream_stats(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
-    """One ``DatasetConsumer.stats()``-shaped dict for several ranks, plus ``ranks`` (the inputs).
-
-    Counts are summed; ``starved`` is any rank's; ``seconds_since_last_message`` is the most
-    silent rank's (one starved rank stalls every rank) and None while any rank has received
-    nothing; ``val_messages_seen`` is the smallest (the set is complete when it is complete
-    everywhere). Producer rows keep their ids; an id seen by several ranks gets ``@rankN``.
-    """
-    total: dict[str, Any] = {key: sum(stats[key] for stats in per_rank) for key in SUMMED_STATS}
-    rejected: collections.Counter[str] = collections.Counter()
-    for stats in per_rank:
-        rejected.update(stats["rejected"])
-    total["rejected"] = dict(rejected)
-    by_producer: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
-    for stats in per_rank:
-        for producer, reasons in stats.get("rejected_by_producer", {}).items():
-            by_producer[producer].update(reasons)
-    total["rejected_by_producer"] = {producer: dict(reasons) for producer, reasons in by_producer.items()}
-    owners = collections.Counter(producer for stats in per_rank for producer in stats["producers"])
-    total["producers"] = {
-        (producer if owners[producer] == 1 else f"{producer}@rank{stats['rank']}"): row
-        for stats in per_rank for producer, row in stats["producers"].items()
-    }
-    total["starved"] = any(stats["starved"] for stats in per_rank)
-    silences = [stats["seconds_since_last_message"] for stats in per_rank]
-    total["seconds_since_last_message"] = None if None in silences else max(silences)
-    total["val_messages_seen"] = min(stats["val_messages_seen"] for stats in per_rank)
-    total["val_messages_total"] = per_rank[0]["val_messages_total"]
-    total["meta_digest"] = per_rank[0]["meta_digest"]
-    total["ranks"] = sorted(per_rank, key=lambda stats: stats["rank"])
-    return total
 
 
 def parameter_digest(model: torch.nn.Module) -> str:

@@ -1,4 +1,4 @@
-"""The context-free floor: the lowest loss reachable without looking at other positions (SPEC §6).
+"""The context-free floor: the lowest loss reachable without looking at other positions (docs/SPEC.md §6).
 
 A predictor that sees only its own, possibly corrupted, input token ``i`` at a supervised
 position can do no better than the Bayes posterior ``q(c | i)`` of the original token ``c``.
@@ -6,7 +6,7 @@ Its expected cross-entropy is the conditional entropy ``H(C | I)`` in nats, comp
 exactly from the train unigram distribution (``meta.token_counts``) and the corruption policy
 (``meta.corruption_config``).
 
-Corruption model (SPEC §2.5, as ``producer.corruption.corrupt`` does it), per supervised
+Corruption model (docs/SPEC.md §2.5, as ``producer.corruption.corrupt`` does it), per supervised
 position with original ``c ~ p``: the input is [MASK] with probability m, another base token
 (uniform over the V0 - 1 base ids other than ``c``) with probability r, ``c`` itself with
 probability u. So ``P(c, [MASK]) = m p(c)`` (posterior = prior: entropy ``H(p)``) and for a
@@ -35,13 +35,13 @@ cross-entropy over a batch measures.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
+from shared.limits import DEFAULT_MASK_FRACTIONS
 from shared.meta import StreamMeta
-
-DEFAULT_MASK_FRACTIONS = (0.8, 0.1, 0.1)
 
 
 def entropy(probs: np.ndarray) -> float:

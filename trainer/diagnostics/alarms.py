@@ -15,8 +15,11 @@ of them and keeps the step and time each active alarm was first raised.
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+
+from trainer.data.stats import StreamStats
 
 
 @dataclass(frozen=True)
@@ -60,9 +63,6 @@ class Alarm:
     since_time: float | None  # Unix seconds
     explanation: str
     check: str  # what to look at when it is active
-
-    def to_dict(self) -> dict:
-        return {field: getattr(self, field) for field in self.__dataclass_fields__}
 
 
 def context_blind(inputs: AlarmInputs, settings: AlarmSettings) -> tuple[bool, str]:
@@ -133,3 +133,26 @@ def evaluate_alarms(inputs: AlarmInputs, settings: AlarmSettings, previous: dict
         alarms[name] = Alarm(name, active, since_step, since_time, explanation, what_to_check)
     return alarms
 
+
+
+class StreamWindow:
+    """Messages accepted and rejected (by reason) over the last ``window_seconds``, from
+    successive :class:`StreamStats` readings (cumulative counts); bounded memory."""
+
+    def __init__(self, window_seconds: float, max_samples: int = 4096) -> None:
+        self.window_seconds = window_seconds
+        self._samples: deque[tuple[float, int, int, dict[str, int]]] = deque(maxlen=max_samples)
+
+    def update(self, stream: StreamStats | None, now: float) -> tuple[int, int, dict[str, int]]:
+        """``(accepted, rejected, rejected by reason)`` within the window ending ``now``."""
+        if stream is None:
+            return 0, 0, {}
+        sample = (now, stream.accepted, stream.rejected_total, dict(stream.rejected))
+        self._samples.append(sample)
+        while len(self._samples) > 1 and self._samples[0][0] < now - self.window_seconds:
+            self._samples.popleft()
+        if len(self._samples) == 1:  # first look: everything so far counts
+            return sample[1], sample[2], sample[3]
+        _, accepted_then, rejected_then, reasons_then = self._samples[0]
+        reasons = {reason: count - reasons_then.get(reason, 0) for reason, count in sample[3].items()}
+        return sample[1] - accepted_then, sample[2] - rejected_then, reasons

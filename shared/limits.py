@@ -1,0 +1,20 @@
+"""The names and limits producer and trainer must agree on, declared once (docs/SPEC.md §2, §3).
+
+Both sides import these; neither keeps a copy. Changing one is a change of the contract.
+"""
+
+from __future__ import annotations
+
+PACKINGS = ("lines", "fixed")  # docs/SPEC.md §2.3, §2.4
+SAMPLINGS = ("random", "epoch")  # docs/SPEC.md §2.3
+POLICIES = ("bert", "uniform", "stages")  # docs/SPEC.md §2.5
+DEFAULT_MASK_FRACTIONS = (0.8, 0.1, 0.1)  # [MASK], random token, unchanged
+
+MAX_BLOCK_SIZE = 65536  # tokens per row
+MAX_ROWS_PER_MESSAGE = 4096
+MAX_STAGES = 256  # stage ids travel as uint8
+MAX_VAL_ROWS = 256  # the fixed val set is cut at this many rows
+MAX_PRODUCER_ID_CHARS = 128
+# Token ids travel as uint16 and labels as int16 (docs/SPEC.md §3), so the whole vocabulary,
+# specials included, must fit below int16's maximum.
+MAX_VOCAB_SIZE = 32767

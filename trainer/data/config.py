@@ -1,0 +1,40 @@
+"""The trainer's stream settings (``python -m trainer``'s ``stream`` flags), declared once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shared import settings
+from shared.settings import setting
+
+
+def _check_non_negative(value: float) -> None:
+    if value < 0:
+        raise ValueError(f"{value} is negative")
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    """Where the trainer listens, what it records, how long it waits, and CurveZMQ.
+
+    ``wait_timeout`` / ``data_timeout`` None means the default of the process: wait forever in
+    one process, ``DEFAULT_DDP_DATA_TIMEOUT_S`` under torchrun (one rank without data stalls all).
+    """
+
+    bind: str = setting("tcp://*:5555", "ZeroMQ endpoint the trainer binds; producers connect. Under torchrun each rank "
+                                        "binds the port + its local rank, or its entry of a comma-separated list",
+                        metavar="ADDR")
+    record: str | None = setting(None, "record every consumed message to FILE (replayable)", metavar="FILE")
+    wait_timeout: float | None = setting(None, "give up (exit 2) after this many seconds without meta or val set "
+                                               "(none: forever; 300 s under torchrun)", metavar="S", check=_check_non_negative)
+    data_timeout: float | None = setting(None, "stop (exit 3) after this many seconds without a train batch; 0 = forever "
+                                               "(none: forever; 300 s under torchrun)", metavar="S", check=_check_non_negative)
+    curve_secret_key: str | None = setting(None, "CurveZMQ: the trainer's NAME.key_secret file (with "
+                                                 "--curve-authorized-keys; docs/SECURITY.md)", metavar="FILE")
+    curve_authorized_keys: str | None = setting(None, "CurveZMQ: a producer's public .key file, or a directory of them: "
+                                                      "only these may connect", metavar="PATH")
+
+    def __post_init__(self) -> None:
+        settings.check_fields(self)
+        if (self.curve_secret_key is None) != (self.curve_authorized_keys is None):
+            raise ValueError("--curve-secret-key and --curve-authorized-keys go together")

@@ -1,0 +1,31 @@
+"""What the training loop and the diagnostics need from a stream of batches.
+
+:class:`BatchSource` is the interface ``trainer.data.consumer.DatasetConsumer`` implements;
+tests and benchmarks feed the trainer from other sources with the same methods.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from shared.batch_stats import BatchStats, MaskRatioHistogram
+from shared.meta import StreamMeta
+from trainer.data.stats import StreamStats
+
+# x, y, attention_mask int64 (B, T); mask_ratio float32 (B,); stage int64 (B,) with stages.
+Batch = dict[str, torch.Tensor]
+
+
+class BatchSource(Protocol):
+    endpoint: str
+    meta: StreamMeta | None
+    last_batch_stats: BatchStats | None  # of the latest handed-out batch that has them
+    cumulative_mask_ratio: MaskRatioHistogram  # every row handed out so far
+
+    def wait_for_meta(self, timeout: float | None = None) -> StreamMeta: ...
+    def wait_for_val_set(self, timeout: float | None = None) -> bool: ...
+    def val_batches(self) -> list[Batch]: ...
+    def next_batch(self, split: str = "train", timeout: float | None = None) -> Batch: ...
+    def stats(self) -> StreamStats: ...

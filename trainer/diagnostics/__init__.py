@@ -1,0 +1,1 @@
+"""Live diagnostics: state, schema, attention probe, context-free floor, alarms, HTTP, Prometheus."""

@@ -1,0 +1,1 @@
+"""The training loop: start-up and resume, steps, evaluation, checkpoints, data-parallel ranks."""

@@ -1,0 +1,61 @@
+"""Start-up: waiting for the stream, building or resuming the model, the checkpoint it resumes from."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from shared.meta import StreamMeta
+from trainer.loop.checkpoint import load_checkpoint
+from trainer.loop.config import TrainConfig
+from trainer.model.transformer import ModelConfig
+
+log = logging.getLogger("trainer")
+
+WAIT_LOG_SECONDS = 10.0
+
+
+def wait_for(what: str, wait: Callable[[float], Any], timeout: float | None) -> Any:
+    """Calls ``wait(seconds)`` until it returns something, logging every :data:`WAIT_LOG_SECONDS`;
+    TimeoutError after ``timeout`` seconds (None: forever)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        chunk = WAIT_LOG_SECONDS if deadline is None else max(0.0, min(WAIT_LOG_SECONDS, deadline - time.monotonic()))
+        result = wait(chunk)
+        if result is not None:
+            return result
+        if deadline is not None and time.monotonic() >= deadline:
+            raise TimeoutError(f"no {what} arrived within {timeout:.0f} s")
+        log.info("waiting for the %s: no producer has sent it yet", what)
+
+
+def checkpoint_to_resume(config: TrainConfig, path: str, device: torch.device) -> dict[str, Any] | None:
+    """The checkpoint ``--resume`` asks for: None for ``never`` (and for ``auto`` without one);
+    FileNotFoundError for ``always`` without one; ValueError for one that is unusable."""
+    if config.resume == "never" or (config.resume == "auto" and not os.path.exists(path)):
+        return None
+    return load_checkpoint(path, device)
+
+
+def model_config_for(checkpoint: dict[str, Any] | None, requested: ModelConfig, meta: StreamMeta) -> ModelConfig:
+    """The model to build: the checkpoint's (it wins over the flags) or the requested one for this stream."""
+    if checkpoint is None:
+        config = requested.for_stream(meta)
+    else:
+        check_resumable(StreamMeta.from_dict(checkpoint["meta"]), meta)
+        config = ModelConfig(**checkpoint["model_config"])
+    config.check_covers(meta)
+    return config
+
+
+def check_resumable(trained_on: StreamMeta, stream: StreamMeta) -> None:
+    """A checkpoint resumes only on a stream whose ids mean the same tokens."""
+    differences = [d for d in trained_on.differences(stream) if d[0] in ("vocab", "block_size")]
+    if differences:
+        detail = "; ".join(f"{name}: checkpoint {mine!r:.60} vs stream {theirs!r:.60}" for name, mine, theirs in differences)
+        raise ValueError(f"the checkpoint was trained on another stream ({detail})")

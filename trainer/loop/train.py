@@ -1,0 +1,267 @@
+"""The training loop (docs/SPEC.md §7): stream meta -> model -> mask self-test -> AdamW steps.
+
+:class:`Trainer` pulls batches from a :class:`~trainer.data.source.BatchSource`, builds the
+model from the stream meta (or resumes it from a checkpoint), refuses to train when
+:func:`trainer.model.selftest.mask_self_test` fails, then runs AdamW with linear warm-up and
+cosine decay, gradient clipping and bf16 autocast on CUDA. It evaluates on the fixed val set
+and writes an atomic checkpoint every ``eval_interval`` steps, and publishes
+:mod:`trainer.loop.numbers` to observers (:mod:`trainer.loop.observers`).
+
+Data-parallel (``ranks``, a :class:`trainer.loop.distributed.Ranks` from torchrun): every rank
+trains a ``DistributedDataParallel`` copy on its own source's batches; only rank 0 evaluates,
+checkpoints and has observers. ``tokens`` and ``tokens_per_s`` then count every rank's batch,
+``train_loss`` is the mean over the ranks, and ``step_loss`` is this rank's own. Every rank
+takes part in the collectives at log steps (loss mean, stream stats gather) and at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from shared.meta import StreamMeta
+from trainer.data.source import Batch, BatchSource
+from trainer.loop.checkpoint import CHECKPOINT_NAME, rng_state, save_checkpoint, set_rng_state
+from trainer.loop.config import TrainConfig
+from trainer.loop.distributed import Ranks, parameter_digest
+from trainer.loop.interval import LogInterval
+from trainer.loop.numbers import EvalNumbers, RunSummary, StepNumbers
+from trainer.loop.observers import METRICS_NAME, ConsoleLog, MetricsFile, Observer
+from trainer.loop.schedule import learning_rate, make_optimizer, resolve_device
+from trainer.loop.startup import checkpoint_to_resume, model_config_for, wait_for
+from trainer.model.evaluation import EvalResult, evaluate
+from trainer.model.losses import token_losses, weighted_mean_loss
+from trainer.model.selftest import mask_self_test
+from trainer.model.transformer import BidirectionalTransformer, ModelConfig
+
+log = logging.getLogger("trainer")
+
+
+class Trainer:
+    """Trains a BidirectionalTransformer on the batches of ``source``.
+
+    Attributes for observers and diagnostics: ``config`` (TrainConfig), ``model_config``,
+    ``model`` (the uncompiled module), ``meta`` (StreamMeta), ``consumer`` (the source),
+    ``device``, ``step`` (optimizer steps done), ``val_batches`` (the fixed val batches
+    evaluated), ``self_test`` (the mask self-test result), ``ranks`` (this process's place among
+    the data-parallel ranks; ``Ranks()`` = one process), and :meth:`evaluate`.
+    """
+
+    def __init__(self, config: TrainConfig, model_config: ModelConfig, source: BatchSource,
+                 observers: Iterable[Observer] = (), ranks: Ranks | None = None) -> None:
+        self.config = config
+        self.requested_model = model_config
+        self.consumer = source
+        self.extra_observers = list(observers)
+        self.ranks = ranks or Ranks()
+        self.device = resolve_device(config.device)
+        self.step = 0
+        self.meta: StreamMeta | None = None
+        self.model_config: ModelConfig | None = None
+        self.model: BidirectionalTransformer | None = None
+        self.optimizer: torch.optim.AdamW | None = None
+        self.val_batches: list[Batch] = []
+        self.self_test: dict[str, Any] | None = None
+        self.last_eval: EvalNumbers | None = None
+        self.checkpoint_path = os.path.join(config.out_dir, CHECKPOINT_NAME)
+        self._resumed = False
+        self._interval = LogInterval(self.device, self.ranks)
+
+    # ---- start-up ----------------------------------------------------------------------
+
+    def prepare(self, wait_timeout: float | None = None) -> None:
+        """Wait for the stream, build (or resume) the model, and run the mask self-test.
+
+        Raises MaskSelfTestError when the self-test fails, ValueError when the model does
+        not cover the stream or a resumed checkpoint is unusable or belongs to another
+        vocabulary, FileNotFoundError for ``--resume`` without a checkpoint, and TimeoutError
+        when ``wait_timeout`` seconds pass without meta or val set.
+        """
+        config = self.config
+        os.makedirs(config.out_dir, exist_ok=True)
+        torch.manual_seed(config.seed)
+        self.meta = wait_for("stream meta", self._meta_within, wait_timeout)
+        log.info("stream: vocab_size %d, block_size %d, packing %s, corruption %s, corpus %s", self.meta.vocab_size,
+                 self.meta.block_size, self.meta.packing, self.meta.corruption, self.meta.corpus_fingerprint)
+        checkpoint = checkpoint_to_resume(config, self.checkpoint_path, self.device)
+        self.model_config = model_config_for(checkpoint, self.requested_model, self.meta)
+        self.model = BidirectionalTransformer(self.model_config).to(self.device)
+        self.optimizer = make_optimizer(self.model, config, self.device)
+        if checkpoint is not None:
+            self.model.load_state_dict(checkpoint["model"])
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            self.step = int(checkpoint["step"])
+            set_rng_state(checkpoint["rng"])
+            self._resumed = True
+            log.info("resumed from %s at step %d", self.checkpoint_path, self.step)
+        log.info("model: %s, %.2fM parameters, device %s", self.model_config.to_dict(), self.model.num_parameters() / 1e6,
+                 self.device)
+        wait_for("val set", lambda seconds: self.consumer.wait_for_val_set(seconds) or None, wait_timeout)
+        self.val_batches = self.consumer.val_batches()[: config.eval_batches or None]
+        if not self.val_batches:
+            raise ValueError("the stream's val set is empty: nothing to evaluate or self-test on")
+        self.self_test = mask_self_test(self.model, self._to_device(self.val_batches[0]), self.meta)
+        log.info("mask self-test passed: %s", json.dumps(self.self_test))
+
+    def _meta_within(self, seconds: float) -> StreamMeta | None:
+        try:
+            return self.consumer.wait_for_meta(seconds)
+        except TimeoutError:
+            return None
+
+    # ---- evaluation and checkpoints ----------------------------------------------------
+
+    def _to_device(self, batch: Batch) -> Batch:
+        return {name: tensor.to(self.device, non_blocking=True) for name, tensor in batch.items()}
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.device.type == "cuda":
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def evaluate(self, batches: list[Batch]) -> EvalResult:
+        """Mean cross-entropy over the supervised positions of ``batches`` (eval mode, no grad)."""
+        return evaluate(self.model, batches, self.device, self._autocast)
+
+    def _evaluate_and_checkpoint(self, before_training: bool) -> EvalNumbers:
+        started = time.perf_counter()
+        result = self.evaluate(self.val_batches)
+        numbers = EvalNumbers(step=self.step, val_loss=result.loss, val_loss_by_stage=result.by_stage,
+                              val_supervised=result.supervised, eval_ms=1000 * (time.perf_counter() - started),
+                              before_training=before_training)
+        if not before_training:
+            self.save_checkpoint()
+        self.last_eval = numbers
+        return numbers
+
+    def save_checkpoint(self) -> None:
+        save_checkpoint(self.checkpoint_path, {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "model_config": self.model_config.to_dict(),
+            "train_config": dataclasses.asdict(self.config),
+            "meta": self.meta.to_dict(),
+            "rng": rng_state(),
+        })
+
+    # ---- the loop ----------------------------------------------------------------------
+
+    def _train_step(self, forward: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One optimizer step; the loss and the pre-clipping gradient norm, still on the device."""
+        with self._autocast():
+            logits, _ = forward(batch["x"], batch["attention_mask"])
+            losses = token_losses(logits, batch["y"])
+            loss = weighted_mean_loss(losses, batch["y"], batch["mask_ratio"], self.config.loss_weighting)
+        if "stage" in batch:
+            self._interval.add_stage_losses(losses.detach(), batch)
+        loss.backward()
+        grad_norm = None
+        if self.config.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach(), grad_norm
+
+    def _next_batch(self) -> Batch:
+        """The source's next train batch; TimeoutError after ``data_timeout`` seconds without one."""
+        try:
+            return self.consumer.next_batch("train", timeout=self.config.data_timeout)
+        except TimeoutError as error:
+            raise TimeoutError(
+                f"rank {self.ranks.rank}: no train batch for {self.config.data_timeout:.0f} s (--data-timeout) "
+                f"on {getattr(self.consumer, 'endpoint', 'the stream')}: its producers stopped or never connected; "
+                f"stopping at step {self.step}"
+            ) from error
+
+    def _one_step(self, forward: Any) -> StepNumbers:
+        """Trains one step; its numbers, with the log-step numbers when this is a log step."""
+        config = self.config
+        lr = learning_rate(self.step, config)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        step_start = time.perf_counter()
+        batch = self._next_batch()
+        data_wait = time.perf_counter() - step_start
+        loss, grad_norm = self._train_step(forward, self._to_device(batch))
+        self.step += 1
+        self._interval.add_step(loss, data_wait)
+        is_log = self._is_eval_step() or self.step % config.log_interval == 0
+        numbers = StepNumbers(step=self.step, log=is_log, lr=lr, step_ms=1000 * (time.perf_counter() - step_start),
+                              data_wait_ms=1000 * data_wait, tokens=batch["x"].numel() * self.ranks.world_size,
+                              step_loss=loss.item() if self.device.type == "cpu" or is_log else None)
+        if is_log:
+            self.ranks.gather_stream_stats(self.consumer, self.step)
+            numbers = self._interval.close(numbers, grad_norm)
+        return numbers
+
+    def _is_eval_step(self) -> bool:
+        return self.step % self.config.eval_interval == 0 or self.step == self.config.max_iters
+
+    def _observers(self) -> list[Observer]:
+        if not self.ranks.is_main:
+            return []
+        metrics = MetricsFile(os.path.join(self.config.out_dir, METRICS_NAME), append=self._resumed)
+        return [ConsoleLog(), metrics, *self.extra_observers]
+
+    def run(self) -> RunSummary:
+        """Train until ``max_iters`` steps are done; returns the summary. Call :meth:`prepare` first."""
+        ranks = self.ranks
+        observers = self._observers()
+        forward = ranks.wrap(self.model)
+        if self.config.compile:
+            forward = torch.compile(forward)
+        self.model.train()
+        ranks.gather_stream_stats(self.consumer, self.step)
+        for observer in observers:
+            observer.on_start(self)
+        if not self._resumed and ranks.is_main:
+            numbers = self._evaluate_and_checkpoint(before_training=True)
+            for observer in observers:
+                observer.on_eval(numbers)
+        started = time.perf_counter()
+        self._interval.restart()
+        try:
+            while self.step < self.config.max_iters:
+                numbers = self._one_step(forward)
+                is_eval = self._is_eval_step() and ranks.is_main
+                eval_numbers = self._evaluate_and_checkpoint(before_training=False) if is_eval else None
+                if eval_numbers is not None:
+                    numbers = dataclasses.replace(numbers, val_loss=eval_numbers.val_loss,
+                                                  val_loss_by_stage=eval_numbers.val_loss_by_stage)
+                for observer in observers:
+                    observer.on_step(numbers)
+                if eval_numbers is not None:
+                    for observer in observers:
+                        observer.on_eval(eval_numbers)
+        except (KeyboardInterrupt, SystemExit) as interruption:  # Ctrl-C, or SIGTERM via trainer.__main__
+            # No collectives here (stream_stats uses the last gathered numbers): under DDP the
+            # other ranks may be gone already.
+            summary = self._summary(started, stopped_by=type(interruption).__name__)
+            for observer in observers:
+                observer.on_end(summary)
+            raise
+        ranks.gather_stream_stats(self.consumer, self.step)
+        digests = ranks.gather(parameter_digest(self.model)) if ranks.distributed else None
+        summary = self._summary(started, digests=digests)
+        for observer in observers:
+            observer.on_end(summary)
+        return summary
+
+    def _summary(self, started: float, stopped_by: str | None = None, digests: list[str] | None = None) -> RunSummary:
+        last_eval = self.last_eval
+        return RunSummary(
+            steps=self.step, train_loss=self._interval.last_train_loss,
+            val_loss=None if last_eval is None else last_eval.val_loss,
+            val_loss_by_stage=None if last_eval is None else last_eval.val_loss_by_stage,
+            wall_s=time.perf_counter() - started, stream=self.ranks.stream_stats(self.consumer), stopped_by=stopped_by,
+            world_size=self.ranks.world_size if digests is not None else None, parameter_digests=digests,
+        )

@@ -1,0 +1,1 @@
+"""The bidirectional transformer, its losses, and the start-up mask self-test."""
