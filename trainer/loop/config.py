@@ -44,8 +44,8 @@ class TrainConfig:
     lr_decay_iters: int = setting(0, "step at which the cosine reaches min-lr; 0 = max-iters", metavar="N", check=_at_least(0))
     grad_clip: float = setting(1.0, "max global gradient norm; 0 = no clipping", check=_at_least(0))
     weight_decay: float = setting(0.1, "AdamW weight decay of matrices and embeddings", check=_at_least(0))
-    beta1: float = 0.9
-    beta2: float = 0.99
+    beta1: float = setting(0.9, "AdamW beta1: decay of the gradient's running mean", check=_at_least(0))
+    beta2: float = setting(0.99, "AdamW beta2: decay of the squared gradient's running mean", check=_at_least(0))
     loss_weighting: str = setting("none", "none: mean over supervised positions; inverse-t: rows weighted by 1/mask_ratio",
                                   choices=LOSS_WEIGHTINGS)
     compile: bool = setting(False, "torch.compile the model for training")
