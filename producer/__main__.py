@@ -7,11 +7,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+import producer.prepare
 import producer.record
 import producer.replay
 import producer.service
+import producer.tokenizer_cli
 
-COMMAND_MODULES = [producer.record, producer.service, producer.replay]
+COMMAND_MODULES = [producer.prepare, producer.tokenizer_cli, producer.record, producer.service, producer.replay]
 
 
 def main(argv: list[str] | None = None) -> int:

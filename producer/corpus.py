@@ -1,8 +1,13 @@
-"""The corpus: loading it, and splitting its token ids into train and val lines (docs/SPEC.md §2.2).
+"""The corpus as token lines: from text (tokenized in memory) or from a prepared folder
+(memory-mapped), and its train/val split by lines (docs/SPEC.md §2.2, §2.7).
 
-A line is its characters plus its terminating ``\\n``; a corpus whose last line has no
-``\\n`` gets one, so every line has one. Lines, not characters, are split: the first
-``1 - val_fraction`` of them are train, the rest val.
+A line is its text plus its terminating ``\\n``; a text whose last line has no ``\\n`` gets
+one, so every line has one. Lines, not tokens, are split: the first ``1 - val_fraction`` of
+them are train, the rest val. Line boundaries are explicit (``offsets``), whatever the tokenizer.
+
+Small corpora can stay text: :func:`load_corpus` tokenizes them in memory. A large one is
+prepared once (``python -m producer prepare``, :mod:`producer.prepare`) and memory-mapped by
+every producer (:mod:`producer.prepared`): no full-text copy, start-up and memory flat in its size.
 """
 
 from __future__ import annotations
@@ -13,42 +18,26 @@ from pathlib import Path
 
 import numpy as np
 
+from producer.lines import CorpusError, TokenCorpus, split_point
+from producer.prepared import is_prepared, open_prepared
+from shared.tokenizer import Tokenizer, load_tokenizer
+from shared.vocab import VocabularyError, id_dtype
+
 BUILTIN_NAME = "builtin:pydoc_data.topics"
-
-
-class CorpusError(ValueError):
-    """The corpus cannot be used: missing, empty (line breaks only), or not UTF-8."""
+DEFAULT_VAL_FRACTION = 0.1
 
 
 @dataclass(frozen=True)
 class Corpus:
-    """The corpus text (ends with ``\\n``), where it came from, and its fingerprint
-    (first 16 hex digits of the SHA-256 of the UTF-8 text)."""
+    """A text corpus as read: the text (ends with ``\\n``), where it came from, and its
+    fingerprint (first 16 hex digits of the SHA-256 of the UTF-8 text)."""
 
     text: str
     name: str
     fingerprint: str
 
 
-@dataclass(frozen=True)
-class Lines:
-    """A run of complete lines as one token array.
-
-    Attributes:
-        tokens: token ids, uint16 (N,); every line ends with the newline id.
-        starts: int64 (L + 1,), the offset of each line start, then N: line i is
-            ``tokens[starts[i]:starts[i + 1]]``.
-    """
-
-    tokens: np.ndarray
-    starts: np.ndarray
-
-    @property
-    def n_lines(self) -> int:
-        return len(self.starts) - 1
-
-
-def load_corpus(path: str | None) -> Corpus:
+def read_text(path: str | None) -> Corpus:
     """The corpus at ``path`` (a UTF-8 file, or a folder whose ``.txt`` files are read in sorted
     order), or CPython's built-in help text when ``path`` is None. Raises :class:`CorpusError`."""
     if path is None:
@@ -60,7 +49,7 @@ def load_corpus(path: str | None) -> Corpus:
         if source.is_dir():
             files = sorted(p for p in source.iterdir() if p.suffix == ".txt" and p.is_file())
             if not files:
-                raise CorpusError(f"corpus folder {path} holds no .txt files")
+                raise CorpusError(f"corpus folder {path} holds no .txt files (prepare it: python -m producer prepare)")
         elif source.is_file():
             files = [source]
         else:
@@ -80,17 +69,33 @@ def _read_utf8(file: Path) -> str:
         raise CorpusError(f"{file} is not UTF-8: undecodable byte 0x{data[error.start]:02x} at byte offset {error.start}") from None
 
 
-def split_lines(tokens: np.ndarray, newline_id: int, val_fraction: float) -> tuple[Lines, Lines | None]:
-    """The train lines and the val lines (None when ``val_fraction`` is 0) of a token array
-    that ends with ``newline_id``. A nonzero fraction keeps at least one line on each side."""
-    starts = np.concatenate([[0], np.flatnonzero(tokens == newline_id) + 1]).astype(np.int64)
-    n_lines = len(starts) - 1
-    if val_fraction == 0:
-        return Lines(tokens, starts), None
-    if n_lines < 2:
-        raise CorpusError(f"the corpus has {n_lines} line; a val split needs at least 2 (or --val-fraction 0)")
-    n_val = min(max(round(n_lines * val_fraction), 1), n_lines - 1)
-    cut = n_lines - n_val
-    train = Lines(tokens[: starts[cut]], starts[: cut + 1])
-    val = Lines(tokens[starts[cut] :], starts[cut:] - starts[cut])
-    return train, val
+def tokenize(corpus: Corpus, tokenizer: str | Tokenizer = "char", val_fraction: float = DEFAULT_VAL_FRACTION) -> TokenCorpus:
+    """A text corpus tokenized in memory, line by line (``tokenizer``: ``char``, ``bytes``, a
+    ``tokenizers`` file, or a :class:`Tokenizer`)."""
+    try:
+        tokens = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer, corpus.text)
+        ids, lengths = tokens.encode_text(corpus.text)
+    except VocabularyError as error:
+        raise CorpusError(f"corpus {corpus.name}: {error}") from None
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    split = split_point(len(lengths), val_fraction)
+    train_ids = ids[: offsets[split]]
+    return TokenCorpus(
+        name=corpus.name,
+        fingerprint=corpus.fingerprint,
+        tokenizer=tokens,
+        tokens=ids.astype(id_dtype(tokens.vocab_size)),
+        offsets=offsets,
+        split_line=split,
+        train_counts=np.bincount(train_ids, minlength=tokens.base_size).astype(np.int64),
+    )
+
+
+def load_corpus(path: str | None, tokenizer: str | None = None, val_fraction: float | None = None) -> TokenCorpus:
+    """The corpus at ``path``: a prepared folder (memory-mapped; ``tokenizer`` and ``val_fraction``
+    must agree with its own when given), or text tokenized in memory (``tokenizer`` defaults to
+    ``char``, ``val_fraction`` to 0.1). Raises :class:`CorpusError`."""
+    if path is not None and is_prepared(path):
+        return open_prepared(path, tokenizer, val_fraction)
+    fraction = DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction
+    return tokenize(read_text(path), tokenizer or "char", fraction)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from producer.packing import prefix_mask
-from shared.vocab import IGNORE_INDEX
+from shared.vocab import IGNORE_INDEX, SPECIAL_TOKENS, label_dtype
 
 _NOT_A_CANDIDATE = np.uint32(0xFFFF_FFFF)
 
@@ -115,13 +115,17 @@ def corrupt(
     base_size: int,
     mask_id: int,
 ) -> np.ndarray:
-    """Labels int16 (R, T): the original token on S, ``IGNORE_INDEX`` elsewhere. Replaces the
-    inputs on S in ``x`` (uint16 (R, T), modified in place): ``[MASK]`` / another base token /
-    unchanged with the mask fractions (``[MASK]`` always in ``mask_only`` rows)."""
+    """Labels (R, T), int16 or int32 (``shared.vocab.label_dtype``): the original token on S,
+    ``IGNORE_INDEX`` elsewhere. Replaces the inputs on S in ``x`` (uint16 or uint32 (R, T),
+    modified in place): ``[MASK]`` / another base token / unchanged with the mask fractions
+    (``[MASK]`` always in ``mask_only`` rows)."""
     supervised = selection.supervised
     # Arithmetic on the boolean masks rather than np.where/copyto: random masks defeat branch
-    # prediction and this is several times faster. Unsigned/int16 arithmetic wraps, so exact.
-    labels = (x.view(np.int16) - IGNORE_INDEX) * supervised + np.int16(IGNORE_INDEX)
+    # prediction and this is several times faster. Ids are below the label dtype's maximum, so
+    # a same-width view reads them exactly; the arithmetic wraps, so it is exact too.
+    label = label_dtype(mask_id + len(SPECIAL_TOKENS))
+    wide = x.view(label) if x.dtype.itemsize == label.itemsize else x.astype(label)
+    labels = (wide - IGNORE_INDEX) * supervised + label.type(IGNORE_INDEX)
     choice = random_bits(rng, x.shape)
     to_mask = below(choice, mask_fractions[0])
     to_random = below(choice, mask_fractions[0] + mask_fractions[1]) & ~to_mask

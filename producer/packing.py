@@ -21,7 +21,9 @@ from functools import lru_cache
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from producer.corpus import Lines
+from producer.lines import Lines
+
+GREEDY_CHUNK_LINES = 1 << 20
 
 
 @dataclass
@@ -52,10 +54,30 @@ def prefix_mask(lengths: np.ndarray, block_size: int) -> np.ndarray:
     return _prefix_rows(block_size)[block_size - lengths]
 
 
-def _windows(tokens: np.ndarray, block_size: int) -> np.ndarray:
-    """Read-only view (N, T): row s is ``block_size`` tokens from offset s of ``tokens``, cyclically,
-    so gathering rows copies contiguous runs instead of single tokens."""
-    return sliding_window_view(np.resize(tokens, len(tokens) + block_size - 1), block_size)
+class RowReader:
+    """Rows of ``block_size`` consecutive tokens from any offsets, cyclically past the end.
+
+    Reading copies only the rows (contiguous runs, through a sliding-window view), never the
+    token array itself, which may be memory-mapped and larger than memory.
+    """
+
+    def __init__(self, tokens: np.ndarray, block_size: int) -> None:
+        self.tokens = tokens
+        self.block_size = block_size
+        self._windows = sliding_window_view(tokens, block_size) if len(tokens) >= block_size else None
+
+    def rows(self, first: np.ndarray) -> np.ndarray:
+        """A new array (R, T): row i is the ``block_size`` tokens from ``first[i]`` on."""
+        n = len(self.tokens)
+        inside = first <= n - self.block_size
+        if self._windows is not None and inside.all():
+            return self._windows[first]
+        out = np.empty((len(first), self.block_size), dtype=self.tokens.dtype)
+        if self._windows is not None:
+            out[inside] = self._windows[first[inside]]
+        wrapped = ~inside if self._windows is not None else np.ones(len(first), bool)
+        out[wrapped] = self.tokens[(first[wrapped, None] + np.arange(self.block_size)) % n]
+        return out
 
 
 class LinePacker:
@@ -66,8 +88,8 @@ class LinePacker:
         self.block_size = block_size
         self.sep_id = sep_id
         self.pad_id = pad_id
-        # Whatever a window reads past the content (the cyclic wrap) is overwritten by [SEP]/[PAD].
-        self._windows = _windows(lines.tokens, block_size)
+        # Whatever a row reads past the content (the cyclic wrap) is overwritten by [SEP]/[PAD].
+        self._reader = RowReader(lines.tokens, block_size)
 
     def random_starts(self, rng: np.random.Generator, rows: int) -> np.ndarray:
         """``rows`` line indices drawn uniformly over the line starts."""
@@ -84,22 +106,27 @@ class LinePacker:
 
     def greedy_starts(self, max_rows: int | None = None) -> np.ndarray:
         """Start lines of the greedy packs in corpus order: each pack starts at the line after
-        the previous pack's last (possibly truncated) line, so every line is in exactly one pack."""
+        the previous pack's last (possibly truncated) line, so every line is in exactly one pack.
+
+        Lines are looked at in pieces of :data:`GREEDY_CHUNK_LINES`, so memory stays bounded on a
+        large (memory-mapped) corpus, and it stops after ``max_rows`` packs."""
         n_lines = self.lines.n_lines
-        every_line = np.arange(n_lines, dtype=np.int64)
-        end = self.content_end(every_line)
-        # The next pack starts at the first line not wholly inside this one (an overlong line is consumed).
-        following = np.searchsorted(self.lines.starts, end, side="left").tolist()
-        packs, line = [], 0
+        packs: list[int] = []
+        line = 0
         while line < n_lines and (max_rows is None or len(packs) < max_rows):
-            packs.append(line)
-            line = following[line]
+            chunk = np.arange(line, min(n_lines, line + GREEDY_CHUNK_LINES), dtype=np.int64)
+            # The next pack starts at the first line not wholly inside this one (an overlong line is consumed).
+            following = np.searchsorted(self.lines.starts, self.content_end(chunk), side="left").tolist()
+            end = int(chunk[-1]) + 1
+            while line < end and (max_rows is None or len(packs) < max_rows):
+                packs.append(line)
+                line = following[line - int(chunk[0])]
         return np.array(packs, dtype=np.int64)
 
     def pack(self, start_lines: np.ndarray) -> Packed:
         first = self.lines.starts[start_lines]
         content_len = self.content_end(start_lines) - first
-        x = self._windows[first]
+        x = self._reader.rows(first)
         visible = prefix_mask(content_len + 1, self.block_size)
         np.copyto(x, self.pad_id, where=~visible)
         x[np.arange(len(x)), content_len] = self.sep_id
@@ -112,7 +139,7 @@ class FixedPacker:
     def __init__(self, lines: Lines, block_size: int) -> None:
         self.n_tokens = len(lines.tokens)
         self.block_size = block_size
-        self._windows = _windows(lines.tokens, block_size)
+        self._reader = RowReader(lines.tokens, block_size)
 
     def random_starts(self, rng: np.random.Generator, rows: int) -> np.ndarray:
         """``rows`` offsets uniform over the windows that fit (offset 0 when the text is shorter than a row)."""
@@ -124,6 +151,6 @@ class FixedPacker:
         return starts if max_rows is None else starts[:max_rows]
 
     def pack(self, starts: np.ndarray) -> Packed:
-        x = self._windows[starts]
+        x = self._reader.rows(starts)
         rows = len(starts)
         return Packed(x, np.ones((rows, self.block_size), np.uint8), np.full(rows, self.block_size, np.int64))

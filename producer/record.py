@@ -8,6 +8,7 @@ producer inspect`` summarises one as a single JSON object (docs/SPEC.md §5, §6
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections import Counter
@@ -18,9 +19,11 @@ import numpy as np
 
 from producer.stream import BatchStream
 from shared import settings
+from shared.batch_stats import CorruptionCounts, corruption_counts
 from shared.data_config import DataConfig
+from shared.meta import StreamMeta
 from shared.recording import RecordingError, RecordingReader, RecordingWriter
-from shared.wire import WireError, decode, encode
+from shared.wire import MetaMessage, WireError, decode, encode, encode_meta, new_incarnation
 
 
 def add_command(subparsers: argparse._SubParsersAction) -> None:
@@ -60,9 +63,11 @@ def run_record(args: argparse.Namespace) -> int:
     else:
         messages = ((batch, -1) for batch in islice(stream.train_batches(), args.messages))
     info = {"source": "producer record", "producer_id": stream.producer_id, "split": args.split}
+    incarnation = new_incarnation()
     with RecordingWriter(args.out, info) as writer:
-        for seq, (batch, val_index) in enumerate(messages):
-            writer.write(encode(meta, args.split, stream.producer_id, seq, batch, val_index=val_index))
+        writer.write(encode_meta(meta, stream.producer_id, 0, incarnation))
+        for seq, (batch, val_index) in enumerate(messages, start=1):
+            writer.write(encode(meta, args.split, stream.producer_id, seq, batch, val_index=val_index, incarnation=incarnation))
     print(f"wrote {args.messages} {args.split} messages to {args.out}", file=sys.stderr)
     return 0
 
@@ -78,45 +83,46 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def summarise(reader: RecordingReader) -> dict[str, Any]:
-    """Statistics of every decodable message of a recording (see :func:`run_inspect`)."""
+    """Statistics of every decodable batch of a recording (see :func:`run_inspect`), counted with
+    ``shared.batch_stats`` as the trainer counts them."""
     rejected: Counter[str] = Counter()
     splits: Counter[str] = Counter()
+    metas: dict[str, StreamMeta] = {}
     meta = None
-    block_size = 0
     valid_lens, ratios = [], []
-    supervised = visible = as_mask = as_original = 0
+    counts = CorruptionCounts()
+    block_size = 0
     for frames in reader:
         try:
-            message = decode(frames)
+            message = decode(frames, metas)
         except WireError as error:
             rejected[error.reason] += 1
             continue
+        if isinstance(message, MetaMessage):
+            metas[message.meta.digest] = message.meta
+            continue
         meta = meta or message.meta
         splits[message.split] += 1
-        x, y, attention = (message.tensors[name] for name in ("x", "y", "attention_mask"))
-        block_size = x.shape[1]
-        labelled = y != message.meta.ignore_index
-        valid_lens.append(attention.sum(axis=1, dtype=np.int64))
+        block_size = message.meta.block_size
+        valid_lens.append(message.valid_len)
         ratios.append(message.tensors["mask_ratio"])
-        supervised += int(labelled.sum())
-        visible += int(valid_lens[-1].sum())
-        as_mask += int((x[labelled] == message.meta.mask_id).sum())
-        as_original += int((x[labelled] == y[labelled]).sum())
+        counts.add(corruption_counts(message.tensors["x"], message.tensors["y"], message.meta.mask_id, message.meta.ignore_index))
     valid_len = np.concatenate(valid_lens) if valid_lens else np.zeros(0, np.int64)
     ratio = np.concatenate(ratios) if ratios else np.zeros(0, np.float32)
+    corruption = counts.percentages()
     report = reader.report
     return {
         "file": reader.path,
         "messages": int(sum(splits.values())),
         "splits": dict(splits),
         "rows": int(valid_len.size),
-        "meta": meta.to_dict() if meta else None,
+        "meta": _meta_summary(meta),
         "valid_len": _summary(valid_len, ("mean", "min", "max")),
         "packing_efficiency": float(valid_len.mean() / block_size) if valid_len.size else None,
-        "supervised_per_token": supervised / visible if visible else None,
-        "pct_mask": _percent(as_mask, supervised),
-        "pct_random": _percent(supervised - as_mask - as_original, supervised),
-        "pct_unchanged": _percent(as_original, supervised),
+        "supervised_per_token": counts.supervised / int(valid_len.sum()) if valid_len.size else None,
+        "pct_mask": corruption.pct_mask if counts.supervised else None,
+        "pct_random": corruption.pct_random if counts.supervised else None,
+        "pct_unchanged": corruption.pct_unchanged if counts.supervised else None,
         "mask_ratio": _summary(ratio, ("p10", "p50", "p90")),
         "truncated": report.truncated,
         "lost_bytes": report.lost_bytes,
@@ -127,6 +133,11 @@ def summarise(reader: RecordingReader) -> dict[str, Any]:
     }
 
 
+def _meta_summary(meta: StreamMeta | None) -> dict[str, Any] | None:
+    """The meta as the diagnostics show it (no vocabulary or counts, which can be large)."""
+    return None if meta is None else dataclasses.asdict(meta.summary())
+
+
 def _summary(values: np.ndarray, names: tuple[str, ...]) -> dict[str, float | None]:
     if values.size == 0:
         return dict.fromkeys(names)
@@ -135,7 +146,3 @@ def _summary(values: np.ndarray, names: tuple[str, ...]) -> dict[str, float | No
         "p10": lambda v: np.percentile(v, 10), "p50": np.median, "p90": lambda v: np.percentile(v, 90),
     }
     return {name: float(compute[name](values)) for name in names}
-
-
-def _percent(part: int, whole: int) -> float | None:
-    return 100.0 * part / whole if whole else None

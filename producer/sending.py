@@ -29,7 +29,7 @@ from shared.curve import CurveClient, configure_client
 from shared.limits import MAX_PRODUCER_ID_CHARS
 from shared.meta import StreamMeta
 from shared.settings import setting
-from shared.wire import encode
+from shared.wire import encode, encode_meta, new_incarnation
 
 SEND_HWM = 4  # messages queued per connected trainer before send blocks
 LINGER_MS = 500  # how long close() may still flush queued messages
@@ -159,12 +159,21 @@ class Routes:
     its own wire producer id (:func:`route_producer_id`), so each rank's gap accounting is exact
     and no ``(producer id, seq)`` pair reaches two ranks. A full endpoint blocks the producer:
     data-parallel ranks take batches in lockstep, so they share the stream evenly.
+
+    Every endpoint gets a meta message (the full stream meta) before its first batch and again
+    whenever ``meta_every`` seconds have passed, so a trainer that starts or restarts mid-stream
+    pins the stream within that time; batches name the meta by digest only. ``incarnation`` is
+    this run's random id: a restarted producer with the same id starts a new sequence.
     """
 
-    def __init__(self, senders: list[Sender], producer_id: str) -> None:
+    def __init__(self, senders: list[Sender], producer_id: str, meta_every: float = 2.0,
+                 incarnation: str | None = None) -> None:
         self.senders = senders
         self.producer_ids = [producer_id] if len(senders) == 1 else [route_producer_id(producer_id, i) for i in range(len(senders))]
-        self.sent = [{"train": 0, "val": 0} for _ in senders]  # wire messages sent per endpoint
+        self.sent = [{"meta": 0, "train": 0, "val": 0} for _ in senders]  # wire messages sent per endpoint
+        self.meta_every = meta_every
+        self.incarnation = incarnation or new_incarnation()
+        self._meta_sent_at = [float("-inf")] * len(senders)
         self._next_train = 0
 
     @property
@@ -177,14 +186,28 @@ class Routes:
         tokens = int(np.count_nonzero(tensors["attention_mask"]))
         payload_bytes = sum(array.nbytes for array in tensors.values())
         for index in targets:
-            sent = self.sent[index]
-            frames = encode(meta, split, self.producer_ids[index], sent["train"] + sent["val"], tensors, val_index=val_index)
+            if time.monotonic() - self._meta_sent_at[index] >= self.meta_every and not self._send_meta(meta, index, throughput):
+                return False
+            frames = encode(meta, split, self.producer_ids[index], self._seq(index), tensors, val_index=val_index,
+                            incarnation=self.incarnation)
             if not self.senders[index].send(frames, while_blocked=throughput.tick):
                 return False
-            sent[split] += 1
+            self.sent[index][split] += 1
             throughput.add(split, tokens, payload_bytes)
         if split == "train":
             self._next_train = (self._next_train + 1) % len(self.senders)
+        return True
+
+    def _seq(self, index: int) -> int:
+        return sum(self.sent[index].values())
+
+    def _send_meta(self, meta: StreamMeta, index: int, throughput: Throughput) -> bool:
+        frames = encode_meta(meta, self.producer_ids[index], self._seq(index), incarnation=self.incarnation)
+        if not self.senders[index].send(frames, while_blocked=throughput.tick):
+            return False
+        self.sent[index]["meta"] += 1
+        self._meta_sent_at[index] = time.monotonic()
+        throughput.add("meta", 0, len(frames[1]))
         return True
 
     def summary(self) -> list[dict[str, Any]]:

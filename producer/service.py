@@ -44,6 +44,11 @@ from shared.data_config import DataConfig
 from shared.settings import setting
 
 
+def _check_positive(value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{value} is not positive")
+
+
 def _check_non_negative(value: int) -> None:
     if value < 0:
         raise ValueError(f"{value} is negative")
@@ -55,8 +60,10 @@ class RunSettings:
 
     val_every: int = setting(8, "send one val message after every N train messages; 0: no val messages",
                              metavar="N", check=_check_non_negative)
-    max_messages: int | None = setting(None, "stop after M messages (none: run until SIGTERM/SIGINT)", metavar="M",
-                                       check=_check_non_negative)
+    max_messages: int | None = setting(None, "stop after M train and val messages (none: run until SIGTERM/SIGINT)",
+                                       metavar="M", check=_check_non_negative)
+    meta_every: float = setting(2.0, "seconds between meta messages (the full stream meta) on each endpoint; a trainer "
+                                     "that starts mid-stream pins the stream within this", metavar="S", check=_check_positive)
 
     def __post_init__(self) -> None:
         settings.check_fields(self)
@@ -107,7 +114,7 @@ def run_service(args: argparse.Namespace) -> int:
         for sender in senders:
             sender.close()
         args.command_parser.error(f"cannot {'bind' if bind else 'connect'} {bind or connect}: {error}")
-    routes = Routes(senders, stream.producer_id)
+    routes = Routes(senders, stream.producer_id, meta_every=run.meta_every)
     throughput = Throughput(f"producer {stream.producer_id}", routes, transport.status_every)
     print(
         f"producer {stream.producer_id}: stream {stream.meta.digest} ({stream.meta.val_messages} val messages) "

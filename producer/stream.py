@@ -27,18 +27,21 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from producer.corpus import Corpus, Lines, load_corpus, split_lines
+from producer.corpus import Corpus, load_corpus, tokenize
 from producer.corruption import BertPolicy, UniformPolicy, corrupt, mask_ratio
+from producer.lines import Lines, TokenCorpus
 from producer.packing import FixedPacker, LinePacker
 from producer.stages import EXAMPLE_STAGES, StagesPolicy, load_stage_plan
 from shared.data_config import DataConfig
 from shared.limits import MAX_VAL_ROWS
 from shared.meta import StreamMeta
-from shared.vocab import Vocabulary
 
 # How a "random" replacement is drawn, as the corruption description states it.
 RANDOM_TOKEN = "uniform over the base ids other than the original"
 DEFAULT_PRODUCER_ID = "0"
+# A memory-mapped corpus is read a few rows at a time; every so many rows the producer drops its
+# resident pages (the page cache keeps them), so its memory stays flat however long it runs.
+RELEASE_EVERY_ROWS = 1 << 14
 _TRAIN, _EPOCH, _VAL = 1, 2, 3  # domain tags: the three seed streams never coincide
 
 Batch = dict[str, np.ndarray]
@@ -55,13 +58,15 @@ class BatchStream:
     ``x`` uint16 (R, T), ``y`` int16 (R, T), ``attention_mask`` uint8 (R, T), ``mask_ratio``
     float32 (R,), and ``stage`` uint8 (R,) with the stages policy."""
 
-    def __init__(self, config: DataConfig, corpus: Corpus | None = None) -> None:
+    def __init__(self, config: DataConfig, corpus: Corpus | TokenCorpus | None = None) -> None:
         self.config = config
         self.producer_id = config.producer_id if config.producer_id is not None else DEFAULT_PRODUCER_ID
-        self.corpus = corpus if corpus is not None else load_corpus(config.corpus)
-        self.vocabulary = Vocabulary.from_text(self.corpus.text)
-        tokens = self.vocabulary.encode(self.corpus.text)
-        train, val = split_lines(tokens, int(self.vocabulary.encode("\n")[0]), config.val_fraction)
+        if isinstance(corpus, Corpus):
+            corpus = tokenize(corpus, config.tokenizer or "char", 0.1 if config.val_fraction is None else config.val_fraction)
+        self.corpus = corpus if corpus is not None else load_corpus(config.corpus, config.tokenizer, config.val_fraction)
+        self.tokenizer = self.corpus.tokenizer
+        train, val = self.corpus.train_lines(), self.corpus.val_lines()
+        self._rows_since_release = 0
         self._train_packer = self._packer(train)
         self._val_packer = self._packer(val) if val is not None else None
         self._policy = _policy(config)
@@ -80,9 +85,9 @@ class BatchStream:
             "random_token": RANDOM_TOKEN,
         }
         self.meta = StreamMeta.build(
-            self.vocabulary,
+            self.tokenizer,
             corruption,
-            np.bincount(train.tokens, minlength=self.vocabulary.base_size),
+            self.corpus.train_counts,
             block_size=config.block_size,
             rows_per_message=rows,
             packing=config.packing,
@@ -95,7 +100,7 @@ class BatchStream:
     def _packer(self, lines: Lines) -> LinePacker | FixedPacker:
         if self.config.packing == "fixed":
             return FixedPacker(lines, self.config.block_size)
-        return LinePacker(lines, self.config.block_size, self.vocabulary.sep_id, self.vocabulary.pad_id)
+        return LinePacker(lines, self.config.block_size, self.tokenizer.sep_id, self.tokenizer.pad_id)
 
     @property
     def packs_per_epoch(self) -> int:
@@ -167,8 +172,11 @@ class BatchStream:
         block_size = self.config.block_size
         selection = self._policy.select(rng, n_candidates, block_size, split)
         x = packed.x
-        vocabulary = self.vocabulary
-        y = corrupt(rng, x, selection, self.config.mask_fractions, vocabulary.base_size, vocabulary.mask_id)
+        y = corrupt(rng, x, selection, self.config.mask_fractions, self.tokenizer.base_size, self.tokenizer.mask_id)
+        self._rows_since_release += len(x)
+        if self._rows_since_release >= RELEASE_EVERY_ROWS:
+            self.corpus.release_pages()
+            self._rows_since_release = 0
         batch = {
             "x": x,
             "y": y,

@@ -74,8 +74,10 @@ class DataConfig:
     ``stages=None`` with the stages policy means the shipped baseline mix
     (``producer.stages.EXAMPLE_STAGES``)."""
 
-    corpus: str | None = setting(None, "UTF-8 text file or folder of .txt files (none: CPython's built-in help text)",
-                                 metavar="PATH")
+    corpus: str | None = setting(None, "a prepared folder (python -m producer prepare), or a UTF-8 text file or folder of "
+                                       ".txt files tokenized in memory (none: CPython's built-in help text)", metavar="PATH")
+    tokenizer: str | None = setting(None, "char, bytes, or a Hugging Face tokenizers JSON file (none: char for text, "
+                                          "the prepared folder's own)", metavar="KIND|FILE")
     block_size: int = setting(128, "tokens per row, T", check=_in_range("block size", 2, MAX_BLOCK_SIZE))
     rows_per_message: int = setting(16, "rows per wire message", check=_in_range("rows per message", 1, MAX_ROWS_PER_MESSAGE))
     packing: str = setting("lines", "lines: line-aligned rows ending in [SEP]; fixed: the fixed-window baseline",
@@ -92,8 +94,9 @@ class DataConfig:
         DEFAULT_MASK_FRACTIONS, "supervised inputs: [MASK], random, unchanged", metavar="M,R,U",
         parse=floats, show=show_floats, check=_check_mask_fractions)
     supervise_sep: bool = setting(False, "make [SEP] a corruption candidate too")
-    val_fraction: float = setting(0.1, "fraction of lines (the last ones) held out for validation",
-                                  check=_in_range("val fraction", 0.0, 1.0, high_open=True))
+    val_fraction: float | None = setting(None, "fraction of lines (the last ones) held out for validation (none: 0.1 "
+                                               "for text, the prepared folder's own)",
+                                         check=_in_range("val fraction", 0.0, 1.0, high_open=True))
     seed: int = setting(0, "base seed", check=_check_seed)
     producer_id: str | None = setting(None, "this producer's id; its train stream differs from every other id's",
                                       metavar="ID", check=check_producer_id)

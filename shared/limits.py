@@ -15,6 +15,6 @@ MAX_ROWS_PER_MESSAGE = 4096
 MAX_STAGES = 256  # stage ids travel as uint8
 MAX_VAL_ROWS = 256  # the fixed val set is cut at this many rows
 MAX_PRODUCER_ID_CHARS = 128
-# Token ids travel as uint16 and labels as int16 (docs/SPEC.md §3), so the whole vocabulary,
-# specials included, must fit below int16's maximum.
-MAX_VOCAB_SIZE = 32767
+# Ids travel as uint16 or uint32 and labels as int16 or int32, the smallest that holds them
+# (docs/SPEC.md §3): the whole vocabulary, specials included, must fit int32 labels.
+MAX_VOCAB_SIZE = (1 << 31) - 1

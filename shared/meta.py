@@ -1,9 +1,11 @@
 """Stream meta: what a trainer must know about a stream, and what pins it (docs/SPEC.md §3).
 
-A :class:`StreamMeta` is immutable and has a stable hash (:attr:`StreamMeta.digest`), the
-same in every process and on every machine. It travels in every message header as a
-plain dict (:meth:`StreamMeta.to_dict`); the consumer pins the first one it accepts and
-rejects any message whose meta differs, naming the field (:meth:`StreamMeta.differences`).
+A :class:`StreamMeta` is immutable, validated in full when it is made (so whatever a consumer
+pins is usable), and has a stable hash (:attr:`StreamMeta.digest`), the same in every process
+and on every machine. It travels as a plain dict (:meth:`StreamMeta.to_dict`) in the stream's
+meta messages; batch messages carry only its digest. The consumer pins the first one it
+accepts and rejects any message whose meta differs, naming the field
+(:meth:`StreamMeta.differences`).
 """
 
 from __future__ import annotations
@@ -11,12 +13,19 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import re
 from dataclasses import dataclass, fields
 from functools import cached_property
 from typing import Any
 
-from shared.limits import MAX_BLOCK_SIZE, MAX_ROWS_PER_MESSAGE, PACKINGS, SAMPLINGS
-from shared.vocab import IGNORE_INDEX, Vocabulary, VocabularyError
+from shared.limits import MAX_BLOCK_SIZE, MAX_ROWS_PER_MESSAGE, MAX_STAGES, PACKINGS, POLICIES, SAMPLINGS
+from shared.tokenizer import TOKENIZER_KINDS, CharTokenizer, Tokenizer, sha256_hex, tokenizer_from_definition
+from shared.vocab import IGNORE_INDEX, SpecialIds, VocabularyError
+
+FINGERPRINT = re.compile(r"[0-9a-f]{16}")
+SHA256 = re.compile(r"[0-9a-f]{64}")
+MAX_SEED = (1 << 63) - 1  # a msgpack int64: every common reader takes it
 
 
 class MetaError(ValueError):
@@ -30,15 +39,18 @@ class StreamMeta:
     Attributes:
         block_size: tokens per row (T).
         rows_per_message: rows per wire message (R); messages are reassembled into batches.
-        vocab: the base characters in id order (id i is ``vocab[i]``).
-        vocab_size, mask_id, sep_id, pad_id, ignore_index: the special ids of docs/SPEC.md §2.1,
-            redundant with ``vocab`` and checked against it.
+        tokenizer: ``char``, ``bytes`` or ``hf`` (``shared.tokenizer``).
+        vocab: what rebuilds the tokenizer: the base characters in id order (char), empty
+            (bytes), or the ``tokenizers`` JSON (hf).
+        tokenizer_digest: SHA-256 (64 hex digits) of the tokenizer definition.
+        vocab_size, mask_id, sep_id, pad_id, ignore_index: the special ids of docs/SPEC.md §2.1
+            (V0 = ``mask_id``), checked against each other and the tokenizer.
         packing: ``lines`` or ``fixed`` (docs/SPEC.md §2.3, §2.4).
         sampling: ``random`` or ``epoch``.
         corruption: canonical JSON of the corruption policy (policy name, its parameters,
             mask fractions, supervise_sep, stages); see :attr:`corruption_config`.
         seed: the base seed shared by every producer of the stream (the val set depends on it).
-        corpus_fingerprint: first 16 hex digits of the SHA-256 of the corpus text.
+        corpus_fingerprint: 16 hex digits naming the corpus (text or prepared folder).
         val_messages: number of messages in the fixed validation set.
         token_counts: occurrences of each base id over the content tokens of the train
             split (length V0), for the context-free floor.
@@ -46,7 +58,9 @@ class StreamMeta:
 
     block_size: int
     rows_per_message: int
+    tokenizer: str
     vocab: str
+    tokenizer_digest: str
     vocab_size: int
     mask_id: int
     sep_id: int
@@ -61,46 +75,60 @@ class StreamMeta:
     token_counts: tuple[int, ...]
 
     def __post_init__(self) -> None:
+        self._check_ids()
+        _within("block_size", self.block_size, 2, MAX_BLOCK_SIZE)
+        _within("rows_per_message", self.rows_per_message, 1, MAX_ROWS_PER_MESSAGE)
+        _within("seed", self.seed, 0, MAX_SEED)
+        _within("val_messages", self.val_messages, 0, 1 << 31)
+        for name, choices in (("packing", PACKINGS), ("sampling", SAMPLINGS)):
+            if getattr(self, name) not in choices:
+                raise MetaError(f"meta field {name} {getattr(self, name)!r} is not one of {choices}")
+        if not FINGERPRINT.fullmatch(self.corpus_fingerprint):
+            raise MetaError("meta field corpus_fingerprint must be 16 lowercase hex digits")
+        if len(self.token_counts) != self.base_size:
+            raise MetaError(f"token_counts has {len(self.token_counts)} entries, expected {self.base_size}")
+        check_corruption(self.corruption)
+
+    def _check_ids(self) -> None:
+        if self.tokenizer not in TOKENIZER_KINDS:
+            raise MetaError(f"meta field tokenizer {self.tokenizer!r} is not one of {TOKENIZER_KINDS}")
         try:
-            vocabulary = Vocabulary(self.vocab)
+            specials = SpecialIds(self.mask_id)
         except VocabularyError as error:
-            raise MetaError(f"meta field vocab: {error}") from None
-        expected = {
-            "vocab_size": vocabulary.vocab_size,
-            "mask_id": vocabulary.mask_id,
-            "sep_id": vocabulary.sep_id,
-            "pad_id": vocabulary.pad_id,
-            "ignore_index": IGNORE_INDEX,
-        }
+            raise MetaError(f"meta field mask_id: {error}") from None
+        expected = {"vocab_size": specials.vocab_size, "sep_id": specials.sep_id, "pad_id": specials.pad_id,
+                    "ignore_index": IGNORE_INDEX}
         for name, value in expected.items():
             if getattr(self, name) != value:
-                raise MetaError(f"meta field {name}={getattr(self, name)!r} does not match the vocabulary ({value})")
-        if not 2 <= self.block_size <= MAX_BLOCK_SIZE:
-            raise MetaError(f"block_size {self.block_size} is outside 2..{MAX_BLOCK_SIZE}")
-        if not 1 <= self.rows_per_message <= MAX_ROWS_PER_MESSAGE:
-            raise MetaError(f"rows_per_message {self.rows_per_message} is outside 1..{MAX_ROWS_PER_MESSAGE}")
-        if self.packing not in PACKINGS:
-            raise MetaError(f"packing {self.packing!r} is not one of {PACKINGS}")
-        if self.sampling not in SAMPLINGS:
-            raise MetaError(f"sampling {self.sampling!r} is not one of {SAMPLINGS}")
-        if len(self.token_counts) != vocabulary.base_size:
-            raise MetaError(f"token_counts has {len(self.token_counts)} entries, expected {vocabulary.base_size}")
-        if self.val_messages < 0:
-            raise MetaError(f"val_messages {self.val_messages} is negative")
-        try:
-            json.loads(self.corruption)
-        except (ValueError, RecursionError) as error:  # deep nesting raises RecursionError
-            raise MetaError(f"corruption is not JSON: {error}") from None
+                raise MetaError(f"meta field {name}={getattr(self, name)!r} does not match the special ids ({value})")
+        if not SHA256.fullmatch(self.tokenizer_digest):
+            raise MetaError("meta field tokenizer_digest must be 64 lowercase hex digits")
+        if self.tokenizer == "char":
+            try:
+                tokenizer = CharTokenizer(self.vocab)
+            except VocabularyError as error:
+                raise MetaError(f"meta field vocab: {error}") from None
+            if tokenizer.base_size != self.base_size:
+                raise MetaError(f"meta field vocab has {tokenizer.base_size} characters, mask_id says {self.base_size}")
+        elif self.tokenizer == "bytes" and (self.vocab != "" or self.base_size != 256):
+            raise MetaError("a bytes stream has an empty vocab and 256 base ids")
+        elif self.tokenizer == "hf" and not self.vocab:
+            raise MetaError("an hf stream carries its tokenizer JSON in vocab")
+        if self.tokenizer != "bytes" and self.tokenizer_digest != sha256_hex(self.vocab.encode("utf-8")):
+            raise MetaError("meta field tokenizer_digest is not the SHA-256 of vocab")
 
     @classmethod
-    def build(cls, vocabulary: Vocabulary, corruption: dict[str, Any], token_counts, **rest: Any) -> StreamMeta:
-        """A meta whose special ids come from ``vocabulary`` and whose corruption is canonical JSON."""
+    def build(cls, tokenizer: Tokenizer, corruption: dict[str, Any], token_counts, **rest: Any) -> StreamMeta:
+        """A meta whose tokenizer fields and special ids come from ``tokenizer`` and whose
+        corruption is canonical JSON."""
         return cls(
-            vocab=vocabulary.chars,
-            vocab_size=vocabulary.vocab_size,
-            mask_id=vocabulary.mask_id,
-            sep_id=vocabulary.sep_id,
-            pad_id=vocabulary.pad_id,
+            tokenizer=tokenizer.kind,
+            vocab=tokenizer.definition,
+            tokenizer_digest=tokenizer.digest,
+            vocab_size=tokenizer.vocab_size,
+            mask_id=tokenizer.mask_id,
+            sep_id=tokenizer.sep_id,
+            pad_id=tokenizer.pad_id,
             ignore_index=IGNORE_INDEX,
             corruption=canonical_json(corruption),
             token_counts=tuple(int(c) for c in token_counts),
@@ -114,7 +142,7 @@ class StreamMeta:
             raise MetaError("meta is not a map")
         names = [f.name for f in fields(cls)]
         missing = sorted(set(names) - set(data))
-        extra = sorted(set(data) - set(names))
+        extra = sorted(set(map(str, data)) - set(names))
         if missing or extra:
             raise MetaError(f"meta fields missing {missing} / unknown {extra}")
         for f in fields(cls):
@@ -125,6 +153,14 @@ class StreamMeta:
             elif type(value) is not {"int": int, "str": str}[f.type]:
                 raise MetaError(f"meta field {f.name} must be {f.type}, got {type(value).__name__}")
         return cls(**{**data, "token_counts": tuple(data["token_counts"])})
+
+    @classmethod
+    def from_v1_dict(cls, data: Any) -> StreamMeta:
+        """A protocol-1 meta (characters only, no tokenizer fields), as old recordings hold it."""
+        if not isinstance(data, dict) or type(data.get("vocab")) is not str:
+            raise MetaError("a version-1 meta is a map with a vocab string")
+        upgraded = {**data, "tokenizer": "char", "tokenizer_digest": sha256_hex(data["vocab"].encode("utf-8"))}
+        return cls.from_dict(upgraded)
 
     def to_dict(self) -> dict[str, Any]:
         """The wire form: a new dict of plain values (``token_counts`` as a list)."""
@@ -138,18 +174,25 @@ class StreamMeta:
         return hashlib.sha256(canonical_json(self.to_dict()).encode()).hexdigest()[:16]
 
     @property
-    def vocabulary(self) -> Vocabulary:
-        return Vocabulary(self.vocab)
+    def base_size(self) -> int:
+        """V0, the number of base ids."""
+        return self.mask_id
 
-    @property
+    @cached_property
+    def tokens(self) -> Tokenizer:
+        """The stream's tokenizer, rebuilt from the meta (for decoding)."""
+        return tokenizer_from_definition(self.tokenizer, self.vocab)
+
+    @cached_property
     def corruption_config(self) -> dict[str, Any]:
+        """The parsed corruption policy (one shared dict: read it, do not change it)."""
         return json.loads(self.corruption)
 
     def summary(self) -> MetaSummary:
         """The meta without the per-id counts and the vocabulary itself (for diagnostics)."""
         data = {name: value for name, value in self.to_dict().items() if name not in SUMMARY_OMITS}
         data["corruption"] = self.corruption_config
-        return MetaSummary(**data, base_size=len(self.token_counts), content_tokens=sum(self.token_counts), digest=self.digest)
+        return MetaSummary(**data, base_size=self.base_size, content_tokens=sum(self.token_counts), digest=self.digest)
 
     def differences(self, other: StreamMeta) -> list[tuple[str, Any, Any]]:
         """``(field, self value, other value)`` for every field that differs, in field order."""
@@ -158,6 +201,11 @@ class StreamMeta:
             for f in fields(self)
             if getattr(self, f.name) != getattr(other, f.name)
         ]
+
+
+def _within(name: str, value: int, low: int, high: int) -> None:
+    if not low <= value <= high:
+        raise MetaError(f"meta field {name} {value} is outside {low}..{high}")
 
 
 SUMMARY_OMITS = ("vocab", "token_counts")  # large, and in the meta only for decoding and the floor
@@ -175,3 +223,78 @@ MetaSummary = dataclasses.make_dataclass(
 def canonical_json(value: Any) -> str:
     """JSON with sorted keys and no whitespace: equal values give equal strings."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+# ---- the corruption policy -------------------------------------------------------------------
+
+# policy -> its required parameters and their kinds ("ratio": a number in [0, 1]).
+POLICY_PARAMETERS = {"bert": {"mask_prob": "ratio"}, "uniform": {"ratio_range": "range"}, "stages": {"stages": "stages"}}
+STAGE_PARAMETERS = {
+    "random": {"max_masked_ratio": "ratio"},
+    "sticky": {"target_masked_ratio": "ratio", "p1_probability": "ratio", "p2_probability": "ratio"},
+    "span": {"spans_count": "count"},
+}
+OPTIONAL_CORRUPTION = {"supervise_sep": bool, "random_token": str}
+
+
+def check_corruption(text: str) -> None:
+    """Raises :class:`MetaError` unless ``text`` is the canonical JSON of a corruption policy the
+    floor and the producer both understand (docs/PROTOCOL.md §4.1 lists the schema)."""
+    try:
+        config = json.loads(text)
+    except (ValueError, RecursionError) as error:  # deep nesting raises RecursionError
+        raise MetaError(f"corruption is not JSON: {error}") from None
+    if not isinstance(config, dict) or config.get("policy") not in POLICIES:
+        raise MetaError(f"corruption must be a JSON object whose policy is one of {POLICIES}")
+    if canonical_json(config) != text:
+        raise MetaError("corruption is not in canonical JSON form (sorted keys, no whitespace, ASCII)")
+    required = {**POLICY_PARAMETERS[config["policy"]], "mask_fractions": "fractions"}
+    _check_keys("corruption", config, {"policy", *required}, set(OPTIONAL_CORRUPTION))
+    for name, kind in required.items():
+        _check_value(f"corruption {name}", config[name], kind)
+    for name, kind in OPTIONAL_CORRUPTION.items():
+        if name in config and type(config[name]) is not kind:
+            raise MetaError(f"corruption {name} must be a {kind.__name__}")
+
+
+def _check_keys(where: str, mapping: dict, required: set[str], optional: set[str]) -> None:
+    missing, unknown = sorted(required - set(mapping)), sorted(set(mapping) - required - optional)
+    if missing or unknown:
+        raise MetaError(f"{where}: missing {missing} / unknown {unknown}")
+
+
+def _is_number(value: Any) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+def _check_value(where: str, value: Any, kind: str) -> None:
+    if kind == "ratio":
+        ok = _is_number(value) and 0 <= value <= 1
+    elif kind == "count":
+        ok = type(value) is int and 1 <= value <= 1 << 16
+    elif kind == "range":
+        ok = isinstance(value, list) and len(value) == 2 and all(map(_is_number, value)) and 0 <= value[0] <= value[1] <= 1
+    elif kind == "fractions":
+        ok = (isinstance(value, list) and len(value) == 3 and all(_is_number(v) and v >= 0 for v in value)
+              and math.isclose(sum(value), 1.0, abs_tol=1e-6))
+    else:
+        _check_stages(value)
+        return
+    if not ok:
+        raise MetaError(f"{where} is invalid: {json.dumps(value)[:100]}")
+
+
+def _check_stages(stages: Any) -> None:
+    if not isinstance(stages, dict):
+        raise MetaError("corruption stages must map train and val to stage lists")
+    _check_keys("corruption stages", stages, {"train", "val"}, set())
+    for split in ("train", "val"):
+        if not isinstance(stages[split], list) or not 1 <= len(stages[split]) <= MAX_STAGES:
+            raise MetaError(f"corruption stages.{split} must list 1..{MAX_STAGES} stages")
+        for index, stage in enumerate(stages[split]):
+            where = f"corruption stages.{split}[{index}]"
+            if not isinstance(stage, dict) or stage.get("type") not in STAGE_PARAMETERS:
+                raise MetaError(f"{where}: type must be one of {sorted(STAGE_PARAMETERS)}")
+            _check_keys(where, stage, {"type", *STAGE_PARAMETERS[stage["type"]]}, set())
+            for name, kind in STAGE_PARAMETERS[stage["type"]].items():
+                _check_value(f"{where}.{name}", stage[name], kind)

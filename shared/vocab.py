@@ -1,13 +1,14 @@
-"""Character vocabulary and special ids (docs/SPEC.md §2.1).
+"""The id layout every stream shares, whatever its tokenizer (docs/SPEC.md §2.1, §3).
 
-Base ids ``0..V0-1`` are the sorted distinct characters of the corpus; the specials are
-appended: ``[MASK] = V0``, ``[SEP] = V0 + 1``, ``[PAD] = V0 + 2``; ``vocab_size = V0 + 3``.
-Labels use ``IGNORE_INDEX`` (-100) for every position that is not supervised.
+A tokenizer (``shared.tokenizer``) gives the base ids ``0..V0-1``; Linepack's specials come
+after them: ``[MASK] = V0``, ``[SEP] = V0 + 1``, ``[PAD] = V0 + 2``; ``vocab_size = V0 + 3``.
+Labels use ``IGNORE_INDEX`` (-100) for every position that is not supervised. Ids travel as
+the smallest dtype that holds them (:func:`id_dtype`, :func:`label_dtype`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -18,39 +19,21 @@ SPECIAL_TOKENS = ("[MASK]", "[SEP]", "[PAD]")
 
 
 class VocabularyError(ValueError):
-    """The corpus cannot be expressed with this vocabulary."""
+    """The corpus cannot be expressed with this vocabulary (or the vocabulary does not fit the wire)."""
 
 
 @dataclass(frozen=True)
-class Vocabulary:
-    """The base characters in id order, plus the three appended special ids."""
+class SpecialIds:
+    """The ids appended after ``base_size`` (V0) base ids."""
 
-    chars: str
-    _codepoints: np.ndarray = field(init=False, repr=False, compare=False)
+    base_size: int
 
     def __post_init__(self) -> None:
-        if not self.chars:
-            raise VocabularyError("the vocabulary is empty: the corpus has no characters")
-        codepoints = np.frombuffer(self.chars.encode("utf-32-le"), dtype="<u4")
-        if np.any(np.diff(codepoints.astype(np.int64)) <= 0):
-            raise VocabularyError("vocabulary characters must be sorted and distinct")
-        if len(self.chars) + len(SPECIAL_TOKENS) > MAX_VOCAB_SIZE:
-            raise VocabularyError(
-                f"{len(self.chars)} distinct characters: the vocabulary must stay below "
-                f"{MAX_VOCAB_SIZE - len(SPECIAL_TOKENS)} base characters (int16 labels)"
-            )
-        object.__setattr__(self, "_codepoints", codepoints)
-
-    @classmethod
-    def from_text(cls, text: str) -> Vocabulary:
-        """The sorted set of characters in ``text``."""
-        codepoints = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
-        return cls(np.unique(codepoints).astype("<u4").tobytes().decode("utf-32-le"))
-
-    @property
-    def base_size(self) -> int:
-        """V0, the number of base (character) ids."""
-        return len(self.chars)
+        if self.base_size < 1:
+            raise VocabularyError("the vocabulary is empty: the corpus has no tokens")
+        if self.vocab_size > MAX_VOCAB_SIZE:
+            raise VocabularyError(f"{self.base_size} base ids + {len(SPECIAL_TOKENS)} specials do not fit the wire: "
+                                  f"at most {MAX_VOCAB_SIZE} ids (int32 labels)")
 
     @property
     def mask_id(self) -> int:
@@ -68,21 +51,12 @@ class Vocabulary:
     def vocab_size(self) -> int:
         return self.base_size + len(SPECIAL_TOKENS)
 
-    def encode(self, text: str) -> np.ndarray:
-        """Token ids of ``text``, shape ``(len(text),)``, dtype uint16. Vectorized."""
-        codepoints = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
-        ids = np.searchsorted(self._codepoints, codepoints)
-        known = ids < self.base_size
-        known[known] = self._codepoints[ids[known]] == codepoints[known]
-        if not known.all():
-            offset = int(np.argmin(known))
-            raise VocabularyError(f"character {text[offset]!r} at offset {offset} is not in the vocabulary")
-        return ids.astype(np.uint16)
 
-    def decode(self, ids) -> str:
-        """Text of a 1-D sequence of ids; specials are written as ``[MASK]``, ``[SEP]``, ``[PAD]``."""
-        ids = np.asarray(ids).reshape(-1)
-        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
-            raise VocabularyError(f"ids must lie in 0..{self.vocab_size - 1}, got {int(ids.min())}..{int(ids.max())}")
-        names = list(self.chars) + list(SPECIAL_TOKENS)
-        return "".join(names[int(i)] for i in ids)
+def id_dtype(vocab_size: int) -> np.dtype:
+    """Token ids on the wire and in a prepared corpus: uint16 while every id fits, else uint32."""
+    return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
+
+
+def label_dtype(vocab_size: int) -> np.dtype:
+    """Labels on the wire (ids and ``IGNORE_INDEX``): int16 while every id fits, else int32."""
+    return np.dtype("<i2") if vocab_size <= 1 << 15 else np.dtype("<i4")

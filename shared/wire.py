@@ -1,16 +1,28 @@
-"""The wire format: one msgpack header frame, then one raw frame per tensor (docs/SPEC.md §3).
+"""The wire format (docs/SPEC.md §3, docs/PROTOCOL.md): one msgpack header frame, then raw frames.
 
-``encode`` builds the frames of a message without copying tensor data; ``decode`` checks
-everything (frame count, header schema, dtypes, shapes, buffer sizes, id ranges, row
-layout) before it returns a :class:`WireMessage` whose arrays are read-only views of the
-received frames, and raises :class:`WireError` with a short ``reason`` code otherwise.
-Nothing received is ever unpickled or evaluated. ``docs/PROTOCOL.md`` is the prose form.
+Two kinds of message travel on a stream (protocol version 2):
+
+- ``meta``: the stream meta (frame 1, a msgpack map), sent by a producer first on every
+  connection and again every few seconds, so a trainer that starts mid-stream pins it soon;
+- ``batch``: rows of ``x`` / ``y`` / ``attention_mask`` / ``mask_ratio`` (/ ``stage``), one raw
+  frame per tensor; its header names the meta by digest only (``meta_hash``), so a large
+  vocabulary never rides in every header.
+
+``encode`` / ``encode_meta`` build the frames without copying tensor data. ``decode(frames,
+metas)`` checks everything (frame count, header schema, dtypes, shapes, buffer sizes, id
+ranges, row layout) before it returns a :class:`WireMessage` (whose arrays are read-only views
+of the received frames) or a :class:`MetaMessage`, and raises :class:`WireError` with a short
+``reason`` code otherwise; a batch whose digest is not in ``metas`` raises :class:`UnknownMeta`.
+Protocol version 1 messages (the meta inline in every header, characters only), as old
+recordings hold them, are still decoded. Nothing received is ever unpickled or evaluated.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import reprlib
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -20,43 +32,49 @@ import msgpack
 import numpy as np
 
 from shared.limits import MAX_PRODUCER_ID_CHARS
-from shared.meta import MetaError, StreamMeta
+from shared.meta import MetaError, StreamMeta, canonical_json
+from shared.vocab import id_dtype, label_dtype
 
 PROTOCOL_MAGIC = "linepack"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 KIND_BATCH = "batch"
+KIND_META = "meta"
 SPLITS = ("train", "val")
 
 MAX_HEADER_BYTES = 1 << 20
+MAX_META_BYTES = 64 << 20  # a meta frame: the tokenizer JSON and V0 counts of a large vocabulary
+MAX_HEADER_ENTRIES = 64  # msgpack maps and arrays in a header (shapes, the tensor list)
+INCARNATION_HEX = 16
 
-# name -> (wire dtype, rank). Rank 2 tensors are (rows, block_size); rank 1 are (rows,).
-TENSOR_SPECS: Mapping[str, tuple[np.dtype, int]] = MappingProxyType(
-    {
-        "x": (np.dtype("<u2"), 2),
-        "y": (np.dtype("<i2"), 2),
-        "attention_mask": (np.dtype("u1"), 2),
-        "mask_ratio": (np.dtype("<f4"), 1),
-        "stage": (np.dtype("u1"), 1),
-    }
-)
+# name -> rank; rank 2 tensors are (rows, block_size), rank 1 are (rows,). Dtypes: tensor_dtypes().
+TENSOR_RANKS: Mapping[str, int] = MappingProxyType({"x": 2, "y": 2, "attention_mask": 2, "mask_ratio": 1, "stage": 1})
 REQUIRED_TENSORS = ("x", "y", "attention_mask", "mask_ratio")
 OPTIONAL_TENSORS = ("stage",)
+HEADER_KEYS = MappingProxyType({
+    (2, KIND_BATCH): frozenset({"magic", "version", "kind", "split", "producer", "incarnation", "seq", "val_index",
+                                "meta_hash", "tensors"}),
+    (2, KIND_META): frozenset({"magic", "version", "kind", "producer", "incarnation", "seq", "meta_hash"}),
+    (1, KIND_BATCH): frozenset({"magic", "version", "kind", "split", "producer", "seq", "val_index", "meta_hash", "meta",
+                                "tensors"}),
+})
 
 # Rejection reasons: every WireError carries exactly one of these.
 REASONS = (
-    "frame_count",
-    "header_size",
-    "header_not_msgpack",
-    "header_schema",
-    "version",
-    "meta",
-    "tensor_list",
-    "dtype",
-    "shape",
-    "size",
-    "value_range",
-    "layout",
+    "frame_count", "header_size", "header_not_msgpack", "header_schema", "version", "meta", "meta_unknown",
+    "tensor_list", "dtype", "shape", "size", "value_range", "layout",
 )
+
+
+def tensor_dtypes(meta: StreamMeta) -> dict[str, np.dtype]:
+    """The wire dtype of each tensor of a stream: ids and labels as small as its vocabulary allows."""
+    return {"x": id_dtype(meta.vocab_size), "y": label_dtype(meta.vocab_size), "attention_mask": np.dtype("u1"),
+            "mask_ratio": np.dtype("<f4"), "stage": np.dtype("u1")}
+
+
+def new_incarnation() -> str:
+    """A random id for one run of a producer process: a restart with the same producer id is a new sequence."""
+    return secrets.token_hex(INCARNATION_HEX // 2)
 
 
 class WireError(ValueError):
@@ -72,18 +90,26 @@ class WireError(ValueError):
         self.producer_id: str | None = None
 
 
+class UnknownMeta(WireError):
+    """A valid batch header names a meta digest the receiver has no full meta for (yet)."""
+
+    def __init__(self, digest: str) -> None:
+        super().__init__("meta_unknown", f"no meta message with digest {digest!r} has been received")
+        self.digest = digest
+
+
 @dataclass(frozen=True)
 class WireMessage:
-    """A decoded, validated message.
+    """A decoded, validated batch.
 
     Attributes:
         split: ``train`` or ``val``.
-        producer_id: the sender's id (unique per producer process).
-        seq: the sender's per-producer sequence number, 0, 1, 2, ... over all its messages.
+        producer_id: the sender's id; ``incarnation``: its process run ("" for protocol 1).
+        seq: the sender's sequence number within its incarnation, 0, 1, 2, ... over all its messages.
         val_index: index of this message in the fixed val set, or -1 for train messages.
         meta: the stream meta the message was made under.
-        tensors: name -> read-only array view of the frame: ``x`` uint16 (R, T),
-            ``y`` int16 (R, T), ``attention_mask`` uint8 (R, T), ``mask_ratio`` float32 (R,),
+        tensors: name -> read-only array view of the frame: ``x`` uint16/uint32 (R, T),
+            ``y`` int16/int32 (R, T), ``attention_mask`` uint8 (R, T), ``mask_ratio`` float32 (R,),
             and ``stage`` uint8 (R,) when the stages policy is used.
         valid_len: int64 (R,), real tokens per row ([SEP] included), found while checking the layout.
         frames: the exact frames received (header first), for recording.
@@ -91,6 +117,7 @@ class WireMessage:
 
     split: str
     producer_id: str
+    incarnation: str
     seq: int
     val_index: int
     meta: StreamMeta
@@ -102,47 +129,44 @@ class WireMessage:
     def rows(self) -> int:
         return int(self.tensors["x"].shape[0])
 
-    def frame_bytes(self) -> list[bytes]:
-        """The frames as ``bytes`` (a copy), e.g. to write them to a recording."""
-        return [bytes(_buffer(frame)) for frame in self.frames]
+
+@dataclass(frozen=True)
+class MetaMessage:
+    """A decoded, validated meta message: the full meta of the stream a producer sends."""
+
+    producer_id: str
+    incarnation: str
+    seq: int
+    meta: StreamMeta
+    frames: tuple[Any, ...]
 
 
-def encode(
-    meta: StreamMeta,
-    split: str,
-    producer_id: str,
-    seq: int,
-    tensors: Mapping[str, np.ndarray],
-    val_index: int = -1,
-) -> list[Any]:
-    """Frames of one message: ``[header bytes, tensor buffer, ...]``, tensor data not copied.
+def encode(meta: StreamMeta, split: str, producer_id: str, seq: int, tensors: Mapping[str, np.ndarray],
+           val_index: int = -1, incarnation: str = "0" * INCARNATION_HEX) -> list[Any]:
+    """Frames of one batch: ``[header bytes, tensor buffer, ...]``, tensor data not copied.
 
-    ``tensors`` must hold the required names with the wire dtypes of :data:`TENSOR_SPECS`
-    (C-contiguous arrays; a non-contiguous one is made contiguous). Send with
-    ``socket.send_multipart(frames, copy=False)``.
+    ``tensors`` must hold the required names with the dtypes of :func:`tensor_dtypes` (C-contiguous
+    arrays; a non-contiguous one is made contiguous). Send with ``send_multipart(frames, copy=False)``.
     """
-    arrays = []
-    descriptors = []
+    dtypes = tensor_dtypes(meta)
+    arrays, descriptors = [], []
     for name, array in tensors.items():
-        wire_dtype, _ = TENSOR_SPECS[name]
-        if array.dtype != wire_dtype:
-            raise TypeError(f"tensor {name} has dtype {array.dtype}, the wire needs {wire_dtype}")
+        if array.dtype != dtypes[name]:
+            raise TypeError(f"tensor {name} has dtype {array.dtype}, the wire needs {dtypes[name]}")
         array = np.ascontiguousarray(array)
         arrays.append(array)
-        descriptors.append({"name": name, "dtype": wire_dtype.str, "shape": list(array.shape)})
-    header = {
-        "magic": PROTOCOL_MAGIC,
-        "version": PROTOCOL_VERSION,
-        "kind": KIND_BATCH,
-        "split": split,
-        "producer": producer_id,
-        "seq": int(seq),
-        "val_index": int(val_index),
-        "meta_hash": meta.digest,
-        "meta": meta.to_dict(),
-        "tensors": descriptors,
-    }
+        descriptors.append({"name": name, "dtype": dtypes[name].str, "shape": list(array.shape)})
+    header = {"magic": PROTOCOL_MAGIC, "version": PROTOCOL_VERSION, "kind": KIND_BATCH, "split": split,
+              "producer": producer_id, "incarnation": incarnation, "seq": int(seq), "val_index": int(val_index),
+              "meta_hash": meta.digest, "tensors": descriptors}
     return [msgpack.packb(header, use_bin_type=True), *arrays]
+
+
+def encode_meta(meta: StreamMeta, producer_id: str, seq: int, incarnation: str = "0" * INCARNATION_HEX) -> list[bytes]:
+    """Frames of one meta message: ``[header, msgpack of meta.to_dict()]``."""
+    header = {"magic": PROTOCOL_MAGIC, "version": PROTOCOL_VERSION, "kind": KIND_META, "producer": producer_id,
+              "incarnation": incarnation, "seq": int(seq), "meta_hash": meta.digest}
+    return [msgpack.packb(header, use_bin_type=True), msgpack.packb(meta.to_dict(), use_bin_type=True)]
 
 
 def _buffer(frame: Any) -> memoryview:
@@ -151,30 +175,50 @@ def _buffer(frame: Any) -> memoryview:
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
 
 
+def frame_bytes(frames: Sequence[Any]) -> list[bytes]:
+    """The frames as ``bytes`` (a copy), e.g. to write them to a recording."""
+    return [bytes(_buffer(frame)) for frame in frames]
+
+
 def _show(value: Any) -> str:
     """A short repr of a received value for an error message; bounded in length and nesting depth."""
     return reprlib.repr(value)
 
 
-def _unpack_header(raw: memoryview) -> dict:
-    if len(raw) > MAX_HEADER_BYTES:
-        raise WireError("header_size", f"header frame is {len(raw)} bytes, the limit is {MAX_HEADER_BYTES}")
+def _pairs(pairs: list[tuple[Any, Any]]) -> dict:
+    """A msgpack map without repeated keys (msgpack itself would keep the last one silently)."""
+    mapping = dict(pairs)
+    if len(mapping) != len(pairs):
+        raise ValueError("a map repeats a key")
+    return mapping
+
+
+def _no_binary(value: Any, depth: int = 0) -> None:
+    """Raises ValueError on any bin or ext value (also empty ones, which the length limits let through)."""
+    if isinstance(value, (bytes, msgpack.ExtType)) or depth > 32:
+        raise ValueError("binary, ext or too deeply nested values are not allowed")
+    if isinstance(value, dict):
+        for item in value.values():
+            _no_binary(item, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            _no_binary(item, depth + 1)
+
+
+def unpack_map(raw: memoryview, limit: int, max_entries: int, what: str) -> dict:
+    """A msgpack map of at most ``limit`` bytes: strings only as text, no bin or ext values, no
+    repeated keys, containers of at most ``max_entries`` (maps: :data:`MAX_HEADER_ENTRIES`)."""
+    if len(raw) > limit:
+        raise WireError("header_size", f"{what} is {len(raw)} bytes, the limit is {limit}")
     try:
-        header = msgpack.unpackb(
-            raw,
-            raw=False,
-            strict_map_key=True,
-            max_str_len=MAX_HEADER_BYTES,
-            max_bin_len=0,
-            max_ext_len=0,
-            max_array_len=1 << 17,
-            max_map_len=64,
-        )
+        value = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_str_len=limit, max_bin_len=0, max_ext_len=0,
+                                max_array_len=max_entries, max_map_len=MAX_HEADER_ENTRIES, object_pairs_hook=_pairs)
+        _no_binary(value)
     except Exception as error:  # msgpack raises several unrelated types on bad input
-        raise WireError("header_not_msgpack", f"frame 0 is not a msgpack header ({type(error).__name__}: {error})") from None
-    if not isinstance(header, dict):
-        raise WireError("header_schema", f"header is a {type(header).__name__}, not a map")
-    return header
+        raise WireError("header_not_msgpack", f"{what} is not a msgpack map ({type(error).__name__}: {error})") from None
+    if not isinstance(value, dict):
+        raise WireError("header_schema", f"{what} is a {type(value).__name__}, not a map")
+    return value
 
 
 def _field(header: dict, name: str, kind: type) -> Any:
@@ -184,90 +228,132 @@ def _field(header: dict, name: str, kind: type) -> Any:
     return value
 
 
-# digest -> (meta, its wire form): a message repeating a known meta skips parsing it again.
-_META_CACHE: dict[str, tuple[StreamMeta, dict]] = {}
+def decode(frames: Sequence[Any], metas: Mapping[str, StreamMeta] = MappingProxyType({})) -> WireMessage | MetaMessage:
+    """Validate and decode the frames of one message; raises :class:`WireError`.
 
-
-def _meta_of(header: dict) -> StreamMeta:
-    digest = _field(header, "meta_hash", str)
-    meta_dict = header.get("meta")
-    cached = _META_CACHE.get(digest)
-    if cached is not None and _same_wire_form(meta_dict, cached[1]):
-        return cached[0]
-    try:
-        meta = StreamMeta.from_dict(meta_dict)
-    except MetaError as error:
-        raise WireError("meta", str(error)) from None
-    if meta.digest != digest:
-        raise WireError("meta", f"meta_hash {digest!r} does not match the meta ({meta.digest!r})")
-    if len(_META_CACHE) < 64:
-        _META_CACHE[digest] = (meta, meta.to_dict())
-    return meta
-
-
-def _same_wire_form(received: Any, known: dict) -> bool:
-    """``received == known`` with the same types throughout (``==`` alone takes 1.0 and True for 1)."""
-    return (
-        received == known
-        and all(type(received[name]) is type(value) for name, value in known.items())
-        and set(map(type, received["token_counts"])) <= {int}
-    )
-
-
-def decode(frames: Sequence[Any]) -> WireMessage:
-    """Validate and decode the frames of one message; raises :class:`WireError`."""
-    if not 1 + len(REQUIRED_TENSORS) <= len(frames) <= 1 + len(TENSOR_SPECS):
-        raise WireError("frame_count", f"{len(frames)} frames, expected {1 + len(REQUIRED_TENSORS)} to {1 + len(TENSOR_SPECS)}")
-    header = _unpack_header(_buffer(frames[0]))
+    ``metas``: digest -> meta of the streams the receiver knows (from their meta messages); a
+    protocol-2 batch must name one of them, else :class:`UnknownMeta`.
+    """
+    if not 2 <= len(frames) <= 1 + len(TENSOR_RANKS):
+        raise WireError("frame_count", f"{len(frames)} frames, expected 2 (meta) or 5 to {1 + len(TENSOR_RANKS)} (batch)")
+    header = unpack_map(_buffer(frames[0]), MAX_HEADER_BYTES, 1 << 17, "frame 0")
     if header.get("magic") != PROTOCOL_MAGIC:
         raise WireError("header_schema", f"magic is {_show(header.get('magic'))}, expected {PROTOCOL_MAGIC!r}")
     version = header.get("version")
-    if type(version) is not int or version != PROTOCOL_VERSION:
-        raise WireError("version", f"protocol version {_show(version)}, this side speaks {PROTOCOL_VERSION}")
-    if header.get("kind") != KIND_BATCH:
-        raise WireError("header_schema", f"message kind {_show(header.get('kind'))} is not {KIND_BATCH!r}")
-    split = _field(header, "split", str)
-    if split not in SPLITS:
-        raise WireError("header_schema", f"split {_show(split)} is not one of {SPLITS}")
+    if type(version) is not int or version not in READABLE_VERSIONS:
+        raise WireError("version", f"protocol version {_show(version)}, this side reads {list(READABLE_VERSIONS)}")
+    kind = header.get("kind")
+    keys = HEADER_KEYS.get((version, kind))
+    if keys is None:
+        raise WireError("header_schema", f"message kind {_show(kind)} is not one of protocol {version}'s")
+    if set(header) != keys:
+        raise WireError("header_schema", f"header keys missing {sorted(keys - set(header))} / unknown "
+                                         f"{_show(sorted(map(str, set(header) - keys)))}")
     producer_id = _field(header, "producer", str)
     if not 0 < len(producer_id) <= MAX_PRODUCER_ID_CHARS:
         raise WireError("header_schema", f"producer id must have 1..{MAX_PRODUCER_ID_CHARS} characters")
     try:
-        return _decode_body(frames, header, split, producer_id)
+        return _decode_rest(frames, header, version, kind, producer_id, metas)
     except WireError as error:
         error.producer_id = producer_id
         raise
 
 
-def _decode_body(frames: Sequence[Any], header: dict, split: str, producer_id: str) -> WireMessage:
-    """The rest of :func:`decode`, once the header names a valid producer."""
+def _decode_rest(frames: Sequence[Any], header: dict, version: int, kind: str, producer_id: str,
+                 metas: Mapping[str, StreamMeta]) -> WireMessage | MetaMessage:
     seq = _field(header, "seq", int)
+    if not 0 <= seq < 1 << 63:
+        raise WireError("header_schema", f"seq {seq} is outside 0..2^63-1")
+    incarnation = ""
+    if version >= 2:
+        incarnation = _field(header, "incarnation", str)
+        if len(incarnation) != INCARNATION_HEX or not all(c in "0123456789abcdef" for c in incarnation):
+            raise WireError("header_schema", f"incarnation must be {INCARNATION_HEX} lowercase hex digits")
+    digest = _field(header, "meta_hash", str)
+    if kind == KIND_META:
+        if len(frames) != 2:
+            raise WireError("frame_count", f"a meta message has 2 frames, not {len(frames)}")
+        return MetaMessage(producer_id, incarnation, seq, _meta_frame(frames[1], digest), tuple(frames))
+    if version == 1:
+        meta = _meta_v1(header.get("meta"), digest)
+    else:
+        meta = metas.get(digest)
+        if meta is None:
+            raise UnknownMeta(digest)
+    return _decode_batch(frames, header, producer_id, incarnation, seq, meta)
+
+
+# digest -> (raw meta frame, meta): a meta message repeating a known meta is not parsed again.
+_META_CACHE: dict[str, tuple[bytes, StreamMeta]] = {}
+_META_CACHE_SIZE = 16
+
+
+def _meta_frame(frame: Any, digest: str) -> StreamMeta:
+    raw = _buffer(frame)
+    cached = _META_CACHE.get(digest)
+    if cached is not None and cached[0] == raw:
+        return cached[1]
+    data = unpack_map(raw, MAX_META_BYTES, 1 << 25, "the meta frame")
+    try:
+        meta = StreamMeta.from_dict(data)
+    except MetaError as error:
+        raise WireError("meta", str(error)) from None
+    if meta.digest != digest:
+        raise WireError("meta", f"meta_hash {digest!r} does not match the meta ({meta.digest!r})")
+    if len(_META_CACHE) >= _META_CACHE_SIZE:
+        _META_CACHE.pop(next(iter(_META_CACHE)))
+    _META_CACHE[digest] = (bytes(raw), meta)
+    return meta
+
+
+def _meta_v1(data: Any, digest: str) -> StreamMeta:
+    """The inline meta of a protocol-1 batch, checked against its protocol-1 digest."""
+    try:
+        meta = StreamMeta.from_v1_dict(data)
+    except MetaError as error:
+        raise WireError("meta", str(error)) from None
+    v1_digest = hashlib.sha256(canonical_json(data).encode()).hexdigest()[:16]
+    if v1_digest != digest:
+        raise WireError("meta", f"meta_hash {digest!r} does not match the meta ({v1_digest!r})")
+    return meta
+
+
+def _decode_batch(frames: Sequence[Any], header: dict, producer_id: str, incarnation: str, seq: int,
+                  meta: StreamMeta) -> WireMessage:
+    split = _field(header, "split", str)
+    if split not in SPLITS:
+        raise WireError("header_schema", f"split {_show(split)} is not one of {SPLITS}")
     val_index = _field(header, "val_index", int)
-    if seq < 0:
-        raise WireError("header_schema", f"seq {seq} is negative")
-    meta = _meta_of(header)
     if split == "val" and not 0 <= val_index < meta.val_messages:
         raise WireError("header_schema", f"val_index {val_index} is outside the val set of {meta.val_messages} messages")
     if split == "train" and val_index != -1:
         raise WireError("header_schema", f"a train message has val_index {val_index}, expected -1")
-
     descriptors = _field(header, "tensors", list)
     if len(descriptors) != len(frames) - 1:
         raise WireError("frame_count", f"header lists {len(descriptors)} tensors but {len(frames) - 1} tensor frames came")
-    names = [d.get("name") if isinstance(d, dict) and type(d.get("name")) is str else None for d in descriptors]
+    names = [d.get("name") if isinstance(d, dict) and set(d) == {"name", "dtype", "shape"} and type(d.get("name")) is str
+             else None for d in descriptors]
     wanted = set(REQUIRED_TENSORS) | (set(OPTIONAL_TENSORS) & set(names))
     if sorted(map(str, names)) != sorted(wanted) or len(set(names)) != len(names):
-        raise WireError("tensor_list",
-                        f"tensors {_show(names)}, expected {sorted(REQUIRED_TENSORS)} plus optionally {list(OPTIONAL_TENSORS)}")
+        raise WireError("tensor_list", f"tensors {_show(names)}: each a map of name, dtype and shape, named "
+                                       f"{sorted(REQUIRED_TENSORS)} plus optionally {list(OPTIONAL_TENSORS)}")
+    tensors = _tensors(frames, descriptors, meta)
+    valid_len = check_values(tensors, meta, split)
+    return WireMessage(split, producer_id, incarnation, seq, val_index, meta, MappingProxyType(tensors), valid_len,
+                       tuple(frames))
 
+
+def _tensors(frames: Sequence[Any], descriptors: list[dict], meta: StreamMeta) -> dict[str, np.ndarray]:
+    """Read-only arrays over the tensor frames, after checking each one's dtype, shape and size."""
+    dtypes = tensor_dtypes(meta)
     rows = None
     tensors: dict[str, np.ndarray] = {}
     for descriptor, frame in zip(descriptors, frames[1:]):
         name = descriptor["name"]
-        wire_dtype, rank = TENSOR_SPECS[name]
-        if descriptor.get("dtype") != wire_dtype.str:
-            raise WireError("dtype", f"tensor {name} has dtype {_show(descriptor.get('dtype'))}, expected {wire_dtype.str!r}")
-        shape = descriptor.get("shape")
+        wire_dtype, rank = dtypes[name], TENSOR_RANKS[name]
+        if descriptor["dtype"] != wire_dtype.str:
+            raise WireError("dtype", f"tensor {name} has dtype {_show(descriptor['dtype'])}, the stream needs {wire_dtype.str!r}")
+        shape = descriptor["shape"]
         if not isinstance(shape, list) or len(shape) != rank or not all(type(n) is int for n in shape):
             raise WireError("shape", f"tensor {name} shape {_show(shape)} is not a list of {rank} integers")
         if rows is None:
@@ -284,12 +370,10 @@ def _decode_body(frames: Sequence[Any], header: dict, split: str, producer_id: s
         tensor = np.frombuffer(buffer, dtype=wire_dtype).reshape(shape)
         tensor.flags.writeable = False  # also when the frames themselves are writable
         tensors[name] = tensor
-
-    valid_len = _check_values(tensors, meta)
-    return WireMessage(split, producer_id, seq, val_index, meta, MappingProxyType(tensors), valid_len, tuple(frames))
+    return tensors
 
 
-def _check_values(tensors: Mapping[str, np.ndarray], meta: StreamMeta) -> np.ndarray:
+def check_values(tensors: Mapping[str, np.ndarray], meta: StreamMeta, split: str) -> np.ndarray:
     """Raises WireError unless every value and the row layout are valid; returns ``valid_len``."""
     x, y, mask = tensors["x"], tensors["y"], tensors["attention_mask"]
     if int(x.max()) >= meta.vocab_size:
@@ -304,9 +388,16 @@ def _check_values(tensors: Mapping[str, np.ndarray], meta: StreamMeta) -> np.nda
     # min/max propagate NaN, and NaN fails both comparisons; +-inf fails one of them.
     if not (ratio.min() >= 0 and ratio.max() <= 1):
         raise WireError("value_range", "mask_ratio must be finite and within [0, 1]")
-    # Row layout (docs/SPEC.md §2.3): attention_mask is a prefix of ones ending at [SEP]; [PAD]
-    # fills exactly the positions after it, which are never supervised.
-    visible = mask.view(np.bool_)  # exact: every value is 0 or 1 (checked above)
+    valid_len = _check_layout(x, y, mask, labelled, meta)
+    _check_mask_ratio(ratio, labelled, valid_len, meta)
+    _check_stage(tensors.get("stage"), meta, split)
+    return valid_len
+
+
+def _check_layout(x: np.ndarray, y: np.ndarray, mask: np.ndarray, labelled: np.ndarray, meta: StreamMeta) -> np.ndarray:
+    """Row layout (SPEC §2.3): attention_mask is a prefix of ones ending at [SEP]; [PAD] fills
+    exactly the positions after it, which are never supervised. Returns valid_len int64 (R,)."""
+    visible = mask.view(np.bool_)  # exact: every value is 0 or 1 (checked before)
     rows = np.arange(x.shape[0])
     first_zero = visible.argmin(axis=1)  # 0 in a row without zeros
     valid_len = np.where(visible[rows, first_zero], mask.shape[1], first_zero)
@@ -327,3 +418,34 @@ def _check_values(tensors: Mapping[str, np.ndarray], meta: StreamMeta) -> np.nda
     elif valid_len.min() != mask.shape[1]:
         raise WireError("layout", "fixed packing must have attention_mask all ones")
     return valid_len.astype(np.int64)
+
+
+def candidates(valid_len: np.ndarray, meta: StreamMeta) -> np.ndarray:
+    """Corruption candidates per row (SPEC §2.5): the content before [SEP], plus [SEP] itself with
+    ``supervise_sep``; every position for fixed packing."""
+    if meta.packing == "fixed":
+        return valid_len
+    return valid_len - 1 + int(bool(meta.corruption_config.get("supervise_sep", False)))
+
+
+def _check_mask_ratio(ratio: np.ndarray, labelled: np.ndarray, valid_len: np.ndarray, meta: StreamMeta) -> None:
+    supervised = np.count_nonzero(labelled, axis=1)
+    n_candidates = candidates(valid_len, meta)
+    if (supervised > n_candidates).any():
+        raise WireError("layout", "a row supervises more positions than it has corruption candidates")
+    expected = supervised / np.maximum(n_candidates, 1)
+    if not np.allclose(ratio, expected, rtol=0, atol=1e-6):
+        raise WireError("value_range", "mask_ratio is not supervised / candidates in every row")
+
+
+def _check_stage(stage: np.ndarray | None, meta: StreamMeta, split: str) -> None:
+    config = meta.corruption_config
+    if config["policy"] != "stages":
+        if stage is not None:
+            raise WireError("tensor_list", "only a stages stream carries the stage tensor")
+        return
+    if stage is None:
+        raise WireError("tensor_list", "a stages stream carries the stage tensor")
+    stages = len(config["stages"][split])
+    if int(stage.max()) >= stages:
+        raise WireError("value_range", f"stage {int(stage.max())} is outside the {stages} {split} stages")

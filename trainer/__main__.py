@@ -23,19 +23,22 @@ import argparse
 import contextlib
 import dataclasses
 import functools
-import logging
 import os
 import signal
 import sys
 
 import torch
+import zmq
 
 from shared import settings
 from shared.curve import CurveKeyError, CurveServer
+from shared.recording import RecordingError
+from trainer import logs
 from trainer.data.config import StreamSettings
 from trainer.data.consumer import DatasetConsumer
 from trainer.diagnostics.config import DiagnosticsSettings
 from trainer.diagnostics.http import serve_diagnostics
+from trainer.fds import raise_open_file_limit
 from trainer.loop.checkpoint import CheckpointWriteError
 from trainer.loop.config import TrainConfig
 from trainer.loop.distributed import DEFAULT_DDP_DATA_TIMEOUT_S, init_distributed, rank_endpoint, rank_path
@@ -94,9 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     options = parse_options(argv)
     if options.train.threads:
         torch.set_num_threads(options.train.threads)
+    raise_open_file_limit()
     ranks, device = init_distributed(resolve_device(options.train.device), options.train.data_timeout)
-    prefix = f"rank{ranks.rank} " if ranks.distributed else ""
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {prefix}%(name)s %(message)s", stream=sys.stdout)
+    logs.configure(f"rank{ranks.rank} " if ranks.distributed else "")
     # docker stop / kill send SIGTERM: leave through SystemExit so the consumer closes and the recording is flushed
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     config = dataclasses.replace(options.train, device=str(device))
@@ -105,9 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         build_parser().error(str(error))
     record = rank_path(options.stream.record, ranks)
-    with DatasetConsumer(endpoint, config.batch_size, device=device, record_path=record, curve=options.curve) as consumer, \
-            (serve_diagnostics(options.diagnostics, consumer, functools.partial(ranks.stream_stats, consumer))
-             if ranks.is_main else contextlib.nullcontext()) as diagnostics:
+    consumer = DatasetConsumer(endpoint, config.batch_size, device=device, record_path=record, curve=options.curve)
+    try:
+        consumer.start()
+    except (RecordingError, OSError, zmq.ZMQError) as error:  # a recording that is locked or cannot be made, a port in use
+        log.error("refusing to train: %s", error)
+        return 2
+    with consumer, (serve_diagnostics(options.diagnostics, consumer, functools.partial(ranks.stream_stats, consumer))
+                    if ranks.is_main else contextlib.nullcontext()) as diagnostics:
         trainer = Trainer(config, options.model, consumer, [diagnostics] if diagnostics else [], ranks=ranks)
         try:
             trainer.prepare(wait_timeout=options.stream.wait_timeout)

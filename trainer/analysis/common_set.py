@@ -10,7 +10,7 @@ import torch
 
 from shared.meta import StreamMeta
 from shared.recording import RecordingReader
-from shared.wire import decode
+from shared.wire import MetaMessage, decode
 from trainer.data.assembly import val_set_batches
 from trainer.data.device import to_device
 from trainer.diagnostics.alarms import AlarmInputs, AlarmSettings, context_blind
@@ -26,9 +26,13 @@ def load_val_recording(path: str, batch_size: int) -> tuple[StreamMeta, list[dic
     """The val messages of a recording, each val_index once, in val_index order, as batches of
     ``batch_size`` rows: ``x``, ``y``, ``attention_mask`` int64 (B, T) on the CPU."""
     messages: dict[int, Any] = {}
+    metas: dict[str, StreamMeta] = {}
     meta = None
     for frames in RecordingReader(path):
-        message = decode(frames)
+        message = decode(frames, metas)
+        if isinstance(message, MetaMessage):
+            metas[message.meta.digest] = message.meta
+            continue
         if message.split != "val":
             continue
         if meta is not None and message.meta.digest != meta.digest:
@@ -54,7 +58,7 @@ def evaluate_on_common(arm_dir: str, common_meta: StreamMeta, common: list[dict[
     """Loss, attention probe and context_blind of the arm's final model on the common set, and
     the stream meta it trained on."""
     model, meta, step = load_model(arm_dir)
-    if meta.vocab != common_meta.vocab or meta.block_size < common_meta.block_size:
+    if meta.tokenizer_digest != common_meta.tokenizer_digest or meta.block_size < common_meta.block_size:
         raise ValueError(f"{arm_dir} was trained on another vocabulary or a shorter block than the common set")
     result = evaluate(model, common)
     probe = attention_probe(model, build_probe_set(common))

@@ -1,82 +1,144 @@
-"""Per-producer sequence accounting and rejection counts (docs/SPEC.md §4, docs/PROTOCOL.md §6).
+"""Per-producer sequence accounting and rejection counts (docs/SPEC.md §4, §10; docs/PROTOCOL.md §6).
 
-Used by the consumer's receive thread; the consumer holds the lock around every call.
+Memory is bounded whatever arrives: at most :data:`MAX_TRACKED_PRODUCERS` ids are tracked by
+name (later ones share the :data:`OTHER` row), each keeps at most :data:`MAX_MISSING_RANGES`
+ranges of missing sequence numbers, and a sequence number implausibly far from a producer's
+window (:data:`SEQ_WINDOW`) is a counted anomaly that changes nothing else, so one forged
+message cannot poison a genuine producer's accounting. Used by the consumer's receive thread
+under the ledger's lock.
 """
 
 from __future__ import annotations
 
+import bisect
 import collections
+import threading
 from dataclasses import dataclass, field
 
-from trainer.data.stats import ProducerRow
+from shared.meta import StreamMeta
+from trainer.data.stats import ProducerRow, StreamStats
+
+MAX_TRACKED_PRODUCERS = 1024
+OTHER = "(other)"  # the row of every producer id beyond MAX_TRACKED_PRODUCERS
+MAX_MISSING_RANGES = 64
+SEQ_WINDOW = 1 << 20  # a seq this far beyond the last (or before the first) is an anomaly, not a gap
 
 
 @dataclass
 class _ProducerState:
+    incarnation: str
     first_seq: int
     last_seq: int
     last_seen: float
     messages: int = 0
+    meta: int = 0
     train: int = 0
     val: int = 0
     gaps: int = 0
     duplicates: int = 0
     out_of_order: int = 0
+    seq_anomalies: int = 0
+    restarts: int = 0
     consumed: int = 0
     dropped: int = 0
-    missing: set[int] = field(default_factory=set)
+    # Missing sequence numbers of this incarnation as sorted, disjoint [low, high) ranges, and
+    # the end of the newest range the cap dropped (numbers below it may have been forgotten).
+    missing: list[list[int]] = field(default_factory=list)
+    forgotten_below: int = -1
+
+    def restart(self, incarnation: str, seq: int) -> None:
+        """A new incarnation (the producer process restarted): a new sequence, totals kept."""
+        self.incarnation, self.first_seq, self.last_seq, self.missing = incarnation, seq, seq, []
+        self.forgotten_below = -1
+        self.restarts += 1
+
+    def add_missing(self, low: int, high: int, front: bool = False) -> None:
+        if low >= high:
+            return
+        self.gaps += high - low
+        if front:
+            self.missing.insert(0, [low, high])
+        else:
+            self.missing.append([low, high])
+        excess = len(self.missing) - MAX_MISSING_RANGES
+        if excess > 0:  # the oldest become lost for good
+            self.forgotten_below = max(self.forgotten_below, self.missing[excess - 1][1])
+            del self.missing[:excess]
+
+    def fill(self, seq: int) -> bool:
+        """Takes ``seq`` out of the missing ranges; False when it is not missing."""
+        index = bisect.bisect_right(self.missing, [seq, float("inf")]) - 1
+        if index < 0 or not self.missing[index][0] <= seq < self.missing[index][1]:
+            return False
+        low, high = self.missing[index]
+        self.missing[index : index + 1] = [pair for pair in ([low, seq], [seq + 1, high]) if pair[0] < pair[1]]
+        self.gaps -= 1
+        return True
 
 
 class ProducerTable:
-    """Sequence accounting per producer id.
+    """Sequence accounting per producer id and incarnation (docs/PROTOCOL.md §6).
 
-    ``gaps`` counts sequence numbers between a producer's first and last seen message
-    that never arrived; a late arrival fills its gap again and counts as ``out_of_order``;
-    a number seen twice counts as a ``duplicate``. The first message seen from a producer
-    starts its count (a trainer that joins late has not lost the earlier messages).
-    Only the newest :attr:`WINDOW` numbers are remembered as fillable.
+    ``gaps`` counts sequence numbers between the first and last seen message of an incarnation
+    that never arrived; a late arrival fills its gap again and counts as ``out_of_order``; a
+    number seen twice counts as a ``duplicate``. The first message seen from a producer starts
+    its count (a trainer that joins late has not lost the earlier messages), and so does a new
+    incarnation (a restart, counted in ``restarts``). A number more than :data:`SEQ_WINDOW`
+    away from the window counts in ``seq_anomalies`` only. A late arrival into a range dropped
+    by the :data:`MAX_MISSING_RANGES` cap counts as ``out_of_order`` and leaves ``gaps`` as it was.
     """
-
-    WINDOW = 1 << 16
 
     def __init__(self) -> None:
         self._states: dict[str, _ProducerState] = {}
 
-    def record(self, producer_id: str, seq: int, split: str, now: float) -> None:
+    def _state(self, producer_id: str, incarnation: str, seq: int, now: float) -> tuple[_ProducerState, bool]:
+        """The state of ``producer_id`` (the shared other row beyond the cap), and whether it is new."""
         state = self._states.get(producer_id)
-        if state is None:
-            state = self._states[producer_id] = _ProducerState(first_seq=seq, last_seq=seq, last_seen=now)
-        elif seq > state.last_seq:
-            state.gaps += seq - state.last_seq - 1
-            state.missing.update(range(max(state.last_seq + 1, seq - self.WINDOW), seq))
-            state.last_seq = seq
-        elif seq < state.first_seq:
-            state.gaps += state.first_seq - seq - 1
-            state.missing.update(range(max(seq + 1, state.first_seq - self.WINDOW), state.first_seq))
-            state.first_seq = seq
-            state.out_of_order += 1
-        elif seq in state.missing:
-            state.missing.discard(seq)
-            state.gaps -= 1
-            state.out_of_order += 1
-        else:
-            state.duplicates += 1
-        if len(state.missing) > self.WINDOW:
-            state.missing = {s for s in state.missing if s > state.last_seq - self.WINDOW}
+        if state is not None:
+            return state, False
+        if len(self._states) >= MAX_TRACKED_PRODUCERS:
+            producer_id = OTHER
+            if OTHER in self._states:
+                return self._states[OTHER], False
+        state = self._states[producer_id] = _ProducerState(incarnation, seq, seq, now)
+        return state, True
+
+    def record(self, producer_id: str, incarnation: str, seq: int, split: str, now: float) -> None:
+        """One accepted message of ``producer_id``: ``split`` is train, val or meta."""
+        state, new = self._state(producer_id, incarnation, seq, now)
         state.messages += 1
         state.last_seen = now
-        if split == "val":
-            state.val += 1
+        setattr(state, split, getattr(state, split) + 1)
+        if new or state is self._states.get(OTHER):
+            return
+        if incarnation != state.incarnation:
+            state.restart(incarnation, seq)
+        elif seq > state.last_seq + SEQ_WINDOW or seq < state.first_seq - SEQ_WINDOW:
+            state.seq_anomalies += 1
+        elif seq > state.last_seq:
+            state.add_missing(state.last_seq + 1, seq)
+            state.last_seq = seq
+        elif seq < state.first_seq:
+            state.add_missing(seq + 1, state.first_seq, front=True)
+            state.first_seq = seq
+            state.out_of_order += 1
+        elif state.fill(seq):
+            state.out_of_order += 1
+        elif seq < state.forgotten_below:
+            state.out_of_order += 1  # perhaps into a range the cap forgot: it was counted lost
         else:
-            state.train += 1
+            state.duplicates += 1
+
+    def _row_state(self, producer_id: str) -> _ProducerState:
+        return self._states.get(producer_id) or self._states[OTHER]
 
     def count_consumed(self, producer_id: str) -> None:
         """One more train message of a recorded producer went into a handed-out batch."""
-        self._states[producer_id].consumed += 1
+        self._row_state(producer_id).consumed += 1
 
     def count_dropped(self, producer_id: str) -> None:
         """One more train message of a recorded producer was read past (see ``wait_for_val_set``)."""
-        self._states[producer_id].dropped += 1
+        self._row_state(producer_id).dropped += 1
 
     def total(self, name: str) -> int:
         return sum(getattr(state, name) for state in self._states.values())
@@ -84,16 +146,18 @@ class ProducerTable:
     def rows(self, now: float) -> dict[str, ProducerRow]:
         return {
             producer_id: ProducerRow(
-                messages=s.messages, train=s.train, val=s.val, first_seq=s.first_seq, last_seq=s.last_seq,
-                gaps=s.gaps, duplicates=s.duplicates, out_of_order=s.out_of_order, consumed=s.consumed,
-                dropped=s.dropped, seconds_since_last=round(now - s.last_seen, 3),
+                messages=s.messages, meta=s.meta, train=s.train, val=s.val, first_seq=s.first_seq, last_seq=s.last_seq,
+                gaps=s.gaps, duplicates=s.duplicates, out_of_order=s.out_of_order, seq_anomalies=s.seq_anomalies,
+                restarts=s.restarts, incarnation=s.incarnation, consumed=s.consumed, dropped=s.dropped,
+                seconds_since_last=round(now - s.last_seen, 3),
             )
             for producer_id, s in self._states.items()
         }
 
 
 class Rejections:
-    """Rejected messages counted by reason, and by reason per producer where the header named one."""
+    """Rejected messages counted by reason, and by reason per producer where the header named
+    one (at most :data:`MAX_TRACKED_PRODUCERS` ids by name, the rest in :data:`OTHER`)."""
 
     def __init__(self) -> None:
         self.by_reason: collections.Counter[str] = collections.Counter()
@@ -103,9 +167,58 @@ class Rejections:
         """Counts one reject; returns how many of this reason there are now."""
         self.by_reason[reason] += 1
         if producer_id is not None:
+            if producer_id not in self.by_producer and len(self.by_producer) >= MAX_TRACKED_PRODUCERS:
+                producer_id = OTHER
             self.by_producer.setdefault(producer_id, collections.Counter())[reason] += 1
         return self.by_reason[reason]
 
     @property
     def total(self) -> int:
         return sum(self.by_reason.values())
+
+
+class StreamLedger:
+    """Every count the consumer keeps, behind one lock (the receive thread writes, any thread reads).
+
+    ``received`` counts every message read from the socket; it is then accepted, rejected
+    (by reason), or dropped as ``awaiting_meta`` (a batch whose meta message has not arrived).
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.received = 0
+        self.accepted = 0
+        self.awaiting_meta = 0
+        self.consumed_messages = 0
+        self.consumed_batches = 0
+        self.dropped_train = 0
+        self.starved = False
+        self.last_message_at: float | None = None
+        self.table = ProducerTable()
+        self.rejections = Rejections()
+
+    def stats(self, now: float, queue_depth: int, val_seen: int, meta: StreamMeta | None) -> StreamStats:
+        with self.lock:
+            return StreamStats(
+                received=self.received,
+                accepted=self.accepted,
+                awaiting_meta=self.awaiting_meta,
+                rejected=dict(self.rejections.by_reason),
+                rejected_by_producer={producer: dict(reasons) for producer, reasons in self.rejections.by_producer.items()},
+                rejected_total=self.rejections.total,
+                consumed_messages=self.consumed_messages,
+                consumed_batches=self.consumed_batches,
+                dropped_train=self.dropped_train,
+                gaps=self.table.total("gaps"),
+                duplicates=self.table.total("duplicates"),
+                out_of_order=self.table.total("out_of_order"),
+                seq_anomalies=self.table.total("seq_anomalies"),
+                restarts=self.table.total("restarts"),
+                producers=self.table.rows(now),
+                starved=self.starved,
+                seconds_since_last_message=None if self.last_message_at is None else round(now - self.last_message_at, 3),
+                queue_depth=queue_depth,
+                val_messages_seen=val_seen,
+                val_messages_total=None if meta is None else meta.val_messages,
+                meta_digest=None if meta is None else meta.digest,
+            )

@@ -90,7 +90,7 @@ class DatasetConsumer:
         self._recorder: RecordingWriter | None = None
         self._thread: threading.Thread | None = None
         self._val_batches: list[Batch] | None = None
-        self.intake = Intake(self.receiver, batch_size, self._queue, lambda array: host_tensor(self.device, array),
+        self.intake = Intake(self.receiver, batch_size, self._queue, lambda array, vocab_size: host_tensor(self.device, array, vocab_size),
                              self._record if record_path is not None else None, starved_after_s)
 
     @property
@@ -134,7 +134,7 @@ class DatasetConsumer:
                 self._recorder.close()
 
     def __enter__(self) -> DatasetConsumer:
-        return self.start()
+        return self if self._thread is not None else self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.close()
@@ -159,12 +159,12 @@ class DatasetConsumer:
         reading and drops train messages (counted as ``dropped_train``) so that the val
         messages behind them can arrive: the trainer is not consuming train batches then.
         """
-        with self.intake.lock:
+        with self.intake.ledger.lock:
             self.intake.val_waiters += 1
         try:
             return self.intake.val_complete.wait(timeout)
         finally:
-            with self.intake.lock:
+            with self.intake.ledger.lock:
                 self.intake.val_waiters -= 1
 
     def next_batch(self, split: str = "train", timeout: float | None = None) -> Batch:
@@ -203,7 +203,7 @@ class DatasetConsumer:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise TimeoutError(
                         f"no train batch within {timeout} s on {self.endpoint} "
-                        f"(received {intake.received} messages, starved={intake.starved})"
+                        f"(received {intake.ledger.received} messages, starved={intake.ledger.starved})"
                     ) from None
 
     def val_batches(self) -> list[Batch]:
@@ -216,7 +216,7 @@ class DatasetConsumer:
         if self._val_batches is None:
             arrays = val.batches(self.batch_size) if val is not None else []
             self._val_batches = [
-                to_device(self.device, {name: host_tensor(self.device, array) for name, array in batch.items()})
+                to_device(self.device, {name: host_tensor(self.device, array, self.meta.vocab_size) for name, array in batch.items()})
                 for batch in arrays
             ]
         return self._val_batches

@@ -13,24 +13,27 @@ import torch
 # The trainer's dtypes; on CUDA applied after the host-to-device copy.
 WIDE_DTYPES = {"x": torch.int64, "y": torch.int64, "attention_mask": torch.int64, "mask_ratio": torch.float32, "stage": torch.int64}
 WIDE_NUMPY = {"x": np.int64, "y": np.int64, "attention_mask": np.int64, "mask_ratio": np.float32, "stage": np.int64}
-# Pinned host buffers at the wire width (uint16 ids travel as int16 bits, see host_tensor).
-TORCH_OF_NUMPY = {np.dtype(np.int16): torch.int16, np.dtype(np.uint8): torch.uint8, np.dtype(np.float32): torch.float32}
+# Pinned host buffers at the wire width (unsigned ids travel as signed bits, see host_tensor).
+TORCH_OF_NUMPY = {np.dtype(np.int16): torch.int16, np.dtype(np.int32): torch.int32, np.dtype(np.uint8): torch.uint8,
+                  np.dtype(np.float32): torch.float32}
 
 HostBatch = dict[str, "np.ndarray | torch.Tensor"]
 
 
-def host_tensor(device: torch.device, array: np.ndarray) -> np.ndarray | torch.Tensor:
+def host_tensor(device: torch.device, array: np.ndarray, vocab_size: int) -> np.ndarray | torch.Tensor:
     """The host side of a tensor, still at the wire width.
 
     CPU device: the numpy array itself (possibly a read-only view of the received frame).
-    CUDA device: a copy in pinned memory; uint16 ids go as int16 bits, which read as the
-    same values because every id is below vocab_size <= 32767 (shared.limits.MAX_VOCAB_SIZE,
-    checked by decode).
+    CUDA device: a copy in pinned memory. Unsigned ids go as the signed bits of the same width,
+    which read as the same values while every id fits (``vocab_size``, checked by decode: uint32
+    ids are below 2**31); uint16 ids of a vocabulary over 32768 are widened to int32 here.
     """
     if device.type != "cuda":
         return array
     if array.dtype == np.uint16:
-        array = array.view(np.int16)
+        array = array.view(np.int16) if vocab_size <= 1 << 15 else array.astype(np.int32)
+    elif array.dtype == np.uint32:
+        array = array.view(np.int32)
     pinned = torch.empty(array.shape, dtype=TORCH_OF_NUMPY[array.dtype], pin_memory=True)
     pinned.numpy()[...] = array
     return pinned

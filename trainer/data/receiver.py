@@ -12,6 +12,9 @@ import zmq
 from shared.curve import CurveGuard, CurveServer, configure_server
 
 RECEIVE_HWM = 4  # messages buffered per connected producer before it blocks
+# A peer that has not finished the ZMTP (and Curve) handshake this soon is dropped, so connections
+# that never handshake cannot pile up and use the trainer's file descriptors (ZeroMQ's default is 30 s).
+HANDSHAKE_MS = 2000
 # The largest tensor frame of a real stream is rows_per_message x block_size x 2 bytes (2 MiB at
 # 1024 x 1024); 64 MiB leaves room for any sensible configuration.
 MAX_FRAME_BYTES = 64 << 20
@@ -43,6 +46,7 @@ class Receiver:
         self.socket.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
         self.socket.setsockopt(zmq.MAXMSGSIZE, self.max_frame_bytes)
         self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
         try:
             if self.curve is not None:
                 self.curve_guard = configure_server(self.socket, self.curve)

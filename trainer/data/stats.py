@@ -26,14 +26,18 @@ def _number(default: Any, merge: str, help: str, metric: str | None = None, labe
 class ProducerRow:
     """One producer's message accounting (``trainer.data.accounting.ProducerTable``)."""
 
-    messages: int  # accepted messages, both splits
+    messages: int  # accepted messages: meta, train and val
+    meta: int
     train: int
     val: int
     first_seq: int
     last_seq: int
-    gaps: int  # sequence numbers between first_seq and last_seq that never arrived
+    gaps: int  # sequence numbers between first_seq and last_seq (of this incarnation) that never arrived
     duplicates: int
     out_of_order: int
+    seq_anomalies: int = 0  # sequence numbers implausibly far from the window: ignored, counted
+    restarts: int = 0  # new incarnations seen: the producer process restarted with the same id
+    incarnation: str = ""
     consumed: int = 0  # train messages whose rows went into handed-out batches
     dropped: int = 0  # train messages read past while the trainer waited for the val set
     seconds_since_last: float = 0.0
@@ -50,12 +54,17 @@ class StreamStats:
     received: int = _number(0, "sum", "messages received", "messages", "received")
     accepted: int = _number(0, "sum", "messages accepted", "messages", "accepted")
     rejected_total: int = _number(0, "sum", "messages rejected", "messages", "rejected")
+    awaiting_meta: int = _number(0, "sum", "batches dropped because their meta message had not arrived yet", "messages",
+                                 "awaiting_meta")
     consumed_messages: int = _number(0, "sum", "train messages consumed by the training loop", "messages", "consumed")
     dropped_train: int = _number(0, "sum", "train messages read past while the val set was arriving", "messages", "dropped_train")
     consumed_batches: int = _number(0, "sum", "batches handed to the training loop", "consumed_batches")
     gaps: int = _number(0, "sum", "lost messages (sequence gaps), over every producer", "sequence_errors", "gaps")
     duplicates: int = _number(0, "sum", "duplicate sequence numbers, over every producer", "sequence_errors", "duplicates")
     out_of_order: int = _number(0, "sum", "late messages that filled a gap, over every producer", "sequence_errors", "out_of_order")
+    seq_anomalies: int = _number(0, "sum", "sequence numbers implausibly far from their producer's window", "sequence_errors",
+                                 "seq_anomalies")
+    restarts: int = _number(0, "sum", "producer restarts (new incarnations of a known id)", "producer_restarts")
     queue_depth: int = _number(0, "sum", "assembled batches waiting for the training loop", "queue_depth", kind="gauge")
     starved: bool = _number(False, "any", "1 while the consumer waits for producers", "starved", kind="gauge")
     seconds_since_last_message: float | None = _number(None, "max", "seconds since the last message",

@@ -7,7 +7,10 @@ of them and keeps the step and time each active alarm was first raised.
 - ``context_blind``: after warm-up, the val loss is within ``floor_margin`` nats of the
   context-free floor, or the attention probe's no-context loss is within
   ``no_context_margin`` nats of its real-mask loss: the model is not using other positions.
+  Only measurements taken after the warm-up count (not the untrained model's).
 - ``starved``: no message received for ``starved_seconds``.
+- ``data_bound``: the training loop spent at least ``data_wait_fraction`` of the recent window's
+  step time waiting for data (data trickles in, but too slowly).
 - ``rejecting``: more than ``reject_rate`` of the messages of the recent window were rejected.
 - ``meta_mismatch``: messages of the recent window were rejected because their stream meta
   differs from the pinned one (another corpus, vocabulary, block size...).
@@ -21,6 +24,11 @@ from dataclasses import dataclass
 
 from trainer.data.stats import StreamStats
 
+# What a user should do when context_blind fires after a passed mask self-test (the mask is right,
+# so the model has not learned to use its context yet); docs/PLATEAU.md measured what matters.
+CONTEXT_BLIND_ADVICE = ("the model is not using context: with the mask self-test passed, it has not learned to yet; "
+                        "train longer, or raise --lr / shorten --warmup-iters (docs/PLATEAU.md)")
+
 
 @dataclass(frozen=True)
 class AlarmSettings:
@@ -30,6 +38,8 @@ class AlarmSettings:
     starved_seconds: float = 30.0
     reject_rate: float = 0.05  # fraction of the messages in the window
     window_seconds: float = 60.0
+    data_wait_fraction: float = 0.5  # data_bound: of the step time in the window...
+    data_wait_min_seconds: float = 30.0  # ...once the window holds at least this much step time
 
 
 @dataclass(frozen=True)
@@ -38,8 +48,12 @@ class AlarmInputs:
 
     Attributes:
         step: the training step.
-        val_loss: the latest val loss (nats); floor: the context-free floor of the val split.
-        no_context_gap: attention probe ``loss_no_context - loss_attn`` on the same positions.
+        val_loss: the latest val loss (nats), measured at ``val_step``; floor: the context-free
+            floor of the val split.
+        no_context_gap: attention probe ``loss_no_context - loss_attn`` on the same positions,
+            measured at ``probe_step``.
+        data_wait: share of the step time of the recent window spent waiting for data, over
+            ``data_wait_seconds`` seconds of steps.
         seconds_without_data: since the last message was received (or since start).
         window_accepted / window_rejected: messages accepted / rejected in the recent window.
         window_rejected_by_reason: reason -> rejected count in the recent window.
@@ -47,9 +61,13 @@ class AlarmInputs:
 
     step: int = 0
     val_loss: float | None = None
+    val_step: int | None = None
     floor: float | None = None
     no_context_gap: float | None = None
+    probe_step: int | None = None
     seconds_without_data: float | None = None
+    data_wait: float | None = None
+    data_wait_seconds: float = 0.0
     window_accepted: int = 0
     window_rejected: int = 0
     window_rejected_by_reason: dict[str, int] | None = None
@@ -65,20 +83,25 @@ class Alarm:
     check: str  # what to look at when it is active
 
 
+def _fresh(measured_at: int | None, settings: AlarmSettings) -> bool:
+    """A measurement an alarm may judge: taken after the warm-up (never one of the untrained model)."""
+    return measured_at is not None and measured_at >= settings.warmup_steps
+
+
 def context_blind(inputs: AlarmInputs, settings: AlarmSettings) -> tuple[bool, str]:
     if inputs.step < settings.warmup_steps:
         return False, f"warming up: checked from step {settings.warmup_steps} on"
+    val_fresh = _fresh(inputs.val_step, settings) and inputs.val_loss is not None and inputs.floor is not None
+    probe_fresh = _fresh(inputs.probe_step, settings) and inputs.no_context_gap is not None
     reasons = []
-    if inputs.val_loss is not None and inputs.floor is not None:
-        gap = inputs.val_loss - inputs.floor
-        if abs(gap) <= settings.floor_margin:
-            reasons.append(f"val loss {inputs.val_loss:.3f} is within {settings.floor_margin} nats of the floor {inputs.floor:.3f}")
-    if inputs.no_context_gap is not None and inputs.no_context_gap <= settings.no_context_margin:
+    if val_fresh and abs(inputs.val_loss - inputs.floor) <= settings.floor_margin:
+        reasons.append(f"val loss {inputs.val_loss:.3f} is within {settings.floor_margin} nats of the floor {inputs.floor:.3f}")
+    if probe_fresh and inputs.no_context_gap <= settings.no_context_margin:
         reasons.append(f"hiding all context costs only {inputs.no_context_gap:+.3f} nats")
     if reasons:
-        return True, "; ".join(reasons) + ": the model is not using context"
-    if inputs.val_loss is None or inputs.floor is None:
-        return False, "no val loss yet"
+        return True, "; ".join(reasons) + ": " + CONTEXT_BLIND_ADVICE
+    if not val_fresh:
+        return False, f"waiting for a val loss measured at step {settings.warmup_steps} or later"
     return False, f"val loss {inputs.val_loss:.3f} vs floor {inputs.floor:.3f}"
 
 
@@ -101,6 +124,16 @@ def rejecting(inputs: AlarmInputs, settings: AlarmSettings) -> tuple[bool, str]:
     return rate > settings.reject_rate, text + (f" ({reasons})" if reasons else "")
 
 
+def data_bound(inputs: AlarmInputs, settings: AlarmSettings) -> tuple[bool, str]:
+    if inputs.data_wait is None or inputs.data_wait_seconds < settings.data_wait_min_seconds:
+        return False, "not enough steps in the window yet"
+    text = (f"the training loop waited for data {inputs.data_wait:.0%} of its last {inputs.data_wait_seconds:.0f} s "
+            "of steps")
+    if inputs.data_wait >= settings.data_wait_fraction:
+        return True, text + ": the producers are too slow for it (add producers, or check their rate and the network)"
+    return False, text
+
+
 def meta_mismatch(inputs: AlarmInputs, settings: AlarmSettings) -> tuple[bool, str]:
     count = (inputs.window_rejected_by_reason or {}).get("meta_mismatch", 0)
     if count:
@@ -112,6 +145,7 @@ CHECKS: tuple[tuple[str, Callable[[AlarmInputs, AlarmSettings], tuple[bool, str]
     ("context_blind", context_blind,
      "the attention mask polarity (key_padding_mask: True = may attend) and the attention probe's no-context loss"),
     ("starved", starved, "that producers are running and connect to the trainer's endpoint (stream.producers)"),
+    ("data_bound", data_bound, "throughput.data_wait_fraction, and each producer's rate (its status line, stream.producers)"),
     ("rejecting", rejecting, "the trainer log for rejection details and stream.rejected_by_reason"),
     ("meta_mismatch", meta_mismatch,
      "the trainer log line naming the differing field; every producer must use the same corpus and data flags"),
@@ -133,6 +167,26 @@ def evaluate_alarms(inputs: AlarmInputs, settings: AlarmSettings, previous: dict
         alarms[name] = Alarm(name, active, since_step, since_time, explanation, what_to_check)
     return alarms
 
+
+
+class WaitWindow:
+    """The steps of the last ``window_seconds``: their step time and their time waiting for data."""
+
+    def __init__(self, window_seconds: float, max_steps: int = 1 << 16) -> None:
+        self.window_seconds = window_seconds
+        self._steps: deque[tuple[float, float, float]] = deque(maxlen=max_steps)  # (time, step s, wait s)
+
+    def add(self, now: float, step_s: float, wait_s: float) -> None:
+        self._steps.append((now, step_s, wait_s))
+
+    def fraction(self, now: float) -> tuple[float | None, float]:
+        """``(waited / step time, step time)`` over the window; None before any step."""
+        while self._steps and self._steps[0][0] < now - self.window_seconds:
+            self._steps.popleft()
+        step_time = sum(step for _, step, _ in self._steps)
+        if step_time <= 0:
+            return None, 0.0
+        return sum(wait for _, _, wait in self._steps) / step_time, step_time
 
 
 class StreamWindow:

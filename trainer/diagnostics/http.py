@@ -10,14 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import socket
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -28,6 +24,7 @@ from trainer.diagnostics.alarms import AlarmSettings
 from trainer.diagnostics.config import DiagnosticsSettings
 from trainer.diagnostics.prometheus import registry_for
 from trainer.diagnostics.schema import DiagnosticsResponse
+from trainer.diagnostics.server import ServerHandle, serve_in_thread
 from trainer.diagnostics.state import Diagnostics
 
 PAGE = Path(__file__).resolve().parent / "static" / "index.html"
@@ -40,73 +37,27 @@ def create_app(diagnostics: Diagnostics) -> FastAPI:
     registry = registry_for(diagnostics)
     page = PAGE.read_text(encoding="utf-8")
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse, include_in_schema=False)
     def index() -> str:
         return page
 
-    @app.get("/diagnostics", response_model=DiagnosticsResponse)
+    @app.api_route("/diagnostics", methods=["GET", "HEAD"], response_model=DiagnosticsResponse)
     def get_diagnostics() -> DiagnosticsResponse:
         return diagnostics.snapshot()
 
-    @app.get("/history")
+    @app.api_route("/history", methods=["GET", "HEAD"])
     def get_history() -> dict[str, Any]:
         return diagnostics.history()
 
-    @app.get("/metrics", response_class=Response)
+    @app.api_route("/metrics", methods=["GET", "HEAD"], response_class=Response)
     def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/healthz")
+    @app.api_route("/healthz", methods=["GET", "HEAD"])
     def healthz() -> dict[str, Any]:
         return {"ok": True, "step": diagnostics.snapshot().step}
 
     return app
-
-
-class ServerHandle:
-    """A uvicorn server running in a daemon thread on a socket bound here; :meth:`stop` shuts it down."""
-
-    def __init__(self, server: uvicorn.Server, thread: threading.Thread, sock: socket.socket) -> None:
-        self.server = server
-        self.thread = thread
-        self.socket = sock
-
-    @property
-    def port(self) -> int:
-        """The bound port (useful when started with port 0)."""
-        return self.socket.getsockname()[1]
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout)
-        self.socket.close()
-
-
-def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, timeout: float = 10.0) -> ServerHandle:
-    """Start ``app`` on ``host:port`` (0 = any free port) in a daemon thread; returns once it listens.
-
-    The socket is bound in the calling thread, so a taken port raises ``OSError`` here."""
-    family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    sock = socket.socket(family, kind)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-    except OSError:
-        sock.close()
-        raise
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
-    server = uvicorn.Server(config)
-    server.install_signal_handlers = lambda: None  # the trainer owns the signals
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="diagnostics-http", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + timeout
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            server.should_exit = True
-            sock.close()
-            raise RuntimeError(f"the diagnostics server did not start on {host}:{port}")
-        time.sleep(0.02)
-    return ServerHandle(server, thread, sock)
 
 
 def start_diagnostics(

@@ -24,7 +24,7 @@ from typing import Any
 from shared.meta import StreamMeta
 from trainer.data.source import BatchSource
 from trainer.data.stats import StreamStats
-from trainer.diagnostics.alarms import Alarm, AlarmInputs, AlarmSettings, StreamWindow, evaluate_alarms
+from trainer.diagnostics.alarms import Alarm, AlarmInputs, AlarmSettings, StreamWindow, WaitWindow, evaluate_alarms
 from trainer.diagnostics.floor import context_free_floor
 from trainer.diagnostics.history import HISTORY_LENGTH, History
 from trainer.diagnostics.probe import ProbeResult, ProbeRunner
@@ -88,6 +88,7 @@ class Diagnostics:
         self._alarms: dict[str, Alarm] = {}
         self._history = History(history_length)
         self._window = StreamWindow(alarm_settings.window_seconds)
+        self._waits = WaitWindow(alarm_settings.window_seconds)
 
     # ---- observer interface (training thread) -------------------------------------------
 
@@ -114,6 +115,7 @@ class Diagnostics:
         the last log) and the throughput figures."""
         with self._lock:
             self._step = numbers.step
+            self._waits.add(self.clock(), numbers.step_ms / 1000, numbers.data_wait_ms / 1000)
         if not numbers.log:
             return
         data_wait_pct = finite_or_none(numbers.data_wait_pct)
@@ -193,12 +195,17 @@ class Diagnostics:
         now = self.clock()
         with self._lock:
             accepted, rejected, by_reason = self._window.update(stream, now)
+            data_wait, data_wait_seconds = self._waits.fraction(now)
             inputs = AlarmInputs(
                 step=self._step,
                 val_loss=self._loss.val,
+                val_step=self._loss.val_step,
                 floor=self._loss.context_free_floor_val,
                 no_context_gap=self._probe.loss_no_context_minus_attn if self._probe is not None else None,
+                probe_step=self._probe.step if self._probe is not None else None,
                 seconds_without_data=self._seconds_without_data(stream, now),
+                data_wait=data_wait,
+                data_wait_seconds=data_wait_seconds,
                 window_accepted=accepted,
                 window_rejected=rejected,
                 window_rejected_by_reason=by_reason,

@@ -1,4 +1,4 @@
-"""Checkpoints: written atomically, read back with ``torch.load(weights_only=True)``.
+"""Checkpoints: written atomically, verified by a digest, read back with ``torch.load(weights_only=True)``.
 
 A checkpoint is a dict of tensors and plain Python values only (no pickled classes), so
 it loads with ``weights_only=True``:
@@ -10,15 +10,23 @@ it loads with ``weights_only=True``:
     train_config  TrainConfig as a dict
     meta          the StreamMeta the model was trained on, as a dict
     rng           {"cpu": ByteTensor, "cuda": [ByteTensor, ...]}: torch's generator states
+    digest        SHA-256 of everything above (:func:`state_digest`), checked on load: a changed
+                  byte anywhere in a tensor or a value makes the checkpoint unusable, not silently wrong
+
+A write that fails for lack of file descriptors is retried with the reserved ones (``trainer.fds``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 from typing import Any
 
 import torch
+
+from trainer.fds import retry_out_of_descriptors
 
 CHECKPOINT_NAME = "ckpt.pt"
 
@@ -27,14 +35,45 @@ class CheckpointWriteError(OSError):
     """A checkpoint could not be written (disk full, no permission...)."""
 
 
+def state_digest(state: dict[str, Any]) -> str:
+    """SHA-256 over every key, tensor (dtype, shape, bytes) and plain value of ``state``, in order."""
+    digest = hashlib.sha256()
+
+    def add(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous()
+            digest.update(f"T{tensor.dtype}{tuple(tensor.shape)}".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, dict):
+            digest.update(b"{")
+            for key in value:
+                digest.update(json.dumps(key, default=str).encode())
+                add(value[key])
+            digest.update(b"}")
+        elif isinstance(value, (list, tuple)):
+            digest.update(b"[")
+            for item in value:
+                add(item)
+            digest.update(b"]")
+        else:
+            digest.update(json.dumps(value, default=str).encode())
+
+    add({key: value for key, value in state.items() if key != "digest"})
+    return digest.hexdigest()
+
+
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
-    """Write ``state`` to ``path`` atomically: a temporary file, fsync, then ``os.replace``.
+    """Write ``state`` and its digest to ``path`` atomically: a temporary file, fsync, then ``os.replace``.
 
     A reader (or a crash) sees either the previous checkpoint or the new one, never a torn file.
     Raises :class:`CheckpointWriteError` (an OSError) when it cannot be written, e.g. a full
     disk; the temporary file is removed and the previous checkpoint stays as it was.
     """
-    path = os.fspath(path)
+    state = {**state, "digest": state_digest(state)}
+    retry_out_of_descriptors(lambda: _write(os.fspath(path), state), "writing the checkpoint")
+
+
+def _write(path: str, state: dict[str, Any]) -> None:
     temporary = f"{path}.tmp"
     try:
         with open(temporary, "wb") as file:
@@ -56,14 +95,15 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
         os.close(directory)
 
 
-CHECKPOINT_KEYS = ("model", "optimizer", "step", "model_config", "train_config", "meta", "rng")
+CHECKPOINT_KEYS = ("model", "optimizer", "step", "model_config", "train_config", "meta", "rng", "digest")
 
 
 def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint`; tensors land on ``device``.
 
     Raises FileNotFoundError when there is none, ValueError when the file is not a readable
-    checkpoint of this format (garbage, truncated, pickled objects, missing keys).
+    checkpoint of this format (garbage, truncated, pickled objects, missing keys, a digest that
+    does not match).
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}: nothing to resume")
@@ -74,6 +114,8 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu")
     missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
     if missing:
         raise ValueError(f"unusable checkpoint {path}: missing {missing}")
+    if state["digest"] != state_digest(state):
+        raise ValueError(f"unusable checkpoint {path}: its contents do not match its digest (the file was changed or damaged)")
     return state
 
 

@@ -47,15 +47,25 @@ def model_config_for(checkpoint: dict[str, Any] | None, requested: ModelConfig, 
     if checkpoint is None:
         config = requested.for_stream(meta)
     else:
-        check_resumable(StreamMeta.from_dict(checkpoint["meta"]), meta)
+        check_resumable(checkpoint_meta(checkpoint["meta"]), meta)
         config = ModelConfig(**checkpoint["model_config"])
+        differs = [f"{name} {getattr(config, name)} (flags: {getattr(requested, name)})"
+                   for name in ("n_layer", "n_head", "n_embd", "dropout", "positions", "bias")
+                   if getattr(config, name) != getattr(requested, name)]
+        if differs:
+            log.warning("--resume: the checkpoint's model is used, not the flags': %s", ", ".join(differs))
     config.check_covers(meta)
     return config
 
 
+def checkpoint_meta(data: dict[str, Any]) -> StreamMeta:
+    """The stream meta a checkpoint was trained on (one written before the tokenizer fields too)."""
+    return StreamMeta.from_v1_dict(data) if "tokenizer" not in data else StreamMeta.from_dict(data)
+
+
 def check_resumable(trained_on: StreamMeta, stream: StreamMeta) -> None:
     """A checkpoint resumes only on a stream whose ids mean the same tokens."""
-    differences = [d for d in trained_on.differences(stream) if d[0] in ("vocab", "block_size")]
+    differences = [d for d in trained_on.differences(stream) if d[0] in ("tokenizer", "vocab", "vocab_size", "block_size")]
     if differences:
         detail = "; ".join(f"{name}: checkpoint {mine!r:.60} vs stream {theirs!r:.60}" for name, mine, theirs in differences)
         raise ValueError(f"the checkpoint was trained on another stream ({detail})")

@@ -33,6 +33,10 @@ class MaskSelfTestError(RuntimeError):
     """The model's attention does not respect the stream's attention_mask."""
 
 
+class NonFiniteWeightsError(ValueError):
+    """The model holds NaN or infinite weights, so no test of its attention can mean anything."""
+
+
 def _changed(reference: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
     """(B, T) bool: the logits at this position differ beyond the tolerance."""
     return ((perturbed - reference).abs() > ATOL + RTOL * reference.abs()).any(dim=-1)
@@ -52,9 +56,13 @@ def mask_self_test(model: nn.Module, batch: dict[str, torch.Tensor], meta: Strea
     Raises:
         MaskSelfTestError naming the check that failed.
     """
+    broken = [name for name, parameter in model.named_parameters() if not torch.isfinite(parameter).all()]
+    if broken:
+        raise NonFiniteWeightsError(f"the model's weights are not finite ({len(broken)} tensors hold NaN or inf, "
+                                    f"e.g. {broken[0]}): a broken checkpoint or a diverged run, not the attention mask")
     x, attention_mask = batch["x"], batch["attention_mask"]
     visible = attention_mask == 1
-    base_size = meta.vocabulary.base_size
+    base_size = meta.base_size
     with eval_mode(model):
         reference = model(x, attention_mask)[0].float()
         if not torch.isfinite(reference[visible]).all():

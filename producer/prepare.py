@@ -1,0 +1,245 @@
+"""``python -m producer prepare``: tokenize a corpus once into a memory-mappable folder (docs/SPEC.md §2.7).
+
+    python -m producer prepare --corpus PATH [--tokenizer char|bytes|FILE] [--val-fraction F]
+                               [--workers N] [--text-field NAME] --out DIR
+
+``PATH`` is a file or a folder (read recursively, in sorted order) of ``.txt`` files and, with
+``--text-field``, ``.jsonl`` files (one JSON object a line; that field's text is the document);
+``.gz`` of either is read as it streams. The text is cut into chunks of whole lines that
+``--workers`` processes tokenize (:meth:`shared.tokenizer.Tokenizer.encode_text`, every line on
+its own) while this process appends the ids and the line offsets to the folder, so memory stays
+bounded whatever the corpus size: at most two chunks per worker are in flight. The ``char``
+tokenizer first reads the corpus once for its vocabulary. A progress bar (MB/s, lines, ETA)
+shows on a terminal.
+
+Everything is written into ``DIR.partial-*`` beside ``DIR`` and renamed to ``DIR`` at the end;
+an error or a signal removes the partial folder. Clear errors, nothing half-written: a file that
+is not UTF-8 (named with its byte offset), an empty corpus, a tokenizer file that does not load,
+a vocabulary too large for the wire, a jsonl line without the field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from producer import prepared, sources
+from producer.lines import CorpusError, split_point
+from producer.sources import Chunk
+from shared import settings
+from shared.limits import MAX_VOCAB_SIZE
+from shared.settings import setting
+from shared.tokenizer import CharTokenizer, Tokenizer, load_tokenizer, tokenizer_from_definition
+from shared.vocab import VocabularyError, id_dtype
+
+COUNT_CHUNK = 1 << 24  # tokens per bincount pass over the written ids
+
+
+def _check_fraction(value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"val fraction {value} is outside [0, 1)")
+
+
+def _check_workers(value: int) -> None:
+    if value < 0:
+        raise ValueError(f"{value} is negative")
+
+
+@dataclass(frozen=True)
+class PrepareSettings:
+    corpus: str | None = setting(None, "a text file, a .jsonl file, or a folder of them (also .gz)", metavar="PATH")
+    tokenizer: str = setting("char", "char, bytes, or the path of a Hugging Face tokenizers JSON file", metavar="KIND|FILE")
+    val_fraction: float = setting(0.1, "fraction of lines (the last ones) held out for validation", check=_check_fraction)
+    workers: int = setting(0, "tokenizing processes; 0 = one per core", metavar="N", check=_check_workers)
+    text_field: str | None = setting(None, "the field of each .jsonl line that holds its text", metavar="NAME")
+    chunk_mb: float = setting(4.0, "MB of text per chunk handed to a worker", metavar="MB", check=_check_workers)
+    out: str | None = setting(None, "the folder to create (it must not exist yet)", metavar="DIR")
+
+
+def add_command(subparsers: argparse._SubParsersAction) -> None:
+    command = subparsers.add_parser("prepare", help="tokenize a corpus once into a memory-mapped folder",
+                                    description="Tokenize a corpus into token ids and line offsets that producers memory-map.")
+    settings.add_arguments(command, PrepareSettings, required=("corpus", "out"))
+    command.set_defaults(handler=run_prepare, command_parser=command)
+
+
+# ---- the workers ------------------------------------------------------------------------------
+
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _start_worker(kind: str, definition: str) -> None:
+    global _worker_tokenizer
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # each worker is one of the processes that share the cores
+    _worker_tokenizer = tokenizer_from_definition(kind, definition)
+
+
+def _encode(chunk: Chunk, text_field: str | None, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """A worker's job: the ids (in the corpus dtype) and per-line lengths of one chunk."""
+    text = sources.chunk_text(chunk, text_field)
+    try:
+        ids, lengths = _worker_tokenizer.encode_text(text)
+    except VocabularyError as error:
+        raise CorpusError(f"{chunk.source}: {error}") from None
+    return ids.astype(dtype), lengths
+
+
+def _characters(chunk: Chunk, text_field: str | None) -> np.ndarray:
+    """A worker's job of the vocabulary pass: the distinct code points of one chunk."""
+    text = sources.chunk_text(chunk, text_field)
+    return np.unique(np.frombuffer(text.encode("utf-32-le"), dtype="<u4"))
+
+
+def _ordered(pool: ProcessPoolExecutor, function, chunks: Iterator[Chunk], in_flight: int, *args: Any) -> Iterator[Any]:
+    """``function(chunk, *args)`` in ``pool`` for every chunk, results in order, at most
+    ``in_flight`` chunks submitted and not yet consumed (the memory bound)."""
+    pending: collections.deque[Future] = collections.deque()
+    for chunk in chunks:
+        pending.append(pool.submit(function, chunk, *args))
+        if len(pending) >= in_flight:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+# ---- the pipeline -----------------------------------------------------------------------------
+
+def character_tokenizer(pool: ProcessPoolExecutor, options: PrepareSettings, files: list[sources.Source],
+                        in_flight: int) -> CharTokenizer:
+    """The char tokenizer of the whole corpus (a first pass over it)."""
+    seen = np.zeros(0, dtype="<u4")
+    chunks = sources.chunks(files, int(options.chunk_mb * 1e6))
+    for codepoints in _ordered(pool, _characters, chunks, in_flight, options.text_field):
+        seen = np.union1d(seen, codepoints)
+    return CharTokenizer(seen.astype("<u4").tobytes().decode("utf-32-le"))
+
+
+def write_ids(pool: ProcessPoolExecutor, options: PrepareSettings, files: list[sources.Source], tokenizer: Tokenizer,
+              folder: Path, in_flight: int) -> tuple[dict[str, Any], dict[str, Any], int]:
+    """Tokenizes every chunk into ``folder``'s tokens and offsets; their manifest entries and the line count."""
+    dtype = id_dtype(tokenizer.vocab_size)
+    tokens = prepared.NpyAppender(folder / prepared.TOKENS_NAME, dtype)
+    offsets = prepared.NpyAppender(folder / prepared.OFFSETS_NAME, np.int64)
+    offsets.append(np.zeros(1, np.int64))
+    total = sum(source.bytes for source in files)
+    progress = sources.progress_bar(total)
+    lines = 0
+    try:
+        chunks = sources.chunks(files, int(options.chunk_mb * 1e6), progress)
+        for ids, lengths in _ordered(pool, _encode, chunks, in_flight, options.text_field, dtype.str):
+            offsets.append(tokens.length + np.cumsum(lengths))
+            tokens.append(ids)
+            lines += len(lengths)
+            progress.set_postfix(lines=f"{lines:,}", refresh=False)
+    finally:
+        progress.close()
+    return tokens.finish(), offsets.finish(), lines
+
+
+def train_unigram_counts(folder: Path, entry: dict[str, Any], train_tokens: int, base_size: int) -> list[int]:
+    """Occurrences of each base id in the first ``train_tokens`` ids, read back in pieces."""
+    ids = prepared.MappedArray(folder / prepared.TOKENS_NAME, entry["dtype"], entry["length"])
+    counts = np.zeros(base_size, dtype=np.int64)
+    for start in range(0, train_tokens, COUNT_CHUNK):
+        counts += np.bincount(ids.array[start : min(start + COUNT_CHUNK, train_tokens)], minlength=base_size)[:base_size]
+        ids.release()
+    return counts.tolist()
+
+
+def prepare(options: PrepareSettings) -> dict[str, Any]:
+    """Writes the prepared folder ``options.out``; returns its manifest. Raises CorpusError."""
+    out = Path(options.out)
+    if out.exists():
+        raise CorpusError(f"{out} exists: remove it or choose another --out (a prepared folder is never overwritten)")
+    files = sources.list_sources(options.corpus, options.text_field)
+    started = time.monotonic()
+    workers = options.workers or os.cpu_count() or 1
+    in_flight = 2 * workers
+    out.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f"{out.name}.partial-", dir=out.parent))
+    try:
+        tokenizer = None if options.tokenizer == "char" else _load(options.tokenizer)
+        with ProcessPoolExecutor(workers) as pool:
+            if tokenizer is None:
+                tokenizer = character_tokenizer(pool, options, files, in_flight)
+        if tokenizer.vocab_size > MAX_VOCAB_SIZE:
+            raise CorpusError(f"the vocabulary has {tokenizer.vocab_size} ids with the specials: the wire carries at most {MAX_VOCAB_SIZE}")
+        with ProcessPoolExecutor(workers, initializer=_start_worker, initargs=(tokenizer.kind, tokenizer.definition)) as pool:
+            tokens, offsets, lines = write_ids(pool, options, files, tokenizer, folder, in_flight)
+        manifest = build_manifest(folder, options, files, tokenizer, tokens, offsets, lines)
+        if tokenizer.kind == "hf":
+            shutil.copyfile(options.tokenizer, folder / prepared.TOKENIZER_NAME)
+        (folder / prepared.MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+        os.rename(folder, out)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    manifest["seconds"] = round(time.monotonic() - started, 3)
+    return manifest
+
+
+def _load(spec: str) -> Tokenizer:
+    try:
+        return load_tokenizer(spec)
+    except VocabularyError as error:
+        raise CorpusError(str(error)) from None
+
+
+def build_manifest(folder: Path, options: PrepareSettings, files: list[sources.Source], tokenizer: Tokenizer,
+                   tokens: dict[str, Any], offsets: dict[str, Any], lines: int) -> dict[str, Any]:
+    if tokens["length"] == 0 or lines == 0:
+        raise CorpusError(f"corpus {options.corpus} is empty")
+    offsets_array = prepared.MappedArray(folder / prepared.OFFSETS_NAME, offsets["dtype"], offsets["length"]).array
+    split_line = split_point(lines, options.val_fraction)
+    train_tokens = int(offsets_array[split_line])
+    manifest = {
+        "format": prepared.FORMAT,
+        "format_version": prepared.FORMAT_VERSION,
+        "tokenizer": {"kind": tokenizer.kind, "sha256": tokenizer.digest,
+                      **({"vocab": tokenizer.definition} if tokenizer.kind == "char" else {}),
+                      **({"file": prepared.TOKENIZER_NAME} if tokenizer.kind == "hf" else {})},
+        "base_size": tokenizer.base_size,
+        "vocab_size": tokenizer.vocab_size,
+        "lines": lines,
+        "tokens": tokens["length"],
+        "split": {"val_fraction": options.val_fraction, "split_line": split_line, "train_lines": split_line,
+                  "val_lines": lines - split_line, "train_tokens": train_tokens},
+        "unigram_counts": train_unigram_counts(folder, tokens, train_tokens, tokenizer.base_size),
+        "sources": [{"path": str(source.path), "bytes": source.bytes} for source in files],
+        "text_field": options.text_field,
+        "files": {prepared.TOKENS_NAME: tokens, prepared.OFFSETS_NAME: offsets},
+    }
+    manifest["fingerprint"] = prepared.fingerprint(manifest)
+    return manifest
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    try:
+        options = settings.from_namespace(PrepareSettings, args)
+    except ValueError as error:
+        args.command_parser.error(str(error))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # leave through SystemExit: the partial folder goes
+    try:
+        manifest = prepare(options)
+    except CorpusError as error:
+        print(f"prepare: {error}", file=sys.stderr)
+        return 2
+    summary = {key: manifest[key] for key in ("lines", "tokens", "vocab_size", "fingerprint", "seconds")}
+    source_bytes = sum(source["bytes"] for source in manifest["sources"])
+    summary["mb_per_s"] = round(source_bytes / 1e6 / max(manifest["seconds"], 1e-9), 2)
+    print(f"prepared {options.out}: " + json.dumps(summary), file=sys.stderr)
+    return 0

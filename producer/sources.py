@@ -1,0 +1,135 @@
+"""The files of a corpus to prepare, read as a stream of chunks of whole lines.
+
+``.txt`` files hold text; ``.jsonl`` files one JSON object a line, whose ``--text-field`` is a
+document (its text, ending in a line break, becomes that many lines); ``.gz`` of either is
+decompressed as it streams. :func:`chunks` cuts the stream into pieces of about ``chunk_bytes``
+that end at a line break, so a worker tokenizes whole lines and no file is ever read whole.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from producer.lines import CorpusError
+
+TEXT_SUFFIXES = (".txt", ".txt.gz")
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
+
+
+@dataclass(frozen=True)
+class Source:
+    path: Path
+    bytes: int  # on disk (compressed for .gz)
+
+    @property
+    def jsonl(self) -> bool:
+        return self.path.name.endswith(JSONL_SUFFIXES)
+
+    @property
+    def gzipped(self) -> bool:
+        return self.path.name.endswith(".gz")
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Whole lines of one source: ``data`` starts at byte ``offset`` of its (decompressed)
+    content, at line ``line`` (1-based)."""
+
+    source: Path
+    jsonl: bool
+    offset: int
+    line: int
+    data: bytes
+
+
+def _suffix_ok(path: Path, text_field: str | None) -> bool:
+    return path.name.endswith(TEXT_SUFFIXES) or (text_field is not None and path.name.endswith(JSONL_SUFFIXES))
+
+
+def list_sources(path: str | None, text_field: str | None) -> list[Source]:
+    """The files of ``path`` (a file, or a folder read recursively in sorted order)."""
+    if path is None:
+        raise CorpusError("prepare needs --corpus PATH")
+    root = Path(path)
+    if root.is_file():
+        files = [root]
+        if root.name.endswith(JSONL_SUFFIXES) and text_field is None:
+            raise CorpusError(f"{root} is JSON lines: name the field that holds the text with --text-field")
+    elif root.is_dir():
+        files = sorted(p for p in root.rglob("*") if p.is_file() and _suffix_ok(p, text_field))
+        if not files:
+            kinds = "text (.txt) or JSON lines (.jsonl, with --text-field)"
+            raise CorpusError(f"corpus folder {root} holds no {kinds} files (.gz too)")
+    else:
+        raise CorpusError(f"corpus {root} does not exist")
+    return [Source(file, file.stat().st_size) for file in files]
+
+
+def chunks(files: list[Source], chunk_bytes: int, progress=None) -> Iterator[Chunk]:
+    """Chunks of whole lines of every file in order; a file's last line gets a ``\\n`` if it lacks
+    one. ``progress`` (a tqdm bar) advances by the bytes read from disk."""
+    for source in files:
+        with open(source.path, "rb") as raw:
+            stream = gzip.GzipFile(fileobj=raw) if source.gzipped else raw
+            carry, offset, line, on_disk = b"", 0, 1, 0
+            while True:
+                block = stream.read(chunk_bytes)
+                if progress is not None:
+                    position = raw.tell()
+                    progress.update(position - on_disk)
+                    on_disk = position
+                if not block:
+                    break
+                data = carry + block
+                end = data.rfind(b"\n") + 1
+                if end == 0:  # no line break yet: one very long line, keep reading
+                    carry = data
+                    continue
+                yield Chunk(source.path, source.jsonl, offset, line, data[:end])
+                offset += end
+                line += data.count(b"\n", 0, end)
+                carry = data[end:]
+            if carry:
+                yield Chunk(source.path, source.jsonl, offset, line, carry + b"\n")
+
+
+def _decode(chunk: Chunk) -> str:
+    try:
+        return chunk.data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise CorpusError(f"{chunk.source} is not UTF-8: undecodable byte 0x{chunk.data[error.start]:02x} "
+                          f"at byte offset {chunk.offset + error.start}") from None
+
+
+def chunk_text(chunk: Chunk, text_field: str | None) -> str:
+    """The text of a chunk as whole lines (each ending in ``\\n``): the text itself, or for JSON
+    lines each document's field (blank lines are skipped)."""
+    text = _decode(chunk)
+    if not chunk.jsonl:
+        return text
+    documents = []
+    for number, line in enumerate(text.split("\n")[:-1], start=chunk.line):
+        if not line.strip():
+            continue
+        try:
+            document = json.loads(line)
+        except ValueError as error:
+            raise CorpusError(f"{chunk.source}:{number}: not JSON ({error})") from None
+        value = document.get(text_field) if isinstance(document, dict) else None
+        if not isinstance(value, str):
+            raise CorpusError(f"{chunk.source}:{number}: no text field {text_field!r}")
+        if value:
+            documents.append(value if value.endswith("\n") else value + "\n")
+    return "".join(documents)
+
+
+def progress_bar(total_bytes: int):
+    """A tqdm bar in bytes (MB/s, ETA), quiet when stderr is not a terminal."""
+    from tqdm import tqdm
+
+    return tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1000, desc="prepare", disable=None,
+                dynamic_ncols=True)

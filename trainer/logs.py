@@ -1,0 +1,48 @@
+"""The trainer's log: one format, and repeated lines rate-limited so that a flood of failures
+(a peer exhausting descriptors makes asyncio log every failed accept) cannot fill the disk.
+
+:class:`RepeatLimit` lets through the first :attr:`burst` records of each (logger, message
+template) per :attr:`window_s` seconds, then drops the rest of that window and says once how
+many it dropped when the next window opens.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+
+class RepeatLimit(logging.Filter):
+    def __init__(self, burst: int = 5, window_s: float = 60.0, clock=time.monotonic) -> None:
+        super().__init__()
+        self.burst = burst
+        self.window_s = window_s
+        self.clock = clock
+        self._windows: dict[tuple[str, str], list[float | int]] = {}  # key -> [window start, passed, dropped]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, str(record.msg))
+        now = self.clock()
+        window = self._windows.get(key)
+        if window is None or now - window[0] >= self.window_s:
+            dropped = window[2] if window is not None else 0
+            if len(self._windows) > 4096:  # bounded: forget old keys
+                self._windows.clear()
+            self._windows[key] = [now, 1, 0]
+            if dropped:
+                record.msg = f"{record.msg} [{dropped} more like this in the last {self.window_s:.0f} s were not logged]"
+            return True
+        if window[1] < self.burst:
+            window[1] += 1
+            return True
+        window[2] += 1
+        return False
+
+
+def configure(prefix: str = "") -> None:
+    """INFO to stdout with a timestamp, ``prefix`` before the logger name, repeats limited."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(name)s %(message)s"))
+    handler.addFilter(RepeatLimit())
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
