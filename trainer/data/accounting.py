@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from shared.meta import StreamMeta
 from trainer.data.stats import ProducerRow, StreamStats
 
-MAX_TRACKED_PRODUCERS = 1024
+MAX_TRACKED_PRODUCERS = 256
 OTHER = "(other)"  # the row of every producer id beyond MAX_TRACKED_PRODUCERS
 MAX_MISSING_RANGES = 64
 SEQ_WINDOW = 1 << 20  # a seq this far beyond the last (or before the first) is an anomaly, not a gap
