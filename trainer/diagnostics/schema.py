@@ -19,6 +19,7 @@ from shared.meta import MetaSummary
 from trainer.data.stats import StreamStats
 from trainer.diagnostics.alarms import Alarm
 from trainer.diagnostics.probe import ProbeResult
+from trainer.loop.live_samples import LiveSample
 
 
 @dataclass
@@ -34,6 +35,12 @@ class LossNumbers:
     context_free_floor_val: float | None = None
     val_by_stage: dict[str, float] = field(default_factory=dict)
     train_by_stage: dict[str, float] = field(default_factory=dict)  # over the last log interval; empty without stages
+    # The MDLM / LLaDA upper bound on the val NLL (nats per token; bits per character for a char
+    # stream): the 1/t-weighted val loss of a mask-only stream with a uniform ratio over [0, 1].
+    # None when the stream's corruption does not allow it, and val_nll_bound_unavailable says why.
+    val_nll_bound: float | None = None
+    val_nll_bound_bits_per_char: float | None = None
+    val_nll_bound_unavailable: str | None = None
 
 
 @dataclass(frozen=True)
@@ -67,3 +74,4 @@ class DiagnosticsResponse(BaseModel):
     stream: StreamStats | None
     throughput: Throughput
     alarms: list[Alarm]
+    samples: list[LiveSample]  # the last eval's live samples (trainer.loop.live_samples)

@@ -29,7 +29,9 @@ from trainer.diagnostics.floor import context_free_floor
 from trainer.diagnostics.history import HISTORY_LENGTH, History
 from trainer.diagnostics.probe import ProbeResult, ProbeRunner
 from trainer.diagnostics.schema import CumulativeNumbers, DiagnosticsResponse, LossNumbers, Throughput
+from trainer.loop.live_samples import LiveSample
 from trainer.loop.numbers import EvalNumbers, RunSummary, StepNumbers
+from trainer.model.losses import nll_bound_unavailable
 
 PROBE_HISTORY_KEYS = ("loss_attn", "loss_noattn", "loss_no_context", "loss_attn_sampled")
 
@@ -87,6 +89,7 @@ class Diagnostics:
         self._probe: ProbeResult | None = None
         self._alarms: dict[str, Alarm] = {}
         self._history = History(history_length)
+        self._samples: list[LiveSample] = []
         self._window = StreamWindow(alarm_settings.window_seconds)
         self._waits = WaitWindow(alarm_settings.window_seconds)
 
@@ -109,6 +112,7 @@ class Diagnostics:
             self._meta, self._meta_summary = meta, summary
             self._loss.context_free_floor = floor_train
             self._loss.context_free_floor_val = floor_val
+            self._loss.val_nll_bound_unavailable = nll_bound_unavailable(meta.corruption_config)
 
     def on_step(self, numbers: StepNumbers) -> None:
         """Every step's number is the step; log steps also carry the train loss (the mean since
@@ -146,6 +150,11 @@ class Diagnostics:
             self._loss.val = point["val"]
             self._loss.val_step = numbers.step
             self._loss.val_by_stage = {str(k): float(v) for k, v in numbers.val_loss_by_stage.items()}
+            self._loss.val_nll_bound = finite_or_none(numbers.val_nll_bound)
+            if self._loss.val_nll_bound is not None and self._meta is not None and self._meta.tokenizer == "char":
+                self._loss.val_nll_bound_bits_per_char = self._loss.val_nll_bound / math.log(2)
+            if numbers.samples:
+                self._samples = list(numbers.samples)
         if self._model is not None and self.prober.due(numbers.step):
             probe = self.run_probe(numbers.step)
             point.update({key: getattr(probe, key) for key in PROBE_HISTORY_KEYS})
@@ -226,6 +235,7 @@ class Diagnostics:
                 stream=stream,
                 throughput=self._throughput,
                 alarms=list(self._alarms.values()),
+                samples=list(self._samples),
             )
 
     def history(self) -> dict[str, Any]:

@@ -46,6 +46,11 @@ class TrainConfig:
     weight_decay: float = setting(0.1, "AdamW weight decay of matrices and embeddings", check=_at_least(0))
     beta1: float = setting(0.9, "AdamW beta1: decay of the gradient's running mean", check=_at_least(0))
     beta2: float = setting(0.99, "AdamW beta2: decay of the squared gradient's running mean", check=_at_least(0))
+    eval_samples: int = setting(2, "samples written at each eval (the same prompts every time; 0 = off)", metavar="N",
+                                check=_at_least(0))
+    eval_sample_length: int = setting(48, "tokens per eval sample, [SEP] included", metavar="L", check=_at_least(10))
+    eval_sample_budget: float = setting(0.05, "eval samples take at most this fraction of an eval's time (it sets their "
+                                              "unmasking steps)", check=_at_least(0))
     loss_weighting: str = setting("none", "none: mean over supervised positions; inverse-t: rows weighted by 1/mask_ratio",
                                   choices=LOSS_WEIGHTINGS)
     compile: bool = setting(False, "torch.compile the model for training")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from trainer.data.stats import StreamStats
+from trainer.loop.live_samples import LiveSample
 
 
 def _record(instance: Any) -> dict[str, Any]:
@@ -54,7 +55,12 @@ class StepNumbers:
 
 @dataclass(frozen=True)
 class EvalNumbers:
-    """One evaluation on the fixed val set (plain mean cross-entropy over supervised positions)."""
+    """One evaluation on the fixed val set (plain mean cross-entropy over supervised positions).
+
+    ``val_nll_bound``: the ``inverse-t`` weighted val loss, an upper bound on the NLL per token,
+    for streams whose corruption allows it (else None); ``samples``: the live samples
+    (``trainer.loop.live_samples``) and ``samples_ms`` what they cost (not part of ``eval_ms``).
+    """
 
     step: int
     val_loss: float
@@ -62,6 +68,9 @@ class EvalNumbers:
     val_supervised: int
     eval_ms: float
     before_training: bool
+    val_nll_bound: float | None = None
+    samples: list[LiveSample] | None = None
+    samples_ms: float | None = None
 
     def record(self) -> dict[str, Any]:
         return _record(self)

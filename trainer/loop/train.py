@@ -33,12 +33,13 @@ from trainer.loop.checkpoint import CHECKPOINT_NAME, rng_state, save_checkpoint,
 from trainer.loop.config import TrainConfig
 from trainer.loop.distributed import Ranks, parameter_digest
 from trainer.loop.interval import LogInterval
+from trainer.loop.live_samples import LiveSampler
 from trainer.loop.numbers import EvalNumbers, RunSummary, StepNumbers
 from trainer.loop.observers import METRICS_NAME, ConsoleLog, MetricsFile, Observer
 from trainer.loop.schedule import learning_rate, make_optimizer, resolve_device
 from trainer.loop.startup import checkpoint_to_resume, model_config_for, wait_for
 from trainer.model.evaluation import EvalResult, evaluate
-from trainer.model.losses import token_losses, weighted_mean_loss
+from trainer.model.losses import nll_bound_unavailable, token_losses, weighted_mean_loss
 from trainer.model.selftest import mask_self_test
 from trainer.model.transformer import BidirectionalTransformer, ModelConfig
 
@@ -71,6 +72,8 @@ class Trainer:
         self.val_batches: list[Batch] = []
         self.self_test: dict[str, Any] | None = None
         self.last_eval: EvalNumbers | None = None
+        self.typical_length = 0
+        self._sampler: LiveSampler | None = None
         self.checkpoint_path = os.path.join(config.out_dir, CHECKPOINT_NAME)
         self._resumed = False
         self._interval = LogInterval(self.device, self.ranks)
@@ -108,6 +111,11 @@ class Trainer:
         self.val_batches = self.consumer.val_batches()[: config.eval_batches or None]
         if not self.val_batches:
             raise ValueError("the stream's val set is empty: nothing to evaluate or self-test on")
+        lengths = torch.cat([batch["attention_mask"].sum(dim=1) for batch in self.val_batches])
+        self.typical_length = int(lengths.float().median())  # what trainer.sample writes by default
+        if config.eval_samples:
+            self._sampler = LiveSampler(self.meta, self.val_batches, config.eval_samples, config.eval_sample_length,
+                                        config.eval_sample_budget)
         self.self_test = mask_self_test(self.model, self._to_device(self.val_batches[0]), self.meta)
         log.info("mask self-test passed: %s", json.dumps(self.self_test))
 
@@ -134,9 +142,16 @@ class Trainer:
     def _evaluate_and_checkpoint(self, before_training: bool) -> EvalNumbers:
         started = time.perf_counter()
         result = self.evaluate(self.val_batches)
+        eval_ms = 1000 * (time.perf_counter() - started)
+        samples = None
+        if self._sampler is not None:
+            started = time.perf_counter()
+            samples = self._sampler.run(self.model, self.step, eval_ms / 1000, self._autocast)
+        bound = result.weighted if nll_bound_unavailable(self.meta.corruption_config) is None else None
         numbers = EvalNumbers(step=self.step, val_loss=result.loss, val_loss_by_stage=result.by_stage,
-                              val_supervised=result.supervised, eval_ms=1000 * (time.perf_counter() - started),
-                              before_training=before_training)
+                              val_supervised=result.supervised, eval_ms=eval_ms, before_training=before_training,
+                              val_nll_bound=bound, samples=samples,
+                              samples_ms=None if samples is None else 1000 * (time.perf_counter() - started))
         if not before_training:
             self.save_checkpoint()
         self.last_eval = numbers
@@ -151,6 +166,7 @@ class Trainer:
             "train_config": dataclasses.asdict(self.config),
             "meta": self.meta.to_dict(),
             "rng": rng_state(),
+            "sample_length": self.typical_length,
         })
 
     # ---- the loop ----------------------------------------------------------------------

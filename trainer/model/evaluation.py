@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from shared.limits import MAX_STAGES
 from shared.vocab import IGNORE_INDEX
-from trainer.model.losses import token_losses
+from trainer.model.losses import MIN_MASK_RATIO, token_losses
 
 
 @contextlib.contextmanager
@@ -35,11 +35,14 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 @dataclass(frozen=True)
 class EvalResult:
     """Mean cross-entropy in nats over ``supervised`` positions; ``by_stage``: stage id (as a
-    string) -> its mean, for the stage ids present (empty when the batches carry no ``stage``)."""
+    string) -> its mean, for the stage ids present (empty when the batches carry no ``stage``);
+    ``weighted``: the ``inverse-t`` weighted mean (rows weighted by ``1 / mask_ratio``), which is
+    the NLL bound per token for mask-only streams with a uniform ratio (``losses.nll_bound_unavailable``)."""
 
     loss: float
     supervised: int
     by_stage: dict[str, float] = field(default_factory=dict)
+    weighted: float | None = None
 
 
 def evaluate(
@@ -52,6 +55,7 @@ def evaluate(
     loss_sum = torch.zeros(MAX_STAGES, dtype=torch.float64, device=device)
     count = torch.zeros(MAX_STAGES, dtype=torch.float64, device=device)
     has_stages = False
+    weighted = torch.zeros(2, dtype=torch.float64, device=device)  # sum of w * row loss, sum of w * row count
     with eval_mode(model), autocast():
         for batch in batches:
             batch = {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
@@ -63,9 +67,13 @@ def evaluate(
             index = stage.long() if stage is not None else torch.zeros_like(row_count, dtype=torch.long)
             loss_sum.index_add_(0, index, row_loss)
             count.index_add_(0, index, row_count)
-    loss_sum, count = loss_sum.cpu(), count.cpu()
+            if "mask_ratio" in batch:
+                inverse_t = 1.0 / batch["mask_ratio"].double().clamp(min=MIN_MASK_RATIO)
+                weighted += torch.stack([(inverse_t * row_loss).sum(), (inverse_t * row_count).sum()])
+    loss_sum, count, weighted = loss_sum.cpu(), count.cpu(), weighted.cpu()
     total = float(count.sum())
     by_stage = {}
     if has_stages:
         by_stage = {str(s): float(loss_sum[s] / count[s]) for s in range(MAX_STAGES) if count[s] > 0}
-    return EvalResult(loss=float(loss_sum.sum()) / max(total, 1.0), supervised=int(total), by_stage=by_stage)
+    return EvalResult(loss=float(loss_sum.sum()) / max(total, 1.0), supervised=int(total), by_stage=by_stage,
+                      weighted=float(weighted[0] / weighted[1]) if weighted[1] > 0 else None)
