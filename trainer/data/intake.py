@@ -94,7 +94,11 @@ class Intake:
 
     def stats(self, queue_depth: int) -> StreamStats:
         val_seen = len(self.val.messages) if self.val is not None else 0
-        return self.ledger.stats(time.monotonic(), queue_depth, val_seen, self.meta)
+        stats = self.ledger.stats(time.monotonic(), queue_depth, val_seen, self.meta)
+        guard = self.receiver.curve_guard
+        if guard is not None:
+            stats.curve_accepted, stats.curve_refused = guard.accepted, guard.refused
+        return stats
 
     # ---- the loop --------------------------------------------------------------------
 

@@ -65,6 +65,9 @@ class StreamStats:
     seq_anomalies: int = _number(0, "sum", "sequence numbers implausibly far from their producer's window", "sequence_errors",
                                  "seq_anomalies")
     restarts: int = _number(0, "sum", "producer restarts (new incarnations of a known id)", "producer_restarts")
+    curve_accepted: int = _number(0, "sum", "CurveZMQ handshakes accepted (listed keys)", "curve_handshakes", "accepted")
+    curve_refused: int = _number(0, "sum", "CurveZMQ handshakes refused (unlisted keys): none of their messages got in",
+                                 "curve_handshakes", "refused")
     queue_depth: int = _number(0, "sum", "assembled batches waiting for the training loop", "queue_depth", kind="gauge")
     starved: bool = _number(False, "any", "1 while the consumer waits for producers", "starved", kind="gauge")
     seconds_since_last_message: float | None = _number(None, "max", "seconds since the last message",

@@ -7,7 +7,6 @@ gauge and what it means), so a new stream count is exported without a change her
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,9 +16,17 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from trainer.data.stats import StreamStats, merged_fields
 from trainer.diagnostics.state import Diagnostics
 
+# Throughput field -> (metric name in base units, scale to them, help): Prometheus names carry
+# base units (seconds) and no abbreviations.
+THROUGHPUT_METRICS = {
+    "ms_per_step": ("linepack_step_duration_seconds", 1e-3, "wall time per optimizer step over the last log interval"),
+    "tokens_per_s": ("linepack_tokens_per_second", 1.0, "token positions (B*T, every rank) trained per second"),
+    "data_wait_fraction": ("linepack_data_wait_ratio", 1.0, "share of step time spent waiting for data"),
+}
 FAMILY_HELP = {
     "messages": "messages received / accepted / rejected / consumed / dropped_train",
-    "sequence_errors": "per-producer sequence accounting, summed: gaps / duplicates / out_of_order",
+    "sequence_errors": "per-producer sequence accounting, summed: gaps / duplicates / out_of_order / seq_anomalies",
+    "curve_handshakes": "CurveZMQ handshakes: accepted / refused",
 }
 
 
@@ -54,14 +61,16 @@ class DiagnosticsCollector:
                                 ("no_context", snap.attention_probe.loss_no_context)):
                 probe.add_metric([mask], value)
             yield probe
-        for name, value in dataclasses.asdict(snap.throughput).items():
+        for name, (metric, scale, documentation) in THROUGHPUT_METRICS.items():
+            value = getattr(snap.throughput, name)
             if value is not None:
-                yield _gauge(f"linepack_{name}", name.replace("_", " "), value)
-        ratio = GaugeMetricFamily("linepack_mask_ratio", "supervised / candidates per row, percentiles", labels=["window", "quantile"])
+                yield _gauge(metric, documentation, value * scale)
+        ratio = GaugeMetricFamily("linepack_mask_ratio", "supervised / candidates per row, percentiles over the window",
+                                  labels=["window", "percentile"])
         for window, numbers in (("batch", snap.batch.mask_ratio if snap.batch else None), ("cumulative", snap.cumulative.mask_ratio)):
-            for quantile, key in (("0.1", "p10"), ("0.5", "p50"), ("0.9", "p90")):
+            for key in ("p10", "p50", "p90"):
                 if numbers is not None and getattr(numbers, key) is not None:
-                    ratio.add_metric([window, quantile], getattr(numbers, key))
+                    ratio.add_metric([window, key.removeprefix("p")], getattr(numbers, key))
         yield ratio
         yield from stream_metrics(snap.stream)
         alarm = GaugeMetricFamily("linepack_alarm_active", "1 while the alarm is raised", labels=["alarm"])
