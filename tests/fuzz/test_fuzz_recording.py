@@ -19,11 +19,12 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from wirekit import make_meta, make_tensors, mutate_bytes
 
 from shared import recording
 from shared.recording import MAGIC, RecordingError, RecordingReader, RecordingWriter
 from shared.wire import encode
+
+from helpers.wire import make_meta, make_tensors, mutate_bytes
 
 FUZZ = dict(deadline=None, derandomize=True, database=None)
 SMALL_READ = 12  # the reader may ask for a fixed-size header even when fewer bytes remain

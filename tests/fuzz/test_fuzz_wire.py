@@ -1,7 +1,7 @@
 """Fuzzing shared.wire.decode (issue 9 item 3).
 
 Invariant: ``decode`` returns a WireMessage that passes an independent re-check of every
-contract rule (:func:`wirekit.assert_valid_message`), or raises WireError with a known
+contract rule (:func:`helpers.wire.assert_valid_message`), or raises WireError with a known
 reason. Any other exception (IndexError, TypeError, KeyError, OverflowError, MemoryError,
 RecursionError, ...) fails the test. Memory growth over the fuzz stays bounded.
 
@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from wirekit import assert_valid_message, make_meta, make_tensors, mutate_bytes, vocab_chars
 
 from shared.wire import MAX_HEADER_BYTES, REASONS, WireError, WireMessage, decode, encode
+
+from helpers.wire import assert_valid_message, make_meta, make_tensors, mutate_bytes, vocab_chars
 
 FUZZ = dict(deadline=None, derandomize=True, database=None)
 TOP_FIELDS = ["magic", "version", "kind", "split", "producer", "seq", "val_index", "meta_hash", "meta", "tensors"]

@@ -1,6 +1,7 @@
-"""Test helper: valid stream metas and valid wire tensors built with numpy, and an
-independent re-check of every invariant a decoded :class:`shared.wire.WireMessage` must hold,
-and the byte-level mutations the fuzz tests apply to frames and recording files.
+"""Hand-built wire messages, no producer needed: valid stream metas and valid wire tensors built
+with numpy, their frames, an independent re-check of every invariant a decoded
+:class:`shared.wire.WireMessage` must hold, and the byte-level mutations the fuzz tests apply to
+frames and recording files. All randomness comes from the generator passed in.
 
 The checker deliberately uses plain per-row Python loops rather than the decoder's
 vectorized logic, so that a bug in one is not mirrored in the other.
@@ -23,9 +24,11 @@ from shared.wire import (
     SPLITS,
     TENSOR_SPECS,
     WireMessage,
+    encode,
 )
 
 DEFAULT_CHARS = "\n !',.?abcdefghijklmnopqrstuvwxyz"
+BERT = {"policy": "bert", "mask_prob": 0.15, "mask_fractions": [0.8, 0.1, 0.1], "supervise_sep": False}
 
 
 def vocab_chars(base_size: int) -> str:
@@ -40,19 +43,34 @@ def make_meta(
     packing: str = "lines",
     val_messages: int = 3,
     seed: int = 0,
+    *,
+    text: str | None = None,
+    corruption: dict | None = None,
+    token_counts=None,
+    corpus_fingerprint: str = "0123456789abcdef",
 ) -> StreamMeta:
-    """A valid meta for a bert-policy stream over ``chars``."""
-    vocabulary = Vocabulary(chars)
+    """A valid meta (random sampling) over ``chars``, bert-corrupted (:data:`BERT`) unless
+    ``corruption`` says otherwise.
+
+    The vocabulary's token counts are ``1, 2, ...``; with ``text`` the vocabulary and the counts
+    come from that text instead (``chars`` is then unused). ``token_counts`` overrides either.
+    """
+    if text is None:
+        vocabulary = Vocabulary(chars)
+        counts = range(1, vocabulary.base_size + 1)
+    else:
+        vocabulary = Vocabulary.from_text(text)
+        counts = np.bincount(vocabulary.encode(text), minlength=vocabulary.base_size)
     return StreamMeta.build(
         vocabulary,
-        {"policy": "bert", "mask_prob": 0.15, "mask_fractions": [0.8, 0.1, 0.1], "supervise_sep": False},
-        token_counts=range(1, vocabulary.base_size + 1),
+        BERT if corruption is None else corruption,
+        token_counts=counts if token_counts is None else token_counts,
         block_size=block_size,
         rows_per_message=rows_per_message,
         packing=packing,
         sampling="random",
         seed=seed,
-        corpus_fingerprint="0123456789abcdef",
+        corpus_fingerprint=corpus_fingerprint,
         val_messages=val_messages,
     )
 
@@ -95,6 +113,18 @@ def make_tensors(
     if with_stage:
         tensors["stage"] = rng.integers(0, 4, size=rows).astype("u1")
     return tensors
+
+
+def make_frames(meta: StreamMeta, producer_id: str, seq: int, rng: np.random.Generator, rows: int | None = None,
+                split: str = "train", val_index: int = -1) -> list:
+    """The frames of one valid message (``rows`` defaults to ``meta.rows_per_message``)."""
+    tensors = make_tensors(meta, rows or meta.rows_per_message, rng)
+    return encode(meta, split, producer_id, seq, tensors, val_index=val_index)
+
+
+def as_bytes(frames) -> list[bytes]:
+    """Frames as plain ``bytes`` (what a socket or a recording hands back)."""
+    return [bytes(memoryview(frame).cast("B")) for frame in frames]
 
 
 def assert_valid_message(message: WireMessage) -> None:

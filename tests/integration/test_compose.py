@@ -21,9 +21,10 @@ from pathlib import Path
 
 import pytest
 
+from helpers import ROOT
+
 yaml = pytest.importorskip("yaml")
 
-ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
 COMPOSE_GPU = ROOT / "docker-compose.gpu.yml"
 ENTRYPOINT = ROOT / "docker" / "entrypoint.sh"

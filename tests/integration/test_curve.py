@@ -7,22 +7,21 @@ consumer never receives (let alone accepts) one of their messages. With Curve of
 
 from __future__ import annotations
 
-import json
+import signal
 import stat
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 import zmq
-from processkit import ROOT, TINY_DATA, Cluster
-from streamkit import make_frames, make_meta
 
 from shared.curve import CurveClient, CurveKeyError, CurveServer, configure_client, load_authorized_keys, load_public_key, load_secret_pair
 from shared.curve import main as curve_main
 from shared.recording import RecordingWriter
 from trainer.data.consumer import DatasetConsumer
+
+from helpers.processes import TINY_DATA, run_module
+from helpers.wire import make_frames, make_meta
 
 HANDSHAKE_GRACE_S = 1.5  # ample for a loopback handshake and a few reconnect attempts
 
@@ -38,9 +37,9 @@ def keys(tmp_path):
     return directory, allowed
 
 
-def producer_argv(endpoint, producer_id, *flags):
-    return [sys.executable, "-m", "producer", "run", "--connect", endpoint, "--producer-id", producer_id, *TINY_DATA,
-            "--status-every", "60", *flags]
+def producer_args(endpoint, producer_id, *flags):
+    """``python -m producer run`` arguments of a producer on TINY_DATA rows."""
+    return ["producer", "run", "--connect", endpoint, "--producer-id", producer_id, *TINY_DATA, "--status-every", "60", *flags]
 
 
 def curve_flags(directory, name, server="trainer"):
@@ -69,20 +68,17 @@ def test_keygen_writes_private_secret_files_and_refuses_to_overwrite(tmp_path, k
         load_public_key(tmp_path / "missing.key")
 
 
-def test_only_listed_producers_get_a_message_through(keys):
+def test_only_listed_producers_get_a_message_through(keys, children):
     directory, allowed = keys
     server = CurveServer.from_files(directory / "trainer.key_secret", allowed)
     with DatasetConsumer("tcp://127.0.0.1:*", 8, curve=server) as consumer:
         procs = {
-            "trusted": subprocess.Popen(producer_argv(consumer.endpoint, "trusted", *curve_flags(directory, "trusted")),
-                                        cwd=ROOT, stderr=subprocess.PIPE, text=True),
-            "plain": subprocess.Popen(producer_argv(consumer.endpoint, "plain"), cwd=ROOT, stderr=subprocess.PIPE, text=True),
-            "stranger": subprocess.Popen(producer_argv(consumer.endpoint, "stranger", *curve_flags(directory, "stranger")),
-                                         cwd=ROOT, stderr=subprocess.PIPE, text=True),
+            "trusted": children.start(*producer_args(consumer.endpoint, "trusted", *curve_flags(directory, "trusted"))),
+            "plain": children.start(*producer_args(consumer.endpoint, "plain")),
+            "stranger": children.start(*producer_args(consumer.endpoint, "stranger", *curve_flags(directory, "stranger"))),
             # the listed key, but it trusts another server key: the handshake cannot complete
-            "wrong-server": subprocess.Popen(
-                producer_argv(consumer.endpoint, "wrong-server", *curve_flags(directory, "trusted", server="stranger")),
-                cwd=ROOT, stderr=subprocess.PIPE, text=True),
+            "wrong-server": children.start(
+                *producer_args(consumer.endpoint, "wrong-server", *curve_flags(directory, "trusted", server="stranger"))),
         }
         try:
             forge_plain_messages(consumer.endpoint)
@@ -92,17 +88,18 @@ def test_only_listed_producers_get_a_message_through(keys):
             guard = consumer.curve_guard
         finally:
             for proc in procs.values():
-                proc.terminate()
-            outputs = {name: proc.communicate(timeout=10)[1] for name, proc in procs.items()}
+                proc.popen.send_signal(signal.SIGTERM)
+            for proc in procs.values():
+                proc.wait(10)
     assert set(stats["producers"]) == {"trusted"}
     assert stats["received"] == stats["accepted"] == stats["producers"]["trusted"]["messages"]
     assert stats["rejected_total"] == 0 and stats["gaps"] == 0
     assert guard.accepted >= 1 and guard.refused >= 1  # the stranger's key was seen and refused
     assert all(b["x"].shape == (8, 32) for b in batches)
     for name in ("plain", "stranger", "wrong-server"):
-        summary = [json.loads(line[len("summary "):]) for line in outputs[name].splitlines() if line.startswith("summary ")]
+        summary = procs[name].json_line("summary ")
         # It ran and tried: blocked in send nearly all the time, because no pipe to the trainer ever opened.
-        assert summary and summary[-1]["blocked_fraction"] > 0.5, outputs[name]
+        assert summary and summary["blocked_fraction"] > 0.5, procs[name].output()
 
 
 def forge_plain_messages(endpoint: str) -> int:
@@ -119,7 +116,7 @@ def forge_plain_messages(endpoint: str) -> int:
     return 3
 
 
-def test_with_curve_off_a_plain_producer_works_and_a_curve_client_gets_nothing_through(keys):
+def test_with_curve_off_a_plain_producer_works_and_a_curve_client_gets_nothing_through(keys, children):
     directory, _ = keys
     with DatasetConsumer("tcp://127.0.0.1:*", 8) as consumer:
         assert consumer.curve_guard is None
@@ -129,21 +126,20 @@ def test_with_curve_off_a_plain_producer_works_and_a_curve_client_gets_nothing_t
             curve_socket.connect(consumer.endpoint)
             curve_socket.send_multipart(make_frames(make_meta(32, 8), "curve-client", 0, np.random.default_rng(1)),
                                         flags=zmq.NOBLOCK)
-            plain = subprocess.Popen(producer_argv(consumer.endpoint, "plain"), cwd=ROOT, stderr=subprocess.PIPE, text=True)
+            plain = children.start(*producer_args(consumer.endpoint, "plain"))
             try:
                 batches = [consumer.next_batch(timeout=30) for _ in range(5)]
                 time.sleep(HANDSHAKE_GRACE_S)
                 stats = consumer.stats().to_dict()
             finally:
-                plain.terminate()
-                plain.communicate(timeout=10)
+                plain.stop(timeout=10)
                 curve_socket.close(linger=0)
     assert set(stats["producers"]) == {"plain"} and stats["rejected_total"] == 0
     assert stats["received"] == stats["producers"]["plain"]["messages"]
     assert len(batches) == 5
 
 
-def test_replay_takes_the_same_curve_flags(tmp_path, keys):
+def test_replay_takes_the_same_curve_flags(tmp_path, keys, children):
     directory, allowed = keys
     meta, rng = make_meta(block_size=32, rows_per_message=8, val_messages=0), np.random.default_rng(5)
     for name in ("replayed-trusted", "replayed-plain"):
@@ -152,28 +148,23 @@ def test_replay_takes_the_same_curve_flags(tmp_path, keys):
                 writer.write(make_frames(meta, name, seq, rng))
     server = CurveServer.from_files(directory / "trainer.key_secret", allowed)
     with DatasetConsumer("tcp://127.0.0.1:*", 8, curve=server) as consumer:
-        plain = subprocess.Popen([sys.executable, "-m", "producer", "replay", str(tmp_path / "replayed-plain.lprec"),
-                                  "--connect", consumer.endpoint], cwd=ROOT, stderr=subprocess.PIPE, text=True)
-        trusted = subprocess.run([sys.executable, "-m", "producer", "replay", str(tmp_path / "replayed-trusted.lprec"),
-                                  "--connect", consumer.endpoint, *curve_flags(directory, "trusted")],
-                                 cwd=ROOT, capture_output=True, text=True, timeout=60)
+        plain = children.start("producer", "replay", tmp_path / "replayed-plain.lprec", "--connect", consumer.endpoint)
+        trusted = run_module("producer", "replay", tmp_path / "replayed-trusted.lprec", "--connect", consumer.endpoint,
+                             *curve_flags(directory, "trusted"))
         batches = [consumer.next_batch(timeout=30) for _ in range(6)]
         time.sleep(HANDSHAKE_GRACE_S)
         stats = consumer.stats().to_dict()
-        plain.terminate()  # its connection never opens: it blocks once its queue is full
-        plain_stderr = plain.communicate(timeout=10)[1]
-    assert trusted.returncode == 0 and plain.returncode == 0 and "summary " in plain_stderr
+        plain_status = plain.stop(timeout=10)  # its connection never opens: it blocks once its queue is full
+    assert trusted.returncode == 0 and plain_status == 0 and "summary " in plain.text()
     assert set(stats["producers"]) == {"replayed-trusted"} and stats["received"] == 6
     assert len(batches) == 6
 
 
 def test_producer_flags_go_together(keys):
     directory, _ = keys
-    result = subprocess.run(producer_argv("tcp://127.0.0.1:9", "p", "--curve-secret-key", str(directory / "trusted.key_secret")),
-                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    result = run_module(*producer_args("tcp://127.0.0.1:9", "p", "--curve-secret-key", str(directory / "trusted.key_secret")))
     assert result.returncode == 2 and "--curve-secret-key and --curve-server-key go together" in result.stderr
-    result = subprocess.run(producer_argv("tcp://127.0.0.1:9", "p", *curve_flags(directory, "trusted", server="nowhere")),
-                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    result = run_module(*producer_args("tcp://127.0.0.1:9", "p", *curve_flags(directory, "trusted", server="nowhere")))
     assert result.returncode == 2 and "cannot read Curve key file" in result.stderr
 
 
@@ -192,20 +183,16 @@ def test_trainer_flags_go_together(keys, capsys):
 
 
 @pytest.mark.slow
-def test_trainer_cli_trains_only_on_the_listed_producer(tmp_path, keys):
+def test_trainer_cli_trains_only_on_the_listed_producer(tmp_path, keys, cluster):
     directory, allowed = keys
-    cluster = Cluster(tmp_path)
-    try:
-        trainer, _ = cluster.trainer(tmp_path / "run", "--max-iters", "12", "--curve-secret-key",
-                                     str(directory / "trainer.key_secret"), "--curve-authorized-keys", str(allowed))
-        cluster.producer("plain")
-        cluster.producer("stranger", *curve_flags(directory, "stranger"))
-        cluster.producer("trusted", *curve_flags(directory, "trusted"))
-        assert trainer.wait(90) == 0, cluster.outputs()
-        summary = trainer.json_line("done: ")
-        trainer.wait_for_line("refused a Curve client with unlisted public key", 1)
-    finally:
-        cluster.close()
+    trainer, _ = cluster.trainer(tmp_path / "run", "--max-iters", "12", "--curve-secret-key",
+                                 str(directory / "trainer.key_secret"), "--curve-authorized-keys", str(allowed))
+    cluster.producer("plain")
+    cluster.producer("stranger", *curve_flags(directory, "stranger"))
+    cluster.producer("trusted", *curve_flags(directory, "trusted"))
+    assert trainer.wait(90) == 0, cluster.outputs()
+    summary = trainer.json_line("done: ")
+    trainer.wait_for_line("refused a Curve client with unlisted public key", 1)
     stream = summary["stream"]
     assert summary["steps"] == 12
     assert set(stream["producers"]) == {"trusted"} and stream["rejected_total"] == 0

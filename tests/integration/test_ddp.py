@@ -11,21 +11,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import random
 import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import zmq
-from streamkit import make_frames, make_meta, make_tensors
 
 from producer.sending import Routes, route_producer_id
 from producer.stream import BatchStream
@@ -38,7 +32,11 @@ from trainer.data.stats import StreamStats, merge_stream_stats
 from trainer.diagnostics.state import Diagnostics
 from trainer.loop.distributed import Ranks, parameter_digest, rank_endpoint, rank_path
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
+from helpers.processes import Children, Process, free_ports, run_module
+from helpers.processes import Diagnostics as DiagnosticsClient
+from helpers.wire import make_frames, make_meta, make_tensors
+
 WORDS = ("the a of to and in is it that was for on are with as be at by this have from or one had not but what "
          "all were when we there can an your which their said if do will each about how up out them then she").split()
 # 4-row messages and 8-row batches: two messages per batch. val-fraction 0.05 of the corpus below
@@ -50,26 +48,6 @@ STEPS = 30
 ROWS_PER_MESSAGE, BATCH_SIZE = 4, 8
 
 
-def free_ports(count: int) -> list[int]:
-    """``count`` consecutive free ports below Linux's ephemeral range (32768-60999), so that no
-    process binding port 0 meanwhile (torchrun's store, an HTTP server) can take one of them:
-    the trainer's ranks bind base port + local rank, which must be free as a block."""
-    rng = random.Random()
-    for _ in range(100):
-        base = rng.randrange(20000, 32768 - count)
-        sockets = [socket.socket() for _ in range(count)]
-        try:
-            for offset, probe in enumerate(sockets):
-                probe.bind(("127.0.0.1", base + offset))
-            return list(range(base, base + count))
-        except OSError:
-            continue
-        finally:
-            for probe in sockets:
-                probe.close()
-    raise RuntimeError(f"no {count} consecutive free ports found")
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     """400 lines of 3-9 random words (the built-in corpus has a much larger val set)."""
@@ -79,60 +57,18 @@ def corpus(tmp_path_factory) -> Path:
     return path
 
 
-class Children:
-    """Started processes; whatever still runs at teardown is killed."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen] = []
-
-    def start(self, argv: list[str], log: Path) -> subprocess.Popen:
-        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-        with open(log, "w") as out:
-            proc = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        self.procs.append(proc)
-        return proc
-
-    def close(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+def start_producers(children: Children, corpus, endpoints, *flags) -> list[Process]:
+    """Producers pA and pB, each connected to every endpoint, each in a session of its own."""
+    connects = [arg for endpoint in endpoints for arg in ("--connect", endpoint)]
+    return [children.start("producer", "run", "--corpus", corpus, *DATA, "--producer-id", producer_id, *connects, *flags,
+                           name=producer_id, new_session=True)
+            for producer_id in ("pA", "pB")]
 
 
-@pytest.fixture
-def children():
-    group = Children()
-    yield group
-    group.close()
-
-
-def start_producers(children, corpus, endpoints, out_dir, *flags) -> list[tuple[subprocess.Popen, Path]]:
-    started = []
-    for producer_id in ("pA", "pB"):
-        log = out_dir / f"{producer_id}.log"
-        argv = [sys.executable, "-m", "producer", "run", "--corpus", str(corpus), *DATA, "--producer-id", producer_id]
-        argv += [arg for endpoint in endpoints for arg in ("--connect", endpoint)]
-        started.append((children.start(argv + list(flags), log), log))
-    return started
-
-
-def torchrun(children, out_dir, bind, *flags) -> subprocess.Popen:
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-            "-m", "trainer", "--bind", bind, "--out-dir", str(out_dir), *TRAINER, *flags]
-    return children.start(argv, out_dir / "torchrun.log")
-
-
-def producer_summary(log: Path) -> dict:
-    lines = [line for line in log.read_text().splitlines() if line.startswith("summary ")]
-    assert lines, log.read_text()[-2000:]
-    return json.loads(lines[-1][len("summary "):])
-
-
-def wait_exit(proc: subprocess.Popen, timeout: float, log: Path) -> int:
-    try:
-        return proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise AssertionError(f"still running after {timeout} s:\n{log.read_text()[-3000:]}") from None
+def torchrun(children: Children, out_dir, bind, *flags) -> Process:
+    """Two ranks of ``python -m trainer``; the session (torchrun and its workers) is killed at teardown."""
+    return children.start("torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "trainer", "--bind", bind,
+                          "--out-dir", out_dir, *TRAINER, *flags, name="torchrun", new_session=True)
 
 
 def recorded_messages(path: Path) -> list:
@@ -160,17 +96,16 @@ def test_two_ranks_share_the_stream_and_stay_in_sync(tmp_path, corpus, children)
     # stream messages hold 60 train messages.
     train_per_producer = STEPS * BATCH_SIZE // ROWS_PER_MESSAGE
     val_messages = BatchStream(DataConfig(corpus=str(corpus), block_size=64, rows_per_message=4, val_fraction=0.05)).meta.val_messages
-    producers = start_producers(children, corpus, endpoints, tmp_path, "--max-messages", str(val_messages + train_per_producer * 3 // 2))
+    producers = start_producers(children, corpus, endpoints, "--max-messages", str(val_messages + train_per_producer * 3 // 2))
     trainer = torchrun(children, tmp_path, ",".join(endpoints), "--max-iters", str(STEPS), "--eval-interval", "15",
                        "--http-port", "0", "--data-timeout", "30", "--record", str(tmp_path / "run.lpr"))
-    log = tmp_path / "torchrun.log"
-    assert wait_exit(trainer, 90, log) == 0, log.read_text()[-3000:]
+    assert trainer.wait(90) == 0, trainer.output()
     summaries = []
-    for proc, producer_log in producers:
-        if proc.poll() is None:  # blocked on a last val message nobody reads any more
-            proc.send_signal(signal.SIGTERM)
-        wait_exit(proc, 10, producer_log)
-        summaries.append(producer_summary(producer_log))
+    for proc in producers:
+        if proc.alive():  # blocked on a last val message nobody reads any more
+            proc.popen.send_signal(signal.SIGTERM)
+        proc.wait(10)
+        summaries.append(proc.summary())
 
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     (summary,) = [record for record in records if record["kind"] == "summary"]
@@ -223,29 +158,21 @@ def test_lost_producers_stop_the_run_with_a_timeout(tmp_path, corpus, children):
     and torchrun ends (no hang). Before that, rank 0's /diagnostics shows both ranks."""
     zmq_port, _, http_port = free_ports(3)
     endpoints = [f"tcp://127.0.0.1:{zmq_port}", f"tcp://127.0.0.1:{zmq_port + 1}"]  # base port + local rank
-    producers = start_producers(children, corpus, [",".join(endpoints)], tmp_path)  # the comma-separated form
+    producers = start_producers(children, corpus, [",".join(endpoints)])  # the comma-separated form
     trainer = torchrun(children, tmp_path, f"tcp://127.0.0.1:{zmq_port}", "--max-iters", "1000000",
                        "--eval-interval", "100000", "--http-port", str(http_port), "--data-timeout", "5")
-    log = tmp_path / "torchrun.log"
-    deadline = time.monotonic() + 60
-    stream = None
-    while stream is None or len(stream.get("ranks") or []) < 2 or stream["ranks"][1]["as_of_step"] is None:
-        assert time.monotonic() < deadline and trainer.poll() is None, log.read_text()[-3000:]
-        time.sleep(0.5)
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/diagnostics", timeout=5) as response:
-                stream = json.load(response)["stream"]
-        except OSError:
-            pass
+    both_ranks = lambda s: s["stream"] is not None and len(s["stream"].get("ranks") or []) >= 2 \
+        and s["stream"]["ranks"][1]["as_of_step"] is not None
+    stream = DiagnosticsClient(http_port, trainer, poll_s=0.5).wait_for(both_ranks, "both ranks in /diagnostics")["stream"]
     assert [entry["endpoint"] for entry in stream["ranks"]] == endpoints
     assert stream["received"] == sum(entry["received"] for entry in stream["ranks"])
     assert stream["ranks"][1]["received"] > 0
 
-    for proc, _ in producers:
-        os.killpg(proc.pid, signal.SIGKILL)
+    for proc in producers:
+        proc.kill()
     killed = time.monotonic()
-    assert wait_exit(trainer, 60, log) != 0
-    output = log.read_text()
+    assert trainer.wait(60) != 0
+    output = trainer.text()
     assert "no train batch for 5 s (--data-timeout)" in output, output[-3000:]
     assert time.monotonic() - killed < 60
 
@@ -269,7 +196,7 @@ def test_bind_all_interfaces_for_producers_on_other_hosts():
         context = zmq.Context()
         push = context.socket(zmq.PUSH)
         push.connect(f"tcp://127.0.0.1:{port}")
-        meta = make_meta(val_messages=0)
+        meta = make_meta(block_size=32, val_messages=0)
         push.send_multipart(make_frames(meta, "remote", 0, np.random.default_rng(0)))
         batch = consumer.next_batch(timeout=10)
         push.close(linger=0)
@@ -300,7 +227,7 @@ class Counter:
 
 
 def test_routes_round_robin_train_and_send_val_everywhere():
-    meta = make_meta(val_messages=2)
+    meta = make_meta(block_size=32, val_messages=2)
     tensors = make_tensors(meta, meta.rows_per_message, np.random.default_rng(0))
     senders = [FakeSender(f"tcp://h:{5555 + i}") for i in range(3)]
     routes = Routes(senders, "p")
@@ -398,7 +325,6 @@ def test_producers_only_compose_file():
     names = set(service["environment"])
     assert set(main_service["environment"]) <= names
     assert service["command"] == ["producer"] and ":?" in service["environment"]["LINEPACK_CONNECT"]
-    help_text = subprocess.run([sys.executable, "-m", "producer", "run", "--help"], cwd=ROOT, capture_output=True,
-                               text=True, timeout=60, check=True).stdout
+    help_text = run_module("producer", "run", "--help", check=True).stdout
     for name in names:
         assert "--" + name.removeprefix("LINEPACK_").lower().replace("_", "-") in help_text, name

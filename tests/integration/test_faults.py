@@ -2,8 +2,9 @@
 processes on 127.0.0.1, a fault injected, and the numbers in ``GET /diagnostics``, the
 processes' own summary lines and the files left behind checked afterwards.
 
-What tests/test_streaming.py (consumer-level) and tests/test_stack.py (launcher) already
-cover is not repeated here. docs/RELIABILITY.md lists every number these tests assert.
+What test_streaming.py (consumer-level) and test_stack.py (launcher) already cover is not
+repeated here. docs/RELIABILITY.md lists every number these tests assert. The ``cluster``
+fixture (conftest.py) is a :class:`helpers.processes.Cluster`.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ import numpy as np
 import pytest
 import torch
 import zmq
-from processkit import ROOT, Cluster, last_status_count
-from streamkit import make_frames, make_meta
 
 from shared.recording import RecordingReader
 from shared.wire import decode
+
+from helpers import ROOT
+from helpers.processes import last_status_count
+from helpers.wire import make_frames, make_meta
 
 pytestmark = pytest.mark.slow
 
@@ -35,13 +38,6 @@ START_TIMEOUT = 60
 # a 956-byte header (it carries the meta of the built-in corpus).
 MESSAGE_BYTES = 1_312 + 956
 LOST_IN_FLIGHT_LIMIT_BYTES = 16 << 20
-
-
-@pytest.fixture
-def cluster(tmp_path):
-    group = Cluster(tmp_path)
-    yield group
-    group.close()
 
 
 def checkpoint_step(path) -> int:
@@ -226,7 +222,7 @@ def test_sigterm_to_every_process_leaves_complete_files(cluster, tmp_path):
     for proc in [trainer, *producers]:
         proc.popen.send_signal(signal.SIGTERM)
     started = time.monotonic()
-    assert trainer.wait() == 143
+    assert trainer.wait() == 143, trainer.output()
     assert [proc.wait() for proc in producers] == [0, 0]
     assert time.monotonic() - started < 5.0
     summaries = [proc.json_line("summary ") for proc in producers]

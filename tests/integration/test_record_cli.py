@@ -2,21 +2,22 @@
 
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from shared.recording import RecordingReader
 from shared.wire import decode
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import ROOT
+from helpers.processes import run_module
+
+# The corpus of unit/producer/test_stream.py: unique lines of varied length.
+STREAM_TEXT = "".join(f"line {i} " + "abcdefg"[: i % 7] * (i % 5) + "\n" for i in range(300)) + "tail with Z\n"
 
 
-def producer(*args, check=True):
-    result = subprocess.run([sys.executable, "-m", "producer", *map(str, args)], cwd=REPO, capture_output=True,
-                            text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+def producer(*args, check=True, **environment):
+    """``python -m producer ARGS``; ``environment`` is added to the child's."""
+    result = run_module("producer", *args, env={**os.environ, "PYTHONPATH": str(ROOT), **environment})
     if check and result.returncode != 0:
         raise AssertionError(result.stderr)
     return result
@@ -90,3 +91,16 @@ def test_usage_errors(tmp_path):
     (tmp_path / "junk.lps").write_bytes(b"not a recording")
     junk = producer("inspect", tmp_path / "junk.lps", check=False)
     assert junk.returncode == 2 and "not a Linepack recording" in junk.stderr
+
+
+def test_the_stream_does_not_depend_on_pythons_hash_seed(tmp_path):
+    corpus_path = tmp_path / "corpus.txt"
+    corpus_path.write_text(STREAM_TEXT)
+    recorded = []
+    for hash_seed in ("1", "2"):
+        out = tmp_path / f"s{hash_seed}.lps"
+        producer("record", "--corpus", corpus_path, "--block-size", "64", "--rows-per-message", "8", "--policy", "uniform",
+                 "--producer-id", "not-the-default", "--messages", "3", "--out", out, PYTHONHASHSEED=hash_seed)
+        with RecordingReader(out) as reader:
+            recorded.append([frames for frames in reader])
+    assert len(recorded[0]) == 3 and recorded[0] == recorded[1]

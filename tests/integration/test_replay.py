@@ -1,57 +1,27 @@
 """Record with the consumer, serve with `python -m producer replay`, get the same batches back."""
 
 import json
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from streamkit import make_frames, make_meta
 
 from shared.recording import RecordingReader, RecordingWriter
 from shared.wire import decode
 from trainer.data.consumer import DatasetConsumer
 
+from helpers.processes import Process, run_module
+from helpers.wire import make_frames, make_meta
+
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
 FLAGS = ["--block-size", "128", "--rows-per-message", "8", "--val-every", "2"]
 
 
-def run_command(*args, timeout=20):
-    """Runs ``python -m ...`` to completion; returns its ``summary`` dict."""
-    done = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, done.stderr
-    line = [line for line in done.stderr.splitlines() if line.startswith("summary ")][-1]
-    return json.loads(line[len("summary "):])
-
-
-STARTED = []
-
-
-def start(*args):
-    """Starts ``python -m ARGS``; the autouse fixture kills whatever is left after each test."""
-    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    STARTED.append(proc)
-    return proc
-
-
-@pytest.fixture(autouse=True)
-def kill_leftovers():
-    yield
-    while STARTED:
-        proc = STARTED.pop()
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate(timeout=5)
-
-
-def summary_of(proc, timeout=20):
-    _, err = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, err
-    return json.loads([line for line in err.splitlines() if line.startswith("summary ")][-1][len("summary "):])
+def summary_of(proc: Process, timeout=20) -> dict:
+    """Waits for a clean exit; the process's ``summary`` dict."""
+    assert proc.wait(timeout) == 0, proc.output()
+    return proc.summary()
 
 
 def take(consumer, n):
@@ -67,11 +37,11 @@ def assert_same_batches(first, second):
 
 
 @pytest.fixture
-def recorded(tmp_path):
+def recorded(tmp_path, children):
     """A recording made by a consumer fed by two live producers: (path, val batches, train batches)."""
     path = tmp_path / "consumed.lpr"
     with DatasetConsumer("tcp://127.0.0.1:*", 5, record_path=str(path)) as consumer:
-        procs = [start("producer", "run", "--connect", consumer.endpoint, *FLAGS) for _ in range(2)]
+        procs = [children.start("producer", "run", "--connect", consumer.endpoint, *FLAGS) for _ in range(2)]
         assert consumer.wait_for_val_set(timeout=20)
         val = consumer.val_batches()
         train = []
@@ -85,13 +55,13 @@ def recorded(tmp_path):
     return path, val, train
 
 
-def test_replay_gives_the_same_batches_in_the_same_order(recorded):
+def test_replay_gives_the_same_batches_in_the_same_order(recorded, children):
     path, val, train = recorded
     with RecordingReader(path) as reader:
         records = [decode(frames) for frames in reader]
     assert len({r.producer_id for r in records if r.split == "train"}) == 2  # both producers are in it
     with DatasetConsumer("tcp://127.0.0.1:*", 5) as consumer:
-        proc = start("producer", "replay", str(path), "--connect", consumer.endpoint)
+        proc = children.start("producer", "replay", str(path), "--connect", consumer.endpoint)
         assert consumer.wait_for_val_set(timeout=20)
         assert_same_batches(consumer.val_batches(), val)
         assert_same_batches(take(consumer, len(train)), train)
@@ -103,7 +73,7 @@ def test_replay_gives_the_same_batches_in_the_same_order(recorded):
     assert stats["received"] == len(records)
 
 
-def test_replay_of_a_truncated_recording_says_what_was_lost(recorded, tmp_path):
+def test_replay_of_a_truncated_recording_says_what_was_lost(recorded, tmp_path, children):
     path, _, train = recorded
     with RecordingReader(path) as reader:
         total = sum(1 for _ in reader)
@@ -111,7 +81,7 @@ def test_replay_of_a_truncated_recording_says_what_was_lost(recorded, tmp_path):
     data = path.read_bytes()
     cut.write_bytes(data[: len(data) - 1000])  # the recorder died inside the last record
     with DatasetConsumer("tcp://127.0.0.1:*", 5) as consumer:
-        proc = start("producer", "replay", str(cut), "--connect", consumer.endpoint)
+        proc = children.start("producer", "replay", str(cut), "--connect", consumer.endpoint)
         assert consumer.wait_for_val_set(timeout=20)
         replayed = take(consumer, len(train) - 2)  # the lost last message fed only the last batch
         summary = summary_of(proc)
@@ -122,8 +92,8 @@ def test_replay_of_a_truncated_recording_says_what_was_lost(recorded, tmp_path):
     assert summary["truncated"] and summary["lost_bytes"] > 1000 - 1
 
 
-def test_replay_skips_a_corrupt_record_and_loops(tmp_path):
-    meta = make_meta(val_messages=0)
+def test_replay_skips_a_corrupt_record_and_loops(tmp_path, children):
+    meta = make_meta(block_size=32, val_messages=0)
     rng = np.random.default_rng(0)
     path = tmp_path / "hand.lpr"
     with RecordingWriter(path) as writer:
@@ -133,11 +103,11 @@ def test_replay_skips_a_corrupt_record_and_loops(tmp_path):
     data[-50] ^= 0xFF  # inside the last record's tensor bytes
     path.write_bytes(bytes(data))
     with DatasetConsumer("tcp://127.0.0.1:*", 4) as consumer:
-        proc = start("producer", "replay", str(path), "--connect", consumer.endpoint, "--loop", "--rate", "50")
+        proc = children.start("producer", "replay", str(path), "--connect", consumer.endpoint, "--loop", "--rate", "50")
         started = time.monotonic()
         take(consumer, 12)  # two passes of 5 good records, one more record
         elapsed = time.monotonic() - started
-        proc.terminate()
+        proc.popen.terminate()
         summary = summary_of(proc)
         stats = consumer.stats().to_dict()
     assert elapsed > 11 / 50 - 0.05  # paced by --rate
@@ -149,30 +119,22 @@ def test_replay_skips_a_corrupt_record_and_loops(tmp_path):
 def test_replay_rejects_a_file_that_is_not_a_recording(tmp_path):
     bogus = tmp_path / "bogus.lpr"
     bogus.write_bytes(b"not a recording at all")
-    done = subprocess.run([sys.executable, "-m", "producer", "replay", str(bogus), "--connect", "tcp://127.0.0.1:9"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=20)
+    done = run_module("producer", "replay", bogus, "--connect", "tcp://127.0.0.1:9", timeout=20)
     assert done.returncode == 2 and "not a Linepack recording" in done.stderr
 
 
-def test_trainer_consume_records_and_reports(tmp_path):
+def test_trainer_consume_records_and_reports(tmp_path, children):
     path = tmp_path / "consume.lpr"
-    consume = subprocess.Popen(
-        [sys.executable, "-m", "trainer.consume", "--bind", "tcp://127.0.0.1:0", "--batches", "30", "--batch-size", "6",
-         "--record", str(path), "--val"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    STARTED.append(consume)
-    endpoint = None
-    while endpoint is None:  # the log line that names the bound port
-        line = consume.stderr.readline()
-        assert line, "trainer.consume exited before binding"
-        if "bound to" in line:
-            endpoint = line.split("bound to ")[1].split(",")[0]
-    producer = start("producer", "run", "--connect", endpoint, *FLAGS)
-    out, _ = consume.communicate(timeout=30)
-    producer.terminate()
+    report = tmp_path / "consume.jsonl"  # its stdout: one JSON report a line; its log goes to ``lines``
+    consume = children.start("trainer.consume", "--bind", "tcp://127.0.0.1:0", "--batches", "30", "--batch-size", "6",
+                             "--record", path, "--val", stdout=report)
+    line = consume.wait_for_line("bound to")  # the log line that names the bound port
+    endpoint = line.split("bound to ")[1].split(",")[0]
+    producer = children.start("producer", "run", "--connect", endpoint, *FLAGS)
+    consume.wait(30)
+    producer.popen.terminate()
     summary_of(producer)
-    lines = [json.loads(line) for line in out.splitlines()]
+    lines = [json.loads(line) for line in report.read_text().splitlines()]
     final = lines[-1]
     assert final["final"] and final["batches"] == 30 and final["consumed_batches"] == 30
     assert final["val_messages_seen"] == final["val_messages_total"] > 0

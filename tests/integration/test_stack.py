@@ -12,17 +12,14 @@ import os
 import shlex
 import signal
 import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
-from processkit import free_port
 
-httpx = pytest.importorskip("httpx")
+from helpers import ROOT
+from helpers.processes import Diagnostics, Process, free_port, module_argv
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY_DATA = "--block-size 32 --rows-per-message 8"
 TINY_MODEL = ("--batch-size 8 --n-layer 1 --n-head 2 --n-embd 32 --eval-interval 20 --eval-batches 2 "
               "--log-interval 5 --warmup-iters 5 --device cpu")
@@ -59,61 +56,33 @@ def alive(pid: int) -> bool:
 
 
 class Launcher:
-    """``python -m trainer.stack`` in its own session, its output collected line by line."""
+    """``python -m trainer.stack`` in its own session (a :class:`Process`), its trainer's
+    ``GET /diagnostics``, and the pids of what it started."""
 
     def __init__(self, tmp_path: Path, *arguments: str):
-        self.http = f"http://127.0.0.1:{free_port()}"
-        self.zmq_port = free_port()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "trainer.stack", "--port", str(self.zmq_port),
-             "--http-port", self.http.rsplit(":", 1)[1], "--out-dir", str(tmp_path / "run"),
-             f"--producer-args={TINY_DATA}", f"--trainer-args={TINY_MODEL}", *arguments],
-            cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, start_new_session=True)
-        self.lines: list[str] = []
+        http_port, self.zmq_port = free_port(), free_port()
+        self.http = f"http://127.0.0.1:{http_port}"
+        self.child = Process("stack", module_argv(
+            "trainer.stack", "--port", self.zmq_port, "--http-port", http_port, "--out-dir", tmp_path / "run",
+            f"--producer-args={TINY_DATA}", f"--trainer-args={TINY_MODEL}", *arguments), new_session=True)
+        self.process = self.child.popen
+        self.lines = self.child.lines
+        self.diagnostics = Diagnostics(http_port, self.child, poll_s=0.25)
         self.started: set[int] = set()
-        threading.Thread(target=self._collect, daemon=True).start()
-
-    def _collect(self) -> None:
-        for line in self.process.stdout:
-            self.lines.append(line.rstrip("\n"))
 
     def output(self) -> str:
-        return "\n".join(self.lines[-60:])
+        return self.child.output(60)
 
     def wait_for_line(self, text: str, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in self.lines:
-                if text in line:
-                    return line
-            if self.process.poll() is not None:
-                break
-            time.sleep(0.1)
-        raise AssertionError(f"no line with {text!r}; output:\n{self.output()}")
+        return self.child.wait_for_line(text, timeout)
 
     def pid_of(self, name: str) -> int:
         line = self.wait_for_line(f"[stack] {name} pid ", 10)
         return int(line.split(" pid ", 1)[1].split(":", 1)[0])
 
-    def diagnostics(self) -> dict | None:
-        try:
-            response = httpx.get(f"{self.http}/diagnostics", timeout=5)
-        except httpx.TransportError:
-            return None
-        return response.json() if response.status_code == 200 else None
-
     def wait_for(self, condition, what: str, timeout: float = START_TIMEOUT_S) -> dict:
         """Poll /diagnostics until ``condition(snapshot)`` holds; return that snapshot."""
-        deadline = time.monotonic() + timeout
-        snapshot = None
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, f"the stack ended early:\n{self.output()}"
-            snapshot = self.diagnostics()
-            if snapshot is not None and condition(snapshot):
-                return snapshot
-            time.sleep(0.25)
-        raise AssertionError(f"timed out waiting for {what}; last snapshot {snapshot}\n{self.output()}")
+        return self.diagnostics.wait_for(condition, what, timeout)
 
     def remember_children(self) -> None:
         self.started |= descendants(self.process.pid)
@@ -155,7 +124,7 @@ def test_stack_survives_a_lost_producer_counts_a_new_one_and_stops_on_sigint(tmp
         victim = launcher.pid_of("producer-0")
         os.kill(victim, signal.SIGKILL)
         launcher.wait_for_line(f"producer-0 (pid {victim}) was killed by SIGKILL; not restarted", 10)
-        killed_at = launcher.diagnostics()["step"]
+        killed_at = launcher.diagnostics.get()["step"]
         launcher.wait_for(lambda s: s["step"] >= killed_at + 10, "10 more steps with one producer")
 
         hint = launcher.wait_for_line("[stack] add a producer from another shell: ", 1)

@@ -1,65 +1,42 @@
 """Real processes, real sockets on 127.0.0.1: `python -m producer run` feeding DatasetConsumer."""
 
-import json
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import zmq
-from streamkit import make_frames, make_meta, make_tensors, wait_until
 
 from shared.wire import encode
 from trainer.data.consumer import DatasetConsumer
 
+from helpers import wait_until
+from helpers.processes import Children, Process, final_json, free_port, run_module
+from helpers.wire import make_frames, make_meta, make_tensors
+
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--block-size", "64", "--rows-per-message", "3"]
 
 
 class Producers:
-    """Starts producer processes; whatever is still running at teardown is killed."""
+    """``python -m producer run`` children on SMALL rows, without ``--producer-id`` (each picks its own)."""
 
-    def __init__(self):
-        self.procs = []
+    def __init__(self, children: Children) -> None:
+        self.children = children
 
-    def start(self, endpoint, *flags, bind=False):
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "producer", "run", "--bind" if bind else "--connect", endpoint, *SMALL, *flags],
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        )
-        self.procs.append(proc)
-        return proc
+    def start(self, endpoint, *flags, bind=False) -> Process:
+        return self.children.start("producer", "run", "--bind" if bind else "--connect", endpoint, *SMALL, *flags)
 
-    def stop(self, proc, sig=signal.SIGTERM, timeout=5):
+    @staticmethod
+    def stop(proc: Process, sig=signal.SIGTERM, timeout=5) -> dict | None:
         """Signals ``proc``, waits for it and returns its summary dict (None after SIGKILL)."""
-        proc.send_signal(sig)
-        _, err = proc.communicate(timeout=timeout)
-        lines = [line for line in err.splitlines() if line.startswith("summary ")]
-        return json.loads(lines[-1][len("summary "):]) if lines else None
-
-    def close(self):
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.communicate(timeout=5)
+        proc.stop(sig, timeout)
+        return proc.json_line("summary ")
 
 
 @pytest.fixture
-def producers():
-    group = Producers()
-    yield group
-    group.close()
-
-
-def rss_kib(pid):
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
+def producers(children):
+    return Producers(children)
 
 
 def consume_until(consumer, predicate, timeout=10.0):
@@ -97,17 +74,18 @@ def test_backpressure_blocks_the_producer_with_flat_memory(producers):
         proc = producers.start(consumer.endpoint, "--block-size", "1024", "--rows-per-message", "16", "--status-every", "0.5")
         wait_until(lambda: consumer.stats().to_dict()["received"] > 0)
         time.sleep(1.0)  # let every buffer on the way fill
-        received, rss = consumer.stats().to_dict()["received"], rss_kib(proc.pid)
+        received, rss = consumer.stats().to_dict()["received"], proc.rss_kib()
         time.sleep(1.5)
         assert consumer.stats().to_dict()["received"] == received  # nobody takes batches: reading stopped
-        assert abs(rss_kib(proc.pid) - rss) < 4096  # KiB
+        assert abs(proc.rss_kib() - rss) < 4096  # KiB
         started = time.monotonic()
-        proc.terminate()
-        _, err = proc.communicate(timeout=5)
+        proc.stop(timeout=5)
         assert time.monotonic() - started < 2.0  # SIGTERM while blocked in send
-    summary = json.loads(err.splitlines()[-1][len("summary "):])
+    lines = proc.lines
+    assert lines[-1].startswith("summary ")  # the summary is the last line the producer wrote
+    summary = final_json(lines[-1:])
     assert summary["blocked_fraction"] > 0.4
-    status = [line for line in err.splitlines() if "msg/s" in line]
+    status = [line for line in lines if "msg/s" in line]
     assert len(status) >= 3  # status lines go on while the producer is blocked
     assert int(status[-1].split("blocked ")[1].split("%")[0]) >= 90
     # Sent but not received: what the HWMs and the kernel's TCP buffers hold, a few MB.
@@ -117,10 +95,10 @@ def test_backpressure_blocks_the_producer_with_flat_memory(producers):
 def test_sigterm_stops_a_producer_that_has_no_trainer(producers):
     proc = producers.start("tcp://127.0.0.1:9")  # nothing listens: ZeroMQ keeps retrying
     time.sleep(1.0)
-    assert proc.poll() is None
+    assert proc.alive()
     started = time.monotonic()
     summary = producers.stop(proc, signal.SIGINT)
-    assert time.monotonic() - started < 1.5 and proc.returncode == 0
+    assert time.monotonic() - started < 1.5 and proc.popen.returncode == 0
     assert 1 <= summary["messages_sent"] <= 8  # only what the pipe holds before the connection exists
 
 
@@ -128,10 +106,10 @@ def test_sigterm_stops_a_producer_with_several_absent_trainers_within_one_linger
     endpoints = ",".join(f"tcp://127.0.0.1:{port}" for port in (9, 11, 13))  # nothing listens on any
     proc = producers.start(endpoints)
     time.sleep(1.0)
-    assert proc.poll() is None
+    assert proc.alive()
     started = time.monotonic()
     summary = producers.stop(proc)
-    assert time.monotonic() - started < 1.5 and proc.returncode == 0  # the three lingers overlap
+    assert time.monotonic() - started < 1.5 and proc.popen.returncode == 0  # the three lingers overlap
     assert [route["endpoint"] for route in summary["routes"]] == endpoints.split(",")
 
 
@@ -173,15 +151,12 @@ def test_consumer_restart_while_producers_live(producers):
     assert set(stats["producers"]) == first_ids
     row = stats["producers"][next(iter(first_ids))]
     assert row["first_seq"] > 0  # the same producer went on, it did not restart
-    assert proc.poll() is None
+    assert proc.alive()
     assert producers.stop(proc)["messages_sent"] >= row["last_seq"] + 1
 
 
 def test_reverse_topology_producer_binds(producers):
-    with zmq.Context() as ctx:  # a free port for the producer to bind
-        probe = ctx.socket(zmq.PULL)
-        port = probe.bind_to_random_port("tcp://127.0.0.1")
-        probe.close(linger=0)
+    port = free_port()  # for the producer to bind
     proc = producers.start(f"tcp://127.0.0.1:{port}", bind=True)
     with DatasetConsumer(f"tcp://127.0.0.1:{port}", 5, bind=False) as consumer:
         batch = consumer.next_batch(timeout=10)
@@ -227,7 +202,7 @@ def test_two_producers_on_the_real_corpus_account_for_every_message(producers):
     with DatasetConsumer("tcp://127.0.0.1:*", 8) as consumer:
         procs = [producers.start(consumer.endpoint, "--block-size", "256", "--rows-per-message", "8", "--max-messages", str(n))
                  for n in (150, 230)]
-        consume_until(consumer, lambda: all(p.poll() is not None for p in procs), timeout=30)
+        consume_until(consumer, lambda: not any(p.alive() for p in procs), timeout=30)
         summaries = [producers.stop(proc) for proc in procs]
         sent = sum(s["messages_sent"] for s in summaries)
         consume_until(consumer, lambda: consumer.stats().to_dict()["received"] == sent)
@@ -241,7 +216,6 @@ def test_two_producers_on_the_real_corpus_account_for_every_message(producers):
 
 
 def test_a_bad_endpoint_is_a_usage_error_not_a_traceback():
-    done = subprocess.run([sys.executable, "-m", "producer", "run", "--connect", "tcp://127.0.0.1:1,not-an-endpoint", "--max-messages", "1"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    done = run_module("producer", "run", "--connect", "tcp://127.0.0.1:1,not-an-endpoint", "--max-messages", "1")
     assert done.returncode == 2
     assert "cannot connect not-an-endpoint" in done.stderr and "Traceback" not in done.stderr

@@ -2,7 +2,6 @@
 
 import argparse
 import json
-import os
 from itertools import islice
 
 import numpy as np
@@ -232,21 +231,3 @@ def test_random_rows_start_at_every_train_line_uniformly(corpus_path):
     chi2 = float(((counts - expected) ** 2 / expected).sum())
     # 270 degrees of freedom: mean 270, sd ~23; a biased sampler (e.g. by line length) lands far above.
     assert chi2 < 270 + 6 * 23, chi2
-
-
-def test_the_stream_does_not_depend_on_pythons_hash_seed(corpus_path, tmp_path):
-    import subprocess
-    import sys
-
-    from shared.recording import RecordingReader
-
-    recorded = []
-    for hash_seed in ("1", "2"):
-        out = tmp_path / f"s{hash_seed}.lps"
-        subprocess.run([sys.executable, "-m", "producer", "record", "--corpus", corpus_path, "--block-size", "64",
-                        "--rows-per-message", "8", "--policy", "uniform", "--producer-id", "not-the-default",
-                        "--messages", "3", "--out", str(out)],
-                       check=True, capture_output=True, timeout=60, env={**os.environ, "PYTHONHASHSEED": hash_seed})
-        with RecordingReader(out) as reader:
-            recorded.append([frames for frames in reader])
-    assert len(recorded[0]) == 3 and recorded[0] == recorded[1]

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from streamkit import make_meta, make_tensors
 
 from shared.batch_stats import MaskRatioHistogram, mask_ratio_counts, valid_lengths
 from shared.batch_stats import batch_statistics as typed_batch_statistics
+
+from helpers.wire import make_meta, make_tensors
 
 MASK, SEP, PAD, IGNORE = 5, 6, 7, -100
 

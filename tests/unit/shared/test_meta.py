@@ -4,23 +4,22 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from wirekit import make_meta
 
 from shared.meta import MetaError, StreamMeta, canonical_json
 from shared.vocab import Vocabulary
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import ROOT
+from helpers.wire import make_meta
 
 DIGEST_SCRIPT = """
 import sys
 sys.path.insert(0, sys.argv[1])
 sys.path.insert(0, sys.argv[2])
-from wirekit import make_meta
+from helpers.wire import make_meta
 print(make_meta(block_size=32, chars="\\n ab\\u00e9\\U0001f600", packing="fixed", seed=7).digest)
 """
 
@@ -64,7 +63,7 @@ def test_digest_stable_across_processes_and_hash_seeds():
     for hash_seed in ("0", "1", "12345"):
         env = {**os.environ, "PYTHONHASHSEED": hash_seed}
         result = subprocess.run(
-            [sys.executable, "-c", DIGEST_SCRIPT, str(REPO), str(REPO / "tests")],
+            [sys.executable, "-c", DIGEST_SCRIPT, str(ROOT), str(ROOT / "tests")],
             env=env, capture_output=True, text=True, timeout=60, check=True,
         )
         digests.add(result.stdout.strip())

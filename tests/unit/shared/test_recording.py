@@ -6,7 +6,6 @@ import zlib
 import msgpack
 import numpy as np
 import pytest
-from wirekit import make_meta, make_tensors
 
 from shared.recording import (
     MAGIC,
@@ -17,6 +16,8 @@ from shared.recording import (
     RecordingWriter,
 )
 from shared.wire import decode, encode
+
+from helpers.wire import make_meta, make_tensors
 
 FILE_HEAD = len(MAGIC) + 4
 RECORD_HEAD = 12

@@ -54,7 +54,12 @@ def parser_for(cls: type) -> argparse.ArgumentParser:
     return parser
 
 
-@pytest.mark.parametrize("cls,field", list(iter_settings(*CLASSES)), ids=lambda value: getattr(value, "name", getattr(value, "__name__", "")))
+def setting_id(value) -> str:
+    """A test id: the field's name, or the settings class's."""
+    return getattr(value, "name", getattr(value, "__name__", ""))
+
+
+@pytest.mark.parametrize("cls,field", list(iter_settings(*CLASSES)), ids=setting_id)
 def test_every_setting_is_a_flag_and_a_variable(cls, field, monkeypatch):
     value, text = sample(cls, field)
     monkeypatch.setenv(env_name(field.name), text)

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from wirekit import assert_valid_message, make_meta, make_tensors, vocab_chars
 
 from shared import wire
 from shared.meta import StreamMeta
 from shared.wire import MAX_HEADER_BYTES, REASONS, WireError, decode, encode
+
+from helpers.wire import assert_valid_message, make_meta, make_tensors, vocab_chars
 
 META = make_meta(block_size=16, rows_per_message=4)
 FIXED_META = make_meta(block_size=16, rows_per_message=4, packing="fixed")
@@ -280,7 +281,7 @@ def test_missing_header_field(field):
 def test_producer_id_limits_accepted():
     frames, _ = build()
     for producer in ("p", "p" * 128, "\U0001f600" * 128):
-        assert decode(with_header(frames, lambda h: h.update(producer=producer))).producer_id == producer
+        assert decode(with_header(frames, lambda h, producer=producer: h.update(producer=producer))).producer_id == producer
 
 
 @pytest.mark.parametrize("val_index", [-1, 3, 4, 2**40])

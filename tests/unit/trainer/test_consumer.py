@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 import zmq
-from streamkit import as_bytes, make_frames, make_meta, make_tensors, wait_until
 
 from shared.recording import RecordingReader
 from shared.wire import decode, encode
@@ -16,6 +15,9 @@ from trainer.data.accounting import ProducerTable
 from trainer.data.assembly import BatchAssembler
 from trainer.data.consumer import DatasetConsumer
 from trainer.data.device import WIDE_DTYPES, host_tensor, to_device
+
+from helpers import wait_until
+from helpers.wire import as_bytes, make_frames, make_meta, make_tensors
 
 
 @pytest.fixture
@@ -43,7 +45,7 @@ def rows_of(batches, name):
 
 @pytest.mark.parametrize("rows_per_message,batch_size", [(4, 3), (3, 8), (5, 5), (7, 2)])
 def test_batches_have_exact_size_and_keep_row_order(context, rows_per_message, batch_size):
-    meta = make_meta(rows_per_message=rows_per_message, val_messages=0)
+    meta = make_meta(block_size=32, rows_per_message=rows_per_message, val_messages=0)
     rng = np.random.default_rng(1)
     messages = [make_tensors(meta, rows_per_message, rng) for _ in range(12)]
     with consumer(batch_size) as c:
@@ -66,7 +68,7 @@ def test_batches_have_exact_size_and_keep_row_order(context, rows_per_message, b
 
 
 def test_stage_is_widened_and_batch_stats_are_set(context):
-    meta = make_meta(rows_per_message=4, val_messages=0)
+    meta = make_meta(block_size=32, rows_per_message=4, val_messages=0)
     rng = np.random.default_rng(2)
     with consumer(4) as c:
         socket = pusher(context, c.endpoint)
@@ -93,7 +95,7 @@ def test_producer_table_counts_gaps_duplicates_and_late_arrivals():
 
 
 def test_gaps_and_duplicates_on_the_wire(context):
-    meta = make_meta(val_messages=0)
+    meta = make_meta(block_size=32, val_messages=0)
     rng = np.random.default_rng(3)
     with consumer(4) as c:
         socket = pusher(context, c.endpoint)
@@ -107,7 +109,7 @@ def test_gaps_and_duplicates_on_the_wire(context):
 
 
 def test_bad_messages_are_rejected_by_reason_and_the_good_stream_is_unaffected(context, caplog):
-    meta = make_meta(val_messages=0)
+    meta = make_meta(block_size=32, val_messages=0)
     other = make_meta(val_messages=0, block_size=meta.block_size * 2)
     rng = np.random.default_rng(4)
     good = [make_frames(meta, "good", seq, rng) for seq in range(7)]
@@ -133,7 +135,8 @@ def test_bad_messages_are_rejected_by_reason_and_the_good_stream_is_unaffected(c
         batches = [c.next_batch(timeout=5) for _ in range(7)]
         wait_until(lambda: c.stats().to_dict()["received"] == 13)
         stats = c.stats().to_dict()
-    assert stats["rejected"] == {"frame_count": 1, "header_not_msgpack": 1, "size": 1, "meta_mismatch": 1, "tensor_list": 1, "tensor_set": 1}
+    assert stats["rejected"] == {
+        "frame_count": 1, "header_not_msgpack": 1, "size": 1, "meta_mismatch": 1, "tensor_list": 1, "tensor_set": 1}
     assert stats["accepted"] == 7 and stats["gaps"] == 0
     assert list(stats["producers"]) == ["good"]
     assert c.meta == meta
@@ -144,7 +147,7 @@ def test_bad_messages_are_rejected_by_reason_and_the_good_stream_is_unaffected(c
 
 
 def test_val_set_first_copy_wins_and_batches_are_in_val_index_order(context):
-    meta = make_meta(rows_per_message=4, val_messages=3)
+    meta = make_meta(block_size=32, rows_per_message=4, val_messages=3)
     rng = np.random.default_rng(5)
     val = [make_tensors(meta, 4, rng) for _ in range(3)]
     impostor = make_tensors(meta, 4, rng)
@@ -166,7 +169,7 @@ def test_val_set_first_copy_wins_and_batches_are_in_val_index_order(context):
 
 
 def test_waiting_for_the_val_set_reads_past_a_full_queue(context):
-    meta = make_meta(rows_per_message=4, val_messages=1)
+    meta = make_meta(block_size=32, rows_per_message=4, val_messages=1)
     rng = np.random.default_rng(6)
     with consumer(4, queue_batches=2) as c:
         socket = pusher(context, c.endpoint)
@@ -184,7 +187,7 @@ def test_waiting_for_the_val_set_reads_past_a_full_queue(context):
 
 
 def test_starved_after_silence_and_recovers(context, caplog):
-    meta = make_meta(val_messages=0)
+    meta = make_meta(block_size=32, val_messages=0)
     rng = np.random.default_rng(7)
     caplog.set_level(logging.INFO, logger="trainer.data.consumer")
     with consumer(4, starved_after_s=0.3) as c:
@@ -200,7 +203,7 @@ def test_starved_after_silence_and_recovers(context, caplog):
 
 
 def test_full_queue_stops_reading_so_the_sender_blocks(context):
-    meta = make_meta(rows_per_message=4, val_messages=0)
+    meta = make_meta(block_size=32, rows_per_message=4, val_messages=0)
     rng = np.random.default_rng(8)
     frames = make_frames(meta, "p", 0, rng)
     with consumer(4, queue_batches=2) as c:
@@ -227,7 +230,7 @@ def test_full_queue_stops_reading_so_the_sender_blocks(context):
 
 
 def test_recording_holds_handed_out_messages_in_consumption_order(tmp_path, context):
-    meta = make_meta(rows_per_message=3, val_messages=2)
+    meta = make_meta(block_size=32, rows_per_message=3, val_messages=2)
     rng = np.random.default_rng(9)
     path = tmp_path / "rec.lpr"
     train = [make_frames(meta, "p", seq, rng) for seq in range(10)]
@@ -259,7 +262,7 @@ def test_recording_holds_handed_out_messages_in_consumption_order(tmp_path, cont
 
 
 def test_assembler_tags_the_batch_holding_each_first_row():
-    meta = make_meta(rows_per_message=5, val_messages=0)
+    meta = make_meta(block_size=32, rows_per_message=5, val_messages=0)
     rng = np.random.default_rng(10)
     first = make_tensors(meta, 5, rng)
     assembler = BatchAssembler(3, first)
@@ -280,7 +283,7 @@ def test_closed_consumer_refuses_batches_and_a_taken_port_is_an_error():
 
 
 def test_an_aligned_message_becomes_its_batch_without_a_copy_and_others_are_copied():
-    meta = make_meta(rows_per_message=4, val_messages=0)
+    meta = make_meta(block_size=32, rows_per_message=4, val_messages=0)
     rng = np.random.default_rng(11)
     aligned = make_tensors(meta, 4, rng)
     assembler = BatchAssembler(4, aligned)
@@ -294,7 +297,7 @@ def test_an_aligned_message_becomes_its_batch_without_a_copy_and_others_are_copi
 
 
 def test_handed_out_tensors_are_writable_copies_not_views_of_the_frames(context):
-    meta = make_meta(rows_per_message=4, val_messages=0)
+    meta = make_meta(block_size=32, rows_per_message=4, val_messages=0)
     tensors = make_tensors(meta, 4, np.random.default_rng(12), with_stage=True)
     received = decode([bytes(frame) for frame in encode(meta, "train", "p", 0, tensors)]).tensors  # read-only views
     cpu = torch.device("cpu")
@@ -315,7 +318,7 @@ def test_handed_out_tensors_are_writable_copies_not_views_of_the_frames(context)
 @pytest.mark.parametrize("every_s,batches_with_stats", [(0.0, "all"), (3600.0, "first")])
 def test_batch_statistics_are_computed_per_interval_and_the_histogram_sees_every_row(context, monkeypatch, every_s, batches_with_stats):
     monkeypatch.setattr("trainer.data.intake.STATS_EVERY_S", every_s)
-    meta = make_meta(rows_per_message=4, val_messages=0)
+    meta = make_meta(block_size=32, rows_per_message=4, val_messages=0)
     rng = np.random.default_rng(13)
     messages = [make_tensors(meta, 4, rng) for _ in range(6)]
     seen = []
@@ -334,7 +337,7 @@ def test_batch_statistics_are_computed_per_interval_and_the_histogram_sees_every
 
 
 def test_a_peer_sending_an_oversized_frame_is_cut_off_unread_and_others_go_on(context):
-    meta = make_meta(rows_per_message=4, val_messages=0)
+    meta = make_meta(block_size=32, rows_per_message=4, val_messages=0)
     rng = np.random.default_rng(14)
     with consumer(4, max_frame_bytes=1 << 20) as c:
         hostile = pusher(context, c.endpoint)
@@ -349,7 +352,7 @@ def test_a_peer_sending_an_oversized_frame_is_cut_off_unread_and_others_go_on(co
 
 
 def test_per_producer_accounting_counts_consumed_and_rejected_messages(context):
-    meta = make_meta(rows_per_message=4, val_messages=0)
+    meta = make_meta(block_size=32, rows_per_message=4, val_messages=0)
     other = make_meta(rows_per_message=4, val_messages=0, block_size=meta.block_size * 2)
     rng = np.random.default_rng(15)
     with consumer(4) as c:

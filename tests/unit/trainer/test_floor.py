@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-from shared.meta import StreamMeta
 from shared.vocab import Vocabulary
 from trainer.diagnostics.floor import context_free_floor, corrupted_token_entropy, entropy, span_coverage, stage_floors
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+from helpers import ROOT
+from helpers.wire import make_meta
+
+# In the shared/ folder next to the repository (the workspace's data), not in the repository itself.
+SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
-def make_meta(text: str, corruption: dict, block_size: int = 64, packing: str = "lines") -> StreamMeta:
-    vocabulary = Vocabulary.from_text(text)
-    counts = np.bincount(vocabulary.encode(text), minlength=vocabulary.base_size)
-    return StreamMeta.build(
-        vocabulary, corruption, counts, block_size=block_size, rows_per_message=4, packing=packing,
-        sampling="random", seed=0, corpus_fingerprint="0" * 16, val_messages=1,
-    )
+def text_meta(text: str, corruption: dict, block_size: int = 64, packing: str = "lines"):
+    """A one-val-message meta whose vocabulary and token counts come from ``text``."""
+    return make_meta(block_size, 4, packing=packing, val_messages=1, text=text, corruption=corruption, corpus_fingerprint="0" * 16)
 
 
 def corrupt(originals: np.ndarray, base_size: int, fractions, rng: np.random.Generator) -> np.ndarray:
@@ -52,7 +49,7 @@ SMALL_TEXT = "aaaaaaaabbbbccd\n" * 3 + "abcabcaaab\n"
 
 @pytest.mark.parametrize("fractions", [(0.8, 0.1, 0.1), (0.5, 0.25, 0.25), (0.0, 0.5, 0.5), (1.0, 0.0, 0.0)])
 def test_floor_matches_monte_carlo_of_the_optimal_predictor(fractions):
-    meta = make_meta(SMALL_TEXT, {"policy": "bert", "mask_prob": 0.15, "mask_fractions": list(fractions)})
+    meta = text_meta(SMALL_TEXT, {"policy": "bert", "mask_prob": 0.15, "mask_fractions": list(fractions)})
     tokens = meta.vocabulary.encode(SMALL_TEXT).astype(np.int64)
     rng = np.random.default_rng(0)
     pairs = []
@@ -71,7 +68,7 @@ def test_stage_mix_matches_monte_carlo_over_rows():
         {"type": "span", "spans_count": 3},
     ]
     corruption = {"policy": "stages", "mask_fractions": [0.6, 0.2, 0.2], "stages": {"train": stages, "val": stages[:1]}}
-    meta = make_meta(SMALL_TEXT, corruption)
+    meta = text_meta(SMALL_TEXT, corruption)
     tokens = meta.vocabulary.encode(SMALL_TEXT).astype(np.int64)
     base_size, candidates, rows_per_stage = meta.vocabulary.base_size, meta.block_size - 1, 6000
     rng = np.random.default_rng(1)
@@ -141,16 +138,16 @@ def test_floor_matches_the_real_producer_stream():
 
 
 def test_limits_all_mask_is_unigram_entropy_and_all_unchanged_is_zero():
-    meta = make_meta(SMALL_TEXT, {"policy": "uniform", "ratio_range": [0, 1], "mask_fractions": [1, 0, 0]})
+    meta = text_meta(SMALL_TEXT, {"policy": "uniform", "ratio_range": [0, 1], "mask_fractions": [1, 0, 0]})
     counts = np.asarray(meta.token_counts, dtype=float)
     assert context_free_floor(meta) == pytest.approx(entropy(counts / counts.sum()))
-    unchanged = make_meta(SMALL_TEXT, {"policy": "bert", "mask_prob": 0.15, "mask_fractions": [0, 0, 1]})
+    unchanged = text_meta(SMALL_TEXT, {"policy": "bert", "mask_prob": 0.15, "mask_fractions": [0, 0, 1]})
     assert context_free_floor(unchanged) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_supervised_sep_is_one_more_class_with_the_given_share():
-    plain = make_meta(SMALL_TEXT, {"policy": "bert", "mask_prob": 0.15, "mask_fractions": [1, 0, 0]})
-    with_sep = make_meta(
+    plain = text_meta(SMALL_TEXT, {"policy": "bert", "mask_prob": 0.15, "mask_fractions": [1, 0, 0]})
+    with_sep = text_meta(
         SMALL_TEXT, {"policy": "bert", "mask_prob": 0.15, "mask_fractions": [1, 0, 0], "supervise_sep": True}
     )
     base = entropy(np.asarray(plain.token_counts, dtype=float) / sum(plain.token_counts))
@@ -158,7 +155,7 @@ def test_supervised_sep_is_one_more_class_with_the_given_share():
     mixed = -share * np.log(share) - (1 - share) * np.log(1 - share) + (1 - share) * base
     assert context_free_floor(with_sep, sep_share=share) == pytest.approx(mixed)
     assert context_free_floor(with_sep) > context_free_floor(plain)  # default share 1 / block_size
-    fixed = make_meta(
+    fixed = text_meta(
         SMALL_TEXT, {"policy": "bert", "mask_prob": 0.15, "mask_fractions": [1, 0, 0], "supervise_sep": True},
         packing="fixed",
     )
@@ -171,10 +168,7 @@ def test_tinyshakespeare_at_80_10_10_is_about_3_07_nats():
     lines = text.splitlines(keepends=True)
     train = "".join(lines[: int(len(lines) * 0.9)])
     vocabulary = Vocabulary.from_text(text)
-    counts = np.bincount(vocabulary.encode(train), minlength=vocabulary.base_size)
-    meta = StreamMeta.build(
-        vocabulary, {"policy": "bert", "mask_prob": 0.15, "mask_fractions": [0.8, 0.1, 0.1]}, counts,
-        block_size=1024, rows_per_message=16, packing="lines", sampling="random", seed=0,
-        corpus_fingerprint="0" * 16, val_messages=1,
-    )
+    counts = np.bincount(vocabulary.encode(train), minlength=vocabulary.base_size)  # the train lines only
+    meta = make_meta(1024, 16, val_messages=1, text=text, token_counts=counts, corpus_fingerprint="0" * 16,
+                     corruption={"policy": "bert", "mask_prob": 0.15, "mask_fractions": [0.8, 0.1, 0.1]})
     assert context_free_floor(meta) == pytest.approx(3.07, abs=0.005)

@@ -3,7 +3,9 @@ cumulative percentiles, answers while the training thread is blocked, Prometheus
 
 from __future__ import annotations
 
+import contextlib
 import math
+import socket
 import threading
 import time
 
@@ -11,77 +13,18 @@ import httpx
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from synthetic_batches import ReadyStream, SyntheticStream
 
-from shared.batch_stats import MaskRatioHistogram, batch_statistics, mask_ratio_counts, valid_lengths
-from trainer.data.stats import ProducerRow, StreamStats
+from shared.batch_stats import MaskRatioHistogram
 from trainer.diagnostics.alarms import AlarmSettings
 from trainer.diagnostics.config import DiagnosticsSettings
 from trainer.diagnostics.http import create_app, serve_in_thread, start_diagnostics
 from trainer.diagnostics.state import Diagnostics
-from trainer.loop.config import TrainConfig
 from trainer.loop.numbers import EvalNumbers, StepNumbers
-from trainer.loop.train import Trainer
-from trainer.model.transformer import ModelConfig
 
-MODEL = ModelConfig(n_layer=1, n_head=2, n_embd=32)
+from helpers.processes import free_port
+from helpers.streams import FakeConsumer, make_trainer
+
 TIMEOUT = 10.0
-
-
-class FakeConsumer(ReadyStream):
-    """The DatasetConsumer interface over a SyntheticStream, with the real batch statistics and
-    histogram, StreamStats as the consumer makes them, and a gate that can block next_batch."""
-
-    def __init__(self, block_size: int = 48, batch_size: int = 8, seed: int = 0) -> None:
-        self.stream = SyntheticStream(block_size=block_size, batch_size=batch_size, seed=seed)
-        self.meta = self.stream.meta
-        self._val = self.stream.batches(2)
-        self.last_batch_stats = None
-        self.cumulative_mask_ratio = MaskRatioHistogram()
-        self.ratios_seen: list[np.ndarray] = []
-        self.consumed = 0
-        self.rejected = {"meta_mismatch": 0, "dtype": 0}
-        self.last_message = time.monotonic()
-        self.gate = threading.Event()
-        self.gate.set()
-        self.blocked = threading.Event()
-
-    def next_batch(self, split="train", timeout=None):
-        if not self.gate.is_set():
-            self.blocked.set()
-            assert self.gate.wait(TIMEOUT), "the test never opened the gate"
-        batch = self.stream.batch()
-        arrays = {name: tensor.numpy() for name, tensor in batch.items()}
-        self.last_batch_stats = batch_statistics(
-            arrays["x"], arrays["y"], valid_lengths(arrays["attention_mask"]), arrays["mask_ratio"], self.meta.mask_id,
-            self.meta.ignore_index
-        )
-        self.cumulative_mask_ratio.add_counts(mask_ratio_counts(arrays["mask_ratio"]))
-        self.ratios_seen.append(arrays["mask_ratio"])
-        self.consumed += 1
-        self.last_message = time.monotonic()
-        return batch
-
-    def stats(self):
-        total_rejected = sum(self.rejected.values())
-        return StreamStats(
-            received=self.consumed + total_rejected, accepted=self.consumed, rejected=dict(self.rejected),
-            rejected_total=total_rejected, consumed_messages=self.consumed, consumed_batches=self.consumed,
-            dropped_train=0, gaps=1, duplicates=0, out_of_order=0,
-            producers={"p0": ProducerRow(messages=self.consumed, train=self.consumed, val=2, first_seq=0,
-                                         last_seq=self.consumed + 2, gaps=1, duplicates=0, out_of_order=0,
-                                         seconds_since_last=0.0)},
-            starved=False, seconds_since_last_message=round(time.monotonic() - self.last_message, 3),
-            queue_depth=2, val_messages_seen=2, val_messages_total=2, meta_digest=self.meta.digest,
-        )
-
-
-def make_trainer(tmp_path, consumer, diagnostics, max_iters=30, eval_interval=10) -> Trainer:
-    config = TrainConfig(out_dir=str(tmp_path), batch_size=8, max_iters=max_iters, eval_interval=eval_interval,
-                         log_interval=5, device="cpu", lr=3e-3, warmup_iters=5, seed=1)
-    trainer = Trainer(config, MODEL, consumer, [diagnostics])
-    trainer.prepare(wait_timeout=5)
-    return trainer
 
 
 @pytest.fixture(scope="module")
@@ -237,8 +180,7 @@ def test_cli_arguments_and_port_zero_disables_the_server():
     assert (defaults.http_host, defaults.http_port, defaults.probe_interval) == ("127.0.0.1", 8000, None)
     diagnostics, server = start_diagnostics(DiagnosticsSettings(http_port=0, probe_interval=50))
     assert server is None and diagnostics.prober.interval == 50
-    with socket_port() as port:
-        pass  # released: free for the server
+    port = free_port()  # released: free for the server
     diagnostics, server = start_diagnostics(DiagnosticsSettings(http_port=port))
     try:
         assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=TIMEOUT).json() == {"ok": True, "step": 0}
@@ -250,29 +192,19 @@ def test_cli_arguments_and_port_zero_disables_the_server():
 
 
 def test_a_taken_port_leaves_training_without_the_server(caplog):
-    with socket_port(listen=True) as port:
+    with taken_port() as port:
         diagnostics, server = start_diagnostics(DiagnosticsSettings(http_port=port))
     assert server is None and isinstance(diagnostics, Diagnostics)
     assert "training goes on without it" in caplog.text
 
 
-class socket_port:
-    """A free TCP port on 127.0.0.1, bound (and listening with ``listen``) until exit."""
-
-    def __init__(self, listen: bool = False) -> None:
-        self.listen = listen
-
-    def __enter__(self) -> int:
-        import socket
-
-        self.socket = socket.socket()
-        self.socket.bind(("127.0.0.1", 0))
-        if self.listen:
-            self.socket.listen()
-        return self.socket.getsockname()[1]
-
-    def __exit__(self, *exc) -> None:
-        self.socket.close()
+@contextlib.contextmanager
+def taken_port():
+    """A TCP port on 127.0.0.1 that a listening socket holds until exit."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        yield holder.getsockname()[1]
 
 
 def test_snapshot_types_the_real_consumer_and_counts_a_foreign_stream():

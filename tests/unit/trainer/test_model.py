@@ -5,11 +5,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from synthetic_batches import SyntheticStream, make_meta
 
 from shared.vocab import IGNORE_INDEX
 from trainer.model.losses import supervised_loss
 from trainer.model.transformer import BidirectionalTransformer, ModelConfig, key_padding_mask
+
+from helpers.streams import SyntheticStream
 
 
 def tiny_model(meta, positions="learned", seed=0):
@@ -103,7 +104,7 @@ def test_loss_of_a_batch_without_supervision_is_zero():
 
 
 def test_check_covers_refuses_a_model_too_small_for_the_stream():
-    meta = make_meta(block_size=64)
+    meta = SyntheticStream(block_size=64).meta
     ModelConfig().for_stream(meta).check_covers(meta)
     with pytest.raises(ValueError, match="pad_id"):
         ModelConfig(vocab_size=meta.vocab_size - 1, block_size=64).check_covers(meta)

@@ -12,10 +12,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from test_http import FakeConsumer, make_trainer
 
 from trainer.diagnostics.http import PAGE, create_app, serve_in_thread
 from trainer.diagnostics.state import Diagnostics
+
+from helpers.streams import FakeConsumer, make_trainer
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -15,10 +15,8 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from synthetic_batches import ReadyStream
 
 import trainer.loop.train
-import trainer.model.transformer
 from producer.corpus import Corpus
 from producer.stream import BatchStream
 from shared.data_config import DataConfig
@@ -32,7 +30,8 @@ from trainer.loop.train import Trainer
 from trainer.model.selftest import MaskSelfTestError
 from trainer.model.transformer import ModelConfig
 
-WORDS = "the quick brown fox jumps over a lazy dog and then sleeps in the warm sun".split()
+from helpers.streams import WORDS, ReadyStream, invert_key_padding_mask
+
 BATCH_SIZE = 16
 STEPS = 300
 ALARM_WARMUP = 150
@@ -83,12 +82,6 @@ def stream() -> BatchStream:
     return BatchStream(DATA, word_corpus())
 
 
-def inverted(monkeypatch) -> None:
-    """Pass SDPA the padding mask (True = [PAD]) where it wants True = may attend: the §9.1 bug."""
-    correct = trainer.model.transformer.key_padding_mask
-    monkeypatch.setattr(trainer.model.transformer, "key_padding_mask", lambda attention_mask: ~correct(attention_mask))
-
-
 def make_trainer(tmp_path, stream: BatchStream, diagnostics: Diagnostics) -> Trainer:
     config = TrainConfig(out_dir=str(tmp_path), batch_size=BATCH_SIZE, max_iters=STEPS, eval_interval=STEPS,
                          log_interval=50, device="cpu", lr=5e-3, min_lr=5e-4, warmup_iters=20, seed=0)
@@ -119,7 +112,7 @@ def alarm(answer: dict, name: str) -> dict:
 
 
 def test_an_inverted_mask_is_refused_before_the_first_step(tmp_path, stream, monkeypatch):
-    inverted(monkeypatch)
+    invert_key_padding_mask(monkeypatch)
     run = make_trainer(tmp_path, stream, Diagnostics())
     with pytest.raises(MaskSelfTestError, match="inverted"):
         run.prepare(wait_timeout=5)
@@ -127,7 +120,7 @@ def test_an_inverted_mask_is_refused_before_the_first_step(tmp_path, stream, mon
 
 
 def test_forced_through_an_inverted_mask_sits_at_the_floor_and_context_blind_fires(tmp_path, stream, monkeypatch):
-    inverted(monkeypatch)
+    invert_key_padding_mask(monkeypatch)
     monkeypatch.setattr(trainer.loop.train, "mask_self_test", lambda model, batch, meta: {"bypassed": True})
     answer = train_and_diagnose(tmp_path, stream)
 

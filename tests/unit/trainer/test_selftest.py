@@ -2,11 +2,12 @@
 
 import pytest
 import torch
-from synthetic_batches import SyntheticStream
 
 import trainer.model.transformer
 from trainer.model.selftest import MaskSelfTestError, mask_self_test
 from trainer.model.transformer import BidirectionalTransformer, ModelConfig
+
+from helpers.streams import SyntheticStream, invert_key_padding_mask
 
 
 @pytest.fixture
@@ -30,8 +31,7 @@ def test_a_correct_model_passes_and_train_mode_is_restored(setup):
 
 def test_an_inverted_mask_is_caught(setup, monkeypatch):
     stream, model = setup
-    correct = trainer.model.transformer.key_padding_mask
-    monkeypatch.setattr(trainer.model.transformer, "key_padding_mask", lambda attention_mask: ~correct(attention_mask))
+    invert_key_padding_mask(monkeypatch)
     with pytest.raises(MaskSelfTestError, match="inverted"):
         mask_self_test(model, stream.batch(), stream.meta)
 
@@ -41,8 +41,7 @@ def test_an_inverted_mask_is_caught_on_padded_rows_alone(setup, monkeypatch):
     batch = stream.batch()
     padded = (batch["attention_mask"] == 0).any(dim=1)
     batch = {name: tensor[padded] for name, tensor in batch.items()}
-    correct = trainer.model.transformer.key_padding_mask
-    monkeypatch.setattr(trainer.model.transformer, "key_padding_mask", lambda attention_mask: ~correct(attention_mask))
+    invert_key_padding_mask(monkeypatch)
     with pytest.raises(MaskSelfTestError, match="tokens after \\[SEP\\] changed"):
         mask_self_test(model, batch, stream.meta)
 
@@ -52,8 +51,7 @@ def test_an_inverted_mask_is_caught_on_rows_without_padding(setup, monkeypatch):
     batch = stream.batch()
     batch["attention_mask"][:] = 1
     batch["x"][batch["x"] == stream.meta.pad_id] = 0
-    correct = trainer.model.transformer.key_padding_mask
-    monkeypatch.setattr(trainer.model.transformer, "key_padding_mask", lambda attention_mask: ~correct(attention_mask))
+    invert_key_padding_mask(monkeypatch)
     with pytest.raises(MaskSelfTestError, match="inverted"):
         mask_self_test(model, batch, stream.meta)
 

@@ -1,20 +1,14 @@
-"""The training loop: in process with an in-memory consumer, and as real processes."""
+"""The training loop in process, with an in-memory consumer (integration/test_train_processes.py: as real processes)."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from processkit import free_port
-from synthetic_batches import ReadyStream, SyntheticStream
 
-import trainer.model.transformer
 from trainer.data.stats import StreamStats
 from trainer.loop.checkpoint import load_checkpoint
 from trainer.loop.config import TrainConfig
@@ -23,7 +17,8 @@ from trainer.loop.train import Trainer
 from trainer.model.selftest import MaskSelfTestError
 from trainer.model.transformer import ModelConfig
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers.streams import ReadyStream, SyntheticStream, invert_key_padding_mask
+
 MODEL = ModelConfig(n_layer=2, n_head=2, n_embd=32, dropout=0.1)
 
 
@@ -127,8 +122,7 @@ def test_same_seed_and_stream_give_identical_losses_and_another_seed_does_not(tm
 
 
 def test_an_inverted_mask_makes_the_trainer_refuse_to_start(tmp_path, monkeypatch):
-    correct = trainer.model.transformer.key_padding_mask
-    monkeypatch.setattr(trainer.model.transformer, "key_padding_mask", lambda attention_mask: ~correct(attention_mask))
+    invert_key_padding_mask(monkeypatch)
     meta, batches, val = data(3)
     with pytest.raises(MaskSelfTestError):
         train(tmp_path, batches, meta, val)
@@ -199,72 +193,3 @@ def test_weight_decay_applies_to_matrices_only(tmp_path):
     decayed, plain = run.optimizer.param_groups
     assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
     assert all(p.dim() == 2 for p in decayed["params"]) and all(p.dim() == 1 for p in plain["params"])
-
-
-# ---- real processes: python -m producer run/replay  ->  python -m trainer ----------------
-
-TRAINER_FLAGS = ["--device", "cpu", "--batch-size", "8", "--max-iters", "20", "--eval-interval", "10",
-                 "--eval-batches", "1", "--log-interval", "5", "--n-layer", "1", "--n-head", "2",
-                 "--n-embd", "32", "--lr", "3e-3", "--warmup-iters", "5", "--seed", "7", "--wait-timeout", "30",
-                 "--http-port", "0"]
-PRODUCER_FLAGS = ["--block-size", "64", "--rows-per-message", "8", "--policy", "uniform", "--seed", "3"]
-PROCESS_TIMEOUT_S = 90
-
-
-def start(module, *args):
-    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-
-
-def run_pair(out_dir, producer_args, trainer_args=(), prelude=None):
-    """Start a trainer bound to a free port and a producer connected to it; the trainer's (exit status, log)."""
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
-    args = ["--bind", endpoint, "--out-dir", str(out_dir), *TRAINER_FLAGS, *trainer_args]
-    if prelude is None:
-        trainer_process = start("trainer", *args)
-    else:
-        script = f"{prelude}\nimport sys\nfrom trainer.__main__ import main\nsys.exit(main({args!r}))"
-        trainer_process = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
-                                           stderr=subprocess.STDOUT, text=True)
-    producer_process = start("producer", *producer_args, "--connect", endpoint)
-    try:
-        output, _ = trainer_process.communicate(timeout=PROCESS_TIMEOUT_S)
-    finally:
-        for process in (trainer_process, producer_process):
-            if process.poll() is None:
-                process.kill()
-            process.communicate()
-    return trainer_process.returncode, output
-
-
-def losses(out_dir):
-    records = [json.loads(line) for line in open(out_dir / "metrics.jsonl")]
-    return [(r["kind"], r["step"], r.get("train_loss"), r.get("val_loss")) for r in records if r["kind"] != "summary"]
-
-
-@pytest.mark.slow
-def test_processes_train_record_and_replay_identically(tmp_path):
-    recording = tmp_path / "stream.lps"
-    status, output = run_pair(tmp_path / "live", ["run", *PRODUCER_FLAGS], ["--record", str(recording)])
-    assert status == 0, output
-    assert "mask self-test passed" in output and "data wait" in output
-    live = losses(tmp_path / "live")
-    train_losses = [loss for kind, _, loss, _ in live if kind == "train"]
-    assert len(train_losses) == 4 and train_losses[-1] < train_losses[0] - 0.3, output
-
-    status, output = run_pair(tmp_path / "replayed", ["replay", str(recording)])
-    assert status == 0, output
-    assert losses(tmp_path / "replayed") == live  # step for step, bit-exact on CPU
-
-
-@pytest.mark.slow
-def test_a_trainer_with_an_inverted_mask_refuses_to_start(tmp_path):
-    prelude = (
-        "import trainer.model.transformer as model\n"
-        "correct = model.key_padding_mask\n"
-        "model.key_padding_mask = lambda attention_mask: ~correct(attention_mask)"
-    )
-    status, output = run_pair(tmp_path, ["run", *PRODUCER_FLAGS], prelude=prelude)
-    assert status == 2, output
-    assert "refusing to train: the mask self-test failed" in output and "inverted" in output
-    assert not (tmp_path / "metrics.jsonl").exists()
