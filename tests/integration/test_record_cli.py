@@ -1,0 +1,106 @@
+"""``python -m producer record`` / ``inspect`` end to end, as subprocesses."""
+
+import json
+import os
+
+import pytest
+
+from shared.recording import RecordingReader
+from shared.wire import decode
+
+from helpers import ROOT
+from helpers.processes import run_module
+
+# The corpus of unit/producer/test_stream.py: unique lines of varied length.
+STREAM_TEXT = "".join(f"line {i} " + "abcdefg"[: i % 7] * (i % 5) + "\n" for i in range(300)) + "tail with Z\n"
+
+
+def producer(*args, check=True, **environment):
+    """``python -m producer ARGS``; ``environment`` is added to the child's."""
+    result = run_module("producer", *args, env={**os.environ, "PYTHONPATH": str(ROOT), **environment})
+    if check and result.returncode != 0:
+        raise AssertionError(result.stderr)
+    return result
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "small.txt"
+    path.write_text("".join(f"to be or not to be, line {i}\n" for i in range(400)))
+    return path
+
+
+def test_record_then_inspect_a_small_corpus(corpus, tmp_path):
+    out = tmp_path / "s.lps"
+    producer("record", "--corpus", corpus, "--out", out, "--messages", 30, "--policy", "uniform",
+             "--block-size", 128, "--producer-id", "w3")
+    with RecordingReader(out) as reader:
+        messages = [decode(frames) for frames in reader]
+    assert [m.seq for m in messages] == list(range(30))
+    assert {m.producer_id for m in messages} == {"w3"} and {m.split for m in messages} == {"train"}
+    report = json.loads(producer("inspect", out).stdout)
+    assert report["messages"] == 30 and report["rows"] == 30 * 16 and report["rejected"] == 0
+    assert report["meta"]["block_size"] == 128 and json.loads(report["meta"]["corruption"])["policy"] == "uniform"
+    assert 0.85 < report["packing_efficiency"] <= 1 and report["valid_len"]["max"] <= 128
+    assert 0.4 < report["supervised_per_token"] < 0.6
+    assert abs(report["pct_mask"] - 80) < 3 and abs(report["pct_random"] - 10) < 3 and abs(report["pct_unchanged"] - 10) < 3
+    assert report["mask_ratio"]["p10"] < report["mask_ratio"]["p50"] < report["mask_ratio"]["p90"]
+    assert not report["truncated"] and report["lost_bytes"] == 0 and report["corrupt_records"] == 0
+
+
+def test_val_recording_cycles_the_val_set_with_indices(corpus, tmp_path):
+    out = tmp_path / "v.lps"
+    producer("record", "--corpus", corpus, "--out", out, "--messages", 7, "--split", "val",
+             "--block-size", 128, "--rows-per-message", 2, "--policy", "stages")
+    with RecordingReader(out) as reader:
+        messages = [decode(frames) for frames in reader]
+    val_messages = messages[0].meta.val_messages
+    assert val_messages == 5  # 40 val lines of about 29 tokens: 4 per row, 10 rows, 2 per message
+    assert [m.val_index for m in messages] == [0, 1, 2, 3, 4, 0, 1]
+    assert [m.seq for m in messages] == list(range(7)) and {m.split for m in messages} == {"val"}
+    assert all("stage" in m.tensors for m in messages)
+    assert bytes(messages[0].frames[1]) == bytes(messages[5].frames[1])
+
+
+def test_inspect_reports_a_cut_recording_and_a_corrupt_record(corpus, tmp_path):
+    out = tmp_path / "cut.lps"
+    producer("record", "--corpus", corpus, "--out", out, "--messages", 4, "--block-size", 64)
+    data = bytearray(out.read_bytes())
+    data[-100] ^= 0xFF  # inside the last record: its CRC fails
+    first_record = data.index(b"LPR1")
+    out.write_bytes(bytes(data) + data[first_record : first_record + 136])  # and a cut record after it
+    report = json.loads(producer("inspect", out).stdout)
+    assert report["messages"] == 3 and report["corrupt_records"] == 1
+    assert report["truncated"] and report["lost_bytes"] == 136
+
+
+def test_record_on_the_builtin_corpus(tmp_path):
+    out = tmp_path / "b.lps"
+    producer("record", "--out", out, "--messages", 3, "--block-size", 256, "--packing", "fixed")
+    report = json.loads(producer("inspect", out).stdout)
+    assert report["messages"] == 3 and report["packing_efficiency"] == 1.0
+    assert report["meta"]["packing"] == "fixed"
+    assert abs(report["supervised_per_token"] - 0.15) < 0.05
+
+
+def test_usage_errors(tmp_path):
+    missing = producer("record", "--corpus", tmp_path / "nope.txt", "--out", tmp_path / "x.lps", "--messages", 1, check=False)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    bad = producer("record", "--out", tmp_path / "x.lps", "--messages", 1, "--mask-fractions", "1,1,1", check=False)
+    assert bad.returncode == 2 and "--mask-fractions" in bad.stderr
+    (tmp_path / "junk.lps").write_bytes(b"not a recording")
+    junk = producer("inspect", tmp_path / "junk.lps", check=False)
+    assert junk.returncode == 2 and "not a Linepack recording" in junk.stderr
+
+
+def test_the_stream_does_not_depend_on_pythons_hash_seed(tmp_path):
+    corpus_path = tmp_path / "corpus.txt"
+    corpus_path.write_text(STREAM_TEXT)
+    recorded = []
+    for hash_seed in ("1", "2"):
+        out = tmp_path / f"s{hash_seed}.lps"
+        producer("record", "--corpus", corpus_path, "--block-size", "64", "--rows-per-message", "8", "--policy", "uniform",
+                 "--producer-id", "not-the-default", "--messages", "3", "--out", out, PYTHONHASHSEED=hash_seed)
+        with RecordingReader(out) as reader:
+            recorded.append([frames for frames in reader])
+    assert len(recorded[0]) == 3 and recorded[0] == recorded[1]

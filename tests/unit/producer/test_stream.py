@@ -1,0 +1,233 @@
+"""BatchStream: wire validity, determinism, producer ids, the val set, epoch sampling, config."""
+
+import argparse
+import json
+from itertools import islice
+
+import numpy as np
+import pytest
+
+from producer.corpus import Corpus, load_corpus
+from producer.stages import EXAMPLE_STAGES, load_stage_plan
+from producer.stream import BatchStream, _policy
+from shared import settings
+from shared.data_config import DataConfig
+from shared.limits import MAX_VAL_ROWS
+from shared.wire import decode, encode
+
+# Unique lines of varied length, so rows can be mapped back to lines.
+TEXT = "".join(f"line {i} " + "abcdefg"[: i % 7] * (i % 5) + "\n" for i in range(300)) + "tail with Z\n"
+
+
+@pytest.fixture(scope="module")
+def corpus_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text(TEXT)
+    return str(path)
+
+
+def stream(corpus_path, **overrides) -> BatchStream:
+    settings = {"corpus": corpus_path, "block_size": 64, "rows_per_message": 8, **overrides}
+    return BatchStream(DataConfig(**settings))
+
+
+def frames_of(s: BatchStream, messages: int):
+    return [bytes(f) for i, b in enumerate(islice(s.train_batches(), messages)) for f in encode(s.meta, "train", s.producer_id, i, b)]
+
+
+@pytest.mark.parametrize("packing", ["lines", "fixed"])
+@pytest.mark.parametrize("policy", ["bert", "uniform", "stages"])
+@pytest.mark.parametrize("sampling", ["random", "epoch"])
+def test_every_message_passes_the_wire_decoder(corpus_path, packing, policy, sampling):
+    for supervise_sep in (False, True):
+        s = stream(corpus_path, packing=packing, policy=policy, sampling=sampling, supervise_sep=supervise_sep)
+        for seq, batch in enumerate(islice(s.train_batches(), 12)):
+            message = decode(encode(s.meta, "train", s.producer_id, seq, batch))
+            assert message.rows == 8 and ("stage" in message.tensors) == (policy == "stages")
+            assert {name: batch[name].dtype.str for name in batch} == {
+                name: message.tensors[name].dtype.str for name in message.tensors
+            }
+        val = s.val_set()
+        assert len(val) == s.meta.val_messages > 0
+        for index, batch in enumerate(val):
+            decode(encode(s.meta, "val", s.producer_id, 0, batch, val_index=index))
+
+
+def test_meta_vocabulary_counts_and_corruption_description(corpus_path):
+    s = stream(corpus_path, policy="stages")
+    meta = s.meta
+    assert "Z" in meta.vocab  # only in the val lines: the vocabulary covers the whole corpus
+    train_text = TEXT[: TEXT.index("line 271 ")]  # 301 lines: 271 train (0..270), 30 val
+    counts = dict(zip(meta.vocab, meta.token_counts))
+    assert counts["Z"] == 0 and all(counts[c] == train_text.count(c) for c in meta.vocab)
+    assert meta.corpus_fingerprint == load_corpus(corpus_path).fingerprint
+    corruption = json.loads(meta.corruption)
+    assert corruption["policy"] == "stages" and corruption["mask_fractions"] == [0.8, 0.1, 0.1]
+    assert corruption["supervise_sep"] is False
+    assert len(corruption["stages"]["train"]) == 9 and len(corruption["stages"]["val"]) == 14
+    bert = json.loads(stream(corpus_path, mask_prob=0.3, supervise_sep=True).meta.corruption)
+    assert bert["policy"] == "bert" and bert["mask_prob"] == 0.3 and bert["supervise_sep"] is True
+    uniform = json.loads(stream(corpus_path, policy="uniform", ratio_range=(0.1, 0.4)).meta.corruption)
+    assert uniform["ratio_range"] == [0.1, 0.4]
+
+
+def test_same_seed_same_bytes_and_ids_or_seeds_change_the_stream(corpus_path):
+    baseline = frames_of(stream(corpus_path, policy="uniform", producer_id="a"), 5)
+    assert frames_of(stream(corpus_path, policy="uniform", producer_id="a"), 5) == baseline
+    other_id = stream(corpus_path, policy="uniform", producer_id="b")
+    other_seed = stream(corpus_path, policy="uniform", producer_id="a", seed=1)
+    same = stream(corpus_path, policy="uniform", producer_id="a")
+    for a, b in ((same, other_id), (same, other_seed)):
+        first_a, first_b = next(a.train_batches()), next(b.train_batches())
+        assert not np.array_equal(first_a["x"], first_b["x"])
+
+
+def test_default_producer_id_is_zero(corpus_path):
+    assert stream(corpus_path).producer_id == "0"
+    assert frames_of(stream(corpus_path), 2) == frames_of(stream(corpus_path, producer_id="0"), 2)
+
+
+@pytest.mark.parametrize("policy", ["bert", "stages"])
+def test_val_set_is_the_same_for_every_producer_and_covers_every_val_line(corpus_path, policy):
+    sets = [stream(corpus_path, policy=policy, producer_id=pid).val_set() for pid in ("0", "1", "worker-7")]
+    for other in sets[1:]:
+        for a, b in zip(sets[0], other):
+            assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    s = stream(corpus_path, policy=policy)
+    vocabulary = s.vocabulary
+    text = ""
+    for batch in sets[0]:
+        original = np.where(batch["y"] != -100, batch["y"], batch["x"])
+        for row, valid in zip(original, batch["attention_mask"].sum(axis=1)):
+            text += vocabulary.decode(row[: valid - 1])
+    lines = TEXT.splitlines(keepends=True)
+    assert text == "".join(lines[271:])
+    assert sum(len(b["x"]) for b in sets[0]) <= MAX_VAL_ROWS
+
+
+def test_val_set_is_capped(tmp_path):
+    path = tmp_path / "big.txt"
+    path.write_text("".join(f"{i}\n" for i in range(20000)))
+    s = BatchStream(DataConfig(corpus=str(path), block_size=8, rows_per_message=10))
+    val = s.val_set()
+    assert sum(len(b["x"]) for b in val) == MAX_VAL_ROWS
+    assert s.meta.val_messages == len(val) == 26 and len(val[-1]["x"]) == 6
+
+
+def _row_texts(s: BatchStream, batch) -> list[str]:
+    original = np.where(batch["y"] != -100, batch["y"], batch["x"])
+    return [s.vocabulary.decode(row[: valid - 1]) for row, valid in zip(original, batch["attention_mask"].sum(axis=1))]
+
+
+def test_epoch_sampling_sees_every_train_line_once_per_epoch_and_resumes(corpus_path):
+    s = stream(corpus_path, sampling="epoch", policy="uniform", producer_id="p")
+    per_epoch = s.packs_per_epoch
+    batches = list(islice(s.train_batches(), -(-2 * per_epoch // 8) + 1))
+    rows = [text for batch in batches for text in _row_texts(s, batch)]
+    train_lines = TEXT.splitlines(keepends=True)[:271]
+    for epoch in range(2):
+        seen = [line for row in rows[epoch * per_epoch : (epoch + 1) * per_epoch] for line in row.splitlines(keepends=True)]
+        assert sorted(seen) == sorted(train_lines)
+    assert rows[:per_epoch] != rows[per_epoch : 2 * per_epoch]  # reshuffled each epoch
+    # Resuming at a position gives exactly the uninterrupted stream from there on.
+    for done in (1, 5, 9):
+        epoch, index = s.resume_position(done)
+        resumed = next(s.train_batches(epoch, index))
+        assert all(np.array_equal(resumed[k], batches[done][k]) for k in resumed)
+    other = stream(corpus_path, sampling="epoch", policy="uniform", producer_id="q")
+    assert _row_texts(other, next(other.train_batches())) != _row_texts(s, batches[0])
+
+
+def test_random_sampling_resumes_by_message_index(corpus_path):
+    s = stream(corpus_path)
+    batches = list(islice(s.train_batches(), 4))
+    resumed = next(s.train_batches(*s.resume_position(3)))
+    assert all(np.array_equal(resumed[k], batches[3][k]) for k in resumed)
+    with pytest.raises(ValueError):
+        next(s.train_batches(epoch=1))
+
+
+def test_no_val_set_with_zero_val_fraction(corpus_path):
+    s = stream(corpus_path, val_fraction=0.0)
+    assert s.meta.val_messages == 0 and s.val_set() == []
+
+
+def test_explicit_corpus_object_is_used(corpus_path):
+    corpus = Corpus("ab\ncd\n" * 10, "inline", "f" * 16)
+    s = BatchStream(DataConfig(block_size=16, rows_per_message=2), corpus=corpus)
+    assert s.meta.vocab == "\nabcd" and s.meta.corpus_fingerprint == "f" * 16
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    settings.add_arguments(parser, DataConfig)
+    return settings.from_namespace(DataConfig, parser.parse_args(argv))
+
+
+def test_flags_defaults_and_parsing():
+    assert parse([]) == DataConfig()
+    config = parse(["--block-size", "128", "--ratio-range", "0.2,0.6", "--mask-fractions", "1,0,0",
+                    "--policy", "uniform", "--supervise-sep", "--producer-id", "w1", "--sampling", "epoch"])
+    assert config.block_size == 128 and config.ratio_range == (0.2, 0.6) and config.mask_fractions == (1.0, 0.0, 0.0)
+    assert config.supervise_sep and config.producer_id == "w1" and config.sampling == "epoch"
+    stages = parse(["--policy", "stages"])
+    assert stages.stages is None and _policy(stages).plan == load_stage_plan(EXAMPLE_STAGES)  # the shipped mix
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--block-size", "1"],
+        ["--rows-per-message", "0"],
+        ["--mask-prob", "0"],
+        ["--ratio-range", "0.6,0.2"],
+        ["--ratio-range", "0.5"],
+        ["--mask-fractions", "0.8,0.1,0.2"],
+        ["--mask-fractions", "a,b,c"],
+        ["--val-fraction", "1"],
+        ["--seed", "-1"],
+        ["--packing", "words"],
+        ["--producer-id", ""],
+    ],
+)
+def test_bad_flags_are_usage_errors(argv, capsys):
+    with pytest.raises(SystemExit):
+        parse(argv)
+    assert "error: argument" in capsys.readouterr().err
+
+
+def test_bad_combinations_raise_value_errors(tmp_path):
+    with pytest.raises(ValueError, match="--stages applies only"):
+        parse(["--stages", "x.toml"])
+    with pytest.raises(ValueError, match="stage file"):
+        BatchStream(parse(["--policy", "stages", "--stages", str(tmp_path / "missing.toml")]), corpus=Corpus("ab\ncd\n", "x", "f" * 16))
+    with pytest.raises(ValueError, match="mask fractions"):
+        DataConfig(mask_fractions=(0.5, 0.5, 0.5))
+
+
+@pytest.mark.parametrize("supervise_sep", [False, True])
+def test_sep_is_a_candidate_only_with_supervise_sep(corpus_path, supervise_sep):
+    s = stream(corpus_path, policy="uniform", ratio_range=(0.5, 1.0), supervise_sep=supervise_sep)
+    sep_labels, sep_inputs = [], []
+    for batch in islice(s.train_batches(), 20):
+        last = batch["attention_mask"].sum(axis=1) - 1
+        rows = np.arange(len(last))
+        sep_labels.append(batch["y"][rows, last])
+        sep_inputs.append(batch["x"][rows, last])
+    labels, inputs = np.concatenate(sep_labels), np.concatenate(sep_inputs)
+    if supervise_sep:  # with ratios >= 0.5, many of the 160 [SEP]s are supervised, and their label is [SEP]
+        assert 20 < np.count_nonzero(labels != -100) < len(labels) and set(labels[labels != -100]) == {s.meta.sep_id}
+    else:
+        assert np.all(labels == -100) and np.all(inputs == s.meta.sep_id)
+
+
+def test_random_rows_start_at_every_train_line_uniformly(corpus_path):
+    s = stream(corpus_path, block_size=32, rows_per_message=64)
+    counts = np.zeros(271)  # the train lines: "line 0 ..." to "line 270 ..."
+    for batch in islice(s.train_batches(), 100):  # 6,400 rows, ~24 per line
+        for text in _row_texts(s, batch):
+            counts[int(text.split()[1])] += 1  # the row's first line, even when it is cut at the block
+    expected = counts.sum() / len(counts)
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    # 270 degrees of freedom: mean 270, sd ~23; a biased sampler (e.g. by line length) lands far above.
+    assert chi2 < 270 + 6 * 23, chi2

@@ -1,0 +1,565 @@
+"""Wire format (docs/SPEC.md §3): encode/decode round trip and every rejection, with its reason."""
+
+import time
+import tracemalloc
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shared import wire
+from shared.meta import StreamMeta
+from shared.wire import MAX_HEADER_BYTES, REASONS, WireError, decode, encode
+
+from helpers.wire import assert_valid_message, make_meta, make_tensors, vocab_chars
+
+META = make_meta(block_size=16, rows_per_message=4)
+FIXED_META = make_meta(block_size=16, rows_per_message=4, packing="fixed")
+
+
+def build(meta=META, rows=4, seed=0, split="train", val_index=-1, with_stage=False, **overrides):
+    """Valid tensors (with ``overrides`` applied by a callable) and their frames as bytes."""
+    tensors = make_tensors(meta, rows, np.random.default_rng(seed), with_stage=with_stage)
+    for name, edit in overrides.items():
+        edit(tensors[name])
+    return [bytes(f) for f in encode(meta, split, "producer-0", 7, tensors, val_index=val_index)], tensors
+
+
+def header_of(frames):
+    return msgpack.unpackb(frames[0], raw=False)
+
+
+def with_header(frames, edit):
+    """``frames`` with the header map changed in place by ``edit(header)``."""
+    header = header_of(frames)
+    edit(header)
+    return [msgpack.packb(header, use_bin_type=True), *frames[1:]]
+
+
+def rejected(frames, reason):
+    with pytest.raises(WireError) as error:
+        decode(frames)
+    assert error.value.reason == reason, str(error.value)
+    assert error.value.reason in REASONS
+    return error.value
+
+
+def a_row_with_padding(tensors):
+    """Index and valid length of a row that has at least two visible and one hidden position."""
+    valid_len = tensors["attention_mask"].sum(axis=1)
+    candidates = np.flatnonzero((valid_len >= 2) & (valid_len < tensors["x"].shape[1]))
+    assert candidates.size, "test data has no padded row"
+    row = int(candidates[0])
+    return row, int(valid_len[row])
+
+
+# ---------------------------------------------------------------- round trip
+
+
+@given(
+    rows_per_message=st.integers(1, 8),
+    rows_fraction=st.floats(0, 1),
+    block_size=st.integers(2, 64),
+    base_size=st.integers(1, 300),
+    packing=st.sampled_from(["lines", "fixed"]),
+    with_stage=st.booleans(),
+    split=st.sampled_from(["train", "val"]),
+    seed=st.integers(0, 2**32 - 1),
+    seq=st.integers(0, 2**63),
+    as_bytes=st.booleans(),
+)
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+def test_round_trip(rows_per_message, rows_fraction, block_size, base_size, packing, with_stage, split, seed,
+                    seq, as_bytes):
+    meta = make_meta(block_size, rows_per_message, vocab_chars(base_size), packing, val_messages=5)
+    rows = 1 + int(rows_fraction * (rows_per_message - 1))
+    tensors = make_tensors(meta, rows, np.random.default_rng(seed), with_stage=with_stage)
+    val_index = seed % 5 if split == "val" else -1
+    frames = encode(meta, split, f"p{seed}", seq, tensors, val_index=val_index)
+    if as_bytes:
+        frames = [bytes(f) for f in frames]
+    message = decode(frames)
+    assert_valid_message(message)
+    assert (message.split, message.producer_id, message.seq, message.val_index) == (split, f"p{seed}", seq, val_index)
+    assert message.meta == meta and message.rows == rows
+    assert set(message.tensors) == set(tensors)
+    for name, array in tensors.items():
+        assert message.tensors[name].dtype == array.dtype
+        np.testing.assert_array_equal(message.tensors[name], array)
+        assert not message.tensors[name].flags.writeable
+    assert message.frames == tuple(frames)
+    assert message.frame_bytes() == [bytes(f) for f in frames]
+
+
+def test_decoded_tensors_are_views_of_the_frames():
+    frames, _ = build()
+    message = decode(frames)
+    x = message.tensors["x"]
+    assert np.shares_memory(x, np.frombuffer(frames[1], dtype=np.uint8))
+    with pytest.raises(ValueError):
+        x[0, 0] = 1
+
+
+def test_decoded_tensors_read_only_even_from_writable_frames():
+    tensors = make_tensors(META, 2, np.random.default_rng(1))
+    frames = encode(META, "train", "p", 0, tensors)
+    message = decode([bytearray(frames[0]), *frames[1:]])
+    for array in message.tensors.values():
+        assert not array.flags.writeable
+
+
+def test_header_carries_the_contract_fields():
+    frames, _ = build()
+    header = header_of(frames)
+    assert header["magic"] == "linepack" and header["version"] == 1 and header["kind"] == "batch"
+    assert header["meta"] == META.to_dict() and header["meta_hash"] == META.digest
+    assert [(d["name"], d["dtype"], d["shape"]) for d in header["tensors"]] == [
+        ("x", "<u2", [4, 16]), ("y", "<i2", [4, 16]), ("attention_mask", "|u1", [4, 16]), ("mask_ratio", "<f4", [4])
+    ]
+
+
+def test_encode_refuses_wrong_dtype():
+    tensors = make_tensors(META, 2, np.random.default_rng(0))
+    tensors["x"] = tensors["x"].astype(np.int64)
+    with pytest.raises(TypeError):
+        encode(META, "train", "p", 0, tensors)
+
+
+def test_supervised_sep_is_valid():
+    tensors = make_tensors(META, 2, np.random.default_rng(3), supervise_prob=0)
+    valid_len = int(tensors["attention_mask"][0].sum())
+    tensors["x"][0, valid_len - 1] = META.mask_id
+    tensors["y"][0, valid_len - 1] = META.sep_id
+    assert_valid_message(decode(encode(META, "train", "p", 0, tensors)))
+
+
+def test_tensor_order_in_header_does_not_matter():
+    tensors = make_tensors(META, 3, np.random.default_rng(4), with_stage=True)
+    reordered = {name: tensors[name] for name in ["stage", "mask_ratio", "y", "attention_mask", "x"]}
+    message = decode([bytes(f) for f in encode(META, "train", "p", 0, reordered)])
+    np.testing.assert_array_equal(message.tensors["x"], tensors["x"])
+
+
+# ---------------------------------------------------------------- frames
+
+
+def test_every_frame_truncated_at_every_length():
+    frames, _ = build(rows=2)
+    for index, frame in enumerate(frames):
+        for length in range(len(frame)):
+            cut = [*frames[:index], frame[:length], *frames[index + 1:]]
+            rejected(cut, "header_not_msgpack" if index == 0 else "size")
+
+
+def test_tensor_frame_one_byte_too_long():
+    frames, _ = build()
+    rejected([*frames[:2], frames[2] + b"\x00", *frames[3:]], "size")
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, 3, 4, 7, 12])
+def test_wrong_frame_count(count):
+    frames, _ = build(with_stage=True)
+    frames = (frames * 3)[:count]
+    rejected(frames, "frame_count")
+
+
+def test_extra_tensor_frame_not_in_header():
+    frames, _ = build()
+    rejected([*frames, b"\x00" * 4], "frame_count")
+
+
+def test_header_lists_stage_but_frame_missing():
+    frames, _ = build(with_stage=True)
+    rejected(frames[:-1], "frame_count")
+
+
+def test_swapped_tensor_frames_rejected():
+    frames, _ = build()
+    rejected([frames[0], frames[2], frames[1], *frames[3:]], "value_range")  # y's bytes read as x
+    rejected([frames[0], frames[3], *frames[2:3], frames[1], frames[4]], "size")
+
+
+def test_a_reject_names_the_producer_once_the_header_has_a_valid_one():
+    frames, _ = build()
+    assert rejected([frames[0], frames[2], frames[1], *frames[3:]], "value_range").producer_id == "producer-0"
+    header = header_of(frames)
+    header["seq"] = -1
+    assert rejected([msgpack.packb(header), *frames[1:]], "header_schema").producer_id == "producer-0"
+    header["producer"] = ""
+    assert rejected([msgpack.packb(header), *frames[1:]], "header_schema").producer_id is None
+    assert rejected([b"\xc1", *frames[1:]], "header_not_msgpack").producer_id is None
+
+
+# ---------------------------------------------------------------- header
+
+
+@pytest.mark.parametrize(
+    "raw, reason",
+    [
+        (b"", "header_not_msgpack"),
+        (b"\xc1", "header_not_msgpack"),  # reserved byte
+        (b"not msgpack at all", "header_not_msgpack"),
+        (msgpack.packb({"magic": "linepack"}) + b"\x00", "header_not_msgpack"),  # trailing data
+        (msgpack.packb({"k": b"binary"}, use_bin_type=True), "header_not_msgpack"),
+        (msgpack.packb({1: "int key"}), "header_not_msgpack"),
+        (msgpack.packb([1, 2, 3]), "header_schema"),
+        (msgpack.packb(7), "header_schema"),
+        (msgpack.packb("linepack"), "header_schema"),
+        (msgpack.packb(None), "header_schema"),
+        (b"\x91" * 10_000 + b"\x00", "header_not_msgpack"),
+        (b"\x81\xa1k" * 5_000 + b"\x00", "header_not_msgpack"),
+        (msgpack.packb({f"k{i}": i for i in range(65)}), "header_not_msgpack"),
+    ],
+)
+def test_bad_header_frame(raw, reason):
+    frames, _ = build()
+    rejected([raw, *frames[1:]], reason)
+
+
+def test_header_too_large_rejected_before_parsing():
+    frames, _ = build()
+    rejected([b"\xc0" * (MAX_HEADER_BYTES + 1), *frames[1:]], "header_size")
+    padded = with_header(frames, lambda h: h.update(note="." * MAX_HEADER_BYTES))
+    rejected(padded, "header_size")
+
+
+@pytest.mark.parametrize("depth", [500, 1000, 1023])
+@pytest.mark.parametrize("field", ["magic", "version", "kind", "split", "meta", "tensors"])
+def test_deeply_nested_header_value(field, depth):
+    frames, _ = build()
+    header = {**header_of(frames), field: "@@"}
+    raw = msgpack.packb(header).replace(msgpack.packb("@@"), b"\x91" * depth + b"\xc0")
+    reasons = {"version": "version", "meta": "meta", "tensors": "frame_count"}  # a 1-item list of tensors
+    error = rejected([raw, *frames[1:]], reasons.get(field, "header_schema"))
+    assert len(str(error)) < 500
+
+
+@pytest.mark.parametrize(
+    "field, value, reason",
+    [
+        ("magic", "linepak", "header_schema"),
+        ("magic", None, "header_schema"),
+        ("version", 2, "version"),
+        ("version", 0, "version"),
+        ("version", True, "version"),
+        ("version", 1.0, "version"),
+        ("version", "1", "version"),
+        ("kind", "control", "header_schema"),
+        ("split", "test", "header_schema"),
+        ("split", 0, "header_schema"),
+        ("producer", "", "header_schema"),
+        ("producer", "p" * 129, "header_schema"),
+        ("producer", 5, "header_schema"),
+        ("seq", -1, "header_schema"),
+        ("seq", 1.5, "header_schema"),
+        ("seq", True, "header_schema"),
+        ("val_index", 0, "header_schema"),  # a train message must say -1
+        ("val_index", None, "header_schema"),
+        ("meta_hash", "0" * 16, "meta"),
+        ("meta_hash", None, "header_schema"),
+        ("meta", None, "meta"),
+        ("meta", [], "meta"),
+        ("tensors", None, "header_schema"),
+        ("tensors", {"x": 1}, "header_schema"),
+    ],
+)
+def test_bad_header_field(field, value, reason):
+    frames, _ = build()
+    rejected(with_header(frames, lambda h: h.update({field: value})), reason)
+
+
+@pytest.mark.parametrize("field", ["magic", "version", "kind", "split", "producer", "seq", "val_index", "meta",
+                                   "meta_hash", "tensors"])
+def test_missing_header_field(field):
+    frames, _ = build()
+    rejected(with_header(frames, lambda h: h.pop(field)), "version" if field == "version" else
+             "meta" if field == "meta" else "header_schema")
+
+
+def test_producer_id_limits_accepted():
+    frames, _ = build()
+    for producer in ("p", "p" * 128, "\U0001f600" * 128):
+        assert decode(with_header(frames, lambda h, producer=producer: h.update(producer=producer))).producer_id == producer
+
+
+@pytest.mark.parametrize("val_index", [-1, 3, 4, 2**40])
+def test_val_index_out_of_range(val_index):
+    frames, _ = build(split="val", val_index=0)
+    assert decode(frames).val_index == 0
+    rejected(with_header(frames, lambda h: h.update(val_index=val_index)), "header_schema")
+
+
+def test_val_index_last_in_range_accepted():
+    frames, _ = build(split="val", val_index=META.val_messages - 1)
+    assert decode(frames).val_index == 2
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("block_size", 32), ("vocab_size", 99), ("vocab", "ba"), ("corruption", "[" * 50_000), ("seed", 0.0),
+     ("token_counts", [1]), ("extra", 1)],
+)
+@pytest.mark.parametrize("cold_cache", [False, True])
+def test_bad_or_tampered_meta(field, value, cold_cache):
+    if cold_cache:
+        wire._META_CACHE.clear()
+    frames, _ = build()
+    rejected(with_header(frames, lambda h: h["meta"].update({field: value})), "meta")
+
+
+@pytest.mark.parametrize(
+    "field, value", [("seed", 0.0), ("seed", False), ("val_messages", 3.0), ("token_counts", [1.0] + list(range(2, 34))),
+                     ("token_counts", [True] + list(range(2, 34)))],
+)
+def test_mistyped_meta_rejected_even_when_cached(field, value):
+    frames, _ = build()
+    decode(frames)  # the meta is now cached
+    assert StreamMeta.from_dict(META.to_dict()) == META
+    rejected(with_header(frames, lambda h: h["meta"].update({field: value})), "meta")
+
+
+# ---------------------------------------------------------------- tensors list, dtypes, shapes
+
+
+def edit_descriptor(frames, name, **changes):
+    def edit(header):
+        for descriptor in header["tensors"]:
+            if descriptor["name"] == name:
+                descriptor.update(changes)
+    return with_header(frames, edit)
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        ["x", "y", "attention_mask", "labels"],
+        ["x", "x", "attention_mask", "mask_ratio"],
+        ["x", "y", "attention_mask", "stage"],
+        ["x", "y", "attention_mask", None],
+        ["x", "y", "attention_mask", ["mask_ratio"]],
+        ["x", "y", "attention_mask", {"n": 1}],
+        ["x", "y", "attention_mask", 3],
+    ],
+)
+def test_bad_tensor_list(names):
+    frames, _ = build()
+
+    def edit(header):
+        for descriptor, name in zip(header["tensors"], names):
+            descriptor["name"] = name
+    rejected(with_header(frames, edit), "tensor_list")
+
+
+def test_descriptor_not_a_map():
+    frames, _ = build()
+    rejected(with_header(frames, lambda h: h["tensors"].__setitem__(1, "y")), "tensor_list")
+
+
+@pytest.mark.parametrize(
+    "name, dtype",
+    [("x", "<i2"), ("x", ">u2"), ("x", "<u4"), ("x", "O"), ("y", "<u2"), ("attention_mask", "u1"),
+     ("attention_mask", "?"), ("mask_ratio", "<f8"), ("mask_ratio", None), ("mask_ratio", 4), ("y", "<V2")],
+)
+def test_wrong_dtype(name, dtype):
+    frames, _ = build()
+    rejected(edit_descriptor(frames, name, dtype=dtype), "dtype")
+
+
+def test_wrong_stage_dtype():
+    frames, _ = build(with_stage=True)
+    rejected(edit_descriptor(frames, "stage", dtype="<u2"), "dtype")
+
+
+@pytest.mark.parametrize(
+    "name, shape",
+    [
+        ("x", [4, 17]),
+        ("x", [4, 15]),
+        ("x", [64]),
+        ("x", [4, 4, 4]),
+        ("x", [4.0, 16]),
+        ("x", [True, 16]),
+        ("x", "4x16"),
+        ("x", None),
+        ("y", [3, 16]),
+        ("mask_ratio", [5]),
+        ("mask_ratio", [4, 1]),
+        ("x", [0, 16]),
+        ("x", [5, 16]),  # more rows than rows_per_message
+        ("x", [-1, 16]),
+        ("x", [-4, -16]),
+        ("x", [2**40, 2**40]),
+        ("x", [2**63, 2**63]),
+        ("x", [2**64 - 1, 2**64 - 1]),
+        ("x", [-(2**63), 16]),
+        ("mask_ratio", [2**62]),
+    ],
+)
+def test_wrong_shape(name, shape):
+    frames, _ = build()
+    rejected(edit_descriptor(frames, name, shape=shape), "shape")
+
+
+def test_gigantic_shapes_rejected_fast_without_allocating():
+    frames, _ = build()
+    bad = [edit_descriptor(frames, name, shape=shape) for name, shape in [
+        ("x", [2**40, 2**40]), ("x", [4, 2**40]), ("mask_ratio", [2**40]), ("y", [2**63, 16])]]
+    tracemalloc.start()
+    start = time.perf_counter()
+    for frames_ in bad:
+        rejected(frames_, "shape")
+    elapsed = time.perf_counter() - start
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert elapsed < 0.5
+    assert peak < 1 << 20
+
+
+def test_rows_per_message_is_an_upper_bound():
+    meta = make_meta(rows_per_message=3)
+    frames, _ = build(meta, rows=3)
+    assert decode(frames).rows == 3
+    four_rows, _ = build(make_meta(rows_per_message=4), rows=4)
+    rejected(with_header(four_rows, lambda h: h.update(meta=meta.to_dict(), meta_hash=meta.digest)), "shape")
+
+
+def test_shape_consistent_but_frame_size_wrong():
+    frames, _ = build(rows=4)
+    rejected(edit_descriptor(frames, "mask_ratio", shape=[3]), "shape")
+    short = build(rows=3)[0]
+    rejected([frames[0], *short[1:]], "size")
+
+
+# ---------------------------------------------------------------- value ranges
+
+
+def set_at(index, value):
+    def edit(array):
+        array[index] = value
+    return edit
+
+
+@pytest.mark.parametrize(
+    "name, index, value",
+    [
+        ("x", (0, 0), META.vocab_size),
+        ("x", (3, 15), 65535),
+        ("y", (1, 0), META.vocab_size),
+        ("y", (1, 0), -1),
+        ("y", (1, 0), -99),
+        ("y", (1, 0), -101),
+        ("y", (1, 0), 32767),
+        ("attention_mask", (0, 0), 2),
+        ("attention_mask", (2, 5), 255),
+        ("mask_ratio", 0, np.nan),
+        ("mask_ratio", 1, np.inf),
+        ("mask_ratio", 2, -np.inf),
+        ("mask_ratio", 3, 1.0001),
+        ("mask_ratio", 3, -1e-9),
+    ],
+)
+def test_value_out_of_range(name, index, value):
+    frames, _ = build(**{name: set_at(index, value)})
+    rejected(frames, "value_range")
+
+
+def test_mask_ratio_bounds_accepted():
+    frames, _ = build(mask_ratio=lambda a: a.__setitem__(slice(None), [0.0, 1.0, -0.0, 0.5]))
+    assert_valid_message(decode(frames))
+
+
+# ---------------------------------------------------------------- row layout
+
+
+def layout_case(edit, meta=META, seed=5):
+    tensors = make_tensors(meta, 4, np.random.default_rng(seed))
+    edit(tensors)
+    return [bytes(f) for f in encode(meta, "train", "p", 0, tensors)]
+
+
+def mask_not_prefix(t):
+    row, valid_len = a_row_with_padding(t)
+    t["attention_mask"][row, 0] = 0  # a hole at the start of the visible prefix
+
+
+def mask_one_after_hole(t):
+    row, valid_len = a_row_with_padding(t)
+    t["attention_mask"][row, -1] = 1
+
+
+def pad_where_visible(t):
+    row, valid_len = a_row_with_padding(t)
+    t["x"][row, 0] = META.pad_id
+    t["y"][row, 0] = -100
+
+
+def token_where_hidden(t):
+    row, valid_len = a_row_with_padding(t)
+    t["x"][row, valid_len] = 0
+
+
+def sep_where_hidden(t):
+    row, valid_len = a_row_with_padding(t)
+    t["x"][row, -1] = META.sep_id
+
+
+def supervised_after_sep(t):
+    row, valid_len = a_row_with_padding(t)
+    t["y"][row, valid_len] = 0
+
+
+def supervised_pad_label_after_sep(t):
+    row, valid_len = a_row_with_padding(t)
+    t["y"][row, -1] = META.pad_id
+
+
+def last_visible_not_sep(t):
+    row, valid_len = a_row_with_padding(t)
+    t["x"][row, valid_len - 1] = 0
+    t["y"][row, valid_len - 1] = -100
+
+
+def supervised_last_visible_not_sep(t):
+    row, valid_len = a_row_with_padding(t)
+    t["x"][row, valid_len - 1] = META.mask_id
+    t["y"][row, valid_len - 1] = 0
+
+
+def empty_row(t):
+    t["attention_mask"][0] = 0
+    t["x"][0] = META.pad_id
+    t["y"][0] = -100
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [mask_not_prefix, mask_one_after_hole, pad_where_visible, token_where_hidden, sep_where_hidden,
+     supervised_after_sep, supervised_pad_label_after_sep, last_visible_not_sep, supervised_last_visible_not_sep,
+     empty_row],
+)
+def test_layout_violation(edit):
+    rejected(layout_case(edit), "layout")
+
+
+def fixed_with_padding(t):
+    t["attention_mask"][1, -3:] = 0
+    t["x"][1, -3:] = FIXED_META.pad_id
+    t["y"][1, -3:] = -100
+
+
+def fixed_with_pad_token(t):
+    t["x"][2, 4] = FIXED_META.pad_id
+    t["y"][2, 4] = -100
+
+
+@pytest.mark.parametrize("edit", [fixed_with_padding, fixed_with_pad_token])
+def test_fixed_packing_layout_violation(edit):
+    rejected(layout_case(edit, FIXED_META), "layout")
+
+
+def test_fixed_packing_needs_no_sep():
+    tensors = make_tensors(FIXED_META, 4, np.random.default_rng(0))
+    assert not (tensors["x"] == FIXED_META.sep_id).any()
+    assert_valid_message(decode(encode(FIXED_META, "train", "p", 0, tensors)))
