@@ -166,13 +166,13 @@ def dataset_rows(stream: BatchStream, rows: int) -> list[dict[str, list[int]]]:
     batches = stream.train_batches()
     out = []
     while len(out) < rows:
-        packed = prepacked(next(batches), stream.vocabulary.base_size)
+        packed = prepacked(next(batches), stream.tokenizer.base_size)
         out += [{name: array[i].tolist() for name, array in packed.items()} for i in range(len(packed["input_ids"]))]
     return out[:rows]
 
 
 def feed_dataloader(workers: int, stream: BatchStream, rows: list, args) -> dict:
-    collate = TrainerCollate(hf_collator(hf_tokenizer(stream.vocabulary), "bert", "pt"))
+    collate = TrainerCollate(hf_collator(hf_tokenizer(stream.tokenizer), "bert", "pt"))
     loader = torch.utils.data.DataLoader(
         PackedRows(rows), batch_size=args.batch_size, shuffle=True, drop_last=True, collate_fn=collate,
         num_workers=workers, persistent_workers=workers > 0,

@@ -143,7 +143,7 @@ def best_rate(make_batch, batches: int, repeats: int) -> dict:
 def bench_policy(policy: str, corpus, args) -> dict:
     config = DataConfig(corpus=args.corpus, block_size=BLOCK_SIZE, rows_per_message=ROWS, policy=policy)
     stream = BatchStream(config, corpus=corpus)
-    vocabulary = stream.vocabulary
+    vocabulary = stream.tokenizer
     stream_batches = stream.train_batches()
     pool = [prepacked(next(stream_batches), vocabulary.base_size) for _ in range(POOL)]
     results = {"linepack pack+corrupt": best_rate(lambda: next(stream_batches), args.batches, args.repeats)}

@@ -46,7 +46,7 @@ import zmq  # noqa: E402
 from producer.corpus import Corpus, tokenize  # noqa: E402
 from producer.stream import BatchStream  # noqa: E402
 from shared.data_config import DataConfig  # noqa: E402
-from shared.tokenizer import CharTokenizer, HFTokenizer  # noqa: E402
+from shared.tokenizer import HFTokenizer  # noqa: E402
 
 
 def stdlib_text() -> bytes:

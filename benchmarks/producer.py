@@ -39,11 +39,11 @@ class ReferenceProducer:
 
     def __init__(self, stream: BatchStream, seed: int = 0) -> None:
         self.config = stream.config
-        self.vocabulary = stream.vocabulary
+        self.vocabulary = stream.tokenizer
         text = stream.corpus.text
         lines = text.splitlines(keepends=True)
         n_train = len(lines) - min(max(round(len(lines) * self.config.val_fraction), 1), len(lines) - 1)
-        self.tokens = stream.vocabulary.encode("".join(lines[:n_train])).tolist()
+        self.tokens = stream.tokenizer.encode("".join(lines[:n_train])).tolist()
         self.line_starts, offset = [], 0
         for line in lines[:n_train]:
             self.line_starts.append(offset)

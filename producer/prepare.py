@@ -125,6 +125,8 @@ def character_tokenizer(pool: ProcessPoolExecutor, options: PrepareSettings, fil
     chunks = sources.chunks(files, int(options.chunk_mb * 1e6))
     for codepoints in _ordered(pool, _characters, chunks, in_flight, options.text_field):
         seen = np.union1d(seen, codepoints)
+    if not np.any(seen != ord("\n")):
+        raise CorpusError(f"corpus {options.corpus} is empty (it has no characters besides line breaks)")
     return CharTokenizer(seen.astype("<u4").tobytes().decode("utf-32-le"))
 
 

@@ -23,7 +23,7 @@ from shared.batch_stats import CorruptionCounts, corruption_counts
 from shared.data_config import DataConfig
 from shared.meta import StreamMeta
 from shared.recording import RecordingError, RecordingReader, RecordingWriter
-from shared.wire import MetaMessage, WireError, decode, encode, encode_meta, new_incarnation
+from shared.wire import WireError, decode_stream, encode, encode_meta, new_incarnation
 
 
 def add_command(subparsers: argparse._SubParsersAction) -> None:
@@ -87,19 +87,13 @@ def summarise(reader: RecordingReader) -> dict[str, Any]:
     ``shared.batch_stats`` as the trainer counts them."""
     rejected: Counter[str] = Counter()
     splits: Counter[str] = Counter()
-    metas: dict[str, StreamMeta] = {}
     meta = None
     valid_lens, ratios = [], []
     counts = CorruptionCounts()
     block_size = 0
-    for frames in reader:
-        try:
-            message = decode(frames, metas)
-        except WireError as error:
-            rejected[error.reason] += 1
-            continue
-        if isinstance(message, MetaMessage):
-            metas[message.meta.digest] = message.meta
+    for message in decode_stream(reader):
+        if isinstance(message, WireError):
+            rejected[message.reason] += 1
             continue
         meta = meta or message.meta
         splits[message.split] += 1

@@ -55,7 +55,8 @@ def producer_id_words(producer_id: str) -> list[int]:
 
 class BatchStream:
     """Train and val batches of one producer. Batches are dicts of wire-dtype arrays:
-    ``x`` uint16 (R, T), ``y`` int16 (R, T), ``attention_mask`` uint8 (R, T), ``mask_ratio``
+    ``x`` uint16 or uint32 (R, T), ``y`` int16 or int32 (R, T) (the widths follow the vocabulary:
+    :func:`shared.vocab.id_dtype`), ``attention_mask`` uint8 (R, T), ``mask_ratio``
     float32 (R,), and ``stage`` uint8 (R,) with the stages policy."""
 
     def __init__(self, config: DataConfig, corpus: Corpus | TokenCorpus | None = None) -> None:

@@ -96,11 +96,11 @@ class StreamMeta:
             specials = SpecialIds(self.mask_id)
         except VocabularyError as error:
             raise MetaError(f"meta field mask_id: {error}") from None
-        expected = {"vocab_size": specials.vocab_size, "sep_id": specials.sep_id, "pad_id": specials.pad_id,
-                    "ignore_index": IGNORE_INDEX}
-        for name, value in expected.items():
-            if getattr(self, name) != value:
-                raise MetaError(f"meta field {name}={getattr(self, name)!r} does not match the special ids ({value})")
+        if self.ignore_index != IGNORE_INDEX:
+            raise MetaError(f"meta field ignore_index is {self.ignore_index!r}, not {IGNORE_INDEX}")
+        ids = (self.mask_id, self.sep_id, self.pad_id, self.vocab_size)
+        if ids != (specials.mask_id, specials.sep_id, specials.pad_id, specials.vocab_size):
+            raise MetaError(f"meta fields mask_id, sep_id, pad_id, vocab_size are {ids}: they must be V0, V0+1, V0+2, V0+3")
         if not SHA256.fullmatch(self.tokenizer_digest):
             raise MetaError("meta field tokenizer_digest must be 64 lowercase hex digits")
         if self.tokenizer == "char":

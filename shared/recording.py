@@ -44,7 +44,8 @@ END_MARK = b"LPRE"
 MAX_FILE_HEADER_BYTES = 1 << 16
 MAX_RECORD_BYTES = 1 << 30
 MAX_FRAMES = 64
-RESYNC_READ = 1 << 20  # bytes read at a time while looking for the next record mark
+RESYNC_FIRST_READ = 1 << 12  # bytes read first while looking for the next record mark (then doubling)
+RESYNC_READ = 1 << 20  # ... up to this many at a time
 
 _U32 = struct.Struct("<I")
 _HEAD_V1 = struct.Struct("<4sII")  # mark, body_len, body_crc
@@ -204,6 +205,8 @@ class RecordingReader:
             info = msgpack.unpackb(self._file.read(header_len), raw=False, max_bin_len=MAX_FILE_HEADER_BYTES, max_ext_len=0)
         except Exception as error:
             raise RecordingError(f"{self.path}: file header is not msgpack ({error})") from None
+        if _depth(info) > 32:
+            raise RecordingError(f"{self.path}: file header is nested too deeply")
         if not isinstance(info, dict) or info.get("format_version") != version or type(info.get("format_version")) is not int:
             raise RecordingError(f"{self.path}: file header {reprlib.repr(info)} does not say format {version}")
         return version, info
@@ -220,7 +223,7 @@ class RecordingReader:
                 self.report.clean_end = True
                 self._finish(offset, truncated=False, problem="")
                 return
-            frames, why = self._record_at(offset, head_struct)
+            frames, why, following = self._record_at(offset, head_struct)
             if frames is not None:
                 self.report.records += 1
                 self.good_end = self._file.tell()
@@ -230,11 +233,12 @@ class RecordingReader:
                 self._finish(offset, truncated=True, problem="the last record was cut short")
                 return
             self.report.corrupt_records += 1
-            following = self._next_record(offset + 1, head_struct)
-            if following is None:
-                self._finish(offset, truncated=why == "past the end", problem=f"{why} at byte {offset}; no valid record after it")
-                return
-            self.report.skipped_bytes += following - offset
+            if following is None:  # the head itself is damaged: look for the next record mark
+                following = self._next_record(offset + 1, head_struct)
+                if following is None:
+                    self._finish(offset, truncated=why == "past the end", problem=f"{why} at byte {offset}; no valid record after it")
+                    return
+                self.report.skipped_bytes += following - offset
             self._file.seek(following)
 
     def _at_end_mark(self, offset: int) -> bool:
@@ -246,41 +250,55 @@ class RecordingReader:
         self._file.seek(offset + _END.size)
         return True
 
-    def _record_at(self, offset: int, head_struct: struct.Struct) -> tuple[list[bytes] | None, str]:
-        """The frames of the record at ``offset`` (the file left after it), or None and why not."""
+    def _record_at(self, offset: int, head_struct: struct.Struct) -> tuple[list[bytes] | None, str, int | None]:
+        """The frames of the record at ``offset`` (the file left after it), or None, why not, and
+        where the next record starts when the head could be believed (None: it could not)."""
         self._file.seek(offset)
         head = self._file.read(head_struct.size)
         if len(head) < head_struct.size:
-            return None, "cut short" if head[: len(RECORD_MARK)] == RECORD_MARK[: len(head)] else "no record head"
+            return None, "cut short" if head[: len(RECORD_MARK)] == RECORD_MARK[: len(head)] else "no record head", None
         mark, body_len, crc, *head_crc = head_struct.unpack(head)
         if mark != RECORD_MARK or (head_crc and zlib.crc32(head[:12]) != head_crc[0]):
-            return None, "no valid record head"
+            return None, "no valid record head", None
         if not _U32.size <= body_len <= MAX_RECORD_BYTES:
-            return None, "an impossible record length"
+            return None, "an impossible record length", None
         if body_len > self._size - offset - head_struct.size:
             # Format 2: the head's CRC holds, so the length is true and the file was cut short.
-            return None, "cut short" if head_crc else "past the end"
+            return None, "cut short" if head_crc else "past the end", None
         body = self._file.read(body_len)
         frames = _split_body(body) if zlib.crc32(body) == crc else None
-        return (frames, "") if frames is not None else (None, "a record whose CRC or frame table is wrong")
+        if frames is None:
+            # Format 1 has no head CRC, so a bad body may mean a bad length: resynchronize instead.
+            following = offset + head_struct.size + body_len if head_crc else None
+            return None, "a record whose CRC or frame table is wrong", following
+        return frames, "", None
 
     def _next_record(self, start: int, head_struct: struct.Struct) -> int | None:
-        """The offset of the next record at or after ``start`` that checks out (or of the end
-        mark), or None when there is none."""
-        position = start
+        """The offset of the next record at or after ``start`` that checks out, or whose head
+        checks out (format 2: a true record boundary), or of the end mark; None when there is none.
+
+        The file is scanned in windows that start small and double (to :data:`RESYNC_READ`), so a
+        resync near the next record reads little, whatever the file holds."""
+        position, window_size = start, RESYNC_FIRST_READ
         while position < self._size:
             self._file.seek(position)
-            window = self._file.read(RESYNC_READ + len(RECORD_MARK))
-            for mark in (RECORD_MARK, END_MARK) if self.format == 2 else (RECORD_MARK,):
-                found = window.find(mark)
-                while found != -1 and found < RESYNC_READ:
-                    candidate = position + found
-                    if mark == END_MARK and self._at_end_mark(candidate):
+            window = self._file.read(min(window_size + len(RECORD_MARK), self._size - position))
+            candidates = sorted(
+                (found, mark)
+                for mark in ((RECORD_MARK, END_MARK) if self.format == 2 else (RECORD_MARK,))
+                for found in _occurrences(window, mark, window_size)
+            )
+            for found, mark in candidates:
+                candidate = position + found
+                if mark == END_MARK:
+                    if self._at_end_mark(candidate):
                         return candidate
-                    if mark == RECORD_MARK and self._record_at(candidate, head_struct)[0] is not None:
-                        return candidate
-                    found = window.find(mark, found + 1)
-            position += RESYNC_READ
+                    continue
+                frames, _, following = self._record_at(candidate, head_struct)
+                if frames is not None or following is not None:
+                    return candidate
+            position += window_size
+            window_size = min(2 * window_size, RESYNC_READ)
         return None
 
     def _finish(self, offset: int, truncated: bool, problem: str) -> None:
@@ -296,6 +314,26 @@ class RecordingReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _occurrences(window: bytes, mark: bytes, limit: int) -> Iterator[int]:
+    """Offsets below ``limit`` where ``mark`` starts in ``window``."""
+    found = window.find(mark)
+    while found != -1 and found < limit:
+        yield found
+        found = window.find(mark, found + 1)
+
+
+def _depth(value: Any) -> int:
+    """How deeply lists and maps nest in ``value`` (iteratively: no recursion limit to hit)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, dict)):
+            deepest = max(deepest, depth)
+            if depth <= 33:
+                stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def _split_body(body: bytes) -> list[bytes] | None:

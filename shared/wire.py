@@ -23,7 +23,7 @@ import hashlib
 import math
 import reprlib
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -243,7 +243,7 @@ def decode(frames: Sequence[Any], metas: Mapping[str, StreamMeta] = MappingProxy
     if type(version) is not int or version not in READABLE_VERSIONS:
         raise WireError("version", f"protocol version {_show(version)}, this side reads {list(READABLE_VERSIONS)}")
     kind = header.get("kind")
-    keys = HEADER_KEYS.get((version, kind))
+    keys = HEADER_KEYS.get((version, kind)) if type(kind) is str else None
     if keys is None:
         raise WireError("header_schema", f"message kind {_show(kind)} is not one of protocol {version}'s")
     if set(header) != keys:
@@ -257,6 +257,23 @@ def decode(frames: Sequence[Any], metas: Mapping[str, StreamMeta] = MappingProxy
     except WireError as error:
         error.producer_id = producer_id
         raise
+
+
+def decode_stream(records: Iterable[Sequence[Any]]) -> Iterator[WireMessage | WireError]:
+    """The messages of a recorded stream in order, as a receiver sees them: the metas its meta
+    messages announce are learnt (and not yielded), each batch is yielded as a
+    :class:`WireMessage`, each message that does not decode as its :class:`WireError`."""
+    metas: dict[str, StreamMeta] = {}
+    for frames in records:
+        try:
+            message = decode(frames, metas)
+        except WireError as error:
+            yield error
+            continue
+        if isinstance(message, MetaMessage):
+            metas[message.meta.digest] = message.meta
+        else:
+            yield message
 
 
 def _decode_rest(frames: Sequence[Any], header: dict, version: int, kind: str, producer_id: str,
@@ -431,6 +448,9 @@ def candidates(valid_len: np.ndarray, meta: StreamMeta) -> np.ndarray:
 def _check_mask_ratio(ratio: np.ndarray, labelled: np.ndarray, valid_len: np.ndarray, meta: StreamMeta) -> None:
     supervised = np.count_nonzero(labelled, axis=1)
     n_candidates = candidates(valid_len, meta)
+    if meta.packing == "lines" and not meta.corruption_config.get("supervise_sep", False):
+        if labelled[np.arange(len(valid_len)), valid_len - 1].any():
+            raise WireError("layout", "[SEP] is supervised, but the stream does not make it a candidate (supervise_sep)")
     if (supervised > n_candidates).any():
         raise WireError("layout", "a row supervises more positions than it has corruption candidates")
     expected = supervised / np.maximum(n_candidates, 1)

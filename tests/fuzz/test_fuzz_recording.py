@@ -1,9 +1,10 @@
 """Fuzzing shared.recording.RecordingReader (issue 9 item 3).
 
-Invariants on any file content: opening raises nothing but RecordingError; iterating raises
-nothing at all; every record it yields is one that was written (the CRC holds); the report
-adds up; no read asks for more bytes than the file still holds (beyond a fixed 12-byte
-header read), so a forged length can never make it allocate. Memory stays bounded.
+Invariants on any file content (format 2: head CRC, resynchronization, end mark): opening raises
+nothing but RecordingError; iterating raises nothing at all; every record it yields is one that
+was written (the CRCs hold); the report adds up; no read asks for more bytes than the file still
+holds (beyond a fixed 16-byte record head read), so a forged length can never make it allocate.
+Memory stays bounded.
 
 Case counts (reproducible): hypothesis 2,500 + seeded numpy loop 3,000 = 5,500.
 """
@@ -21,13 +22,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared import recording
-from shared.recording import MAGIC, RecordingError, RecordingReader, RecordingWriter
-from shared.wire import encode
+from shared.recording import FORMAT_VERSION, MAGIC_PREFIX, RESYNC_FIRST_READ, RecordingError, RecordingReader, RecordingWriter
+from shared.wire import encode, encode_meta
 
 from helpers.wire import make_meta, make_tensors, mutate_bytes
 
 FUZZ = dict(deadline=None, derandomize=True, database=None)
-SMALL_READ = 12  # the reader may ask for a fixed-size header even when fewer bytes remain
+MAGIC = MAGIC_PREFIX + bytes([FORMAT_VERSION])
+SMALL_READ = 16  # the reader may ask for a fixed-size record head even when fewer bytes remain
+RECORD_MIN = 20  # a record's mark, length, body CRC, head CRC and frame count
 
 
 def build_base():
@@ -35,8 +38,9 @@ def build_base():
     where each record starts."""
     meta = make_meta(block_size=4, rows_per_message=2, chars="ab")
     rng = np.random.default_rng(7)
-    messages = [[bytes(f) for f in encode(meta, "train", "p", seq, make_tensors(meta, 1, rng))] for seq in range(2)]
-    messages += [[b""], [b"x", b"yz"], []]
+    messages = [encode_meta(meta, "p", 0)]
+    messages += [[bytes(f) for f in encode(meta, "train", "p", seq, make_tensors(meta, 1, rng))] for seq in range(1, 3)]
+    messages += [[b""], [b"x", b"yz"]]
     with tempfile.TemporaryDirectory() as directory:
         path = os.path.join(directory, "base.rec")
         starts = []
@@ -94,7 +98,8 @@ def read_file(path):
         with reader:
             records = list(reader)
         assert opened[0].closed
-        assert opened[0].bytes_read <= opened[0].size
+        # Resynchronizing re-reads a little: at most the file twice, and a first window per damaged record.
+        assert opened[0].bytes_read <= 2 * opened[0].size + reader.report.corrupt_records * (RESYNC_FIRST_READ + 16)
         return records, reader.report, opened[0].size
     finally:
         del recording.open
@@ -112,15 +117,17 @@ def check(data: bytes, path: str):
     assert all(type(frames) is list and all(type(f) is bytes for f in frames) for frames in records)
     assert all(frames in RECORDS for frames in records), "a yielded record was never written"
     assert report.records == len(records)
-    if intact_header:  # a record takes at least 16 bytes: mark, length, CRC, frame count
-        assert (report.records + report.corrupt_records) * 16 <= size - HEADER_END
+    if intact_header:  # a damaged record costs at least a byte
+        assert report.records * RECORD_MIN + report.corrupt_records <= size - HEADER_END
     assert 0 <= report.lost_bytes <= size
     if report.truncated:
         assert report.problem
     if not report.problem:
         assert report.lost_bytes == 0 and not report.truncated
+    if report.clean_end:
+        assert not report.truncated and report.lost_bytes == 0
     if data == BASE:
-        assert records == RECORDS and report.corrupt_records == 0
+        assert records == RECORDS and report.corrupt_records == 0 and report.clean_end
     return "read"
 
 
@@ -149,8 +156,8 @@ def test_tracked_file_catches_an_oversized_read(scratch):
 u32_values = st.one_of(st.integers(0, 2**32 - 1), st.sampled_from([0, 1, 3, 4, 5, 64, 65, 2**16, 2**30, 2**30 + 1,
                                                                      2**31, 2**32 - 1]))
 field_offsets = st.sampled_from(
-    [len(MAGIC)] + [start + k for start in RECORD_STARTS for k in (4, 8, 12, 16)]
-)  # header_len, body_len, crc, n_frames, first frame length
+    [len(MAGIC)] + [start + k for start in RECORD_STARTS for k in (4, 8, 12, 16, 20)] + [len(BASE) - 8, len(BASE) - 4]
+)  # header_len; body_len, body CRC, head CRC, n_frames, first frame length; the end mark's count and CRC
 mutation = st.one_of(
     st.tuples(st.sampled_from(["flip", "insert", "delete", "overwrite", "truncate"]), st.integers(0, 2**12),
               st.binary(max_size=8)),
@@ -184,7 +191,7 @@ def test_fuzz_seeded_numpy_loop_with_bounded_memory(scratch):
             data = BASE
             for _ in range(int(rng.integers(1, 4))):
                 if rng.random() < 0.3:
-                    where = RECORD_STARTS[int(rng.integers(0, len(RECORD_STARTS)))] + 4 * int(rng.integers(1, 5))
+                    where = RECORD_STARTS[int(rng.integers(0, len(RECORD_STARTS)))] + 4 * int(rng.integers(1, 6))
                     value = int(rng.choice([0, 3, 4, 65, 2**30 + 1, 2**32 - 1, int(rng.integers(0, 2**32))]))
                     data = data[:where] + struct.pack("<I", value) + data[where + 4:]
                 else:

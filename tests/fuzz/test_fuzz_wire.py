@@ -1,8 +1,10 @@
 """Fuzzing shared.wire.decode (issue 9 item 3).
 
-Invariant: ``decode`` returns a WireMessage that passes an independent re-check of every
-contract rule (:func:`helpers.wire.assert_valid_message`), or raises WireError with a known
-reason. Any other exception (IndexError, TypeError, KeyError, OverflowError, MemoryError,
+Invariant: ``decode`` (by a receiver that has pinned the base metas) returns a WireMessage that
+passes an independent re-check of every contract rule (:func:`helpers.wire.assert_valid_message`)
+or a MetaMessage whose meta is exactly its meta frame, or raises WireError with a known reason.
+The bases are protocol-2 meta messages and batches of six metas (both packings, 3 to 200
+characters, with and without stages). Any other exception (IndexError, TypeError, KeyError, OverflowError, MemoryError,
 RecursionError, ...) fails the test. Memory growth over the fuzz stays bounded.
 
 Case counts (all reproducible: hypothesis derandomized without a database, numpy seeded):
@@ -20,51 +22,72 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.wire import MAX_HEADER_BYTES, REASONS, WireError, WireMessage, decode, encode
+from shared.wire import HEADER_KEYS, KIND_BATCH, KIND_META, MAX_HEADER_BYTES, REASONS, MetaMessage, WireError, WireMessage, decode, encode
 
-from helpers.wire import assert_valid_message, make_meta, make_tensors, mutate_bytes, vocab_chars
+from helpers.wire import INCARNATION, STAGES, assert_valid_message, make_meta, make_tensors, meta_frames, mutate_bytes, vocab_chars
 
 FUZZ = dict(deadline=None, derandomize=True, database=None)
-TOP_FIELDS = ["magic", "version", "kind", "split", "producer", "seq", "val_index", "meta_hash", "meta", "tensors"]
+TOP_FIELDS = sorted(HEADER_KEYS[(2, KIND_BATCH)] | HEADER_KEYS[(2, KIND_META)])
 META_FIELDS = list(make_meta().to_dict())
 DESCRIPTOR_FIELDS = ["name", "dtype", "shape"]
 
 
-def base_messages():
-    """Valid messages (frames as bytes) covering both packings, stage, val split, 1..R rows."""
-    messages = []
+def base_metas():
+    """Stream metas covering both packings, a 3- to 200-character vocabulary, and a stages stream."""
+    metas = []
     specs = [(16, 4, vocab_chars(20), "lines"), (8, 2, vocab_chars(3), "fixed"), (5, 3, vocab_chars(200), "lines")]
-    rng = np.random.default_rng(2024)
     for block_size, rows_per_message, chars, packing in specs:
-        meta = make_meta(block_size, rows_per_message, chars, packing)
-        for rows in range(1, rows_per_message + 1):
-            for with_stage in (False, True):
-                split, val_index = ("val", rows % meta.val_messages) if with_stage else ("train", -1)
-                tensors = make_tensors(meta, rows, rng, with_stage=with_stage)
-                frames = encode(meta, split, f"producer-{rows}", rows * 3, tensors, val_index=val_index)
-                messages.append([bytes(f) for f in frames])
+        metas.append(make_meta(block_size, rows_per_message, chars, packing))
+        metas.append(make_meta(block_size, rows_per_message, chars, packing, corruption=STAGES))
+    return metas
+
+
+def base_messages(metas):
+    """Valid messages (frames as bytes): every meta's meta message, then its batches of 1..R rows
+    on both splits (the stages metas' batches carry the stage tensor)."""
+    messages = []
+    rng = np.random.default_rng(2024)
+    for meta in metas:
+        messages.append(meta_frames(meta, "producer-m", 0))
+        for rows in range(1, meta.rows_per_message + 1):
+            split, val_index = ("val", rows % meta.val_messages) if rows % 2 else ("train", -1)
+            tensors = make_tensors(meta, rows, rng)
+            frames = encode(meta, split, f"producer-{rows}", rows * 3, tensors, val_index=val_index, incarnation=INCARNATION)
+            messages.append([bytes(f) for f in frames])
     return messages
 
 
-BASES = base_messages()
+METAS_LIST = base_metas()
+METAS = {meta.digest: meta for meta in METAS_LIST}  # what a receiver has pinned
+BASES = base_messages(METAS_LIST)
+META_MESSAGE = BASES[0]  # the first meta's meta message
+BATCH = BASES[1]  # one of its batches (3 rows of 4, val split)
+BATCHES = [frames for frames in BASES if len(frames) > 2]
 
 
 def check(frames):
-    """Decode ``frames``; return the rejection reason or "accepted". Other exceptions propagate."""
+    """Decode ``frames`` with :data:`METAS` known; return the rejection reason or "accepted".
+    Other exceptions propagate."""
     try:
-        message = decode(frames)
+        message = decode(frames, METAS)
     except WireError as error:
         assert error.reason in REASONS
         assert len(str(error)) < 2000, "error messages must stay short"
         return error.reason
+    if isinstance(message, MetaMessage):
+        header = msgpack.unpackb(frames[0], raw=False)
+        assert header["kind"] == KIND_META and message.meta.digest == header["meta_hash"]
+        assert msgpack.unpackb(frames[1], raw=False) == message.meta.to_dict()
+        return "accepted"
     assert isinstance(message, WireMessage)
     assert_valid_message(message)
     return "accepted"
 
 
 def test_every_base_message_is_accepted():
-    assert len(BASES) == 18
+    assert len(BASES) == 2 * (3 + 4 + 2 + 3)
     assert all(check(frames) == "accepted" for frames in BASES)
+    assert {len(frames) for frames in BASES} == {2, 5, 6}
 
 
 # ---------------------------------------------------------------- mutations
@@ -83,16 +106,26 @@ def mutate_frames(frames: list, kind: str, a: int, b: int) -> list:
 
 
 def replace_field(frames: list, where: str, key, value) -> list:
-    """The frames with one header value replaced: a top-level field, a meta field or a
-    descriptor field (``key`` is then ``(index, field)``). Unchanged if an earlier
-    mutation removed the place (e.g. ``meta`` is no longer a map)."""
-    header = msgpack.unpackb(frames[0], raw=False)
+    """The frames with one value replaced: a header field (``top``), a field of a meta message's
+    meta frame (``meta``), or a batch's tensor descriptor field (``descriptor``; ``key`` is then
+    ``(index, field)``). Unchanged where the place is not there (a batch has no meta frame, or an
+    earlier mutation broke the map)."""
+    try:
+        header = msgpack.unpackb(frames[0], raw=False)
+        if where == "meta":
+            if not isinstance(header, dict) or header.get("kind") != KIND_META or len(frames) < 2:
+                return frames
+            meta = msgpack.unpackb(frames[1], raw=False)
+            if not isinstance(meta, dict):
+                return frames
+            meta[key] = value
+            return [frames[0], msgpack.packb(meta, use_bin_type=True), *frames[2:]]
+    except (ValueError, msgpack.UnpackException):  # an earlier mutation broke the map
+        return frames
     if where == "top":
         target = header
-    elif where == "meta":
-        target = header.get("meta")
     else:
-        descriptors = header.get("tensors")
+        descriptors = header.get("tensors") if isinstance(header, dict) else None
         index, key = key
         target = descriptors[index % len(descriptors)] if isinstance(descriptors, list) and descriptors else None
     if not isinstance(target, dict):
@@ -166,11 +199,11 @@ def test_fuzz_header_fields_replaced(base, replacements):
 big_ints = st.one_of(st.integers(-(2**63), 2**64 - 1), st.sampled_from([0, 1, -1, 2**31, 2**32, 2**40, 2**62, 2**63]))
 
 
-@given(st.integers(0, len(BASES) - 1), st.integers(0, 4), st.lists(big_ints, min_size=0, max_size=4))
+@given(st.integers(0, len(BATCHES) - 1), st.integers(0, 4), st.lists(big_ints, min_size=0, max_size=4))
 @settings(max_examples=800, **FUZZ)
 def test_fuzz_declared_shapes(base, index, shape):
     """Huge, negative and wrong-rank shapes are refused before anything is allocated."""
-    frames = replace_field(BASES[base], "descriptor", (index, "shape"), shape)
+    frames = replace_field(BATCHES[base], "descriptor", (index, "shape"), shape)
     result = check(frames)
     if any(n < 0 or n > 2**20 for n in shape):
         assert result == "shape"
@@ -196,18 +229,19 @@ def poke_tensor(rng: np.random.Generator, frames: list) -> list:
     header = msgpack.unpackb(frames[0], raw=False) if frames else None
     if not isinstance(header, dict):
         return frames
-    meta, descriptors = header.get("meta"), header.get("tensors")
-    if not (isinstance(meta, dict) and isinstance(descriptors, list)) or len(descriptors) != len(frames) - 1:
+    digest = header.get("meta_hash")
+    meta, descriptors = METAS.get(digest) if type(digest) is str else None, header.get("tensors")
+    if meta is None or not isinstance(descriptors, list) or len(descriptors) != len(frames) - 1:
         return frames
     index = int(rng.integers(0, len(descriptors)))
     descriptor = descriptors[index]
-    if not isinstance(descriptor, dict) or descriptor.get("dtype") not in ("<u2", "<i2", "|u1", "<f4"):
+    if not isinstance(descriptor, dict) or descriptor.get("dtype") not in ("<u2", "<i2", "<u4", "<i4", "|u1", "<f4"):
         return frames
     array = np.frombuffer(frames[1 + index], dtype=descriptor["dtype"]).copy()
     if array.size == 0:
         return frames
-    specials = [meta.get(k) for k in ("mask_id", "sep_id", "pad_id", "vocab_size")]
-    values = [0, 1, 2, -100, -1, 255, float("nan"), 1.5, *[v for v in specials if type(v) is int]]
+    specials = [meta.mask_id, meta.sep_id, meta.pad_id, meta.vocab_size]
+    values = [0, 1, 2, -100, -1, 255, float("nan"), 1.5, *specials]
     with np.errstate(all="ignore"):
         array[int(rng.integers(0, array.size))] = np.array(values[int(rng.integers(0, len(values)))]).astype(array.dtype)
     return [*frames[: 1 + index], array.tobytes(), *frames[2 + index:]]
@@ -286,24 +320,27 @@ def deep(depth: int, container: bytes = b"\x91") -> bytes:
 
 
 def splice(frames: list, field: str, raw_value: bytes, where: str = "top") -> list:
-    """The frames with one header value replaced by raw msgpack bytes (to bypass the packer's limits)."""
-    marker = "@@marker@@"
-    swapped = replace_field(frames, where, field, marker)
-    return [swapped[0].replace(msgpack.packb(marker), raw_value), *swapped[1:]]
+    """The frames with one header (or meta frame) value replaced by raw msgpack bytes (to bypass
+    the packer's limits)."""
+    marker = msgpack.packb("@@marker@@")
+    swapped = replace_field(frames, where, field, "@@marker@@")
+    index = 1 if where == "meta" else 0
+    assert marker in swapped[index], (where, field)
+    return [*swapped[:index], swapped[index].replace(marker, raw_value), *swapped[index + 1:]]
 
 
 @pytest.mark.parametrize("depth", [10_000, 1023, 1000, 600])
 @pytest.mark.parametrize("container", [b"\x91", b"\x81\xa1k"])
 def test_deep_nesting_everywhere(depth, container):
-    frames = BASES[0]
     raw = deep(depth, container)
-    assert check([raw, *frames[1:]]) in ("header_not_msgpack", "header_schema")
-    for field in TOP_FIELDS:
-        check(splice(frames, field, raw))
+    for frames in (META_MESSAGE, BATCH):
+        assert check([raw, *frames[1:]]) in ("header_not_msgpack", "header_schema")
+        for field in TOP_FIELDS:
+            check(splice(frames, field, raw))
     for field in ("vocab", "corruption", "token_counts", "seed"):
-        assert check(splice(frames, field, raw, "meta")) in ("meta", "header_not_msgpack")
+        assert check(splice(META_MESSAGE, field, raw, "meta")) in ("meta", "header_not_msgpack")
     for field in DESCRIPTOR_FIELDS:
-        assert check(splice(frames, (0, field), raw, "descriptor")) != "accepted"
+        assert check(splice(BATCH, (0, field), raw, "descriptor")) != "accepted"
 
 
 @pytest.mark.parametrize(
@@ -319,10 +356,10 @@ def test_deep_nesting_everywhere(depth, container):
     ids=["str32", "bin32", "array32", "map32", "array_over_limit", "ext32"],
 )
 def test_giant_declared_msgpack_lengths(raw):
-    frames = BASES[0]
     tracemalloc.start()
     start = time.perf_counter()
-    results = [check([raw, *frames[1:]]), check(splice(frames, "producer", raw)), check(splice(frames, "vocab", raw, "meta"))]
+    results = [check([raw, *BATCH[1:]]), check(splice(BATCH, "producer", raw)), check([raw, *META_MESSAGE[1:]]),
+               check(splice(META_MESSAGE, "vocab", raw, "meta")), check([META_MESSAGE[0], raw])]
     elapsed = time.perf_counter() - start
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
@@ -331,21 +368,22 @@ def test_giant_declared_msgpack_lengths(raw):
 
 
 def test_giant_headers():
-    frames = BASES[0]
+    frames = BATCH
     assert check([b"\x80" + b"\xc0" * MAX_HEADER_BYTES, *frames[1:]]) == "header_size"
     near_limit = replace_field(frames, "top", "padding", "p" * (MAX_HEADER_BYTES - 2000))
-    assert len(near_limit[0]) <= MAX_HEADER_BYTES and check(near_limit) == "accepted"
-    many_items = replace_field(frames, "top", "padding", [0] * (1 << 17))
-    assert check(many_items) == "accepted"
+    assert len(near_limit[0]) <= MAX_HEADER_BYTES and check(near_limit) == "header_schema"  # an unknown key
+    assert check(replace_field(frames, "top", "padding", [0] * (1 << 17))) == "header_schema"
+    assert check(replace_field(frames, "top", "padding", [0] * ((1 << 17) + 1))) == "header_not_msgpack"  # over the array limit
     assert check(replace_field(frames, "top", "tensors", [{"name": "x"}] * (1 << 16))) == "frame_count"
     assert check(replace_field(frames, "top", "producer", "p" * (MAX_HEADER_BYTES - 2000))) == "header_schema"
-    assert check(replace_field(frames, "meta", "vocab", vocab_chars(5000) * 3)) == "meta"
+    assert check(replace_field(META_MESSAGE, "meta", "vocab", vocab_chars(5000) * 3)) == "meta"
 
 
 @pytest.mark.parametrize("shape", [[2**40, 2**40], [2**63, 16], [2**64 - 1, 2**64 - 1], [-(2**63), -(2**63)],
                                    [-1, 16], [4, -16], [0, 0], [4, 2**40]])
 def test_huge_and_negative_declared_shapes(shape):
     frames = BASES[3]
+    assert len(frames) == 5
     for index in range(4):
         tracemalloc.start()
         start = time.perf_counter()

@@ -43,15 +43,15 @@ class SyntheticStream:
     def __init__(self, text: str = TEXT, block_size: int = 64, batch_size: int = 8, seed: int = 0) -> None:
         self.meta = make_meta(block_size, rows_per_message=8, val_messages=2, text=text, corruption=UNIFORM,
                               corpus_fingerprint="0" * 16)
-        self.vocabulary = self.meta.vocabulary
-        self.lines = [self.vocabulary.encode(line + "\n") for line in text.split("\n")]
+        self.tokenizer = self.meta.tokens
+        self.lines = [self.tokenizer.encode(line + "\n") for line in text.split("\n")]
         self.block_size = block_size
         self.batch_size = batch_size
         self.rng = np.random.default_rng(seed)
 
     def row(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
         """x, y, attention_mask (T,) and the mask ratio of one packed, corrupted row."""
-        T, v = self.block_size, self.vocabulary
+        T, v = self.block_size, self.tokenizer
         start = int(self.rng.integers(len(self.lines)))
         content: list[int] = []
         for line in self.lines[start:]:
@@ -144,8 +144,8 @@ class FakeConsumer(ReadyStream):
             received=self.consumed + total_rejected, accepted=self.consumed, rejected=dict(self.rejected),
             rejected_total=total_rejected, consumed_messages=self.consumed, consumed_batches=self.consumed,
             dropped_train=0, gaps=1, duplicates=0, out_of_order=0,
-            producers={"p0": ProducerRow(messages=self.consumed, train=self.consumed, val=2, first_seq=0,
-                                         last_seq=self.consumed + 2, gaps=1, duplicates=0, out_of_order=0,
+            producers={"p0": ProducerRow(messages=self.consumed + 3, meta=1, train=self.consumed, val=2, first_seq=0,
+                                         last_seq=self.consumed + 3, gaps=1, duplicates=0, out_of_order=0,
                                          seconds_since_last=0.0)},
             starved=False, seconds_since_last_message=round(time.monotonic() - self.last_message, 3),
             queue_depth=2, val_messages_seen=2, val_messages_total=2, meta_digest=self.meta.digest,

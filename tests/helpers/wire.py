@@ -14,21 +14,32 @@ import numpy as np
 
 from shared.limits import MAX_PRODUCER_ID_CHARS
 from shared.meta import StreamMeta
-from shared.vocab import IGNORE_INDEX, Vocabulary
+from shared.tokenizer import CharTokenizer
+from shared.vocab import IGNORE_INDEX
 from shared.wire import (
+    INCARNATION_HEX,
     KIND_BATCH,
     OPTIONAL_TENSORS,
     PROTOCOL_MAGIC,
     PROTOCOL_VERSION,
     REQUIRED_TENSORS,
     SPLITS,
-    TENSOR_SPECS,
+    TENSOR_RANKS,
+    WireError,
     WireMessage,
+    decode,
+    decode_stream,
     encode,
+    encode_meta,
+    tensor_dtypes,
 )
 
 DEFAULT_CHARS = "\n !',.?abcdefghijklmnopqrstuvwxyz"
 BERT = {"policy": "bert", "mask_prob": 0.15, "mask_fractions": [0.8, 0.1, 0.1], "supervise_sep": False}
+# Four train and four val stages: a stream whose messages carry the stage tensor.
+STAGES = {"policy": "stages", "mask_fractions": [0.8, 0.1, 0.1], "supervise_sep": False,
+          "stages": {split: [{"type": "random", "max_masked_ratio": 0.5}] * 4 for split in ("train", "val")}}
+INCARNATION = "0123456789abcdef"
 
 
 def vocab_chars(base_size: int) -> str:
@@ -56,10 +67,10 @@ def make_meta(
     come from that text instead (``chars`` is then unused). ``token_counts`` overrides either.
     """
     if text is None:
-        vocabulary = Vocabulary(chars)
+        vocabulary = CharTokenizer(chars)
         counts = range(1, vocabulary.base_size + 1)
     else:
-        vocabulary = Vocabulary.from_text(text)
+        vocabulary = CharTokenizer.from_text(text)
         counts = np.bincount(vocabulary.encode(text), minlength=vocabulary.base_size)
     return StreamMeta.build(
         vocabulary,
@@ -83,8 +94,11 @@ def make_tensors(
     with_stage: bool = False,
 ) -> dict[str, np.ndarray]:
     """Valid tensors with ``rows`` rows: random content, ``[SEP]`` then ``[PAD]`` (lines
-    packing) or full rows (fixed), BERT-style corruption of a random supervised set."""
-    T, V0 = meta.block_size, len(meta.vocab)
+    packing) or full rows (fixed), BERT-style corruption of a random supervised set; ``stage``
+    too for a stages meta (``with_stage`` insists on one)."""
+    T, V0 = meta.block_size, meta.base_size
+    stages = meta.corruption_config.get("stages")
+    assert stages is not None or not with_stage, "the stage tensor belongs to a stages stream (corruption=STAGES)"
     if meta.packing == "lines":
         valid_len = rng.integers(1, T + 1, size=rows)
     else:
@@ -104,22 +118,33 @@ def make_tensors(
     x[random_slots] = rng.integers(0, V0, size=int(random_slots.sum()))
     y = np.where(supervised, original, IGNORE_INDEX)
     n_candidates = np.maximum(candidates.sum(axis=1), 1)
+    dtypes = tensor_dtypes(meta)
     tensors = {
-        "x": x.astype("<u2"),
-        "y": y.astype("<i2"),
+        "x": x.astype(dtypes["x"]),
+        "y": y.astype(dtypes["y"]),
         "attention_mask": visible.astype("u1"),
         "mask_ratio": (supervised.sum(axis=1) / n_candidates).astype("<f4"),
     }
-    if with_stage:
-        tensors["stage"] = rng.integers(0, 4, size=rows).astype("u1")
+    if stages is not None:
+        tensors["stage"] = rng.integers(0, len(stages["train"]), size=rows).astype("u1")
     return tensors
 
 
 def make_frames(meta: StreamMeta, producer_id: str, seq: int, rng: np.random.Generator, rows: int | None = None,
                 split: str = "train", val_index: int = -1) -> list:
-    """The frames of one valid message (``rows`` defaults to ``meta.rows_per_message``)."""
+    """The frames of one valid batch (``rows`` defaults to ``meta.rows_per_message``)."""
     tensors = make_tensors(meta, rows or meta.rows_per_message, rng)
-    return encode(meta, split, producer_id, seq, tensors, val_index=val_index)
+    return encode(meta, split, producer_id, seq, tensors, val_index=val_index, incarnation=INCARNATION)
+
+
+def meta_frames(meta: StreamMeta, producer_id: str = "p", seq: int = 0) -> list[bytes]:
+    """The frames of the meta message a producer sends before its batches."""
+    return encode_meta(meta, producer_id, seq, incarnation=INCARNATION)
+
+
+def decode_with(meta: StreamMeta, frames):
+    """``shared.wire.decode`` of ``frames`` by a receiver that knows ``meta`` (has its meta message)."""
+    return decode(frames, {meta.digest: meta})
 
 
 def as_bytes(frames) -> list[bytes]:
@@ -135,8 +160,8 @@ def assert_valid_message(message: WireMessage) -> None:
     header = msgpack.unpackb(bytes(memoryview(message.frames[0]).cast("B")), raw=False)
     assert header["magic"] == PROTOCOL_MAGIC and header["kind"] == KIND_BATCH
     assert type(header["version"]) is int and header["version"] == PROTOCOL_VERSION
-    assert StreamMeta.from_dict(header["meta"]) == meta
-    assert header["meta_hash"] == meta.digest
+    assert "meta" not in header and header["meta_hash"] == meta.digest  # batches name their meta by digest
+    assert len(header["incarnation"]) == INCARNATION_HEX and header["incarnation"] == message.incarnation
     assert message.split in SPLITS and header["split"] == message.split
     assert type(message.producer_id) is str and 1 <= len(message.producer_id) <= MAX_PRODUCER_ID_CHARS
     assert type(message.seq) is int and message.seq >= 0
@@ -147,11 +172,13 @@ def assert_valid_message(message: WireMessage) -> None:
 
     names = set(message.tensors)
     assert set(REQUIRED_TENSORS) <= names <= set(REQUIRED_TENSORS) | set(OPTIONAL_TENSORS)
+    assert ("stage" in names) == (meta.corruption_config["policy"] == "stages")
     rows = message.rows
     assert 1 <= rows <= meta.rows_per_message
     T = meta.block_size
+    dtypes = tensor_dtypes(meta)
     for name, array in message.tensors.items():
-        dtype, rank = TENSOR_SPECS[name]
+        dtype, rank = dtypes[name], TENSOR_RANKS[name]
         assert array.dtype == dtype, name
         assert array.shape == ((rows, T) if rank == 2 else (rows,)), name
         assert not array.flags.writeable, name
@@ -161,6 +188,7 @@ def assert_valid_message(message: WireMessage) -> None:
     mask = message.tensors["attention_mask"].tolist()
     ratio = message.tensors["mask_ratio"].tolist()
     V = meta.vocab_size
+    supervise_sep = meta.corruption_config.get("supervise_sep", False)
     for r in range(rows):
         assert all(0 <= token < V for token in x[r])
         assert all(label == IGNORE_INDEX or 0 <= label < V for label in y[r])
@@ -176,8 +204,12 @@ def assert_valid_message(message: WireMessage) -> None:
             last = valid_len - 1
             original = y[r][last] if y[r][last] != IGNORE_INDEX else x[r][last]
             assert original == meta.sep_id
+            candidates = valid_len - 1 + (1 if supervise_sep else 0)
         else:
             assert valid_len == T
+            candidates = T
+        supervised = sum(label != IGNORE_INDEX for label in y[r])
+        assert supervised <= candidates and abs(ratio[r] - supervised / max(candidates, 1)) <= 1e-6
 
 
 def mutate_bytes(data: bytes, kind: str, position: int, payload: bytes) -> bytes:
@@ -197,3 +229,11 @@ def mutate_bytes(data: bytes, kind: str, position: int, payload: bytes) -> bytes
     if kind == "truncate":
         return data[:position]
     raise AssertionError(kind)
+
+
+def recorded_batches(records) -> list[WireMessage]:
+    """The batches of a recorded stream (its meta messages learnt on the way); every message must decode."""
+    messages = list(decode_stream(records))
+    errors = [message for message in messages if isinstance(message, WireError)]
+    assert not errors, errors[:3]
+    return messages

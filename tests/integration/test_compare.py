@@ -17,12 +17,13 @@ import torch
 from shared.meta import StreamMeta
 from shared.recording import RecordingReader
 from shared.vocab import IGNORE_INDEX
-from shared.wire import decode
 from trainer import compare
 from trainer.diagnostics.floor import context_free_floor
 from trainer.loop.checkpoint import load_checkpoint
 from trainer.model.losses import token_losses
 from trainer.model.transformer import BidirectionalTransformer, ModelConfig
+
+from helpers.wire import recorded_batches
 
 pytestmark = pytest.mark.slow
 
@@ -54,8 +55,7 @@ def bert(tmp_path_factory):
 def common_set(out):
     """(meta, val messages by val_index) of the common recording, read independently of compare."""
     messages = {}
-    for frames in RecordingReader(out / compare.COMMON_NAME):
-        message = decode(frames)
+    for message in recorded_batches(RecordingReader(out / compare.COMMON_NAME)):
         messages[message.val_index] = message
     return messages[0].meta, messages
 

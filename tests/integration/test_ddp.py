@@ -35,7 +35,7 @@ from trainer.loop.distributed import Ranks, parameter_digest, rank_endpoint, ran
 from helpers import ROOT
 from helpers.processes import Children, Process, free_ports, run_module
 from helpers.processes import Diagnostics as DiagnosticsClient
-from helpers.wire import make_frames, make_meta, make_tensors
+from helpers.wire import make_frames, make_meta, make_tensors, recorded_batches
 
 WORDS = ("the a of to and in is it that was for on are with as be at by this have from or one had not but what "
          "all were when we there can an your which their said if do will each about how up out them then she").split()
@@ -73,7 +73,7 @@ def torchrun(children: Children, out_dir, bind, *flags) -> Process:
 
 def recorded_messages(path: Path) -> list:
     with RecordingReader(path) as reader:
-        return [decode(frames) for frames in reader]
+        return recorded_batches(reader)
 
 
 class StateDict:

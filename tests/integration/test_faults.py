@@ -23,11 +23,10 @@ import torch
 import zmq
 
 from shared.recording import RecordingReader
-from shared.wire import decode
 
 from helpers import ROOT
 from helpers.processes import last_status_count
-from helpers.wire import make_frames, make_meta
+from helpers.wire import make_frames, make_meta, recorded_batches
 
 pytestmark = pytest.mark.slow
 
@@ -236,7 +235,7 @@ def test_sigterm_to_every_process_leaves_complete_files(cluster, tmp_path):
     assert set(summary["stream"]["producers"]) == {"p1", "p2"}
     assert any(line.startswith("stopped: ") or " stopped: {" in line for line in trainer.lines)
     with RecordingReader(recording) as reader:
-        messages = [decode(frames) for frames in reader]
+        messages = recorded_batches(reader)
         report = reader.report
     assert not report.truncated and report.corrupt_records == 0 and not report.problem and report.lost_bytes == 0
     final = summary["stream"]  # what was handed out: every consumed train message, each val message once

@@ -3,15 +3,19 @@
 import json
 import os
 
+import msgpack
+import numpy as np
 import pytest
 
-from shared.recording import RecordingReader
-from shared.wire import decode
+from shared.recording import END_MARK, RECORD_MARK, RecordingReader
+from shared.vocab import IGNORE_INDEX
 
 from helpers import ROOT
 from helpers.processes import run_module
+from helpers.wire import recorded_batches
 
 # The corpus of unit/producer/test_stream.py: unique lines of varied length.
+END_MARK_BYTES = len(END_MARK) + 8
 STREAM_TEXT = "".join(f"line {i} " + "abcdefg"[: i % 7] * (i % 5) + "\n" for i in range(300)) + "tail with Z\n"
 
 
@@ -35,12 +39,12 @@ def test_record_then_inspect_a_small_corpus(corpus, tmp_path):
     producer("record", "--corpus", corpus, "--out", out, "--messages", 30, "--policy", "uniform",
              "--block-size", 128, "--producer-id", "w3")
     with RecordingReader(out) as reader:
-        messages = [decode(frames) for frames in reader]
-    assert [m.seq for m in messages] == list(range(30))
+        messages = recorded_batches(reader)
+    assert [m.seq for m in messages] == list(range(1, 31))  # seq 0 is the meta message
     assert {m.producer_id for m in messages} == {"w3"} and {m.split for m in messages} == {"train"}
     report = json.loads(producer("inspect", out).stdout)
     assert report["messages"] == 30 and report["rows"] == 30 * 16 and report["rejected"] == 0
-    assert report["meta"]["block_size"] == 128 and json.loads(report["meta"]["corruption"])["policy"] == "uniform"
+    assert report["meta"]["block_size"] == 128 and report["meta"]["corruption"]["policy"] == "uniform"
     assert 0.85 < report["packing_efficiency"] <= 1 and report["valid_len"]["max"] <= 128
     assert 0.4 < report["supervised_per_token"] < 0.6
     assert abs(report["pct_mask"] - 80) < 3 and abs(report["pct_random"] - 10) < 3 and abs(report["pct_unchanged"] - 10) < 3
@@ -53,11 +57,11 @@ def test_val_recording_cycles_the_val_set_with_indices(corpus, tmp_path):
     producer("record", "--corpus", corpus, "--out", out, "--messages", 7, "--split", "val",
              "--block-size", 128, "--rows-per-message", 2, "--policy", "stages")
     with RecordingReader(out) as reader:
-        messages = [decode(frames) for frames in reader]
+        messages = recorded_batches(reader)
     val_messages = messages[0].meta.val_messages
     assert val_messages == 5  # 40 val lines of about 29 tokens: 4 per row, 10 rows, 2 per message
     assert [m.val_index for m in messages] == [0, 1, 2, 3, 4, 0, 1]
-    assert [m.seq for m in messages] == list(range(7)) and {m.split for m in messages} == {"val"}
+    assert [m.seq for m in messages] == list(range(1, 8)) and {m.split for m in messages} == {"val"}
     assert all("stage" in m.tensors for m in messages)
     assert bytes(messages[0].frames[1]) == bytes(messages[5].frames[1])
 
@@ -65,13 +69,37 @@ def test_val_recording_cycles_the_val_set_with_indices(corpus, tmp_path):
 def test_inspect_reports_a_cut_recording_and_a_corrupt_record(corpus, tmp_path):
     out = tmp_path / "cut.lps"
     producer("record", "--corpus", corpus, "--out", out, "--messages", 4, "--block-size", 64)
-    data = bytearray(out.read_bytes())
-    data[-100] ^= 0xFF  # inside the last record: its CRC fails
-    first_record = data.index(b"LPR1")
-    out.write_bytes(bytes(data) + data[first_record : first_record + 136])  # and a cut record after it
+    data = bytearray(out.read_bytes()[:-END_MARK_BYTES])  # no end mark: the recorder was killed
+    data[-100] ^= 0xFF  # inside the last record: its body CRC fails
+    second_record = data.index(RECORD_MARK, data.index(RECORD_MARK) + 1)
+    out.write_bytes(bytes(data) + data[second_record : second_record + 50])  # and a cut record after it
     report = json.loads(producer("inspect", out).stdout)
     assert report["messages"] == 3 and report["corrupt_records"] == 1
-    assert report["truncated"] and report["lost_bytes"] == 136
+    assert report["truncated"] and report["lost_bytes"] == 50 and "cut short" in report["problem"]
+
+
+def test_prepare_record_inspect_with_a_trained_bpe(tmp_path):
+    """The must-show pipeline in small: tokenizer train, prepare, record, inspect (vocab V0 + 3, 80/10/10)."""
+    text = tmp_path / "corpus.txt"
+    text.write_text("".join(f"Now is the winter {i} of our discontent, made glorious summer\n" for i in range(3000)))
+    producer("tokenizer", "train", "--corpus", text, "--vocab-size", 400, "--out", tmp_path / "tok.json")
+    producer("prepare", "--corpus", text, "--tokenizer", tmp_path / "tok.json", "--workers", 1, "--out", tmp_path / "P")
+    out = tmp_path / "s.lps"
+    producer("record", "--corpus", tmp_path / "P", "--out", out, "--messages", 20, "--block-size", 128)
+    report = json.loads(producer("inspect", out).stdout)
+    assert report["meta"]["tokenizer"] == "hf" and report["meta"]["vocab_size"] == 403
+    assert report["messages"] == 20 and report["rejected"] == 0 and report["packing_efficiency"] > 0.8
+    assert abs(report["pct_mask"] - 80) < 3 and abs(report["pct_random"] - 10) < 3 and abs(report["pct_unchanged"] - 10) < 3
+    with RecordingReader(out) as reader:
+        messages = recorded_batches(reader)
+    tokenizer = messages[0].meta.tokens
+    for message in messages[:5]:
+        x, y = message.tensors["x"], message.tensors["y"]
+        original = np.where(y != IGNORE_INDEX, y, x)
+        for row, valid in zip(original, message.valid_len):
+            assert row[valid - 1] == tokenizer.sep_id
+            rebuilt = tokenizer.decode(row[: valid - 1])
+            assert rebuilt.endswith("\n") and all(line.startswith("Now is the winter ") for line in rebuilt.splitlines())
 
 
 def test_record_on_the_builtin_corpus(tmp_path):
@@ -102,5 +130,8 @@ def test_the_stream_does_not_depend_on_pythons_hash_seed(tmp_path):
         producer("record", "--corpus", corpus_path, "--block-size", "64", "--rows-per-message", "8", "--policy", "uniform",
                  "--producer-id", "not-the-default", "--messages", "3", "--out", out, PYTHONHASHSEED=hash_seed)
         with RecordingReader(out) as reader:
-            recorded.append([frames for frames in reader])
-    assert len(recorded[0]) == 3 and recorded[0] == recorded[1]
+            frames = list(reader)
+        headers = [msgpack.unpackb(record[0]) for record in frames]
+        assert len({header.pop("incarnation") for header in headers}) == 1  # one per run, random
+        recorded.append((headers, [record[1:] for record in frames]))
+    assert len(recorded[0][0]) == 4 and recorded[0] == recorded[1]  # the meta message and 3 batches

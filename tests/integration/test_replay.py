@@ -8,11 +8,10 @@ import pytest
 import torch
 
 from shared.recording import RecordingReader, RecordingWriter
-from shared.wire import decode
 from trainer.data.consumer import DatasetConsumer
 
 from helpers.processes import Process, run_module
-from helpers.wire import make_frames, make_meta
+from helpers.wire import make_frames, make_meta, recorded_batches
 
 pytestmark = pytest.mark.slow
 FLAGS = ["--block-size", "128", "--rows-per-message", "8", "--val-every", "2"]
@@ -58,7 +57,7 @@ def recorded(tmp_path, children):
 def test_replay_gives_the_same_batches_in_the_same_order(recorded, children):
     path, val, train = recorded
     with RecordingReader(path) as reader:
-        records = [decode(frames) for frames in reader]
+        records = recorded_batches(reader)
     assert len({r.producer_id for r in records if r.split == "train"}) == 2  # both producers are in it
     with DatasetConsumer("tcp://127.0.0.1:*", 5) as consumer:
         proc = children.start("producer", "replay", str(path), "--connect", consumer.endpoint)
@@ -140,6 +139,6 @@ def test_trainer_consume_records_and_reports(tmp_path, children):
     assert final["val_messages_seen"] == final["val_messages_total"] > 0
     assert final["last_batch"]["rows"] == 6 and final["mask_ratio_cumulative"]["count"] == 180
     with RecordingReader(path) as reader:
-        splits = [decode(frames).split for frames in reader]
+        splits = [message.split for message in recorded_batches(reader)]
     assert splits.count("val") == final["val_messages_total"]
     assert splits.count("train") == final["consumed_messages"]

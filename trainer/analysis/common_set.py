@@ -10,7 +10,7 @@ import torch
 
 from shared.meta import StreamMeta
 from shared.recording import RecordingReader
-from shared.wire import MetaMessage, decode
+from shared.wire import WireError, decode_stream
 from trainer.data.assembly import val_set_batches
 from trainer.data.device import to_device
 from trainer.diagnostics.alarms import AlarmInputs, AlarmSettings, context_blind
@@ -26,13 +26,10 @@ def load_val_recording(path: str, batch_size: int) -> tuple[StreamMeta, list[dic
     """The val messages of a recording, each val_index once, in val_index order, as batches of
     ``batch_size`` rows: ``x``, ``y``, ``attention_mask`` int64 (B, T) on the CPU."""
     messages: dict[int, Any] = {}
-    metas: dict[str, StreamMeta] = {}
     meta = None
-    for frames in RecordingReader(path):
-        message = decode(frames, metas)
-        if isinstance(message, MetaMessage):
-            metas[message.meta.digest] = message.meta
-            continue
+    for message in decode_stream(RecordingReader(path)):
+        if isinstance(message, WireError):
+            raise message
         if message.split != "val":
             continue
         if meta is not None and message.meta.digest != meta.digest:

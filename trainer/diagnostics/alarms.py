@@ -168,7 +168,6 @@ def evaluate_alarms(inputs: AlarmInputs, settings: AlarmSettings, previous: dict
     return alarms
 
 
-
 class WaitWindow:
     """The steps of the last ``window_seconds``: their step time and their time waiting for data."""
 

@@ -5,14 +5,13 @@ import hashlib
 import numpy as np
 import pytest
 
-from producer.corpus import BUILTIN_NAME, CorpusError, load_corpus, split_lines
-from shared.vocab import Vocabulary
+from producer.corpus import BUILTIN_NAME, Corpus, CorpusError, load_corpus, read_text, tokenize
 
 
 def test_builtin_corpus_is_the_sorted_pydoc_topics():
     from pydoc_data.topics import topics
 
-    corpus = load_corpus(None)
+    corpus = read_text(None)
     assert corpus.name == BUILTIN_NAME
     assert corpus.text == "".join(topics[key] for key in sorted(topics))
     assert corpus.fingerprint == hashlib.sha256(corpus.text.encode()).hexdigest()[:16]
@@ -22,7 +21,7 @@ def test_builtin_corpus_is_the_sorted_pydoc_topics():
 def test_file_gets_a_final_newline(tmp_path):
     path = tmp_path / "a.txt"
     path.write_text("héllo\nworld", encoding="utf-8")
-    corpus = load_corpus(str(path))
+    corpus = read_text(str(path))
     assert corpus.text == "héllo\nworld\n"
     assert corpus.name == str(path)
     assert corpus.fingerprint == hashlib.sha256("héllo\nworld\n".encode()).hexdigest()[:16]
@@ -33,7 +32,7 @@ def test_folder_concatenates_sorted_txt_files(tmp_path):
     (tmp_path / "a.txt").write_text("first\n")
     (tmp_path / "c.md").write_text("ignored")
     (tmp_path / "d.txt").write_text("")
-    assert load_corpus(str(tmp_path)).text == "first\nsecond\n"
+    assert read_text(str(tmp_path)).text == "first\nsecond\n"
 
 
 def _write(path, text):
@@ -66,33 +65,49 @@ def test_undecodable_bytes_name_the_file_and_offset(tmp_path):
     assert isinstance(info.value, ValueError)
 
 
-def _lines(n):
+def _corpus(n, val_fraction=0.1, tokenizer="char"):
     text = "".join(f"line {i}\n" for i in range(n))
-    vocabulary = Vocabulary.from_text(text)
-    return vocabulary, vocabulary.encode(text)
+    return tokenize(Corpus(text, "t", "0" * 16), tokenizer, val_fraction)
 
 
-def test_split_is_by_lines_first_ninety_percent_train():
-    vocabulary, tokens = _lines(20)
-    newline = int(vocabulary.encode("\n")[0])
-    train, val = split_lines(tokens, newline, 0.1)
+@pytest.mark.parametrize("tokenizer", ["char", "bytes"])
+def test_split_is_by_lines_first_ninety_percent_train(tokenizer):
+    corpus = _corpus(20, tokenizer=tokenizer)
+    train, val = corpus.train_lines(), corpus.val_lines()
     assert (train.n_lines, val.n_lines) == (18, 2)
-    assert vocabulary.decode(train.tokens) == "".join(f"line {i}\n" for i in range(18))
-    assert vocabulary.decode(val.tokens) == "line 18\nline 19\n"
+    decode = corpus.tokenizer.decode
+    assert decode(train.tokens) == "".join(f"line {i}\n" for i in range(18))
+    assert decode(val.tokens) == "line 18\nline 19\n"
+    newline = int(corpus.tokenizer.encode_text("\n")[0][0])
     for part in (train, val):
         assert part.starts[0] == 0 and part.starts[-1] == len(part.tokens)
-        ends = part.starts[1:] - 1
-        assert (part.tokens[ends] == newline).all()
+        assert (part.tokens[part.starts[1:] - 1] == newline).all()
         assert np.count_nonzero(part.tokens == newline) == part.n_lines
+    assert corpus.train_counts.sum() == len(train.tokens)
+    assert corpus.train_counts[newline] == 18
 
 
 def test_split_keeps_a_line_on_each_side_and_zero_means_no_val():
-    vocabulary, tokens = _lines(3)
-    newline = int(vocabulary.encode("\n")[0])
-    assert split_lines(tokens, newline, 0.01)[1].n_lines == 1
-    assert split_lines(tokens, newline, 0.99)[0].n_lines == 1
-    train, val = split_lines(tokens, newline, 0.0)
-    assert val is None and train.n_lines == 3
-    one_vocabulary, one_line = _lines(1)
+    assert _corpus(3, 0.01).val_lines().n_lines == 1
+    assert _corpus(3, 0.99).train_lines().n_lines == 1
+    whole = _corpus(3, 0.0)
+    assert whole.val_lines() is None and whole.train_lines().n_lines == 3
     with pytest.raises(CorpusError, match="at least 2"):
-        split_lines(one_line, int(one_vocabulary.encode("\n")[0]), 0.1)
+        _corpus(1, 0.1)
+
+
+def test_load_corpus_defaults_to_chars_and_a_tenth_for_val(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_text("".join(f"l{i}\n" for i in range(10)))
+    corpus = load_corpus(str(path))
+    assert corpus.tokenizer.kind == "char" and corpus.val_lines().n_lines == 1
+    assert load_corpus(str(path), "bytes", 0.2).val_lines().n_lines == 2
+
+
+def test_an_unusable_tokenizer_file_is_a_corpus_error(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_text("hello\n")
+    bad = tmp_path / "tok.json"
+    bad.write_text("{not json")
+    with pytest.raises((CorpusError, ValueError), match="tok.json"):
+        load_corpus(str(path), str(bad))

@@ -4,7 +4,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from producer.corpus import Lines
+from producer.lines import Lines
 from producer.packing import FixedPacker, LinePacker
 
 NEWLINE, SEP, PAD = 0, 6, 7  # base ids 0..4 ([MASK] = 5 is unused by packing)

@@ -7,7 +7,7 @@ from itertools import islice
 import numpy as np
 import pytest
 
-from producer.corpus import Corpus, load_corpus
+from producer.corpus import Corpus, read_text
 from producer.stages import EXAMPLE_STAGES, load_stage_plan
 from producer.stream import BatchStream, _policy
 from shared import settings
@@ -42,7 +42,7 @@ def test_every_message_passes_the_wire_decoder(corpus_path, packing, policy, sam
     for supervise_sep in (False, True):
         s = stream(corpus_path, packing=packing, policy=policy, sampling=sampling, supervise_sep=supervise_sep)
         for seq, batch in enumerate(islice(s.train_batches(), 12)):
-            message = decode(encode(s.meta, "train", s.producer_id, seq, batch))
+            message = decode(encode(s.meta, "train", s.producer_id, seq, batch), {s.meta.digest: s.meta})
             assert message.rows == 8 and ("stage" in message.tensors) == (policy == "stages")
             assert {name: batch[name].dtype.str for name in batch} == {
                 name: message.tensors[name].dtype.str for name in message.tensors
@@ -50,7 +50,7 @@ def test_every_message_passes_the_wire_decoder(corpus_path, packing, policy, sam
         val = s.val_set()
         assert len(val) == s.meta.val_messages > 0
         for index, batch in enumerate(val):
-            decode(encode(s.meta, "val", s.producer_id, 0, batch, val_index=index))
+            decode(encode(s.meta, "val", s.producer_id, 0, batch, val_index=index), {s.meta.digest: s.meta})
 
 
 def test_meta_vocabulary_counts_and_corruption_description(corpus_path):
@@ -60,7 +60,7 @@ def test_meta_vocabulary_counts_and_corruption_description(corpus_path):
     train_text = TEXT[: TEXT.index("line 271 ")]  # 301 lines: 271 train (0..270), 30 val
     counts = dict(zip(meta.vocab, meta.token_counts))
     assert counts["Z"] == 0 and all(counts[c] == train_text.count(c) for c in meta.vocab)
-    assert meta.corpus_fingerprint == load_corpus(corpus_path).fingerprint
+    assert meta.corpus_fingerprint == read_text(corpus_path).fingerprint
     corruption = json.loads(meta.corruption)
     assert corruption["policy"] == "stages" and corruption["mask_fractions"] == [0.8, 0.1, 0.1]
     assert corruption["supervise_sep"] is False
@@ -94,7 +94,7 @@ def test_val_set_is_the_same_for_every_producer_and_covers_every_val_line(corpus
         for a, b in zip(sets[0], other):
             assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     s = stream(corpus_path, policy=policy)
-    vocabulary = s.vocabulary
+    vocabulary = s.tokenizer
     text = ""
     for batch in sets[0]:
         original = np.where(batch["y"] != -100, batch["y"], batch["x"])
@@ -116,7 +116,7 @@ def test_val_set_is_capped(tmp_path):
 
 def _row_texts(s: BatchStream, batch) -> list[str]:
     original = np.where(batch["y"] != -100, batch["y"], batch["x"])
-    return [s.vocabulary.decode(row[: valid - 1]) for row, valid in zip(original, batch["attention_mask"].sum(axis=1))]
+    return [s.tokenizer.decode(row[: valid - 1]) for row, valid in zip(original, batch["attention_mask"].sum(axis=1))]
 
 
 def test_epoch_sampling_sees_every_train_line_once_per_epoch_and_resumes(corpus_path):

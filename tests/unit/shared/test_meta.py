@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared.meta import MetaError, StreamMeta, canonical_json
-from shared.vocab import Vocabulary
+from shared.tokenizer import ByteTokenizer, CharTokenizer, sha256_hex
 
 from helpers import ROOT
 from helpers.wire import make_meta
@@ -40,7 +40,7 @@ def test_to_dict_from_dict_round_trip():
     rows=st.integers(1, 4096),
     chars=st.sets(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=40),
     packing=st.sampled_from(["lines", "fixed"]),
-    seed=st.integers(0, 2**64 - 1),
+    seed=st.integers(0, 2**63 - 1),
     val_messages=st.integers(0, 10**6),
 )
 @settings(max_examples=100, deadline=None, derandomize=True, database=None)
@@ -89,7 +89,7 @@ def test_differences_name_fields_and_both_values():
     assert mine.differences(theirs) == [("block_size", 16, 32), ("seed", 0, 3)]
     other_vocab = make_meta(chars="ab")
     fields = [name for name, _, _ in mine.differences(other_vocab)]
-    assert fields[:5] == ["vocab", "vocab_size", "mask_id", "sep_id", "pad_id"]
+    assert fields[:6] == ["vocab", "tokenizer_digest", "vocab_size", "mask_id", "sep_id", "pad_id"]
     assert "token_counts" in fields
 
 
@@ -168,14 +168,68 @@ def test_bad_vocabulary_surfaces_as_meta_error(vocab):
     # Special ids consistent with len(vocab), so only the Vocabulary check can object.
     base = len(vocab)
     data = {**make_meta().to_dict(), "vocab": vocab, "vocab_size": base + 3, "mask_id": base,
-            "sep_id": base + 1, "pad_id": base + 2, "token_counts": [1] * base}
+            "sep_id": base + 1, "pad_id": base + 2, "token_counts": [1] * base,
+            "tokenizer_digest": sha256_hex(vocab.encode())}
     with pytest.raises(MetaError, match="vocab"):
         StreamMeta.from_dict(data)
 
 
+def build(tokenizer=None, corruption=None, counts=None, **rest):
+    tokenizer = tokenizer or CharTokenizer("ab")
+    fields = dict(block_size=4, rows_per_message=1, packing="lines", sampling="epoch", seed=0,
+                  corpus_fingerprint="f" * 16, val_messages=0)
+    corruption = corruption or {"policy": "bert", "mask_prob": 0.15, "mask_fractions": [0.8, 0.1, 0.1]}
+    return StreamMeta.build(tokenizer, corruption, counts or [3] * tokenizer.base_size, **{**fields, **rest})
+
+
 def test_build_canonicalises_corruption():
-    a = StreamMeta.build(Vocabulary("ab"), {"b": 1, "a": [1, 2]}, [3, 4], block_size=4, rows_per_message=1,
-                         packing="lines", sampling="epoch", seed=0, corpus_fingerprint="f", val_messages=0)
-    assert a.corruption == '{"a":[1,2],"b":1}'
-    assert a.corruption_config == {"a": [1, 2], "b": 1}
+    a = build(corruption={"mask_prob": 0.5, "policy": "bert", "mask_fractions": [1, 0, 0]}, counts=[3, 4])
+    assert a.corruption == '{"mask_fractions":[1,0,0],"mask_prob":0.5,"policy":"bert"}'
+    assert a.corruption_config == {"mask_fractions": [1, 0, 0], "mask_prob": 0.5, "policy": "bert"}
     assert a.token_counts == (3, 4)
+
+
+@pytest.mark.parametrize("corruption", [
+    "[]",  # valid JSON, no policy: once crashed the trainer after it was pinned
+    '{"policy":"bert"}',  # no mask_prob, no mask_fractions
+    '{"mask_fractions":[0.8,0.1,0.1],"mask_prob":2,"policy":"bert"}',
+    '{"mask_fractions":[0.8,0.1],"mask_prob":0.1,"policy":"bert"}',
+    '{"mask_fractions":[0.8,0.1,0.2],"mask_prob":0.1,"policy":"bert"}',
+    '{"mask_fractions":[0.8,0.1,0.1],"policy":"uniform","ratio_range":[0.6,0.2]}',
+    '{"mask_fractions":[0.8,0.1,0.1],"mask_prob":0.1,"policy":"bert","surprise":1}',
+    '{"mask_fractions":[0.8,0.1,0.1],"mask_prob":0.1,"policy":"bert","supervise_sep":1}',
+    '{"mask_fractions":[0.8,0.1,0.1],"policy":"stages","stages":{"train":[],"val":[]}}',
+    '{"mask_fractions":[0.8,0.1,0.1],"policy":"stages","stages":{"train":[{"type":"random"}],"val":[{"type":"span","spans_count":1}]}}',
+    '{"mask_fractions":[0.8,0.1,0.1],"policy":"stages","stages":{"train":[{"type":"zigzag"}],"val":[]}}',
+    '{"policy": "bert", "mask_prob": 0.15, "mask_fractions": [0.8, 0.1, 0.1]}',  # not canonical (spaces, key order)
+    '{"mask_fractions":[0.8,0.1,0.1],"mask_prob":NaN,"policy":"bert"}',
+])
+def test_the_corruption_schema_is_checked_in_full(corruption):
+    with pytest.raises(MetaError, match="corruption"):
+        StreamMeta.from_dict({**make_meta().to_dict(), "corruption": corruption})
+
+
+@pytest.mark.parametrize("field, value", [
+    ("corpus_fingerprint", "F" * 16), ("corpus_fingerprint", "0123"), ("tokenizer_digest", "ab" * 31),
+    ("tokenizer", "words"), ("seed", 2**63),
+])
+def test_formats_and_ranges_are_checked(field, value):
+    with pytest.raises(MetaError, match=field):
+        StreamMeta.from_dict({**make_meta().to_dict(), field: value})
+
+
+def test_the_tokenizer_fields_agree_with_each_other():
+    assert build(ByteTokenizer(), counts=[1] * 256).tokens.kind == "bytes"
+    data = make_meta().to_dict()
+    with pytest.raises(MetaError, match="tokenizer_digest"):
+        StreamMeta.from_dict({**data, "tokenizer_digest": sha256_hex(b"something else")})
+    with pytest.raises(MetaError, match="bytes stream"):
+        StreamMeta.from_dict({**data, "tokenizer": "bytes"})
+    with pytest.raises(MetaError, match="hf stream"):
+        StreamMeta.from_dict({**data, "tokenizer": "hf", "vocab": ""})
+
+
+def test_a_protocol_one_meta_reads_as_a_char_stream():
+    meta = make_meta()
+    old = {name: value for name, value in meta.to_dict().items() if name not in ("tokenizer", "tokenizer_digest")}
+    assert StreamMeta.from_v1_dict(old) == meta

@@ -9,9 +9,11 @@ import typing
 
 import pytest
 
+from producer.prepare import PrepareSettings
 from producer.replay import ReplaySettings
 from producer.sending import SenderSettings
 from producer.service import RunSettings
+from producer.tokenizer_cli import TokenizerTrainSettings
 from shared import settings
 from shared.data_config import DataConfig
 from shared.settings import env_name, flag_name, iter_settings, setting
@@ -21,10 +23,12 @@ from trainer.data.config import StreamSettings
 from trainer.diagnostics.config import DiagnosticsSettings
 from trainer.loop.config import TrainConfig
 from trainer.model.transformer import ModelConfig
+from trainer.sample import SampleSettings
 from trainer.stack import StackSettings
 
 CLASSES = [DataConfig, SenderSettings, RunSettings, ReplaySettings, StreamSettings, TrainConfig, ModelConfig,
-           DiagnosticsSettings, StackSettings, CompareSettings, ConsumeSettings]
+           DiagnosticsSettings, StackSettings, CompareSettings, ConsumeSettings, PrepareSettings, TokenizerTrainSettings,
+           SampleSettings]
 TUPLE_SAMPLES = {"ratio_range": ((0.2, 0.4), "0.2,0.4"), "mask_fractions": ((1.0, 0.0, 0.0), "1,0,0"),
                  "connect": (("tcp://a:1", "tcp://b:2"), "tcp://a:1,tcp://b:2"), "producer_args": (("--x 1",), "--x 1"),
                  "trainer_args": (("--y 2",), "--y 2")}
@@ -42,7 +46,8 @@ def sample(cls: type, field: dataclasses.Field) -> tuple[typing.Any, str]:
     if kind is bool:
         return (not field.default), "true" if not field.default else "false"
     if int in typing.get_args(kind) or kind is int:
-        return 3, "3"
+        value = field.default + 1 if isinstance(field.default, int) and field.default > 3 else 3
+        return value, str(value)
     if float in typing.get_args(kind) or kind is float:
         return 0.5, "0.5"
     return "x", "x"

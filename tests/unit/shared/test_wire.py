@@ -11,20 +11,36 @@ from hypothesis import strategies as st
 
 from shared import wire
 from shared.meta import StreamMeta
-from shared.wire import MAX_HEADER_BYTES, REASONS, WireError, decode, encode
+from shared.wire import MAX_HEADER_BYTES, REASONS, MetaMessage, UnknownMeta, WireError, encode, encode_meta, frame_bytes
 
-from helpers.wire import assert_valid_message, make_meta, make_tensors, vocab_chars
+from helpers.wire import INCARNATION, STAGES, assert_valid_message, make_meta, make_tensors, vocab_chars
 
 META = make_meta(block_size=16, rows_per_message=4)
 FIXED_META = make_meta(block_size=16, rows_per_message=4, packing="fixed")
+STAGE_META = make_meta(block_size=16, rows_per_message=4, corruption=STAGES)
+KNOWN: dict[str, StreamMeta] = {}  # what this receiver has had meta messages for
+
+
+def known(*metas: StreamMeta) -> None:
+    KNOWN.update({meta.digest: meta for meta in metas})
+
+
+known(META, FIXED_META, STAGE_META)
+
+
+def decode(frames):
+    """``shared.wire.decode`` by a receiver that knows the metas of :data:`KNOWN`."""
+    return wire.decode(frames, KNOWN)
 
 
 def build(meta=META, rows=4, seed=0, split="train", val_index=-1, with_stage=False, **overrides):
-    """Valid tensors (with ``overrides`` applied by a callable) and their frames as bytes."""
-    tensors = make_tensors(meta, rows, np.random.default_rng(seed), with_stage=with_stage)
+    """Valid tensors (with ``overrides`` applied by a callable) and their frames as bytes;
+    ``with_stage`` uses the stages meta (its messages carry ``stage``)."""
+    meta = STAGE_META if with_stage else meta
+    tensors = make_tensors(meta, rows, np.random.default_rng(seed))
     for name, edit in overrides.items():
         edit(tensors[name])
-    return [bytes(f) for f in encode(meta, split, "producer-0", 7, tensors, val_index=val_index)], tensors
+    return [bytes(f) for f in encode(meta, split, "producer-0", 7, tensors, val_index=val_index, incarnation=INCARNATION)], tensors
 
 
 def header_of(frames):
@@ -67,20 +83,25 @@ def a_row_with_padding(tensors):
     with_stage=st.booleans(),
     split=st.sampled_from(["train", "val"]),
     seed=st.integers(0, 2**32 - 1),
-    seq=st.integers(0, 2**63),
+    seq=st.integers(0, 2**63 - 1),
     as_bytes=st.booleans(),
 )
 @settings(max_examples=300, deadline=None, derandomize=True, database=None)
 def test_round_trip(rows_per_message, rows_fraction, block_size, base_size, packing, with_stage, split, seed,
                     seq, as_bytes):
-    meta = make_meta(block_size, rows_per_message, vocab_chars(base_size), packing, val_messages=5)
+    meta = make_meta(block_size, rows_per_message, vocab_chars(base_size), packing, val_messages=5,
+                     corruption=STAGES if with_stage else None)
     rows = 1 + int(rows_fraction * (rows_per_message - 1))
-    tensors = make_tensors(meta, rows, np.random.default_rng(seed), with_stage=with_stage)
+    tensors = make_tensors(meta, rows, np.random.default_rng(seed))
     val_index = seed % 5 if split == "val" else -1
-    frames = encode(meta, split, f"p{seed}", seq, tensors, val_index=val_index)
+    frames = encode(meta, split, f"p{seed}", seq, tensors, val_index=val_index, incarnation=INCARNATION)
     if as_bytes:
         frames = [bytes(f) for f in frames]
-    message = decode(frames)
+    with pytest.raises(UnknownMeta):  # a batch needs its meta message first
+        wire.decode(frames)
+    announced = wire.decode(encode_meta(meta, f"p{seed}", 0, INCARNATION))
+    assert isinstance(announced, MetaMessage) and announced.meta == meta
+    message = wire.decode(frames, {meta.digest: meta})
     assert_valid_message(message)
     assert (message.split, message.producer_id, message.seq, message.val_index) == (split, f"p{seed}", seq, val_index)
     assert message.meta == meta and message.rows == rows
@@ -90,7 +111,7 @@ def test_round_trip(rows_per_message, rows_fraction, block_size, base_size, pack
         np.testing.assert_array_equal(message.tensors[name], array)
         assert not message.tensors[name].flags.writeable
     assert message.frames == tuple(frames)
-    assert message.frame_bytes() == [bytes(f) for f in frames]
+    assert frame_bytes(message.frames) == [bytes(f) for f in frames]
 
 
 def test_decoded_tensors_are_views_of_the_frames():
@@ -113,8 +134,8 @@ def test_decoded_tensors_read_only_even_from_writable_frames():
 def test_header_carries_the_contract_fields():
     frames, _ = build()
     header = header_of(frames)
-    assert header["magic"] == "linepack" and header["version"] == 1 and header["kind"] == "batch"
-    assert header["meta"] == META.to_dict() and header["meta_hash"] == META.digest
+    assert header["magic"] == "linepack" and header["version"] == 2 and header["kind"] == "batch"
+    assert "meta" not in header and header["meta_hash"] == META.digest and header["incarnation"] == INCARNATION
     assert [(d["name"], d["dtype"], d["shape"]) for d in header["tensors"]] == [
         ("x", "<u2", [4, 16]), ("y", "<i2", [4, 16]), ("attention_mask", "|u1", [4, 16]), ("mask_ratio", "<f4", [4])
     ]
@@ -127,18 +148,25 @@ def test_encode_refuses_wrong_dtype():
         encode(META, "train", "p", 0, tensors)
 
 
-def test_supervised_sep_is_valid():
-    tensors = make_tensors(META, 2, np.random.default_rng(3), supervise_prob=0)
+def test_supervised_sep_is_valid_when_the_stream_supervises_sep():
+    meta = make_meta(corruption={**make_meta().corruption_config, "supervise_sep": True})
+    known(meta)
+    tensors = make_tensors(meta, 2, np.random.default_rng(3), supervise_prob=0)
     valid_len = int(tensors["attention_mask"][0].sum())
-    tensors["x"][0, valid_len - 1] = META.mask_id
-    tensors["y"][0, valid_len - 1] = META.sep_id
-    assert_valid_message(decode(encode(META, "train", "p", 0, tensors)))
+    tensors["x"][0, valid_len - 1] = meta.mask_id
+    tensors["y"][0, valid_len - 1] = meta.sep_id
+    tensors["mask_ratio"][0] = 1 / valid_len  # [SEP] is a candidate too
+    assert_valid_message(decode(encode(meta, "train", "p", 0, tensors)))
+    tensors["mask_ratio"][0] = 0  # ... and the ratio must say it was supervised
+    rejected([bytes(f) for f in encode(meta, "train", "p", 0, tensors)], "value_range")
+    tensors["mask_ratio"][0] = 1 / (valid_len - 1)
+    rejected([bytes(f) for f in encode(META, "train", "p", 0, tensors)], "layout")  # not without supervise_sep
 
 
 def test_tensor_order_in_header_does_not_matter():
-    tensors = make_tensors(META, 3, np.random.default_rng(4), with_stage=True)
+    tensors = make_tensors(STAGE_META, 3, np.random.default_rng(4), with_stage=True)
     reordered = {name: tensors[name] for name in ["stage", "mask_ratio", "y", "attention_mask", "x"]}
-    message = decode([bytes(f) for f in encode(META, "train", "p", 0, reordered)])
+    message = decode([bytes(f) for f in encode(STAGE_META, "train", "p", 0, reordered)])
     np.testing.assert_array_equal(message.tensors["x"], tensors["x"])
 
 
@@ -181,6 +209,16 @@ def test_swapped_tensor_frames_rejected():
     rejected([frames[0], frames[3], *frames[2:3], frames[1], frames[4]], "size")
 
 
+def test_the_stage_tensor_belongs_to_stages_streams_and_their_stages():
+    frames, tensors = build(with_stage=True)
+    assert decode(frames).tensors["stage"].max() < 4
+    tensors["stage"][0] = 4  # a stage the stream does not have
+    rejected([bytes(f) for f in encode(STAGE_META, "train", "p", 0, tensors)], "value_range")
+    plain = make_tensors(META, 4, np.random.default_rng(0))
+    rejected([bytes(f) for f in encode(META, "train", "p", 0, {**plain, "stage": tensors["stage"]})], "tensor_list")
+    rejected([bytes(f) for f in encode(STAGE_META, "train", "p", 0, plain)], "tensor_list")
+
+
 def test_a_reject_names_the_producer_once_the_header_has_a_valid_one():
     frames, _ = build()
     assert rejected([frames[0], frames[2], frames[1], *frames[3:]], "value_range").producer_id == "producer-0"
@@ -211,6 +249,9 @@ def test_a_reject_names_the_producer_once_the_header_has_a_valid_one():
         (b"\x91" * 10_000 + b"\x00", "header_not_msgpack"),
         (b"\x81\xa1k" * 5_000 + b"\x00", "header_not_msgpack"),
         (msgpack.packb({f"k{i}": i for i in range(65)}), "header_not_msgpack"),
+        (msgpack.packb({"k": b""}, use_bin_type=True), "header_not_msgpack"),  # an empty bin is a bin too
+        (msgpack.packb({"k": msgpack.ExtType(1, b"")}), "header_not_msgpack"),  # ... and an empty ext an ext
+        (b"\x82\xa1k\x01\xa1k\x02", "header_not_msgpack"),  # a repeated key
     ],
 )
 def test_bad_header_frame(raw, reason):
@@ -225,14 +266,13 @@ def test_header_too_large_rejected_before_parsing():
     rejected(padded, "header_size")
 
 
-@pytest.mark.parametrize("depth", [500, 1000, 1023])
-@pytest.mark.parametrize("field", ["magic", "version", "kind", "split", "meta", "tensors"])
+@pytest.mark.parametrize("depth", [40, 500, 1000, 1023])
+@pytest.mark.parametrize("field", ["magic", "version", "kind", "split", "meta_hash", "tensors"])
 def test_deeply_nested_header_value(field, depth):
     frames, _ = build()
     header = {**header_of(frames), field: "@@"}
     raw = msgpack.packb(header).replace(msgpack.packb("@@"), b"\x91" * depth + b"\xc0")
-    reasons = {"version": "version", "meta": "meta", "tensors": "frame_count"}  # a 1-item list of tensors
-    error = rejected([raw, *frames[1:]], reasons.get(field, "header_schema"))
+    error = rejected([raw, *frames[1:]], "header_not_msgpack")  # nesting beyond 32 is refused outright
     assert len(str(error)) < 500
 
 
@@ -241,7 +281,7 @@ def test_deeply_nested_header_value(field, depth):
     [
         ("magic", "linepak", "header_schema"),
         ("magic", None, "header_schema"),
-        ("version", 2, "version"),
+        ("version", 3, "version"),
         ("version", 0, "version"),
         ("version", True, "version"),
         ("version", 1.0, "version"),
@@ -257,10 +297,14 @@ def test_deeply_nested_header_value(field, depth):
         ("seq", True, "header_schema"),
         ("val_index", 0, "header_schema"),  # a train message must say -1
         ("val_index", None, "header_schema"),
-        ("meta_hash", "0" * 16, "meta"),
+        ("seq", 2**63, "header_schema"),
+        ("meta_hash", "0" * 16, "meta_unknown"),  # a digest this receiver has no meta message for
         ("meta_hash", None, "header_schema"),
-        ("meta", None, "meta"),
-        ("meta", [], "meta"),
+        ("meta", META.to_dict(), "header_schema"),  # protocol 2 headers do not carry the meta
+        ("incarnation", "0123", "header_schema"),
+        ("incarnation", "0123456789ABCDEF", "header_schema"),
+        ("incarnation", None, "header_schema"),
+        ("surprise", 1, "header_schema"),  # unknown keys are refused
         ("tensors", None, "header_schema"),
         ("tensors", {"x": 1}, "header_schema"),
     ],
@@ -270,12 +314,11 @@ def test_bad_header_field(field, value, reason):
     rejected(with_header(frames, lambda h: h.update({field: value})), reason)
 
 
-@pytest.mark.parametrize("field", ["magic", "version", "kind", "split", "producer", "seq", "val_index", "meta",
+@pytest.mark.parametrize("field", ["magic", "version", "kind", "split", "producer", "incarnation", "seq", "val_index",
                                    "meta_hash", "tensors"])
 def test_missing_header_field(field):
     frames, _ = build()
-    rejected(with_header(frames, lambda h: h.pop(field)), "version" if field == "version" else
-             "meta" if field == "meta" else "header_schema")
+    rejected(with_header(frames, lambda h: h.pop(field)), "version" if field == "version" else "header_schema")
 
 
 def test_producer_id_limits_accepted():
@@ -296,17 +339,29 @@ def test_val_index_last_in_range_accepted():
     assert decode(frames).val_index == 2
 
 
+def meta_message(data: dict, digest: str = META.digest) -> list[bytes]:
+    """A meta message carrying ``data`` under ``digest`` (by default the real one)."""
+    header = msgpack.unpackb(encode_meta(META, "producer-0", 0, INCARNATION)[0], raw=False)
+    return [msgpack.packb({**header, "meta_hash": digest}), msgpack.packb(data, use_bin_type=True)]
+
+
+def test_a_meta_message_carries_the_meta():
+    message = decode(encode_meta(META, "producer-0", 3, INCARNATION))
+    assert isinstance(message, MetaMessage) and message.meta == META and message.seq == 3
+    assert message.incarnation == INCARNATION and message.producer_id == "producer-0"
+    rejected([*meta_message(META.to_dict()), b""], "frame_count")
+
+
 @pytest.mark.parametrize(
     "field, value",
-    [("block_size", 32), ("vocab_size", 99), ("vocab", "ba"), ("corruption", "[" * 50_000), ("seed", 0.0),
-     ("token_counts", [1]), ("extra", 1)],
+    [("block_size", 32), ("vocab_size", 99), ("vocab", "ba"), ("corruption", "[" * 50_000), ("corruption", "[]"),
+     ("seed", 0.0), ("token_counts", [1]), ("extra", 1)],
 )
 @pytest.mark.parametrize("cold_cache", [False, True])
 def test_bad_or_tampered_meta(field, value, cold_cache):
     if cold_cache:
         wire._META_CACHE.clear()
-    frames, _ = build()
-    rejected(with_header(frames, lambda h: h["meta"].update({field: value})), "meta")
+    rejected(meta_message({**META.to_dict(), field: value}), "meta")
 
 
 @pytest.mark.parametrize(
@@ -314,10 +369,30 @@ def test_bad_or_tampered_meta(field, value, cold_cache):
                      ("token_counts", [True] + list(range(2, 34)))],
 )
 def test_mistyped_meta_rejected_even_when_cached(field, value):
-    frames, _ = build()
-    decode(frames)  # the meta is now cached
+    decode(meta_message(META.to_dict()))  # the meta is now cached
     assert StreamMeta.from_dict(META.to_dict()) == META
-    rejected(with_header(frames, lambda h: h["meta"].update({field: value})), "meta")
+    rejected(meta_message({**META.to_dict(), field: value}), "meta")
+
+
+def test_a_meta_under_another_digest_is_rejected():
+    rejected(meta_message(META.to_dict(), digest="0" * 16), "meta")
+
+
+def test_a_protocol_one_batch_is_still_read():
+    """Old recordings hold version-1 messages: the meta inline, characters only."""
+    import hashlib
+
+    from shared.meta import canonical_json
+
+    tensors = make_tensors(META, 2, np.random.default_rng(2))
+    old_meta = {name: value for name, value in META.to_dict().items() if name not in ("tokenizer", "tokenizer_digest")}
+    header = {"magic": "linepack", "version": 1, "kind": "batch", "split": "train", "producer": "old", "seq": 4,
+              "val_index": -1, "meta": old_meta, "meta_hash": hashlib.sha256(canonical_json(old_meta).encode()).hexdigest()[:16],
+              "tensors": [{"name": n, "dtype": a.dtype.str, "shape": list(a.shape)} for n, a in tensors.items()]}
+    message = wire.decode([msgpack.packb(header), *[a.tobytes() for a in tensors.values()]])
+    assert message.meta == META and message.incarnation == "" and message.seq == 4
+    header["meta_hash"] = "0" * 16
+    rejected([msgpack.packb(header), *[a.tobytes() for a in tensors.values()]], "meta")
 
 
 # ---------------------------------------------------------------- tensors list, dtypes, shapes
@@ -419,10 +494,11 @@ def test_gigantic_shapes_rejected_fast_without_allocating():
 
 def test_rows_per_message_is_an_upper_bound():
     meta = make_meta(rows_per_message=3)
+    known(meta)
     frames, _ = build(meta, rows=3)
     assert decode(frames).rows == 3
     four_rows, _ = build(make_meta(rows_per_message=4), rows=4)
-    rejected(with_header(four_rows, lambda h: h.update(meta=meta.to_dict(), meta_hash=meta.digest)), "shape")
+    rejected(with_header(four_rows, lambda h: h.update(meta_hash=meta.digest)), "shape")
 
 
 def test_shape_consistent_but_frame_size_wrong():
@@ -466,8 +542,22 @@ def test_value_out_of_range(name, index, value):
 
 
 def test_mask_ratio_bounds_accepted():
-    frames, _ = build(mask_ratio=lambda a: a.__setitem__(slice(None), [0.0, 1.0, -0.0, 0.5]))
-    assert_valid_message(decode(frames))
+    tensors = make_tensors(META, 4, np.random.default_rng(6))
+    candidates = tensors["attention_mask"].sum(axis=1) - 1
+    content = np.arange(META.block_size)[None, :] < candidates[:, None]
+    original = np.where(tensors["y"] != -100, tensors["y"], tensors["x"])
+    for row, share in enumerate([0.0, 1.0, -0.0, 0.5]):
+        supervised = content[row] & (np.arange(META.block_size) < round(abs(share) * candidates[row]))
+        tensors["y"][row] = np.where(supervised, original[row], -100)
+        tensors["x"][row] = np.where(supervised, META.mask_id, original[row])
+        tensors["mask_ratio"][row] = supervised.sum() / max(candidates[row], 1) if share else share
+    assert_valid_message(decode(encode(META, "train", "p", 0, tensors)))
+
+
+def test_mask_ratio_must_be_supervised_over_candidates():
+    frames, tensors = build()
+    tensors["mask_ratio"][0] += 0.01
+    rejected([bytes(f) for f in encode(META, "train", "p", 0, tensors)], "value_range")
 
 
 # ---------------------------------------------------------------- row layout

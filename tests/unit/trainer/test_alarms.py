@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from trainer.diagnostics.alarms import AlarmInputs, AlarmSettings, evaluate_alarms
+from trainer.diagnostics.alarms import CONTEXT_BLIND_ADVICE, AlarmInputs, AlarmSettings, WaitWindow, evaluate_alarms
 
 SETTINGS = AlarmSettings(warmup_steps=100, floor_margin=0.1, no_context_margin=0.02, starved_seconds=30, reject_rate=0.05)
 
@@ -14,8 +14,9 @@ def states(inputs: AlarmInputs, previous=None, now: float = 1000.0):
 
 
 def test_healthy_run_raises_nothing_and_every_alarm_is_explained():
-    alarms = states(AlarmInputs(step=500, val_loss=2.3, floor=3.07, no_context_gap=0.8, seconds_without_data=0.1, window_accepted=50))
-    assert sorted(alarms) == ["context_blind", "meta_mismatch", "rejecting", "starved"]
+    alarms = states(AlarmInputs(step=500, val_loss=2.3, val_step=500, floor=3.07, no_context_gap=0.8, probe_step=500,
+                                seconds_without_data=0.1, window_accepted=50, data_wait=0.01, data_wait_seconds=60))
+    assert sorted(alarms) == ["context_blind", "data_bound", "meta_mismatch", "rejecting", "starved"]
     assert not any(alarm.active for alarm in alarms.values())
     for alarm in alarms.values():
         assert alarm.explanation and alarm.check and alarm.since_step is None and alarm.since_time is None
@@ -24,17 +25,43 @@ def test_healthy_run_raises_nothing_and_every_alarm_is_explained():
 
 def test_context_blind_waits_for_warm_up_then_fires_near_the_floor():
     near_floor = dict(val_loss=3.05, floor=3.07)
-    assert not states(AlarmInputs(step=99, **near_floor))["context_blind"].active
-    alarm = states(AlarmInputs(step=100, **near_floor))["context_blind"]
+    assert not states(AlarmInputs(step=99, val_step=99, **near_floor))["context_blind"].active
+    alarm = states(AlarmInputs(step=100, val_step=100, **near_floor))["context_blind"]
     assert alarm.active and "3.050" in alarm.explanation and "floor 3.070" in alarm.explanation
-    assert not states(AlarmInputs(step=100, val_loss=3.2, floor=3.07))["context_blind"].active  # 0.13 above: learning
-    assert not states(AlarmInputs(step=100, val_loss=2.4, floor=3.07))["context_blind"].active
+    assert alarm.explanation.endswith(CONTEXT_BLIND_ADVICE), "it says what to do"
+    assert not states(AlarmInputs(step=100, val_step=100, val_loss=3.2, floor=3.07))["context_blind"].active  # 0.13 above
+    assert not states(AlarmInputs(step=100, val_step=100, val_loss=2.4, floor=3.07))["context_blind"].active
+
+
+def test_context_blind_never_judges_a_measurement_from_before_the_warm_up():
+    """At step 100 the last val loss may still be the untrained model's (step 0): near the floor, but stale."""
+    stale = states(AlarmInputs(step=150, val_loss=3.05, val_step=0, floor=3.07, no_context_gap=0.0, probe_step=50))
+    assert not stale["context_blind"].active and "waiting for a val loss measured at step 100" in stale["context_blind"].explanation
+    fresh = states(AlarmInputs(step=150, val_loss=3.05, val_step=0, floor=3.07, no_context_gap=0.0, probe_step=150))
+    assert fresh["context_blind"].active and "hiding all context" in fresh["context_blind"].explanation
 
 
 def test_context_blind_fires_when_hiding_context_costs_nothing():
-    alarm = states(AlarmInputs(step=200, val_loss=2.4, floor=3.07, no_context_gap=0.01))["context_blind"]
-    assert alarm.active and "+0.010" in alarm.explanation
-    assert not states(AlarmInputs(step=200, val_loss=2.4, floor=3.07, no_context_gap=0.5))["context_blind"].active
+    alarm = states(AlarmInputs(step=200, val_loss=2.4, val_step=200, floor=3.07, no_context_gap=0.01, probe_step=200))
+    assert alarm["context_blind"].active and "+0.010" in alarm["context_blind"].explanation
+    healthy = AlarmInputs(step=200, val_loss=2.4, val_step=200, floor=3.07, no_context_gap=0.5, probe_step=200)
+    assert not states(healthy)["context_blind"].active
+
+
+def test_data_bound_fires_when_the_loop_mostly_waits_for_data():
+    assert not states(AlarmInputs(data_wait=0.9, data_wait_seconds=10))["data_bound"].active, "too little of a window yet"
+    assert not states(AlarmInputs(data_wait=0.2, data_wait_seconds=60))["data_bound"].active
+    alarm = states(AlarmInputs(data_wait=0.8, data_wait_seconds=60))["data_bound"]
+    assert alarm.active and "80%" in alarm.explanation and "add producers" in alarm.explanation
+
+
+def test_the_wait_window_keeps_only_its_last_seconds():
+    window = WaitWindow(window_seconds=10)
+    assert window.fraction(0.0) == (None, 0.0)
+    for t in range(20):
+        window.add(float(t), step_s=1.0, wait_s=0.9 if t < 10 else 0.1)
+    fraction, seconds = window.fraction(19.5)
+    assert seconds == 10.0 and abs(fraction - 0.1) < 1e-9, "the slow first ten seconds are forgotten"
 
 
 def test_starved_after_the_configured_silence():

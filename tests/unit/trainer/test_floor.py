@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shared.vocab import Vocabulary
+from shared.tokenizer import CharTokenizer
 from trainer.diagnostics.floor import context_free_floor, corrupted_token_entropy, entropy, span_coverage, stage_floors
 
 from helpers import ROOT
@@ -50,13 +50,13 @@ SMALL_TEXT = "aaaaaaaabbbbccd\n" * 3 + "abcabcaaab\n"
 @pytest.mark.parametrize("fractions", [(0.8, 0.1, 0.1), (0.5, 0.25, 0.25), (0.0, 0.5, 0.5), (1.0, 0.0, 0.0)])
 def test_floor_matches_monte_carlo_of_the_optimal_predictor(fractions):
     meta = text_meta(SMALL_TEXT, {"policy": "bert", "mask_prob": 0.15, "mask_fractions": list(fractions)})
-    tokens = meta.vocabulary.encode(SMALL_TEXT).astype(np.int64)
+    tokens = meta.tokens.encode(SMALL_TEXT).astype(np.int64)
     rng = np.random.default_rng(0)
     pairs = []
     for _ in range(2):
         originals = rng.choice(tokens, 400_000)
-        pairs.append((originals, corrupt(originals, meta.vocabulary.base_size, fractions, rng)))
-    simulated = empirical_cross_entropy(pairs[0], pairs[1], meta.vocabulary.base_size)
+        pairs.append((originals, corrupt(originals, meta.tokens.base_size, fractions, rng)))
+    simulated = empirical_cross_entropy(pairs[0], pairs[1], meta.tokens.base_size)
     assert context_free_floor(meta) == pytest.approx(simulated, abs=0.005)
 
 
@@ -69,8 +69,8 @@ def test_stage_mix_matches_monte_carlo_over_rows():
     ]
     corruption = {"policy": "stages", "mask_fractions": [0.6, 0.2, 0.2], "stages": {"train": stages, "val": stages[:1]}}
     meta = text_meta(SMALL_TEXT, corruption)
-    tokens = meta.vocabulary.encode(SMALL_TEXT).astype(np.int64)
-    base_size, candidates, rows_per_stage = meta.vocabulary.base_size, meta.block_size - 1, 6000
+    tokens = meta.tokens.encode(SMALL_TEXT).astype(np.int64)
+    base_size, candidates, rows_per_stage = meta.tokens.base_size, meta.block_size - 1, 6000
     rng = np.random.default_rng(1)
     originals, inputs = [], []
     for row in range(rows_per_stage * len(stages)):
@@ -167,7 +167,7 @@ def test_tinyshakespeare_at_80_10_10_is_about_3_07_nats():
     text = SHAKESPEARE.read_text(encoding="utf-8")
     lines = text.splitlines(keepends=True)
     train = "".join(lines[: int(len(lines) * 0.9)])
-    vocabulary = Vocabulary.from_text(text)
+    vocabulary = CharTokenizer.from_text(text)
     counts = np.bincount(vocabulary.encode(train), minlength=vocabulary.base_size)  # the train lines only
     meta = make_meta(1024, 16, val_messages=1, text=text, token_counts=counts, corpus_fingerprint="0" * 16,
                      corruption={"policy": "bert", "mask_prob": 0.15, "mask_fractions": [0.8, 0.1, 0.1]})

@@ -48,7 +48,7 @@ def test_every_key_is_present_with_sane_values(finished_run):
     loss = body["loss"]
     assert 0 < loss["train"] < 6 and 0 < loss["val"] < 6 and loss["train_step"] == 30 and loss["val_step"] == 30
     assert loss["train_by_stage"] == {} and loss["val_by_stage"] == {}  # this stream has no stages
-    assert 0 < loss["context_free_floor"] < math.log(consumer.meta.vocabulary.base_size)
+    assert 0 < loss["context_free_floor"] < math.log(consumer.meta.base_size)
     batch = body["batch"]
     assert batch["rows"] == 8 and 1 <= batch["valid_len"]["min"] <= batch["valid_len"]["p50"] <= batch["valid_len"]["max"] <= 48
     assert 0 < batch["supervised_per_position"] <= batch["supervised_per_token"] <= 1
@@ -64,7 +64,8 @@ def test_every_key_is_present_with_sane_values(finished_run):
     assert 0 <= stream["data_wait_fraction"] <= 1
     throughput = body["throughput"]
     assert throughput["ms_per_step"] > 0 and throughput["tokens_per_s"] > 0
-    assert {alarm["name"] for alarm in body["alarms"]} == {"context_blind", "starved", "rejecting", "meta_mismatch"}
+    assert {alarm["name"] for alarm in body["alarms"]} == {"context_blind", "starved", "data_bound", "rejecting",
+                                                                "meta_mismatch"}
     assert not any(alarm["active"] for alarm in body["alarms"] if alarm["name"] != "context_blind")
     assert httpx.get(f"{url}/healthz", timeout=TIMEOUT).json() == {"ok": True, "step": 30}
 
@@ -108,8 +109,8 @@ def test_metrics_parse_as_prometheus_text(finished_run):
     assert samples[("linepack_stream_producer_total", (("kind", "gaps"), ("producer", "p0")))] == 1
     assert samples[("linepack_alarm_active", (("alarm", "starved"),))] == 0
     assert ("linepack_attention_probe_loss_nats", (("mask", "no_context"),)) in samples
-    assert ("linepack_mask_ratio", (("quantile", "0.5"), ("window", "cumulative"))) in samples
-    assert ("linepack_mask_ratio", (("quantile", "0.9"), ("window", "batch"))) in samples
+    assert ("linepack_mask_ratio", (("percentile", "50"), ("window", "cumulative"))) in samples
+    assert ("linepack_mask_ratio", (("percentile", "90"), ("window", "batch"))) in samples
 
 
 def test_openapi_documents_the_typed_response(finished_run):
@@ -213,7 +214,7 @@ def test_snapshot_types_the_real_consumer_and_counts_a_foreign_stream():
     zmq = pytest.importorskip("zmq")
     stream_module = pytest.importorskip("producer.stream")
     config_module = pytest.importorskip("shared.data_config")
-    from shared.wire import encode
+    from shared.wire import encode, encode_meta
     from trainer.data.consumer import DatasetConsumer
 
     text = "".join(f"line {i} of a small corpus\n" for i in range(200))
@@ -228,10 +229,11 @@ def test_snapshot_types_the_real_consumer_and_counts_a_foreign_stream():
         try:
             diagnostics = Diagnostics(consumer)
             assert diagnostics.snapshot().meta is None
+            push.send_multipart(encode_meta(stream.meta, "p0", 0))
             for index, tensors in enumerate(stream.val_set()):
-                push.send_multipart(encode(stream.meta, "val", "p0", index, tensors, val_index=index), copy=False)
+                push.send_multipart(encode(stream.meta, "val", "p0", index + 1, tensors, val_index=index), copy=False)
             train = stream.train_batches()
-            seq = len(stream.val_set())
+            seq = len(stream.val_set()) + 1
             for _ in range(4):
                 push.send_multipart(encode(stream.meta, "train", "p0", seq, next(train)), copy=False)
                 seq += 1
@@ -246,7 +248,8 @@ def test_snapshot_types_the_real_consumer_and_counts_a_foreign_stream():
             assert snapshot.cumulative.mask_ratio.p50 == direct.percentiles([50])[0]
             assert not any(alarm.active for alarm in snapshot.alarms)
 
-            push.send_multipart(encode(foreign.meta, "train", "p1", 0, next(foreign.train_batches())), copy=False)
+            push.send_multipart(encode_meta(foreign.meta, "p1", 0))
+            push.send_multipart(encode(foreign.meta, "train", "p1", 1, next(foreign.train_batches())), copy=False)
             deadline = time.monotonic() + TIMEOUT
             while consumer.stats().to_dict()["rejected_total"] == 0 and time.monotonic() < deadline:
                 time.sleep(0.02)

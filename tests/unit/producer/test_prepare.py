@@ -1,0 +1,255 @@
+"""``producer prepare`` and the prepared folder (docs/SPEC.md §2.7): the same ids and lines as
+tokenizing in memory, for every tokenizer and source kind; memory-mapped reading; the manifest
+and its checks; an interrupted prepare leaves nothing that looks complete; every bad input is a
+clear error and leaves nothing behind."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from producer import prepare as prepare_module
+from producer.corpus import Corpus, load_corpus, tokenize
+from producer.lines import CorpusError
+from producer.prepare import PrepareSettings, prepare
+from shared.tokenizer import HFTokenizer
+
+from helpers import ROOT
+
+TEXT = "".join(f"line {i}: " + "héllo wörld " * (i % 4) + "\n" for i in range(400))
+
+
+def options(corpus, out, **overrides) -> PrepareSettings:
+    return PrepareSettings(**{"corpus": str(corpus), "out": str(out), "workers": 1, "chunk_mb": 0.001, **overrides})
+
+
+def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def leftovers(folder) -> list[str]:
+    return sorted(name for name in os.listdir(folder) if ".partial-" in name)
+
+
+@pytest.fixture(scope="module")
+def bpe_file(tmp_path_factory):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=300, special_tokens=["[CLS]"], show_progress=False))
+    path = tmp_path_factory.mktemp("bpe") / "tokenizer.json"
+    backend.save(str(path))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["char", "bytes", "bpe"])
+def test_prepared_ids_and_lines_are_the_in_memory_ones(tmp_path, kind, bpe_file):
+    """Many small chunks through a worker process give exactly what tokenizing in memory gives."""
+    spec = str(bpe_file) if kind == "bpe" else kind
+    corpus = write(tmp_path / "c.txt", TEXT)
+    manifest = prepare(options(corpus, tmp_path / "P", tokenizer=spec))
+    mapped = load_corpus(str(tmp_path / "P"))
+    memory = tokenize(Corpus(TEXT, "c", "0" * 16), spec, 0.1)
+    assert mapped.tokenizer.digest == memory.tokenizer.digest and mapped.tokenizer.kind == memory.tokenizer.kind
+    assert np.array_equal(mapped.tokens, memory.tokens) and mapped.tokens.dtype == np.uint16
+    assert np.array_equal(mapped.offsets, memory.offsets) and mapped.split_line == memory.split_line == 360
+    assert np.array_equal(mapped.train_counts, memory.train_counts)
+    assert isinstance(mapped.tokens.base, (memoryview, type(None))) or not mapped.tokens.flags.owndata
+    assert not mapped.tokens.flags.writeable, "the ids are a read-only map of the file"
+    assert mapped.tokenizer.decode(mapped.tokens) == TEXT
+    assert manifest["lines"] == 400 and manifest["tokens"] == len(memory.tokens)
+    assert manifest["vocab_size"] == memory.tokenizer.vocab_size and manifest["fingerprint"] == mapped.fingerprint
+    assert manifest["split"] == {"val_fraction": 0.1, "split_line": 360, "train_lines": 360, "val_lines": 40,
+                                 "train_tokens": int(memory.offsets[360])}
+    assert sorted(os.listdir(tmp_path / "P")) == sorted(
+        ["manifest.json", "tokens.npy", "line_offsets.npy"] + (["tokenizer.json"] if kind == "bpe" else []))
+    assert np.array_equal(np.load(tmp_path / "P" / "tokens.npy", mmap_mode="r"), memory.tokens), "plain .npy files"
+    assert leftovers(tmp_path) == []
+
+
+def test_folders_jsonl_and_gzip_are_read_recursively_in_sorted_order(tmp_path):
+    root = tmp_path / "corpus"
+    write(root / "b" / "two.txt", "second file\nno final break")
+    write(root / "a.txt", "first file\n")
+    with gzip.open(root / "c.txt.gz", "wt", encoding="utf-8") as file:
+        file.write("zipped\n")
+    documents = [{"text": "doc one\nhas two lines"}, {"text": ""}, {"text": "doc two\n", "id": 2}]
+    write(root / "d.jsonl", "\n".join(json.dumps(d) for d in documents) + "\n\n")
+    with gzip.open(root / "e.jsonl.gz", "wt", encoding="utf-8") as file:
+        file.write(json.dumps({"text": "zipped doc"}) + "\n")
+    write(root / "ignored.md", "not a corpus file\n")
+    manifest = prepare(options(root, tmp_path / "P", tokenizer="bytes", text_field="text", val_fraction=0.0))
+    corpus = load_corpus(str(tmp_path / "P"))
+    text = "first file\nsecond file\nno final break\nzipped\ndoc one\nhas two lines\ndoc two\nzipped doc\n"
+    assert corpus.tokenizer.decode(corpus.tokens) == text
+    assert corpus.n_lines == 8 and corpus.val_lines() is None
+    assert [os.path.basename(s["path"]) for s in manifest["sources"]] == ["a.txt", "two.txt", "c.txt.gz", "d.jsonl",
+                                                                          "e.jsonl.gz"]
+    assert all(s["bytes"] == os.path.getsize(s["path"]) for s in manifest["sources"])
+    without_field = prepare(options(root, tmp_path / "Q", tokenizer="bytes", val_fraction=0.0))
+    assert len(without_field["sources"]) == 3, ".jsonl files are read only with --text-field"
+
+
+def test_a_vocabulary_over_65536_ids_is_stored_as_uint32(tmp_path):
+    chars = "".join(chr(c) for c in range(0x4E00, 0x4E00 + 72_048) if not 0xD800 <= c < 0xE000)
+    assert len(chars) == 70_000
+    text = "".join(chars[i : i + 100] + "\n" for i in range(0, len(chars), 100))
+    prepare(options(write(tmp_path / "c.txt", text), tmp_path / "P", chunk_mb=0.05))
+    corpus = load_corpus(str(tmp_path / "P"))
+    assert corpus.tokenizer.vocab_size == 70_004 and corpus.tokens.dtype == np.uint32  # and "\n"
+    assert int(corpus.tokens.max()) == 70_000 and corpus.tokenizer.decode(corpus.tokens[:5]) == chars[:5]
+
+
+def test_a_prepared_folder_fixes_its_tokenizer_and_split(tmp_path, bpe_file):
+    prepare(options(write(tmp_path / "c.txt", TEXT), tmp_path / "P", tokenizer="bytes"))
+    assert load_corpus(str(tmp_path / "P"), "bytes", 0.1).tokenizer.kind == "bytes"
+    with pytest.raises(CorpusError, match="prepared with the bytes tokenizer"):
+        load_corpus(str(tmp_path / "P"), "char")
+    with pytest.raises(CorpusError, match="prepared with the bytes tokenizer"):
+        load_corpus(str(tmp_path / "P"), str(bpe_file))
+    with pytest.raises(CorpusError, match="--val-fraction 0.1, not 0.2"):
+        load_corpus(str(tmp_path / "P"), None, 0.2)
+
+
+def test_a_changed_or_damaged_folder_is_refused(tmp_path):
+    prepare(options(write(tmp_path / "c.txt", TEXT), tmp_path / "P"))
+    folder = tmp_path / "P"
+    manifest_path = folder / "manifest.json"
+    original = manifest_path.read_text()
+    manifest = json.loads(original)
+    manifest["lines"] += 1
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(CorpusError, match="fingerprint"):
+        load_corpus(str(folder))
+    manifest_path.write_text(original)
+    with open(folder / "tokens.npy", "ab") as file:
+        file.write(b"\0\0")
+    with pytest.raises(CorpusError, match="wrong size"):
+        load_corpus(str(folder))
+    manifest_path.write_text("{not json")
+    with pytest.raises(CorpusError, match="unreadable manifest.json"):
+        load_corpus(str(folder))
+
+
+def test_the_fingerprint_names_the_preparation(tmp_path):
+    corpus = write(tmp_path / "c.txt", TEXT)
+    first = prepare(options(corpus, tmp_path / "P"))
+    again = prepare(options(corpus, tmp_path / "Q"))
+    other_split = prepare(options(corpus, tmp_path / "R", val_fraction=0.2))
+    other_tokenizer = prepare(options(corpus, tmp_path / "S", tokenizer="bytes"))
+    assert first["fingerprint"] == again["fingerprint"], "the same corpus prepared the same way"
+    assert len({first["fingerprint"], other_split["fingerprint"], other_tokenizer["fingerprint"]}) == 3
+
+
+def _big_chars_file(path) -> None:
+    with open(path, "w", encoding="utf-8") as file:
+        for i in range(300):
+            file.write("".join(f"line {i}-{j} of a corpus big enough to take a while\n" for j in range(2000)))
+
+
+def test_an_interrupted_prepare_leaves_no_folder_that_looks_complete(tmp_path):
+    """SIGTERM in the middle of a real ``python -m producer prepare``: no DIR, no partial folder."""
+    corpus = tmp_path / "big.txt"
+    _big_chars_file(corpus)
+    out = tmp_path / "P"
+    process = subprocess.Popen([sys.executable, "-m", "producer", "prepare", "--corpus", str(corpus), "--out", str(out),
+                                "--workers", "1", "--chunk-mb", "0.5"], cwd=ROOT, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while not leftovers(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert leftovers(tmp_path), "prepare never started writing"
+    time.sleep(0.3)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode != 0, stderr.decode()
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_an_error_in_the_middle_removes_the_partial_folder(tmp_path, monkeypatch):
+    corpus = write(tmp_path / "c.txt", TEXT)
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(prepare_module, "build_manifest", fail)
+    with pytest.raises(OSError, match="disk full"):
+        prepare(options(corpus, tmp_path / "P"))
+    assert not (tmp_path / "P").exists() and leftovers(tmp_path) == []
+
+
+BAD_INPUTS = {
+    "not UTF-8": (lambda d: (d / "bad.txt").write_bytes(b"good line\n" * 300 + b"bad \xff byte\n"), {},
+                  r"bad.txt is not UTF-8: undecodable byte 0xff at byte offset 3004"),
+    "empty": (lambda d: (d / "e.txt").write_text(""), {}, "empty"),
+    "no corpus files": (lambda d: (d / "x.md").write_text("text\n"), {}, "holds no text"),
+    "jsonl without --text-field": (lambda d: (d / "d.jsonl").write_text('{"text": "a"}\n'), {"corpus": "d.jsonl"},
+                                   "--text-field"),
+    "jsonl line without the field": (lambda d: (d / "d.jsonl").write_text('{"text": "a"}\n{"body": "b"}\n'),
+                                     {"text_field": "text"}, r"d.jsonl:2: no text field 'text'"),
+    "jsonl line not JSON": (lambda d: (d / "d.jsonl").write_text('{"text": "a"}\n{oops\n'), {"text_field": "text"},
+                            r"d.jsonl:2: not JSON"),
+    "tokenizer file that does not load": (lambda d: (d / "c.txt").write_text("a\n") and (d / "t.json").write_text("{]"),
+                                          {"tokenizer": "t.json"}, "not a tokenizers file"),
+    "missing tokenizer file": (lambda d: (d / "c.txt").write_text("a\n"), {"tokenizer": "nope.json"}, "nope.json"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_inputs_are_clear_errors_and_leave_nothing(tmp_path, case):
+    make, overrides, message = BAD_INPUTS[case]
+    source = tmp_path / "src"
+    source.mkdir()
+    make(source)
+    overrides = {key: str(source / value) if key in ("corpus", "tokenizer") else value for key, value in overrides.items()}
+    with pytest.raises(CorpusError, match=message):
+        prepare(options(**{"corpus": source, "out": tmp_path / "P", **overrides}))
+    assert not (tmp_path / "P").exists() and leftovers(tmp_path) == []
+
+
+def test_a_vocabulary_too_large_for_the_wire_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare_module, "MAX_VOCAB_SIZE", 10)
+    with pytest.raises(CorpusError, match="the wire carries at most 10"):
+        prepare(options(write(tmp_path / "c.txt", "abcdefghijkl\n"), tmp_path / "P"))
+    assert not (tmp_path / "P").exists() and leftovers(tmp_path) == []
+
+
+def test_an_existing_folder_is_never_overwritten(tmp_path):
+    (tmp_path / "P").mkdir()
+    with pytest.raises(CorpusError, match="exists"):
+        prepare(options(write(tmp_path / "c.txt", TEXT), tmp_path / "P"))
+
+
+def test_the_cli_reports_errors_with_exit_2_and_a_summary_on_success(tmp_path):
+    corpus = write(tmp_path / "c.txt", TEXT)
+    command = [sys.executable, "-m", "producer", "prepare", "--corpus", str(corpus), "--workers", "1", "--out"]
+    done = subprocess.run([*command, str(tmp_path / "P")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stderr.strip().splitlines()[-1].split(": ", 1)[1])
+    assert summary["lines"] == 400 and summary["vocab_size"] == load_corpus(str(tmp_path / "P")).tokenizer.vocab_size
+    again = subprocess.run([*command, str(tmp_path / "P")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2 and "exists" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_tokenizer_train_makes_a_byte_level_bpe_of_the_asked_size(tmp_path):
+    corpus = write(tmp_path / "c.txt", TEXT * 3)
+    out = tmp_path / "tok.json"
+    done = subprocess.run([sys.executable, "-m", "producer", "tokenizer", "train", "--corpus", str(corpus), "--vocab-size",
+                           "300", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    tokenizer = HFTokenizer.from_file(out)
+    assert tokenizer.base_size == 300 and tokenizer.vocab_size == 303
+    ids, lengths = tokenizer.encode_text("héllo wörld [SEP] \u2603\n")
+    assert tokenizer.decode(ids) == "héllo wörld [SEP] \u2603\n", "byte-level: any text round-trips"
+    assert lengths.tolist() == [len(ids)] and int(ids.max()) < tokenizer.base_size, "corpus text never makes a special"

@@ -1,0 +1,263 @@
+"""Sampling by iterative unmasking (trainer.model.sampler, python -m trainer.sample): determinism,
+fixed prompt and infill tokens, the reveal schedule, the stream layout, errors, and that a model
+trained on a tiny corpus writes its lines where an untrained one does not."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from itertools import islice
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from producer.corpus import Corpus
+from producer.stream import BatchStream
+from shared.data_config import DataConfig
+from trainer.loop.checkpoint import save_checkpoint
+from trainer.loop.live_samples import PROMPT_TOKENS, LiveSampler
+from trainer.model import sampler
+from trainer.model.sampler import SamplingError, infill_canvas, prompt_canvas, reveal_schedule, sample
+from trainer.model.transformer import BidirectionalTransformer, ModelConfig
+
+from helpers import ROOT
+
+LINES = ["the cat sat on the mat\n", "a dog ran in the fog\n", "one fish two fish\n", "red hen, blue pen\n"]
+CORPUS = Corpus("".join(LINES[i % 4] for i in range(400)), "tiny", "0" * 16)
+BLOCK = 48
+
+
+def tiny_stream(**overrides) -> BatchStream:
+    config = DataConfig(block_size=BLOCK, rows_per_message=16, policy="uniform", mask_fractions=(1.0, 0.0, 0.0),
+                        val_fraction=0.05, **overrides)
+    return BatchStream(config, corpus=CORPUS)
+
+
+def tiny_model(meta, seed: int = 0) -> BidirectionalTransformer:
+    torch.manual_seed(seed)
+    config = ModelConfig(n_layer=2, n_head=4, n_embd=64, dropout=0.0).for_stream(meta)
+    return BidirectionalTransformer(config).eval()
+
+
+def batch_tensors(batch) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.from_numpy(batch[name].astype(np.int64)) for name in ("x", "attention_mask", "y"))
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A small model trained 300 steps on the four lines (mask-only uniform corruption)."""
+    stream = tiny_stream()
+    model = tiny_model(stream.meta).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for batch in islice(stream.train_batches(), 300):
+        x, attention_mask, y = batch_tensors(batch)
+        _, loss = model(x, attention_mask, y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return stream.meta, model.eval()
+
+
+def corpus_line_rate(texts: list[str]) -> float:
+    """The fraction of the complete lines written (all but a cut last one) that are corpus lines."""
+    lines = [line + "\n" for text in texts for line in text.split("\n")[:-1]]
+    return sum(line in LINES for line in lines) / max(len(lines), 1)
+
+
+# ---- the canvas and the schedule ---------------------------------------------------------------
+
+
+@given(st.integers(1, 500), st.integers(1, 600))
+@settings(max_examples=300, deadline=None)
+def test_the_schedule_commits_everything_by_the_last_step(masked, steps):
+    schedule = reveal_schedule(masked, steps)
+    assert sum(schedule) == masked and len(schedule) == min(masked, steps)
+    assert min(schedule) >= 1 and max(schedule) - min(schedule) <= 1 and schedule == sorted(schedule, reverse=True)
+
+
+def test_a_prompt_canvas_has_the_stream_layout():
+    meta = tiny_stream().meta
+    canvas = prompt_canvas(meta, 20, "the cat")
+    assert canvas.ids[:7].tolist() == meta.tokens.encode("the cat").tolist()
+    assert (canvas.ids[7:19] == meta.mask_id).all() and canvas.ids[19] == meta.sep_id
+    assert canvas.fixed.tolist() == [True] * 7 + [False] * 12 + [True]
+    x, attention_mask = sampler._rows([canvas], meta, None)
+    assert x.shape == (1, BLOCK) and (x[0, 20:] == meta.pad_id).all()
+    assert attention_mask[0].tolist() == [1] * 20 + [0] * (BLOCK - 20), "1 up to and including [SEP], as the stream"
+
+
+def test_infill_templates():
+    meta = tiny_stream().meta
+    canvas = infill_canvas(meta, "the [MASK:3] sat[MASK]on")
+    encode = meta.tokens.encode
+    assert canvas.ids.tolist() == [*encode("the "), *[meta.mask_id] * 3, *encode(" sat"), meta.mask_id, *encode("on"),
+                                   meta.sep_id]
+    assert (~canvas.fixed).sum() == 4
+    with pytest.raises(SamplingError, match="no \\[MASK\\]"):
+        infill_canvas(meta, "nothing to write")
+    with pytest.raises(SamplingError, match="block size"):
+        infill_canvas(meta, "[MASK:60]")
+
+
+def test_errors_are_sampling_errors():
+    meta = tiny_stream().meta
+    with pytest.raises(SamplingError, match="does not fit --length 5"):
+        prompt_canvas(meta, 5, "the cat sat")
+    with pytest.raises(SamplingError, match="outside 2..48"):
+        prompt_canvas(meta, 49)
+    with pytest.raises(SamplingError, match="vocabulary"):
+        prompt_canvas(meta, 20, "ZZZ")
+    model = tiny_model(meta)
+    with pytest.raises(SamplingError, match="strategy"):
+        sample(model, meta, [prompt_canvas(meta, 10)], 2, strategy="greedy")
+
+
+# ---- sampling ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", ["confidence", "random"])
+def test_the_same_seed_gives_the_same_samples(strategy):
+    meta = tiny_stream().meta
+    model = tiny_model(meta)
+    canvases = [prompt_canvas(meta, 30, "the")] * 4
+    first = sample(model, meta, canvases, 8, strategy, temperature=1.0, seed=3)
+    again = sample(model, meta, canvases, 8, strategy, temperature=1.0, seed=3)
+    other = sample(model, meta, canvases, 8, strategy, temperature=1.0, seed=4)
+    assert [s.ids for s in first] == [s.ids for s in again]
+    assert [s.ids for s in first] != [s.ids for s in other]
+    assert len({tuple(s.ids) for s in first}) > 1, "the rows of a batch draw differently"
+
+
+@pytest.mark.parametrize("strategy", ["confidence", "random"])
+def test_fixed_tokens_never_change_and_one_position_per_step_when_steps_equal_positions(strategy):
+    meta = tiny_stream().meta
+    model = tiny_model(meta)
+    for canvas in (prompt_canvas(meta, 26, "one fish"), infill_canvas(meta, "a [MASK:5] ran [MASK:4] fog")):
+        masked = int((~canvas.fixed).sum())
+        samples = sample(model, meta, [canvas] * 3, masked, strategy, seed=1, trace=True)
+        for item in samples:
+            ids = torch.tensor(item.ids)
+            fixed = canvas.fixed[:-1]
+            assert torch.equal(ids[fixed], canvas.ids[:-1][fixed]), "prompt and template tokens are kept"
+            assert [len(step) for step in item.steps] == [1] * masked, "S = L: one position revealed per step"
+            revealed = [reveal.position for step in item.steps for reveal in step]
+            assert sorted(revealed) == torch.nonzero(~canvas.fixed).flatten().tolist(), "each hole exactly once"
+            assert all(0 < reveal.probability <= 1 for step in item.steps for reveal in step)
+
+
+def test_fewer_steps_reveal_several_positions_and_the_text_holds_no_specials():
+    meta = tiny_stream().meta
+    model = tiny_model(meta)
+    samples = sample(model, meta, [prompt_canvas(meta, BLOCK)] * 4, 5, trace=True, temperature=1.0)
+    for item in samples:
+        assert [len(step) for step in item.steps] == reveal_schedule(BLOCK - 1, 5)
+        assert max(item.ids) < meta.base_size and len(item.ids) == BLOCK - 1
+        assert "[MASK]" not in item.text and "[PAD]" not in item.text and "[SEP]" not in item.text
+        assert item.text == meta.tokens.decode(item.ids)
+
+
+def test_temperature_zero_is_the_argmax_and_needs_no_seed():
+    meta = tiny_stream().meta
+    model = tiny_model(meta)
+    canvases = [prompt_canvas(meta, 20, "the")] * 2
+    first = sample(model, meta, canvases, 19, temperature=0.0, seed=1)
+    other = sample(model, meta, canvases, 19, temperature=0.0, seed=2)
+    assert first[0].ids == first[1].ids == other[0].ids
+
+
+def test_cutting_the_width_changes_nothing():
+    """[PAD] after [SEP] is never attended, so rows cut to the canvas give the same samples."""
+    meta = tiny_stream().meta
+    model = tiny_model(meta)
+    canvases = [prompt_canvas(meta, 20, "red")] * 3
+    full = sample(model, meta, canvases, 6, temperature=0.0)
+    cut = sample(model, meta, canvases, 6, temperature=0.0, width=20)
+    assert [s.ids for s in full] == [s.ids for s in cut]
+
+
+def test_a_trained_model_writes_the_corpus_lines_and_an_untrained_one_does_not(trained):
+    meta, model = trained
+    canvases = [prompt_canvas(meta, 45)] * 16
+    written = sample(model, meta, canvases, 44, "confidence", temperature=0.0, seed=0)
+    untrained = sample(tiny_model(meta, seed=1), meta, canvases, 44, "confidence", temperature=1.0, seed=0)
+    trained_rate, random_rate = corpus_line_rate([s.text for s in written]), corpus_line_rate([s.text for s in untrained])
+    assert trained_rate >= 0.75, [s.text for s in written]
+    assert random_rate <= 0.1, [s.text for s in untrained]
+
+
+def test_live_samples_keep_their_canvases_and_bound_their_steps(trained):
+    meta, model = trained
+    val = [dict(zip(("x", "attention_mask", "y"), batch_tensors(batch))) for batch in tiny_stream().val_set()]
+    live = LiveSampler(meta, val, count=2, length=30, budget=0.05)
+    assert len(live.canvases) == 2 and all(len(c.ids) == 30 for c in live.canvases)
+    first = live.run(model, step=10, eval_seconds=0.0)  # no time at all: one step
+    assert live.steps == 1 and [s.step for s in first] == [10, 10]
+    again = live.run(model, step=20, eval_seconds=100.0)
+    assert live.steps == 1, "calibrated once, at the first evaluation"
+    assert [s.prompt for s in first] == [s.prompt for s in again] and [s.text for s in first] == [s.text for s in again]
+    for item in first:
+        assert item.text.startswith(item.prompt) and len(meta.tokens.encode(item.prompt)) == PROMPT_TOKENS
+    generous = LiveSampler(meta, val, count=2, length=30, budget=0.05)
+    assert generous.calibrate(model, eval_seconds=1e6) == 30 - PROMPT_TOKENS - 1, "at most one position per step"
+
+
+# ---- the CLI -----------------------------------------------------------------------------------
+
+
+def save_run(directory, meta, model) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(directory / "ckpt.pt", {"model": model.state_dict(), "optimizer": {}, "step": 300,
+                                            "model_config": model.config.to_dict(), "train_config": {},
+                                            "meta": meta.to_dict(), "rng": {}, "sample_length": 30})
+
+
+def sample_cli(*args):
+    return subprocess.run([sys.executable, "-m", "trainer.sample", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_the_cli_writes_json_and_a_trace(trained, tmp_path):
+    meta, model = trained
+    save_run(tmp_path / "run", meta, model)
+    trace = tmp_path / "trace.jsonl"
+    done = sample_cli("--run", tmp_path / "run", "--num-samples", 3, "--steps", 7, "--seed", 5, "--prompt", "one",
+                      "--json", "--trace", trace, "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert len(report["samples"]) == 3 and all(s["text"].startswith("one") for s in report["samples"])
+    assert report["settings"]["length"] == 30 and report["settings"]["steps"] == 7, "the length saved with the run"
+    assert report["settings"]["step_of_checkpoint"] == 300 and report["seconds_per_sample"] > 0
+    steps = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert len(steps) == 3 * 7 and sum(len(s["revealed"]) for s in steps if s["sample"] == 0) == 30 - 3 - 1
+    again = sample_cli("--run", tmp_path / "run", "--num-samples", 3, "--steps", 7, "--seed", 5, "--prompt", "one",
+                       "--json", "--device", "cpu")
+    assert json.loads(again.stdout)["samples"] == report["samples"]
+    text = sample_cli("--run", tmp_path / "run", "--num-samples", 1, "--infill", "red [MASK:3], blue pen", "--device", "cpu")
+    assert text.returncode == 0 and text.stdout.startswith("red ") and "blue pen" in text.stdout
+
+
+@pytest.mark.parametrize("case", ["no checkpoint", "damaged checkpoint", "prompt too long", "outside the vocabulary",
+                                  "both prompt and infill"])
+def test_cli_errors_exit_2_with_a_clear_line(trained, tmp_path, case):
+    meta, model = trained
+    save_run(tmp_path / "run", meta, model)
+    args = ["--run", tmp_path / "run", "--device", "cpu"]
+    if case == "no checkpoint":
+        args, expected = ["--run", tmp_path / "nowhere"], "no checkpoint"
+    elif case == "damaged checkpoint":
+        data = bytearray((tmp_path / "run" / "ckpt.pt").read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (tmp_path / "run" / "ckpt.pt").write_bytes(bytes(data))
+        expected = "unusable checkpoint"
+    elif case == "prompt too long":
+        args, expected = [*args, "--length", 5, "--prompt", "the cat sat"], "does not fit"
+    elif case == "outside the vocabulary":
+        args, expected = [*args, "--prompt", "ZZZ"], "vocabulary"
+    else:
+        args, expected = [*args, "--prompt", "a", "--infill", "[MASK]"], "do not go together"
+    done = sample_cli(*args)
+    assert done.returncode == 2 and expected in done.stderr and "Traceback" not in done.stderr, done.stderr
