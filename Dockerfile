@@ -7,7 +7,7 @@
 # only way without a package index: copy the CPU wheel you have there), else from
 # TORCH_INDEX_URL, else from pip's own configured index (empty TORCH_INDEX_URL). On Linux
 # x86_64 pip's default index serves CUDA builds (what the GPU override wants); for a CPU-only
-# image without a wheel, pass PyTorch's CPU wheel index (see pytorch.org) as TORCH_INDEX_URL.
+# image without a wheel, pass PyTorch's CPU wheel index (its install page gives the URL) as TORCH_INDEX_URL.
 ARG BASE_IMAGE=python:3.11-slim
 FROM ${BASE_IMAGE}
 

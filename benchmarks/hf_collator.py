@@ -49,7 +49,8 @@ from producer.corpus import load_corpus  # noqa: E402
 from producer.corruption import BertPolicy, UniformPolicy, corrupt, mask_ratio  # noqa: E402
 from producer.stream import BatchStream  # noqa: E402
 from shared.data_config import DataConfig  # noqa: E402
-from shared.vocab import IGNORE_INDEX, Vocabulary  # noqa: E402
+from shared.tokenizer import CharTokenizer  # noqa: E402
+from shared.vocab import IGNORE_INDEX  # noqa: E402
 
 SHAKESPEARE = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinyshakespeare.txt").resolve()
 BLOCK_SIZE, ROWS = 1024, 64
@@ -57,7 +58,7 @@ POOL = 8  # distinct pre-packed batches the collator paths cycle through
 INPUT_KINDS = ("list", "numpy", "torch")
 
 
-def hf_tokenizer(vocabulary: Vocabulary):
+def hf_tokenizer(vocabulary: CharTokenizer):
     """A fast character-level tokenizer whose ids are Linepack's (base chars, [MASK], [SEP], [PAD])."""
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel

@@ -26,6 +26,7 @@ Prints the tables as Markdown and, last, one JSON line with every number.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -143,9 +144,12 @@ def prepare_throughput(corpus: Path, tokenizer: str, workers: int, work: Path) -
             "mb_per_s": round(mb / seconds, 2), "peak_rss_mib": peak_mib, "folder": str(out)}
 
 
-def datasets_map(corpus: Path, tokenizer_file: Path, workers: int, work: Path) -> dict:
+def datasets_map(corpus: Path, tokenizer_file: Path, workers: int, work: Path) -> dict | None:
     """``datasets``' own text loader and ``Dataset.map(batched=True, num_proc=workers)`` with the
-    same tokenizer, as its documentation shows; caches in a fresh folder so nothing is reused."""
+    same tokenizer, as its documentation shows; caches in a fresh folder so nothing is reused.
+    None without ``datasets`` (the ``bench`` extra)."""
+    if importlib.util.find_spec("datasets") is None:
+        return None
     code = f"""
 import time, datasets
 from tokenizers import Tokenizer
@@ -306,11 +310,14 @@ def main() -> int:
     corpus = make_corpus(work, args.throughput_mb)
     bpe = train_bpe(corpus, 8192, work)
     throughput = [prepare_throughput(corpus, kind, args.workers, work) for kind in ("char", "bytes", str(bpe))]
-    throughput += [datasets_map(corpus, bpe, args.workers, work), encode_batch_ceiling(corpus, bpe)]
+    mapped = datasets_map(corpus, bpe, args.workers, work)
+    throughput += [row for row in (mapped, encode_batch_ceiling(corpus, bpe)) if row is not None]
     report["throughput"] = {"corpus_mb": round(corpus.stat().st_size / 1e6, 1), "rows": throughput}
     bpe_mb_s = {row["path"]: row["mb_per_s"] for row in throughput}
-    report["throughput"]["bpe_over_datasets_map"] = round(bpe_mb_s[f"linepack prepare --tokenizer {bpe.name}"]
-                                                          / bpe_mb_s[f"datasets map num_proc={args.workers}"], 2)
+    report["throughput"]["bpe_over_datasets_map"] = None if mapped is None else round(
+        bpe_mb_s[f"linepack prepare --tokenizer {bpe.name}"] / mapped["mb_per_s"], 2)
+    if mapped is None:
+        report["skipped"] = "datasets is not installed (the bench extra: pip install '.[bench]')"
     print(f"## prepare throughput ({report['throughput']['corpus_mb']} MB corpus)\n")
     print(table(throughput, ["path", "seconds", "mb_per_s", "peak_rss_mib"]), flush=True)
 

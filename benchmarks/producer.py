@@ -39,7 +39,7 @@ class ReferenceProducer:
 
     def __init__(self, stream: BatchStream, seed: int = 0) -> None:
         self.config = stream.config
-        self.vocabulary = stream.tokenizer
+        self.tokenizer = stream.tokenizer
         text = stream.corpus.text
         lines = text.splitlines(keepends=True)
         n_train = len(lines) - min(max(round(len(lines) * self.config.val_fraction), 1), len(lines) - 1)
@@ -61,7 +61,7 @@ class ReferenceProducer:
         return batch
 
     def row(self):
-        vocabulary, rnd = self.vocabulary, self.random
+        vocabulary, rnd = self.tokenizer, self.random
         if self.config.packing == "fixed":
             offset = rnd.randrange(len(self.tokens) - BLOCK_SIZE + 1)
             content = self.tokens[offset : offset + BLOCK_SIZE]

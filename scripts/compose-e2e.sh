@@ -40,13 +40,19 @@ export LINEPACK_PUBLISH_HTTP=127.0.0.1:$HTTP_PORT LINEPACK_DATA_DIR=$WORK/data L
 mkdir -p "$WORK/data" "$WORK/keys"
 
 compose() { timeout 300 docker compose -p "$PROJECT" "$@"; }
+# The producers-only project, with the network file that joins it to the trainer's (down needs it too).
+remote_compose() {
+    local files=(-f docker-compose.producers.yml)
+    [[ -f $WORK/remote-network.yml ]] && files+=(-f "$WORK/remote-network.yml")
+    timeout 300 docker compose -p "$PROJECT-remote" "${files[@]}" "$@"
+}
 say() { echo "[e2e +$(( $(date +%s) - START ))s] $*"; }
 phase() { say "phase $1 took $(( $(date +%s) - PHASE_START )) s"; PHASE_START=$(date +%s); }
 fail() { say "FAILED: $*"; compose logs --tail 40 trainer >&2 || true; exit 1; }
 cleanup() {
     local code=$?
     [[ -n $PROM_PID ]] && kill "$PROM_PID" 2>/dev/null || true
-    timeout 120 docker compose -p "$PROJECT-remote" -f docker-compose.producers.yml down -v --remove-orphans >/dev/null 2>&1 || true
+    remote_compose down -v --remove-orphans >/dev/null 2>&1 || true
     compose down -v --remove-orphans >/dev/null 2>&1 || true
     rm -rf "$WORK"
     say "cleaned up (exit $code)"
@@ -118,11 +124,12 @@ networks:
     name: ${PROJECT}_default
     external: true
 EOF
-LINEPACK_CONNECT=tcp://trainer:5555 timeout 300 docker compose -p "$PROJECT-remote" -f docker-compose.producers.yml \
-    -f "$WORK/remote-network.yml" up -d >/dev/null 2>&1 || fail "producers-only compose up"
+LINEPACK_CONNECT=tcp://trainer:5555 remote_compose up -d >/dev/null 2>&1 || fail "producers-only compose up"
 wait_for 60 "the producers-only host adds a fourth producer" \
     "sum(p['consumed'] > 0 and p['seconds_since_last'] < 3 for p in d['stream']['producers'].values()) == 4"
-timeout 120 docker compose -p "$PROJECT-remote" -f docker-compose.producers.yml down >/dev/null 2>&1 || true
+remote_compose down -v >/dev/null 2>&1 || fail "producers-only compose down"
+[[ -z $(timeout 30 docker ps -q --filter "label=com.docker.compose.project=$PROJECT-remote") ]] \
+    || fail "the producers-only host's containers are still running"
 phase remote
 
 # ---- Prometheus scrapes /metrics ----------------------------------------------------------------------
@@ -170,7 +177,7 @@ LINEPACK_CURVE_SECRET_KEY_PRODUCER=/keys/stranger.key_secret compose run -d --no
     || fail "start the unauthorized producer"
 wait_for 60 "the unauthorized producer is refused (counted), nothing of it got in, training goes on" \
     "d['stream']['curve_refused'] >= 1 and len(d['stream']['producers']) == 2 and d['stream']['rejected_total'] == 0 and d['step'] > $step + 10"
-docker rm -f "$PROJECT-stranger" >/dev/null 2>&1 || true
+timeout 60 docker rm -f "$PROJECT-stranger" >/dev/null 2>&1 || true
 phase curve
 
 say "passed in $(( $(date +%s) - START )) s"

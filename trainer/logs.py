@@ -3,7 +3,9 @@
 
 :class:`RepeatLimit` lets through the first :attr:`burst` records of each (logger, message
 template) per :attr:`window_s` seconds, then drops the rest of that window and says once how
-many it dropped when the next window opens.
+many it dropped when the next window opens. A record logged with ``extra=LIMITED_AT_SOURCE``
+passes: its caller bounds it already (the consumer logs the 1st, 2nd, 4th... rejection of each
+reason from each producer, so every offender is named once).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import logging
 import sys
 import time
+
+LIMITED_AT_SOURCE = {"limited_at_source": True}
 
 
 class RepeatLimit(logging.Filter):
@@ -22,6 +26,8 @@ class RepeatLimit(logging.Filter):
         self._windows: dict[tuple[str, str], list[float | int]] = {}  # key -> [window start, passed, dropped]
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "limited_at_source", False):
+            return True
         key = (record.name, str(record.msg))
         now = self.clock()
         window = self._windows.get(key)

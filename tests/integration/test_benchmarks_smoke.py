@@ -58,3 +58,17 @@ def test_feeding_quick():
         assert feeds[1:] == [] and "transformers" in report["skipped"]
     for row in report["results"]:
         assert row["steps_per_s"] > 0 and 0 <= row["data_wait_pct"] <= 100
+
+
+def test_prepare_quick():
+    completed = subprocess.run([sys.executable, str(BENCHMARKS / "prepare.py"), "--quick"], capture_output=True, text=True,
+                               timeout=300)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    report = json.loads(completed.stdout.strip().splitlines()[-1])
+    paths = [row["path"] for row in report["throughput"]["rows"]]
+    assert paths[:2] == ["linepack prepare --tokenizer char", "linepack prepare --tokenizer bytes"]
+    assert all(row["mb_per_s"] > 0 for row in report["throughput"]["rows"])
+    assert [row["corpus_mb"] for row in report["start"]] and all(row["first_message_s"] > 0 for row in report["start"])
+    assert report["four_producers"]["producers"] == 4 and report["four_producers"]["messages"] > 0
+    rates = {row["vocabulary"]: row for row in report["token_rates"]}
+    assert rates["synthetic char 70,000"]["id_dtype"] == "uint32" and rates["char"]["id_dtype"] == "uint16"

@@ -250,9 +250,11 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
 
 def test_dockerfile():
     instructions = dockerfile_instructions()
-    assert instructions[0] == ("FROM", "python:3.11-slim")
+    assert instructions[:2] == [("ARG", "BASE_IMAGE=python:3.11-slim"), ("FROM", "${BASE_IMAGE}")]
     arguments = dict(value.split("=", 1) for key, value in instructions if key == "ARG")
-    assert arguments["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+    assert arguments["TORCH_INDEX_URL"] == "", "no index is named: a wheel in docker/wheels/, or pip's own index"
+    assert ("COPY", "docker/wheels/ /tmp/wheels/") in instructions
+    assert (ROOT / "docker" / "wheels" / "README.md").exists(), "the folder is in the repository, wheels or not"
 
     ignored = [line.strip().rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()
                if line.strip() and not line.startswith("#")]

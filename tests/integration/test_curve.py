@@ -21,7 +21,7 @@ from shared.recording import RecordingWriter
 from trainer.data.consumer import DatasetConsumer
 
 from helpers.processes import TINY_DATA, run_module
-from helpers.wire import make_frames, make_meta
+from helpers.wire import make_frames, make_meta, meta_frames
 
 HANDSHAKE_GRACE_S = 1.5  # ample for a loopback handshake and a few reconnect attempts
 
@@ -144,7 +144,8 @@ def test_replay_takes_the_same_curve_flags(tmp_path, keys, children):
     meta, rng = make_meta(block_size=32, rows_per_message=8, val_messages=0), np.random.default_rng(5)
     for name in ("replayed-trusted", "replayed-plain"):
         with RecordingWriter(tmp_path / f"{name}.lprec", {"recorded_by": "test"}) as writer:
-            for seq in range(6):
+            writer.write(meta_frames(meta, name))
+            for seq in range(1, 7):
                 writer.write(make_frames(meta, name, seq, rng))
     server = CurveServer.from_files(directory / "trainer.key_secret", allowed)
     with DatasetConsumer("tcp://127.0.0.1:*", 8, curve=server) as consumer:
@@ -156,7 +157,7 @@ def test_replay_takes_the_same_curve_flags(tmp_path, keys, children):
         stats = consumer.stats().to_dict()
         plain_status = plain.stop(timeout=10)  # its connection never opens: it blocks once its queue is full
     assert trusted.returncode == 0 and plain_status == 0 and "summary " in plain.text()
-    assert set(stats["producers"]) == {"replayed-trusted"} and stats["received"] == 6
+    assert set(stats["producers"]) == {"replayed-trusted"} and stats["received"] == 7  # its meta message and 6 batches
     assert len(batches) == 6
 
 

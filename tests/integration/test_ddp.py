@@ -26,7 +26,6 @@ from producer.stream import BatchStream
 from shared.data_config import DataConfig
 from shared.limits import MAX_PRODUCER_ID_CHARS
 from shared.recording import RecordingReader
-from shared.wire import decode
 from trainer.data.consumer import DatasetConsumer
 from trainer.data.stats import StreamStats, merge_stream_stats
 from trainer.diagnostics.state import Diagnostics
@@ -35,7 +34,7 @@ from trainer.loop.distributed import Ranks, parameter_digest, rank_endpoint, ran
 from helpers import ROOT
 from helpers.processes import Children, Process, free_ports, run_module
 from helpers.processes import Diagnostics as DiagnosticsClient
-from helpers.wire import make_frames, make_meta, make_tensors, recorded_batches
+from helpers.wire import make_frames, make_meta, make_tensors, meta_frames, recorded_batches
 
 WORDS = ("the a of to and in is it that was for on are with as be at by this have from or one had not but what "
          "all were when we there can an your which their said if do will each about how up out them then she").split()
@@ -197,7 +196,8 @@ def test_bind_all_interfaces_for_producers_on_other_hosts():
         push = context.socket(zmq.PUSH)
         push.connect(f"tcp://127.0.0.1:{port}")
         meta = make_meta(block_size=32, val_messages=0)
-        push.send_multipart(make_frames(meta, "remote", 0, np.random.default_rng(0)))
+        push.send_multipart(meta_frames(meta, "remote"))
+        push.send_multipart(make_frames(meta, "remote", 1, np.random.default_rng(0)))
         batch = consumer.next_batch(timeout=10)
         push.close(linger=0)
         context.term()
@@ -234,11 +234,11 @@ def test_routes_round_robin_train_and_send_val_everywhere():
     counter = Counter()
     for split in ["train"] * 7 + ["val"] + ["train"] * 2:
         assert routes.send(meta, split, tensors, 0 if split == "val" else -1, counter)
-    received = [[decode(frames) for frames in sender.frames] for sender in senders]
+    received = [recorded_batches(sender.frames) for sender in senders]  # each endpoint's meta message first
     assert [[m.split for m in messages] for messages in received] == [
         ["train", "train", "train", "val"], ["train", "train", "val", "train"], ["train", "train", "val", "train"]]
     for index, messages in enumerate(received):
-        assert [m.seq for m in messages] == list(range(len(messages)))  # no gaps on any rank
+        assert [m.seq for m in messages] == list(range(1, len(messages) + 1))  # no gaps on any rank: seq 0 is the meta
         assert {m.producer_id for m in messages} == {f"p/{index}"}
     assert counter.splits.count("val") == 3 and routes.blocked_s == 1.5
     assert [(route["train"], route["val"]) for route in routes.summary()] == [(3, 1), (3, 1), (3, 1)]
@@ -258,7 +258,7 @@ def rank_stats(rank: int, producers: dict, **numbers) -> StreamStats:
     return StreamStats.from_dict({**stats, "producers": {name: dict(row) for name, row in stats["producers"].items()}})
 
 
-ROW = {"messages": 5, "train": 4, "val": 1, "first_seq": 0, "last_seq": 4, "gaps": 0, "duplicates": 0,
+ROW = {"messages": 6, "meta": 1, "train": 4, "val": 1, "first_seq": 0, "last_seq": 5, "gaps": 0, "duplicates": 0,
        "out_of_order": 0, "seconds_since_last": 0.1}
 
 

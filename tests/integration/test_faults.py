@@ -26,16 +26,16 @@ from shared.recording import RecordingReader
 
 from helpers import ROOT
 from helpers.processes import last_status_count
-from helpers.wire import make_frames, make_meta, recorded_batches
+from helpers.wire import make_frames, make_meta, meta_frames, recorded_batches
 
 pytestmark = pytest.mark.slow
 
 RSS_SLACK_KIB = 4096  # a blocked producer's RSS may move this much (allocator noise), no more
 FLOOD_PER_KIND = 50
 START_TIMEOUT = 60
-# One TINY_DATA message on the wire: tensors (8 rows x 32 x (2+2+1) bytes + 8 x 4 = 1,312) plus
-# a 956-byte header (it carries the meta of the built-in corpus).
-MESSAGE_BYTES = 1_312 + 956
+# One TINY_DATA batch on the wire: tensors (8 rows x 32 x (2+2+1) bytes + 8 x 4 = 1,312) plus
+# a header of about 276 bytes (it names the meta by digest).
+MESSAGE_BYTES = 1_312 + 276
 LOST_IN_FLIGHT_LIMIT_BYTES = 16 << 20
 
 
@@ -59,23 +59,25 @@ def test_producer_sigkill_and_restart_every_message_accounted(cluster, tmp_path)
     at_kill = diagnostics.get()["step"]
     diagnostics.wait_for_step(at_kill + 10)  # training goes on with one producer
     restarted = cluster.producer("restarted", "--max-messages", "20")
-    sent = {"steady": 40, "restarted": 20}
     assert steady.wait(60) == 0 and restarted.wait(60) == 0
     summaries = {"steady": steady.json_line("summary "), "restarted": restarted.json_line("summary ")}
+    # --max-messages counts batches; each producer's meta messages come on top.
+    assert {name: s["messages_sent"] - s["by_split"]["meta"] for name, s in summaries.items()} == {"steady": 40, "restarted": 20}
+    sent = {name: s["messages_sent"] for name, s in summaries.items()}
     final = diagnostics.wait_for(
         lambda s: all(s["stream"]["producers"].get(name, {}).get("messages") == n for name, n in sent.items()),
         "every sent message to arrive", timeout=30)
     stream, rows = final["stream"], final["stream"]["producers"]
     assert set(rows) == {"doomed", "steady", "restarted"}
     for name, n in sent.items():
-        assert summaries[name]["messages_sent"] == n
         assert rows[name]["messages"] + rows[name]["gaps"] == n and rows[name]["gaps"] == 0
+        assert rows[name]["meta"] == summaries[name]["by_split"]["meta"]
         assert rows[name]["val"] == summaries[name]["by_split"].get("val", 0)
         assert rows[name]["first_seq"] == 0 and rows[name]["last_seq"] == n - 1
     doomed_row = rows["doomed"]  # no summary after SIGKILL: what it demonstrably sent is last_seq + 1
     assert doomed_row["first_seq"] == 0 and doomed_row["gaps"] == 0
     assert doomed_row["messages"] == doomed_row["last_seq"] + 1
-    assert stream["received"] + stream["gaps"] == 40 + 20 + doomed_row["last_seq"] + 1
+    assert stream["received"] + stream["gaps"] == sum(sent.values()) + doomed_row["last_seq"] + 1
     assert stream["received"] == stream["accepted"] and stream["rejected_total"] == 0 and stream["duplicates"] == 0
     assert final["step"] > at_kill + 10 and trainer.alive()
     assert trainer.stop() == 143
@@ -128,20 +130,22 @@ def test_flood_and_foreign_producers_are_rejected_by_reason_while_training_goes_
 
     other_block = cluster.producer("other-block", "--block-size", "64", "--max-messages", "20")
     assert other_block.wait(30) == 0
-    diagnostics.wait_for(lambda s: s["stream"]["rejected"].get("meta_mismatch") == 20, "20 block-size rejects")
+    other_block_sent = other_block.json_line("summary ")["messages_sent"]  # 20 batches and its meta messages
+    diagnostics.wait_for(lambda s: s["stream"]["rejected"].get("meta_mismatch") == other_block_sent, "block-size rejects")
     corpus = tmp_path / "other.txt"
     corpus.write_text("".join(f"line {i} of another corpus, with UPPER case\n" for i in range(400)))
     other_corpus = cluster.producer("other-corpus", "--corpus", str(corpus), "--max-messages", "20")
     assert other_corpus.wait(30) == 0
+    foreign = other_block_sent + other_corpus.json_line("summary ")["messages_sent"]
 
     sent = flood(cluster.endpoint)
-    expected = {**sent, "meta_mismatch": 40}
+    expected = {**sent, "meta_mismatch": foreign + 1}  # and the flooder's own meta message
     final = diagnostics.wait_for(lambda s: s["stream"]["rejected"] == expected, f"rejects {expected}", timeout=30)
     after_flood = diagnostics.wait_for_step(final["step"] + 10)  # training goes on
     stream = after_flood["stream"]
     assert set(stream["producers"]) == {"good"}
     assert stream["producers"]["good"]["gaps"] == 0 and stream["duplicates"] == 0
-    assert stream["rejected_total"] == 4 * FLOOD_PER_KIND + 40
+    assert stream["rejected_total"] == 4 * FLOOD_PER_KIND + foreign + 1
     assert stream["received"] == stream["accepted"] + stream["rejected_total"]
     block_line = trainer.wait_for_line("producer 'other-block': field block_size is 64, the pinned stream has 32", 1)
     assert "meta_mismatch" in block_line
@@ -151,8 +155,9 @@ def test_flood_and_foreign_producers_are_rejected_by_reason_while_training_goes_
 
 
 def flood(endpoint: str) -> dict[str, int]:
-    """A misbehaving client: FLOOD_PER_KIND messages of each of four broken kinds; returns
-    the rejection reason each kind must get and how many were sent."""
+    """A misbehaving client: its meta message (another stream: a meta mismatch, but the meta is
+    remembered, so its batches are checked in full), then FLOOD_PER_KIND messages of each of four
+    broken kinds; returns the rejection reason each kind must get and how many were sent."""
     rng = np.random.default_rng(9)
     meta = make_meta(block_size=32, rows_per_message=8)
     valid = [bytes(frame) for frame in make_frames(meta, "flooder", 0, rng)]
@@ -170,6 +175,7 @@ def flood(endpoint: str) -> dict[str, int]:
         socket = context.socket(zmq.PUSH)
         socket.setsockopt(zmq.SNDTIMEO, 20_000)
         socket.connect(endpoint)
+        socket.send_multipart(meta_frames(meta, "flooder"))
         for _ in range(FLOOD_PER_KIND):
             for make in kinds.values():
                 socket.send_multipart(make())

@@ -11,7 +11,7 @@ from shared.recording import RecordingReader, RecordingWriter
 from trainer.data.consumer import DatasetConsumer
 
 from helpers.processes import Process, run_module
-from helpers.wire import make_frames, make_meta, recorded_batches
+from helpers.wire import make_frames, make_meta, meta_frames, recorded_batches
 
 pytestmark = pytest.mark.slow
 FLAGS = ["--block-size", "128", "--rows-per-message", "8", "--val-every", "2"]
@@ -57,7 +57,9 @@ def recorded(tmp_path, children):
 def test_replay_gives_the_same_batches_in_the_same_order(recorded, children):
     path, val, train = recorded
     with RecordingReader(path) as reader:
-        records = recorded_batches(reader)
+        raw = list(reader)
+    records = recorded_batches(raw)
+    assert len(raw) == len(records) + 1, "the pinned stream's meta message, then the batches"
     assert len({r.producer_id for r in records if r.split == "train"}) == 2  # both producers are in it
     with DatasetConsumer("tcp://127.0.0.1:*", 5) as consumer:
         proc = children.start("producer", "replay", str(path), "--connect", consumer.endpoint)
@@ -66,10 +68,10 @@ def test_replay_gives_the_same_batches_in_the_same_order(recorded, children):
         assert_same_batches(take(consumer, len(train)), train)
         summary = summary_of(proc)
         stats = consumer.stats().to_dict()
-    assert summary["records_sent"] == summary["records_in_file"] == len(records)
+    assert summary["records_sent"] == summary["records_in_file"] == len(raw)
     assert not summary["truncated"] and summary["lost_bytes"] == 0
-    assert stats["duplicates"] == 0 and stats["rejected_total"] == 0
-    assert stats["received"] == len(records)
+    assert stats["duplicates"] == 0 and stats["rejected_total"] == 0 and stats["awaiting_meta"] == 0
+    assert stats["received"] == len(raw)
 
 
 def test_replay_of_a_truncated_recording_says_what_was_lost(recorded, tmp_path, children):
@@ -96,7 +98,8 @@ def test_replay_skips_a_corrupt_record_and_loops(tmp_path, children):
     rng = np.random.default_rng(0)
     path = tmp_path / "hand.lpr"
     with RecordingWriter(path) as writer:
-        for seq in range(6):
+        writer.write(meta_frames(meta, "p"))
+        for seq in range(1, 7):
             writer.write(make_frames(meta, "p", seq, rng))
     data = bytearray(path.read_bytes())
     data[-50] ^= 0xFF  # inside the last record's tensor bytes
@@ -110,8 +113,8 @@ def test_replay_skips_a_corrupt_record_and_loops(tmp_path, children):
         summary = summary_of(proc)
         stats = consumer.stats().to_dict()
     assert elapsed > 11 / 50 - 0.05  # paced by --rate
-    assert summary["complete_passes"] >= 2 and summary["corrupt_records"] == 1 and summary["records_in_file"] == 5
-    assert stats["producers"]["p"]["duplicates"] >= 6  # the second pass repeats seq numbers 0..4
+    assert summary["complete_passes"] >= 2 and summary["corrupt_records"] == 1 and summary["records_in_file"] == 6
+    assert stats["producers"]["p"]["duplicates"] >= 6  # the second pass repeats seq numbers 0..5
     assert stats["rejected_total"] == 0
 
 

@@ -12,7 +12,7 @@ from trainer.data.consumer import DatasetConsumer
 
 from helpers import wait_until
 from helpers.processes import Children, Process, final_json, free_port, run_module
-from helpers.wire import make_frames, make_meta, make_tensors
+from helpers.wire import make_frames, make_meta, make_tensors, meta_frames
 
 pytestmark = pytest.mark.slow
 SMALL = ["--block-size", "64", "--rows-per-message", "3"]
@@ -167,25 +167,25 @@ def test_reverse_topology_producer_binds(producers):
 def test_bad_messages_next_to_a_live_producer(producers):
     rng = np.random.default_rng(0)
     meta = make_meta(block_size=64, rows_per_message=3)
-    truncated = [bytes(f) for f in make_frames(meta, "bad", 0, rng)]
-    truncated[2] = truncated[2][:10]
     with DatasetConsumer("tcp://127.0.0.1:*", 6) as consumer:
         proc = producers.start(consumer.endpoint)
         real_meta = consumer.wait_for_meta(timeout=10)
+        truncated = [bytes(f) for f in encode(real_meta, "train", "bad", 0, make_tensors(real_meta, 3, rng))]
+        truncated[2] = truncated[2][:10]
         with zmq.Context() as ctx:
             attacker = ctx.socket(zmq.PUSH)
             attacker.connect(consumer.endpoint)
             for frames in ([b"\x00" * 100], [b"\x93\x01\x02\x03", b"", b"", b"", b""], truncated,
-                           make_frames(meta, "bad", 1, rng),  # a whole other stream: meta mismatch
+                           meta_frames(meta, "bad"), make_frames(meta, "bad", 1, rng),  # another stream: meta mismatch
                            encode(real_meta, "train", "forger", 0, _tensors_beyond_vocab(real_meta, rng))):
                 attacker.send_multipart(frames)
                 consumer.next_batch(timeout=10)
-            wait_until(lambda: consumer.stats().to_dict()["rejected_total"] == 5)
+            wait_until(lambda: consumer.stats().to_dict()["rejected_total"] == 6)
             attacker.close(linger=1000)
         batches = [consumer.next_batch(timeout=10) for _ in range(5)]
         stats = consumer.stats().to_dict()
         producers.stop(proc)
-    assert stats["rejected"] == {"frame_count": 1, "header_schema": 1, "size": 1, "meta_mismatch": 1, "value_range": 1}
+    assert stats["rejected"] == {"frame_count": 1, "header_schema": 1, "size": 1, "meta_mismatch": 2, "value_range": 1}
     assert len(stats["producers"]) == 1 and not {"bad", "forger"} & set(stats["producers"])
     assert stats["gaps"] == 0 and all(b["x"].max() < real_meta.vocab_size for b in batches)
 
@@ -207,12 +207,14 @@ def test_two_producers_on_the_real_corpus_account_for_every_message(producers):
         sent = sum(s["messages_sent"] for s in summaries)
         consume_until(consumer, lambda: consumer.stats().to_dict()["received"] == sent)
         stats = consumer.stats().to_dict()
-    assert [s["messages_sent"] for s in summaries] == [150, 230]
+    # --max-messages counts batches; the meta messages (one on connecting, more every --meta-every s) come on top.
+    assert [s["messages_sent"] - s["by_split"]["meta"] for s in summaries] == [150, 230]
+    assert all(s["by_split"]["meta"] >= 1 for s in summaries)
     assert stats["received"] + stats["gaps"] == sent
     for summary in summaries:
         row = stats["producers"][summary["producer_id"]]
         assert row["messages"] + row["gaps"] == summary["messages_sent"]
-        assert row["val"] == summary["by_split"].get("val", 0)
+        assert row["val"] == summary["by_split"].get("val", 0) and row["meta"] == summary["by_split"]["meta"]
 
 
 def test_a_bad_endpoint_is_a_usage_error_not_a_traceback():

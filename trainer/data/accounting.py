@@ -162,15 +162,20 @@ class Rejections:
     def __init__(self) -> None:
         self.by_reason: collections.Counter[str] = collections.Counter()
         self.by_producer: dict[str, collections.Counter[str]] = {}
+        self.unnamed: collections.Counter[str] = collections.Counter()  # rejects whose header named no producer
 
     def count(self, reason: str, producer_id: str | None) -> int:
-        """Counts one reject; returns how many of this reason there are now."""
+        """Counts one reject; returns how many of this reason there are now from this producer
+        (from all that named none, or from :data:`OTHER` once the table is full)."""
         self.by_reason[reason] += 1
-        if producer_id is not None:
-            if producer_id not in self.by_producer and len(self.by_producer) >= MAX_TRACKED_PRODUCERS:
-                producer_id = OTHER
-            self.by_producer.setdefault(producer_id, collections.Counter())[reason] += 1
-        return self.by_reason[reason]
+        if producer_id is None:
+            self.unnamed[reason] += 1
+            return self.unnamed[reason]
+        if producer_id not in self.by_producer and len(self.by_producer) >= MAX_TRACKED_PRODUCERS:
+            producer_id = OTHER
+        counts = self.by_producer.setdefault(producer_id, collections.Counter())
+        counts[reason] += 1
+        return counts[reason]
 
     @property
     def total(self) -> int:

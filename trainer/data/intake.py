@@ -29,6 +29,7 @@ from trainer.data.device import HostBatch
 from trainer.data.pinning import MetaPins
 from trainer.data.receiver import Receiver
 from trainer.data.stats import StreamStats
+from trainer.logs import LIMITED_AT_SOURCE
 
 log = logging.getLogger("trainer.data.consumer")
 
@@ -183,8 +184,9 @@ class Intake:
         """Counts a rejected message by reason, and by producer when its header was readable."""
         with self.ledger.lock:
             count = self.ledger.rejections.count(reason, producer_id)
-        if count & (count - 1) == 0:  # the 1st, 2nd, 4th, 8th... of each reason
-            log.warning("rejected message (%s, #%d): %s", reason, count, detail)
+        if count & (count - 1) == 0:  # the 1st, 2nd, 4th, 8th... of each reason from each producer
+            sender = "" if producer_id is None else f" from {producer_id!r:.80}"
+            log.warning("rejected message%s (%s, #%d): %s", sender, reason, count, detail, extra=LIMITED_AT_SOURCE)
 
     def _pin(self, message: WireMessage | MetaMessage) -> None:
         meta = message.meta

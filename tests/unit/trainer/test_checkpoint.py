@@ -61,3 +61,80 @@ def test_a_signal_during_a_save_leaves_no_temporary_file(tmp_path, monkeypatch):
 def test_resume_without_a_checkpoint_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint at .*ckpt.pt"):
         load_checkpoint(tmp_path / "ckpt.pt")
+
+
+def full_state(weights: torch.Tensor) -> dict:
+    return {"model": {"w": weights}, "optimizer": {}, "step": 7, "model_config": {}, "train_config": {}, "meta": {},
+            "rng": {}}
+
+
+def test_bytes_flipped_inside_a_stored_tensor_are_caught_by_the_digest(tmp_path):
+    """torch.load does not check the zip's CRCs: 64 flipped bytes of weights load silently without the digest."""
+    path = tmp_path / "ckpt.pt"
+    weights = torch.arange(4096, dtype=torch.float32)
+    save_checkpoint(path, full_state(weights))
+    data = bytearray(path.read_bytes())
+    at = bytes(data).index(weights[1000:1004].numpy().tobytes())
+    for offset in range(64):
+        data[at + offset] ^= 0x55
+    path.write_bytes(bytes(data))
+    altered = torch.load(path, weights_only=True)["model"]["w"]
+    assert not torch.equal(altered, weights), "the flip went into the tensor and torch loads it"
+    with pytest.raises(ValueError, match="do not match its digest"):
+        load_checkpoint(path)
+
+
+def test_a_write_out_of_descriptors_is_retried_with_the_reserve(tmp_path, monkeypatch, caplog):
+    import errno
+
+    from trainer.loop import checkpoint
+
+    calls = []
+    real_write = checkpoint._write
+
+    def exhausted_once(path, state):
+        calls.append(path)
+        if len(calls) == 1:
+            raise checkpoint.CheckpointWriteError("could not write") from OSError(errno.EMFILE, "Too many open files")
+        real_write(path, state)
+
+    monkeypatch.setattr(checkpoint, "_write", exhausted_once)
+    save_checkpoint(tmp_path / "ckpt.pt", full_state(torch.ones(3)))
+    assert len(calls) == 2 and load_checkpoint(tmp_path / "ckpt.pt")["step"] == 7
+    assert "out of file descriptors; retrying" in caplog.text
+    def disk_full(path, state):
+        calls.append(path)
+        raise checkpoint.CheckpointWriteError("could not write") from OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "_write", disk_full)
+    with pytest.raises(checkpoint.CheckpointWriteError):  # another error is not retried
+        save_checkpoint(tmp_path / "ckpt.pt", full_state(torch.ones(3)))
+    assert len(calls) == 3
+
+
+def test_nan_weights_are_named_as_such_not_as_an_inverted_mask():
+    from trainer.model.selftest import NonFiniteWeightsError, mask_self_test
+    from trainer.model.transformer import BidirectionalTransformer, ModelConfig
+
+    from helpers.streams import SyntheticStream
+
+    stream = SyntheticStream(block_size=32)
+    model = BidirectionalTransformer(ModelConfig(n_layer=1, n_head=2, n_embd=32).for_stream(stream.meta))
+    with torch.no_grad():
+        model.blocks[0].mlp.c_fc.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteWeightsError, match="not finite .*not the attention mask"):
+        mask_self_test(model, stream.batch(), stream.meta)
+
+
+def test_resume_says_when_the_checkpoint_model_differs_from_the_flags(caplog):
+    from trainer.loop.startup import model_config_for
+    from trainer.model.transformer import ModelConfig
+
+    from helpers.streams import SyntheticStream
+
+    meta = SyntheticStream(block_size=32).meta
+    trained = ModelConfig(n_layer=2, n_head=2, n_embd=32).for_stream(meta)
+    checkpoint = {"meta": meta.to_dict(), "model_config": trained.to_dict()}
+    used = model_config_for(checkpoint, ModelConfig(n_layer=4, n_head=2, n_embd=64), meta)
+    assert used == trained
+    assert "the checkpoint's model is used, not the flags': n_layer 2 (flags: 4), n_embd 32 (flags: 64)" in caplog.text
