@@ -3,7 +3,10 @@ recording, metrics) survive a peer that uses up the others (docs/SECURITY.md).
 
 At start-up :func:`raise_open_file_limit` lifts the soft limit to the hard one, and
 :data:`RESERVE` holds a few descriptors open. A write that fails with EMFILE/ENFILE releases
-them (:meth:`FdReserve.released`), is retried, and the reserve is taken again afterwards.
+them (:meth:`FdReserve.released`) and is retried for up to :data:`PATIENCE_S` seconds (a
+flood's connections go: the ZeroMQ port drops peers that do not finish their handshake within
+2 s, the HTTP server holds at most 64), and the reserve is taken again afterwards. A caller
+for whom the write can wait (a checkpoint: the next evaluation writes one) may then skip it.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import errno
 import logging
 import os
 import resource
+import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
@@ -20,6 +24,8 @@ log = logging.getLogger("trainer")
 T = TypeVar("T")
 
 OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)
+PATIENCE_S = 10.0  # how long a write out of descriptors keeps trying
+RETRY_EVERY_S = 0.1
 
 
 def raise_open_file_limit() -> int:
@@ -65,17 +71,26 @@ class FdReserve:
 RESERVE = FdReserve()
 
 
-def _out_of_descriptors(error: BaseException) -> bool:
+def out_of_descriptors(error: BaseException) -> bool:
+    """The error (or its cause) is EMFILE or ENFILE."""
     return any(isinstance(e, OSError) and e.errno in OUT_OF_DESCRIPTORS for e in (error, error.__cause__))
 
 
-def retry_out_of_descriptors(write: Callable[[], T], what: str) -> T:
-    """``write()``, and once more with the reserve released if it failed for lack of descriptors."""
+def retry_out_of_descriptors(write: Callable[[], T], what: str, patience_s: float = PATIENCE_S) -> T:
+    """``write()``; if it fails for lack of descriptors, again with the reserve released, every
+    :data:`RETRY_EVERY_S` for up to ``patience_s`` seconds (then its error is raised)."""
     try:
         return write()
     except OSError as error:
-        if not _out_of_descriptors(error):
+        if not out_of_descriptors(error):
             raise
-    log.warning("%s: out of file descriptors; retrying with the reserved ones", what)
+    log.warning("%s: out of file descriptors; retrying with the reserved ones for up to %.0f s", what, patience_s)
+    deadline = time.monotonic() + patience_s
     with RESERVE.released():
-        return write()
+        while True:
+            try:
+                return write()
+            except OSError as error:
+                if not out_of_descriptors(error) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(RETRY_EVERY_S)

@@ -46,9 +46,21 @@ class RepeatLimit(logging.Filter):
         return False
 
 
+class OneLineAcceptErrors(logging.Filter):
+    """asyncio logs every failed ``accept()`` of the diagnostics server (a peer using up the
+    descriptors) with a traceback; one line with the error says as much."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "asyncio" and record.exc_info and "accept()" in str(record.msg):
+            error = record.exc_info[1]
+            record.msg, record.args, record.exc_info, record.exc_text = f"{record.msg}: {error}", (), None, None
+        return True
+
+
 def configure(prefix: str = "") -> None:
     """INFO to stdout with a timestamp, ``prefix`` before the logger name, repeats limited."""
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(name)s %(message)s"))
+    handler.addFilter(OneLineAcceptErrors())
     handler.addFilter(RepeatLimit())
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)

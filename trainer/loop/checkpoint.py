@@ -14,7 +14,8 @@ it loads with ``weights_only=True``:
     digest        SHA-256 of everything above (:func:`state_digest`), checked on load: a changed
                   byte anywhere in a tensor or a value makes the checkpoint unusable, not silently wrong
 
-A write that fails for lack of file descriptors is retried with the reserved ones (``trainer.fds``).
+A write that fails for lack of file descriptors is retried with the reserved ones (``trainer.fds``);
+the training loop skips a checkpoint that still cannot be written (the next evaluation writes one).
 """
 
 from __future__ import annotations
@@ -89,11 +90,12 @@ def _write(path: str, state: dict[str, Any]) -> None:
             raise CheckpointWriteError(f"could not write the checkpoint {path} ({type(error).__name__}: {error}); "
                                        f"the previous one, if any, is unchanged") from error
         raise
-    directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    with contextlib.suppress(OSError):  # the new file is in place; this only hastens the rename to the disk
+        directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
 
 
 CHECKPOINT_KEYS = ("model", "optimizer", "step", "model_config", "train_config", "meta", "rng", "digest")

@@ -29,7 +29,8 @@ import torch
 
 from shared.meta import StreamMeta
 from trainer.data.source import Batch, BatchSource
-from trainer.loop.checkpoint import CHECKPOINT_NAME, rng_state, save_checkpoint, set_rng_state
+from trainer.fds import out_of_descriptors
+from trainer.loop.checkpoint import CHECKPOINT_NAME, CheckpointWriteError, rng_state, save_checkpoint, set_rng_state
 from trainer.loop.config import TrainConfig
 from trainer.loop.distributed import Ranks, parameter_digest
 from trainer.loop.interval import LogInterval
@@ -158,6 +159,16 @@ class Trainer:
         return numbers
 
     def save_checkpoint(self) -> None:
+        """Writes the checkpoint; one that cannot be written for lack of file descriptors (a peer
+        holds them) is skipped with a warning, any other failure raises CheckpointWriteError."""
+        try:
+            self._write_checkpoint()
+        except CheckpointWriteError as error:
+            if not out_of_descriptors(error):
+                raise
+            log.warning("checkpoint of step %d skipped, training goes on (the next evaluation writes one): %s", self.step, error)
+
+    def _write_checkpoint(self) -> None:
         save_checkpoint(self.checkpoint_path, {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),

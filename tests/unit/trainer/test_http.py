@@ -258,3 +258,60 @@ def test_snapshot_types_the_real_consumer_and_counts_a_foreign_stream():
         finally:
             push.close()
             context.term()
+
+
+@contextlib.contextmanager
+def running_server(**settings):
+    port = free_port()
+    diagnostics, server = start_diagnostics(DiagnosticsSettings(http_port=port, **settings))
+    try:
+        yield port
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("path", ["/", "/diagnostics", "/metrics", "/healthz", "/history"])
+def test_head_is_answered_like_get_without_a_body(path):
+    with running_server() as port:
+        head = httpx.head(f"http://127.0.0.1:{port}{path}", timeout=TIMEOUT)
+        get = httpx.get(f"http://127.0.0.1:{port}{path}", timeout=TIMEOUT)
+    assert head.status_code == get.status_code == 200 and head.content == b""
+    assert head.headers["content-type"] == get.headers["content-type"]
+
+
+def closed_by_peer(sock: socket.socket, wait_s: float = 0.5) -> bool:
+    sock.settimeout(wait_s)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_idle_connections_cannot_use_up_the_server(monkeypatch):
+    """Four times the connection cap held open and idle: a real request still gets its answer,
+    and the server never holds more than the cap."""
+    from trainer.diagnostics import server as server_module
+
+    with running_server() as port:
+        idle = []
+        try:
+            for _ in range(4 * server_module.MAX_CONNECTIONS):
+                idle.append(socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT))
+            assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=TIMEOUT).status_code == 200
+            closed = sum(closed_by_peer(sock) for sock in idle)
+            assert closed >= 3 * server_module.MAX_CONNECTIONS - 1, "the oldest idle connections were closed"
+        finally:
+            for sock in idle:
+                sock.close()
+
+
+def test_a_request_that_never_finishes_is_cut_off(monkeypatch):
+    from trainer.diagnostics import server as server_module
+
+    monkeypatch.setattr(server_module, "REQUEST_TIMEOUT_S", 0.5)
+    with running_server() as port, socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as slow:
+        slow.sendall(b"GET /diagnostics HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+        started = time.monotonic()
+        assert closed_by_peer(slow, wait_s=5) and time.monotonic() - started < 3

@@ -1,0 +1,186 @@
+"""A real trainer under the attacks of issue 20, all from 127.0.0.1: descriptor exhaustion on both
+ports, forged sequence numbers (many ids, and one under a live producer's id), 20,000 rejected
+ids, and the recording path of the README's example. Each test prints what it measured."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import socket
+import time
+
+import pytest
+import zmq
+
+from producer.stream import BatchStream
+from shared.data_config import DataConfig
+from shared.recording import RecordingReader
+from shared.wire import encode, encode_meta
+
+from helpers.processes import TINY_DATA, TINY_MODEL, free_port
+from helpers.wire import INCARNATION, recorded_batches
+
+pytestmark = pytest.mark.slow
+FORGED_SEQ = 1 << 62  # far outside any plausible window
+
+
+def checkpoint_step(path) -> int:
+    import torch
+
+    return int(torch.load(path, map_location="cpu", weights_only=True)["step"])
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
+
+
+def stream_like_the_cluster() -> BatchStream:
+    """The stream the cluster's producers send (the built-in corpus, TINY_DATA): the same meta digest."""
+    flags = dict(zip(TINY_DATA[::2], TINY_DATA[1::2]))
+    return BatchStream(DataConfig(block_size=int(flags["--block-size"]), rows_per_message=int(flags["--rows-per-message"])))
+
+
+@pytest.fixture
+def push():
+    context = zmq.Context()
+    sockets = []
+
+    def connect(endpoint: str) -> zmq.Socket:
+        sock = context.socket(zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, 2000)
+        sock.setsockopt(zmq.SNDTIMEO, 10_000)
+        sock.connect(endpoint)
+        sockets.append(sock)
+        return sock
+
+    yield connect
+    for sock in sockets:
+        sock.close()
+    context.term()
+
+
+def test_descriptor_exhaustion_on_both_ports_leaves_the_trainer_training_and_checkpointing(cluster, tmp_path):
+    run = tmp_path / "run"
+    trainer, diagnostics = cluster.trainer(run)
+    cluster.producer("p1")
+    diagnostics.wait_for(lambda s: s["step"] >= 25 and (run / "ckpt.pt").exists(), "25 steps and a checkpoint")
+    http_port = int(diagnostics.url.split(":")[2].split("/")[0])
+    limit = 1024  # the issue's attack: 1,100 idle connections at a 1,024-descriptor limit, on each port
+    assert open_fds(trainer.pid) < limit // 4
+    resource.prlimit(trainer.pid, resource.RLIMIT_NOFILE, (limit, limit))
+    lines_before = len(trainer.lines)
+    attackers = []
+    try:
+        for port in (http_port, cluster.port):
+            for _ in range(1100):  # past the limit on each port; never a byte sent
+                sock = socket.socket()
+                sock.setblocking(False)
+                sock.connect_ex(("127.0.0.1", port))
+                attackers.append(sock)
+        during = diagnostics.wait_for(lambda s: s["step"] >= 0, "an answer while the ports are flooded", timeout=30)
+        step_under_attack = during["step"]
+        start = checkpoint_step(run / "ckpt.pt")
+        diagnostics.wait_for(lambda s: s["step"] >= step_under_attack + 60, "60 more steps under attack", timeout=60)
+        deadline = time.monotonic() + 30
+        while checkpoint_step(run / "ckpt.pt") <= start and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert checkpoint_step(run / "ckpt.pt") > start, "no checkpoint was written under attack"
+    finally:
+        for sock in attackers:
+            sock.close()
+    logged = len(trainer.lines) - lines_before
+    print(f"attack fds: limit {limit}, {len(attackers)} idle connections; checkpoint step {start} -> "
+          f"{checkpoint_step(run / 'ckpt.pt')}; {logged} log lines meanwhile")
+    assert any("Too many open files" in line for line in trainer.lines[lines_before:]), "the descriptors did run out"
+    assert logged < 400, "repeated lines are rate-limited"
+    assert trainer.alive() and "Traceback" not in trainer.text()
+    assert trainer.stop() == 143
+
+
+def test_forged_sequence_numbers_cost_little_memory_and_never_poison_a_real_producer(cluster, tmp_path, push):
+    trainer, diagnostics = cluster.trainer(tmp_path / "run")
+    cluster.producer("real")
+    stream = stream_like_the_cluster()
+    ready = diagnostics.wait_for(lambda s: s["step"] >= 50 and "real" in s["stream"]["producers"], "50 steps")
+    assert ready["meta"]["digest"] == stream.meta.digest, "the attacker speaks the trainer's stream"
+    batches = stream.train_batches()
+    attacker = push(cluster.endpoint)
+    rss_before = rss_mib(trainer.pid)
+    for index in range(100):  # 100 fresh ids, each seq 0 then seq 2^62: 200 valid messages
+        producer = f"forger-{index}"
+        attacker.send_multipart(encode_meta(stream.meta, producer, 0, incarnation=INCARNATION))
+        attacker.send_multipart(encode(stream.meta, "train", producer, FORGED_SEQ, next(batches), incarnation=INCARNATION))
+    real = ready["stream"]["producers"]["real"]
+    attacker.send_multipart(encode(stream.meta, "train", "real", FORGED_SEQ, next(batches), incarnation=real["incarnation"]))
+    after = diagnostics.wait_for(
+        lambda s: s["stream"]["producers"]["real"]["seq_anomalies"] == 1
+        and s["stream"]["producers"]["real"]["last_seq"] > real["last_seq"] + 200, "200 genuine messages after the forgery")
+    grown = rss_mib(trainer.pid) - rss_before
+    row = after["stream"]["producers"]["real"]
+    print(f"attack seqs: RSS grew {grown:.1f} MiB after 200 forged messages; the real producer's gaps {row['gaps']}, "
+          f"duplicates {row['duplicates']}, anomalies {row['seq_anomalies']}")
+    assert row["gaps"] == 0 and row["duplicates"] == 0 and row["out_of_order"] == 0
+    assert after["stream"]["gaps"] == 0, "the forgers' jumps are anomalies, not gaps"
+    assert grown < 20
+    assert trainer.stop() == 143
+
+
+def test_twenty_thousand_rejected_ids_keep_the_diagnostics_small(cluster, tmp_path, push):
+    trainer, diagnostics = cluster.trainer(tmp_path / "run")
+    cluster.producer("real")
+    stream = stream_like_the_cluster()
+    diagnostics.wait_for_step(5)
+    attacker = push(cluster.endpoint)
+    tensors = next(stream.train_batches())
+    for index in range(20_000):
+        frames = [bytes(memoryview(f).cast("B")) for f in encode(stream.meta, "train", f"id-{index:05d}", 1, tensors)]
+        frames[1] = frames[1][:-2]  # a size reject that names its producer
+        attacker.send_multipart(frames)
+    final = diagnostics.wait_for(lambda s: s["stream"]["rejected"].get("size") == 20_000, "20,000 rejects", timeout=120)
+    size = len(json.dumps(final))
+    print(f"attack ids: /diagnostics is {size} bytes with 20,000 rejected ids")
+    assert size < 200_000 and len(final["stream"]["rejected_by_producer"]) <= 257
+    assert trainer.stop() == 143
+    summary = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert summary["kind"] == "summary" and len(json.dumps(summary)) < 200_000
+
+
+def test_the_readme_record_example_makes_its_folder_and_resume_appends(cluster, tmp_path):
+    run = tmp_path / "runs" / "a"
+    recording = run / "stream.lps"  # python -m trainer --bind ... --out-dir runs/a --record runs/a/stream.lps
+    first, diagnostics = cluster.trainer(run, "--record", str(recording))
+    cluster.producer("p1")
+    diagnostics.wait_for(lambda s: s["step"] >= 12 and (run / "ckpt.pt").exists(), "12 steps")
+    assert first.stop() == 143
+    with RecordingReader(recording) as reader:
+        first_run = recorded_batches(reader)
+    second, diagnostics = cluster.trainer(run, "--record", str(recording), "--resume")
+    diagnostics.wait_for(lambda s: s["step"] >= checkpoint_step(run / "ckpt.pt") + 5, "5 steps after the resume")
+    assert second.stop() == 143
+    with RecordingReader(recording) as reader:
+        both = recorded_batches(reader)
+        report = reader.report
+    assert len(both) > len(first_run) and [m.seq for m in both[: len(first_run)]] == [m.seq for m in first_run]
+    assert report.clean_end and report.corrupt_records == 0
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    third, _ = cluster.trainer(tmp_path / "run3", "--record", str(blocker / "x" / "stream.lps"))
+    assert third.wait(60) == 2 and "Traceback" not in third.text() and str(blocker) in third.text()
+
+
+def test_a_second_trainer_on_the_same_recording_is_refused(cluster, tmp_path):
+    recording = tmp_path / "shared.lps"
+    first, diagnostics = cluster.trainer(tmp_path / "a", "--record", str(recording))
+    cluster.producer("p1")
+    diagnostics.wait_for_step(5)
+    second = cluster.start("trainer", "--bind", f"tcp://127.0.0.1:{free_port()}", "--out-dir", tmp_path / "b", "--http-port",
+                           "0", "--record", recording, *TINY_MODEL, name="second trainer")
+    assert second.wait(60) == 2 and "is being written by another process" in second.text()
+    assert first.alive() and first.stop() == 143
