@@ -131,6 +131,12 @@ def test_forged_sequence_numbers_cost_little_memory_and_never_poison_a_real_prod
     assert trainer.stop() == 143
 
 
+# 20,000 in the attack (and in docs/RELIABILITY.md: LINEPACK_TEST_REJECTED_IDS=20000); 2,000 by
+# default, already eight times the 256 ids tracked by name: beside a training loop that holds the
+# GIL, the receive thread takes about 5 ms a message, so 20,000 cost a CI run 100 s.
+REJECTED_IDS = int(os.environ.get("LINEPACK_TEST_REJECTED_IDS", "2000"))
+
+
 def test_twenty_thousand_rejected_ids_keep_the_diagnostics_small(cluster, tmp_path, push):
     trainer, diagnostics = cluster.trainer(tmp_path / "run")
     cluster.producer("real")
@@ -138,13 +144,13 @@ def test_twenty_thousand_rejected_ids_keep_the_diagnostics_small(cluster, tmp_pa
     diagnostics.wait_for_step(5)
     attacker = push(cluster.endpoint)
     tensors = next(stream.train_batches())
-    for index in range(20_000):
+    for index in range(REJECTED_IDS):
         frames = [bytes(memoryview(f).cast("B")) for f in encode(stream.meta, "train", f"id-{index:05d}", 1, tensors)]
         frames[1] = frames[1][:-2]  # a size reject that names its producer
         attacker.send_multipart(frames)
-    final = diagnostics.wait_for(lambda s: s["stream"]["rejected"].get("size") == 20_000, "20,000 rejects", timeout=120)
+    final = diagnostics.wait_for(lambda s: s["stream"]["rejected"].get("size") == REJECTED_IDS, "the rejects", timeout=180)
     size = len(json.dumps(final))
-    print(f"attack ids: /diagnostics is {size} bytes with 20,000 rejected ids")
+    print(f"attack ids: /diagnostics is {size} bytes with {REJECTED_IDS} rejected ids")
     assert size < 200_000 and len(final["stream"]["rejected_by_producer"]) <= 257
     assert trainer.stop() == 143
     summary = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])

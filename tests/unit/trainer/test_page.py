@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import re
 import shutil
 import struct
@@ -107,6 +108,12 @@ def test_headless_chromium_draws_every_chart(served_run, tmp_path):
     assert 'data-rendered="charts"' in dom, dom[-2000:]
     assert "step 30" in dom and ("No alarms" in dom or "since step" in dom)  # the alarms banner
     assert "<td>p0</td>" in dom  # the producers table
+    samples = httpx.get(served_run + "diagnostics", timeout=10).json()["samples"]
+    assert samples and all(s["step"] == 30 for s in samples), "the live samples of the last eval"
+    panel = dom.split('id="samples"', 1)[1].split("</section>", 1)[0]
+    assert panel.count("<b>") == len(samples) and "unmasking steps" in panel and "step 30 · seed 0" in panel
+    for sample in samples:
+        assert html.escape(sample["prompt"], quote=False) in panel
     screenshot = tmp_path / "page.png"
     result = chromium(served_run, tmp_path / "profile-shot", f"--screenshot={screenshot}")
     assert screenshot.exists(), result.stderr.decode()[-2000:]

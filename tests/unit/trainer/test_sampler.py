@@ -49,11 +49,11 @@ def batch_tensors(batch) -> tuple[torch.Tensor, ...]:
 
 @pytest.fixture(scope="module")
 def trained():
-    """A small model trained 300 steps on the four lines (mask-only uniform corruption)."""
+    """A small model trained 200 steps on the four lines (mask-only uniform corruption)."""
     stream = tiny_stream()
     model = tiny_model(stream.meta).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for batch in islice(stream.train_batches(), 300):
+    for batch in islice(stream.train_batches(), 200):
         x, attention_mask, y = batch_tensors(batch)
         _, loss = model(x, attention_mask, y)
         optimizer.zero_grad()
@@ -210,7 +210,7 @@ def test_live_samples_keep_their_canvases_and_bound_their_steps(trained):
 
 def save_run(directory, meta, model) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(directory / "ckpt.pt", {"model": model.state_dict(), "optimizer": {}, "step": 300,
+    save_checkpoint(directory / "ckpt.pt", {"model": model.state_dict(), "optimizer": {}, "step": 200,
                                             "model_config": model.config.to_dict(), "train_config": {},
                                             "meta": meta.to_dict(), "rng": {}, "sample_length": 30})
 
@@ -230,7 +230,7 @@ def test_the_cli_writes_json_and_a_trace(trained, tmp_path):
     report = json.loads(done.stdout)
     assert len(report["samples"]) == 3 and all(s["text"].startswith("one") for s in report["samples"])
     assert report["settings"]["length"] == 30 and report["settings"]["steps"] == 7, "the length saved with the run"
-    assert report["settings"]["step_of_checkpoint"] == 300 and report["seconds_per_sample"] > 0
+    assert report["settings"]["step_of_checkpoint"] == 200 and report["seconds_per_sample"] > 0
     steps = [json.loads(line) for line in trace.read_text().splitlines()]
     assert len(steps) == 3 * 7 and sum(len(s["revealed"]) for s in steps if s["sample"] == 0) == 30 - 3 - 1
     again = sample_cli("--run", tmp_path / "run", "--num-samples", 3, "--steps", 7, "--seed", 5, "--prompt", "one",
