@@ -44,7 +44,7 @@ compose() { timeout 300 docker compose -p "$PROJECT" "$@"; }
 remote_compose() {
     local files=(-f docker-compose.producers.yml)
     [[ -f $WORK/remote-network.yml ]] && files+=(-f "$WORK/remote-network.yml")
-    timeout 300 docker compose -p "$PROJECT-remote" "${files[@]}" "$@"
+    LINEPACK_CONNECT=tcp://trainer:5555 timeout 300 docker compose -p "$PROJECT-remote" "${files[@]}" "$@"
 }
 say() { echo "[e2e +$(( $(date +%s) - START ))s] $*"; }
 phase() { say "phase $1 took $(( $(date +%s) - PHASE_START )) s"; PHASE_START=$(date +%s); }
@@ -124,10 +124,10 @@ networks:
     name: ${PROJECT}_default
     external: true
 EOF
-LINEPACK_CONNECT=tcp://trainer:5555 remote_compose up -d >/dev/null 2>&1 || fail "producers-only compose up"
+remote_compose up -d >/dev/null 2>&1 || fail "producers-only compose up"
 wait_for 60 "the producers-only host adds a fourth producer" \
     "sum(p['consumed'] > 0 and p['seconds_since_last'] < 3 for p in d['stream']['producers'].values()) == 4"
-remote_compose down -v >"$WORK/remote-down.log" 2>&1 || true  # its network is the trainer's, still in use
+remote_compose down >"$WORK/remote-down.log" 2>&1 || true  # its network is the trainer's, still in use
 [[ -z $(timeout 30 docker ps -aq --filter "label=com.docker.compose.project=$PROJECT-remote") ]] \
     || fail "the producers-only host's containers are still there: $(cat "$WORK/remote-down.log")"
 phase remote
