@@ -24,6 +24,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from producer.lines import Lines
 
 GREEDY_CHUNK_LINES = 1 << 20
+LOOK_AHEAD_LINES = 64  # line starts read past a row's start before falling back to a binary search
 
 
 @dataclass
@@ -95,13 +96,28 @@ class LinePacker:
         """``rows`` line indices drawn uniformly over the line starts."""
         return rng.integers(0, self.lines.n_lines, rows, dtype=np.int64)
 
-    def content_end(self, start_lines: np.ndarray) -> np.ndarray:
+    def content_end(self, start_lines: np.ndarray, look_ahead: int = LOOK_AHEAD_LINES) -> np.ndarray:
         """Token offset (exclusive) of each row's content: the end of its last complete line
-        within ``block_size - 1`` tokens, or ``start + block_size - 1`` for an overlong first line."""
+        within ``block_size - 1`` tokens, or ``start + block_size - 1`` for an overlong first line.
+
+        The line starts are read ``look_ahead`` lines past each start (a few pages of a
+        memory-mapped corpus, next to the row's own); only a row that may hold more lines than
+        that binary-searches the whole offsets array, whose probes touch pages all over it.
+        ``look_ahead=0`` always searches (for many consecutive starts at once)."""
         starts = self.lines.starts
         first = starts[start_lines]
         limit = first + (self.block_size - 1)
-        last = np.searchsorted(starts, limit, side="right") - 1
+        last = start_lines.copy()
+        if look_ahead:
+            ahead = start_lines[:, None] + np.arange(1, look_ahead + 1)
+            inside = ahead < len(starts)
+            window = starts[np.minimum(ahead, len(starts) - 1)]
+            fitting = ((window <= limit[:, None]) & inside).sum(axis=1)
+            last += fitting
+            search = (fitting == look_ahead) & inside[:, -1]
+        else:
+            search = np.ones(len(start_lines), bool)
+        last[search] = np.searchsorted(starts, limit[search], side="right") - 1
         return np.where(last > start_lines, starts[last], limit)
 
     def greedy_starts(self, max_rows: int | None = None) -> np.ndarray:
@@ -116,7 +132,7 @@ class LinePacker:
         while line < n_lines and (max_rows is None or len(packs) < max_rows):
             chunk = np.arange(line, min(n_lines, line + GREEDY_CHUNK_LINES), dtype=np.int64)
             # The next pack starts at the first line not wholly inside this one (an overlong line is consumed).
-            following = np.searchsorted(self.lines.starts, self.content_end(chunk), side="left").tolist()
+            following = np.searchsorted(self.lines.starts, self.content_end(chunk, look_ahead=0), side="left").tolist()
             end = int(chunk[-1]) + 1
             while line < end and (max_rows is None or len(packs) < max_rows):
                 packs.append(line)

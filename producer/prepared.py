@@ -83,6 +83,9 @@ class NpyAppender:
         self._file.write(npy_header(self.dtype, self.length))
         self._file.flush()
         os.fsync(self._file.fileno())
+        # Written pages sit in the page cache as large folios, which a producer's map would take
+        # in whole at a row's first read; dropped now, they come back a page at a time (MADV_RANDOM).
+        os.posix_fadvise(self._file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         self._file.close()
         return {"dtype": self.dtype.str, "length": self.length, "bytes": self.path.stat().st_size,
                 "sha256": self.sha256.hexdigest()}
@@ -103,6 +106,9 @@ class MappedArray:
                 raise CorpusError(f"{path} has the wrong size: the folder is damaged or incomplete")
             self._map = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
         self._map.madvise(mmap.MADV_RANDOM)  # rows are read at random: no read-ahead of pages nobody wants
+        # Nor 2 MB at a time: a page-cache huge folio would be mapped whole at a row's first read,
+        # and the resident size would follow the corpus size instead of the rows read.
+        self._map.madvise(mmap.MADV_NOHUGEPAGE)
         self.array = np.frombuffer(self._map, dtype=found, count=length, offset=offset)
 
     def release(self) -> None:

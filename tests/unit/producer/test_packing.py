@@ -110,3 +110,16 @@ def test_truncated_first_line_and_end_of_split():
     assert packed.x.tolist() == [[1, 2, 3, SEP], [1, 0, SEP, PAD]]
     assert packed.content_len.tolist() == [3, 2]
     assert packer.greedy_starts().tolist() == [0, 1]
+
+
+@settings(max_examples=200, deadline=None)
+@given(corpora(), st.integers(1, 8))
+def test_the_look_ahead_finds_the_same_row_ends_as_the_binary_search(case, look_ahead):
+    """A short look-ahead (most rows then fall back to the search) and the default one agree with
+    the binary search over all line starts, at every start line."""
+    lines, block_size, _ = case
+    packer = LinePacker(lines, block_size, SEP, PAD)
+    every = np.arange(lines.n_lines, dtype=np.int64)
+    searched = packer.content_end(every, look_ahead=0)
+    assert np.array_equal(packer.content_end(every, look_ahead=look_ahead), searched)
+    assert np.array_equal(packer.content_end(every), searched)

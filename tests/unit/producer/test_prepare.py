@@ -253,3 +253,43 @@ def test_tokenizer_train_makes_a_byte_level_bpe_of_the_asked_size(tmp_path):
     ids, lengths = tokenizer.encode_text("héllo wörld [SEP] \u2603\n")
     assert tokenizer.decode(ids) == "héllo wörld [SEP] \u2603\n", "byte-level: any text round-trips"
     assert lengths.tolist() == [len(ids)] and int(ids.max()) < tokenizer.base_size, "corpus text never makes a special"
+
+
+# VmHWM, not ru_maxrss: the latter survives exec, so a child of pytest would report pytest's own size.
+STREAM_PEAKS = """
+import sys
+from itertools import islice
+from producer.stream import BatchStream
+from shared.data_config import DataConfig
+
+def peak_mib():
+    return int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:"))) / 1024
+
+stream = BatchStream(DataConfig(corpus=sys.argv[1], block_size=1024))
+batches = stream.train_batches()
+peaks = [peak_mib()]
+for messages in (200, 1800):
+    for _ in islice(batches, messages):
+        pass
+    peaks.append(peak_mib())
+print(*peaks)
+"""
+
+
+def test_a_producer_on_a_prepared_corpus_stays_flat_while_it_reads_all_of_it(tmp_path):
+    """A generated ~50 MB corpus (107 MB of ids and offsets, prepared with bytes): peak RSS after
+    200 and after 2,000 messages of 16 x 1024 tokens (65 MB of ids read, most of the file): about
+    the same, and far below the file (rows are read from the map and its pages dropped every
+    512 rows; a corpus held in memory costs several bytes per character)."""
+    line = "".join(chr(97 + i % 26) for i in range(60)) + "\n"
+    corpus = tmp_path / "c.txt"
+    with open(corpus, "w", encoding="utf-8") as file:
+        for _ in range(50_000_000 // len(line) // 1000):
+            file.write(line * 1000)
+    prepare(options(corpus, tmp_path / "P", tokenizer="bytes", workers=2, chunk_mb=4.0))
+    mapped_mib = sum(path.stat().st_size for path in (tmp_path / "P").glob("*.npy")) / 2**20
+    done = subprocess.run([sys.executable, "-c", STREAM_PEAKS, str(tmp_path / "P")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, check=True)
+    at_start, after_200, after_2000 = map(float, done.stdout.split())
+    assert after_2000 - after_200 < 16, (at_start, after_200, after_2000)
+    assert after_2000 - at_start < 0.6 * mapped_mib, (at_start, after_2000, mapped_mib)
