@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from producer.corpus import load_corpus  # noqa: E402
+from producer.corpus import read_text  # noqa: E402
 from producer.stages import EXAMPLE_STAGES, load_stage_plan  # noqa: E402
 from producer.stream import BatchStream  # noqa: E402
 from shared.data_config import DataConfig  # noqa: E402
@@ -37,12 +37,11 @@ BLOCK_SIZE, ROWS = 1024, 64
 class ReferenceProducer:
     """The obvious implementation: one row at a time, Python lists, ``random.Random``."""
 
-    def __init__(self, stream: BatchStream, seed: int = 0) -> None:
+    def __init__(self, stream: BatchStream, text: str, seed: int = 0) -> None:
         self.config = stream.config
         self.tokenizer = stream.tokenizer
-        text = stream.corpus.text
         lines = text.splitlines(keepends=True)
-        n_train = len(lines) - min(max(round(len(lines) * self.config.val_fraction), 1), len(lines) - 1)
+        n_train = stream.corpus.split_line  # the same train lines as the vectorized stream
         self.tokens = stream.tokenizer.encode("".join(lines[:n_train])).tolist()
         self.line_starts, offset = [], 0
         for line in lines[:n_train]:
@@ -134,7 +133,7 @@ def main() -> None:
     parser.add_argument("--reference-messages", type=int, default=4, help="messages timed per reference config")
     parser.add_argument("--corpus", default=str(SHAKESPEARE) if SHAKESPEARE.exists() else None)
     args = parser.parse_args()
-    corpus = load_corpus(args.corpus)
+    corpus = read_text(args.corpus)
     print(f"corpus {corpus.name} ({len(corpus.text):,} characters); block {BLOCK_SIZE}, {ROWS} rows per message; "
           f"packing + corruption + wire encoding, one process; CPU time, best of 10 "
           f"(vectorized) / {args.reference_messages} (reference) timed runs\n")
@@ -146,7 +145,7 @@ def main() -> None:
             stream = BatchStream(config, corpus=corpus)
             batches = stream.train_batches()
             fast = tokens_per_second(lambda batches=batches: next(batches), stream.meta, args.messages, chunks=10)
-            reference = ReferenceProducer(stream)
+            reference = ReferenceProducer(stream, corpus.text)
             slow = tokens_per_second(reference.message, stream.meta, args.reference_messages, chunks=args.reference_messages)
             print(f"| {packing} | {policy} | {fast / 1e6:.1f} | {slow / 1e6:.3f} | {fast / slow:.0f}x |", flush=True)
 

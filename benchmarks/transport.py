@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from producer.stream import BatchStream  # noqa: E402
 from shared.data_config import DataConfig  # noqa: E402
-from shared.wire import encode  # noqa: E402
+from shared.wire import MetaMessage, decode, encode, encode_meta  # noqa: E402
 
 POOL = 8  # distinct pre-built messages the sender cycles through
 
@@ -69,7 +69,8 @@ def run_sender(args) -> None:
         from producer.sending import Sender, StopSignal
 
         sender = Sender(args.endpoint, None, StopSignal())
-        for seq in count():
+        sender.send(encode_meta(meta, "bench", 0))  # as a producer does: the meta message, then the batches
+        for seq in count(1):
             if not sender.send(encode(meta, "train", "bench", seq, pool[seq % POOL])):
                 break
         sender.close()
@@ -130,17 +131,27 @@ def bench_raw(args, message_bytes: int) -> dict:
 
 
 def bench_wire(args, message_bytes: int, validate: bool) -> dict:
-    """The producer's sender into a PULL socket with the consumer's RCVHWM; ``validate``: decode each."""
-    from shared.wire import decode
-
+    """The producer's sender into a PULL socket with the consumer's RCVHWM; ``validate``: decode each
+    (the meta message first, then the batches that name it)."""
     context = zmq.Context()
     socket = context.socket(zmq.PULL)
     socket.setsockopt(zmq.RCVHWM, 4)
     port = socket.bind_to_random_port("tcp://127.0.0.1")
     sender = start_sender("wire", f"tcp://127.0.0.1:{port}", args)
-    take = (lambda: decode(socket.recv_multipart(copy=False))) if validate else (lambda: socket.recv_multipart(copy=False))
+    metas = {}
+
+    def take() -> int:
+        frames = socket.recv_multipart(copy=False)
+        if not validate:
+            return 1
+        message = decode(frames, metas)
+        if isinstance(message, MetaMessage):
+            metas[message.meta.digest] = message.meta
+            return 0
+        return 1
+
     try:
-        measured = measure(lambda: (take(), 1)[1], args.seconds, sender.pid)
+        measured = measure(take, args.seconds, sender.pid)
     finally:
         sender.kill()
         sender.wait()
