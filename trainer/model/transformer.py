@@ -47,6 +47,11 @@ def _positive(value: int) -> None:
         raise ValueError(f"{value} is not positive")
 
 
+def _positive_float(value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{value} is not positive")
+
+
 def _dropout(value: float) -> None:
     if not 0.0 <= value < 1.0:
         raise ValueError(f"dropout {value} is outside [0, 1)")
@@ -65,6 +70,9 @@ class ModelConfig:
     dropout: float = setting(0.0, "dropout probability", check=_dropout)
     positions: str = setting("learned", "position embedding: learned absolute or rotary", choices=POSITION_KINDS)
     bias: bool = setting(True, "biases in Linear and LayerNorm")
+    qk_norm: bool = setting(False, "RMSNorm on each head's queries and keys before attention")
+    init_std: float = setting(0.02, "std of the normal initialization of weights and embeddings (residual projections: "
+                                    "this / sqrt(2 n_layer))", check=_positive_float)
 
     def __post_init__(self) -> None:
         settings.check_fields(self)
@@ -131,12 +139,16 @@ class SelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         head_size = config.n_embd // config.n_head
         self.rotary = Rotary(head_size, config.block_size) if config.positions == "rotary" else None
+        self.q_norm = nn.RMSNorm(head_size) if config.qk_norm else None
+        self.k_norm = nn.RMSNorm(head_size) if config.qk_norm else None
 
     def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries, keys and values, each (B, H, T, hs), positions applied."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary is not None:
             q, k = self.rotary(q), self.rotary(k)
         return q, k, v
@@ -195,12 +207,11 @@ class BidirectionalTransformer(nn.Module):
         self.apply(self._init_weights)
         for name, parameter in self.named_parameters():
             if name.endswith("c_proj.weight"):  # GPT-2's scaled init of the residual projections
-                nn.init.normal_(parameter, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                nn.init.normal_(parameter, mean=0.0, std=config.init_std / math.sqrt(2 * config.n_layer))
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
+    def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
