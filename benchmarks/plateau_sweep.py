@@ -8,7 +8,7 @@ Each cell and seed is one ``python -m trainer.compare`` run (both packings, the 
 ZeroMQ -> trainer path, policy ``uniform``, ``--eval-samples 0``, ``--device cpu``) in
 ``OUT/b{BLOCK}x{BATCH}-s{SEED}``; flags after ``--`` go to every run (a model or optimizer
 setting under test). The runs go one after the other, each with ``OMP_NUM_THREADS=--threads``
-(compare's processes follow it).
+(compare's processes follow it), importing this tree's code.
 
 From each ``report.json``, per arm: the step at which it leaves the plateau, i.e. its first
 evaluation (own val set, after training started) at least ``--margin`` nats under the
@@ -82,7 +82,8 @@ def run_cell(args: argparse.Namespace, block: int, batch: int, seed: int, extra:
     command += extra
     started = time.monotonic()
     if not (args.keep and os.path.exists(report_path)):
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}  # this tree's code
         os.makedirs(out, exist_ok=True)
         print(f"[sweep] {shlex.join(command)}", file=sys.stderr, flush=True)
         with open(os.path.join(out, "compare.log"), "w", encoding="utf-8") as log:
