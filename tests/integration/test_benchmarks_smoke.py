@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import subprocess
 import sys
 
@@ -59,15 +58,3 @@ def test_feeding_quick():
         assert feeds[1:] == [] and "transformers" in report["skipped"]
     for row in report["results"]:
         assert row["steps_per_s"] > 0 and 0 <= row["data_wait_pct"] <= 100
-
-
-def test_plateau_sweep_quick(tmp_path):
-    report = run_quick("plateau_sweep.py", "--out", str(tmp_path), timeout=120)
-    [cell] = report["results"]
-    assert (cell["block_size"], cell["batch_size"], cell["seed"]) == (32, 8, 0)
-    assert set(cell["arms"]) == {"fixed", "lines"}
-    for arm in cell["arms"].values():
-        assert arm["leave_step"] is None or arm["leave_step"] in (3, 6)
-        assert math.isfinite(arm["val_loss_common"]) and [step for step, _ in arm["val"]] == [0, 3, 6]
-    table = (tmp_path / "plateau_sweep.md").read_text()
-    assert "| 32 × 8 | 0 |" in table

@@ -1,0 +1,25 @@
+"""``benchmarks/plateau_sweep.py --quick`` runs one tiny cell through ``trainer.compare`` and writes its table
+(docs/PLATEAU.md). Nothing is timed or judged here: the numbers of a few steps mean nothing."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+from helpers import ROOT
+
+
+def test_plateau_sweep_quick(tmp_path):
+    completed = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plateau_sweep.py"), "--quick", "--out", str(tmp_path)],
+                               capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    report = json.loads(completed.stdout)
+    [cell] = report["results"]
+    assert (cell["block_size"], cell["batch_size"], cell["seed"]) == (32, 8, 0)
+    assert set(cell["arms"]) == {"fixed", "lines"}
+    for arm in cell["arms"].values():
+        assert arm["leave_step"] is None or arm["leave_step"] in (3, 6)
+        assert math.isfinite(arm["val_loss_common"]) and [step for step, _ in arm["val"]] == [0, 3, 6]
+    assert "| 32 × 8 | 0 |" in (tmp_path / "plateau_sweep.md").read_text()
