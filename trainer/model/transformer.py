@@ -1,8 +1,8 @@
 """The bidirectional transformer trained on Linepack batches (docs/SPEC.md §7).
 
-One file in the spirit of nanoGPT's ``model.py``: token embedding, positions (learned or
-rotary), pre-norm blocks (LayerNorm, self-attention, MLP), a final LayerNorm and a tied
-output head. Attention is :func:`torch.nn.functional.scaled_dot_product_attention` with a
+One file in the spirit of nanoGPT's ``model.py``: token embedding, positions (rotary by
+default, or learned absolute), pre-norm blocks (LayerNorm, self-attention, MLP), a final
+LayerNorm and a tied output head. Attention is :func:`torch.nn.functional.scaled_dot_product_attention` with a
 key-padding mask built in exactly one place, :func:`key_padding_mask`.
 
 Shapes: B rows, T positions (T <= block_size), C = n_embd, V = vocab_size.
@@ -68,7 +68,9 @@ class ModelConfig:
     n_head: int = setting(4, "attention heads per block", metavar="N", check=_positive)
     n_embd: int = setting(128, "embedding width C", metavar="C", check=_positive)
     dropout: float = setting(0.0, "dropout probability", check=_dropout)
-    positions: str = setting("learned", "position embedding: learned absolute or rotary", choices=POSITION_KINDS)
+    positions: str = setting("rotary", "position embedding: rotary, or learned absolute (with learned positions the model "
+                                       "can stay on the context-free plateau for over 1000 steps; docs/PLATEAU.md)",
+                             choices=POSITION_KINDS)
     bias: bool = setting(True, "biases in Linear and LayerNorm")
     qk_norm: bool = setting(False, "RMSNorm on each head's queries and keys before attention")
     init_std: float = setting(0.02, "std of the normal initialization of weights and embeddings (residual projections: "
@@ -81,7 +83,8 @@ class ModelConfig:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd {self.n_embd} is not a multiple of n_head {self.n_head}")
         if self.positions == "rotary" and (self.n_embd // self.n_head) % 2:
-            raise ValueError(f"rotary positions need an even head size, got {self.n_embd // self.n_head}")
+            raise ValueError(f"rotary positions need an even head size (n_embd / n_head), got {self.n_embd // self.n_head}; "
+                             "change --n-embd or --n-head, or use --positions learned")
 
     def for_stream(self, meta: StreamMeta) -> ModelConfig:
         """This config with the stream's vocabulary and block size."""
