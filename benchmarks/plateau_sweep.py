@@ -2,7 +2,7 @@
 
     python benchmarks/plateau_sweep.py --corpus ../shared/data/tinyshakespeare.txt --out runs/sweep
         [--cells 128x32,256x16,512x8] [--seeds 0,1,2] [--max-iters 600] [--eval-interval 50]
-        [--threads 1] [--keep] [--quick] [-- EXTRA COMPARE FLAGS]
+        [--threads 1] [--keep] [--before JSON] [--quick] [-- EXTRA COMPARE FLAGS]
 
 Each cell and seed is one ``python -m trainer.compare`` run (both packings, the real producer ->
 ZeroMQ -> trainer path, policy ``uniform``, ``--eval-samples 0``, ``--device cpu``) in
@@ -14,8 +14,10 @@ From each ``report.json``, per arm: the step at which it leaves the plateau, i.e
 evaluation (own val set, after training started) at least ``--margin`` nats under the
 context-free floor (``never`` within the budget), and its final val loss on the common held-out
 set. Writes ``OUT/plateau_sweep.md`` (the table) and ``OUT/plateau_sweep.json``, and prints the
-JSON. ``--keep`` reuses a run whose ``report.json`` is already there. ``--quick``: one tiny cell of
-the built-in corpus, a few steps (a smoke test; its numbers mean nothing).
+JSON. ``--keep`` reuses a run whose ``report.json`` is already there; ``--before JSON`` (an
+earlier sweep's ``plateau_sweep.json``) puts its numbers next to these in the table.
+``--quick``: one tiny cell of the built-in corpus, a few steps (a smoke test; its numbers mean
+nothing).
 """
 
 from __future__ import annotations
@@ -106,20 +108,33 @@ def show_step(step: int | None) -> str:
     return "never" if step is None else str(step)
 
 
-def markdown(sweep: dict[str, Any]) -> str:
+def markdown(sweep: dict[str, Any], before: dict[str, Any] | None = None) -> str:
+    """The table: per cell and seed, each arm's step of leaving the plateau and final common-set val loss;
+    with ``before`` (an earlier sweep's JSON), its numbers for the same cell and seed side by side."""
     floor = sweep["results"][0]["floor"] if sweep["results"] else float("nan")
     lines = [
         f"Budget {sweep['max_iters']} steps, eval every {sweep['eval_interval']}; leaves = first eval (own val set) "
         f"≤ floor − {sweep['margin']:g} nats; floor {floor:.4f}; extra flags: `{shlex.join(sweep['extra']) or 'none'}`.",
         "",
-        "| block × batch | seed | fixed: leaves at | fixed: final val (common) | lines: leaves at | lines: final val (common) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
+    if before is None:
+        lines += ["| block × batch | seed | fixed: leaves at | fixed: final val (common) | lines: leaves at | lines: final val (common) |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    else:
+        lines += [f"Before: extra flags `{shlex.join(before['extra']) or 'none'}`. Each cell: leaves at / final val (common).",
+                  "",
+                  "| block × batch | seed | fixed, before | fixed, after | lines, before | lines, after |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        earlier = {(result["cell"], result["seed"]): result for result in before["results"]}
     for result in sweep["results"]:
         arms = result["arms"]
-        lines.append(f"| {result['block_size']} × {result['batch_size']} | {result['seed']} | "
-                     + " | ".join(f"{show_step(arms[name]['leave_step'])} | {arms[name]['val_loss_common']:.4f}" for name in ARMS)
-                     + " |")
+        if before is None:
+            cells = [f"{show_step(arms[name]['leave_step'])} | {arms[name]['val_loss_common']:.4f}" for name in ARMS]
+        else:
+            old = earlier.get((result["cell"], result["seed"]))
+            cells = [" | ".join(f"{show_step(run['arms'][name]['leave_step'])} / {run['arms'][name]['val_loss_common']:.4f}"
+                                if run else "–" for run in (old, result)) for name in ARMS]
+        lines.append(f"| {result['block_size']} × {result['batch_size']} | {result['seed']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -140,19 +155,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every run")
     parser.add_argument("--arm-timeout-s", type=float, default=3600)
     parser.add_argument("--keep", action="store_true", help="reuse runs whose report.json exists")
+    parser.add_argument("--before", default=None, metavar="JSON",
+                        help="an earlier sweep's plateau_sweep.json: the table shows its numbers next to these")
     parser.add_argument("--quick", action="store_true", help="one tiny cell, a few steps (smoke test)")
     args = parser.parse_args(argv)
     if args.quick:
         args.cells, args.seeds, args.max_iters, args.eval_interval, args.corpus = [(32, 8)], [0], 6, 3, None
         args.arm_timeout_s = 120
         extra = QUICK_FLAGS + extra
+    before = None
+    if args.before:
+        with open(args.before, encoding="utf-8") as file:
+            before = json.load(file)
     results = [run_cell(args, block, batch, seed, extra) for block, batch in args.cells for seed in args.seeds]
     sweep = {"corpus": args.corpus, "max_iters": args.max_iters, "eval_interval": args.eval_interval, "margin": args.margin,
              "threads": args.threads, "extra": extra, "results": results}
     os.makedirs(args.out, exist_ok=True)
     sweep["markdown"] = os.path.join(args.out, "plateau_sweep.md")
     with open(sweep["markdown"], "w", encoding="utf-8") as file:
-        file.write(markdown(sweep))
+        file.write(markdown(sweep, before))
     with open(os.path.join(args.out, "plateau_sweep.json"), "w", encoding="utf-8") as file:
         json.dump(sweep, file, indent=1)
     print(json.dumps(sweep, indent=1))

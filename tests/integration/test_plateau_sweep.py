@@ -11,11 +11,15 @@ import sys
 from helpers import ROOT
 
 
-def test_plateau_sweep_quick(tmp_path):
-    completed = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plateau_sweep.py"), "--quick", "--out", str(tmp_path)],
+def sweep(*flags: str) -> dict:
+    completed = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plateau_sweep.py"), "--quick", *flags],
                                capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0, completed.stderr[-2000:]
-    report = json.loads(completed.stdout)
+    return json.loads(completed.stdout)
+
+
+def test_plateau_sweep_quick(tmp_path):
+    report = sweep("--out", str(tmp_path))
     [cell] = report["results"]
     assert (cell["block_size"], cell["batch_size"], cell["seed"]) == (32, 8, 0)
     assert set(cell["arms"]) == {"fixed", "lines"}
@@ -23,3 +27,10 @@ def test_plateau_sweep_quick(tmp_path):
         assert arm["leave_step"] is None or arm["leave_step"] in (3, 6)
         assert math.isfinite(arm["val_loss_common"]) and [step for step, _ in arm["val"]] == [0, 3, 6]
     assert "| 32 × 8 | 0 |" in (tmp_path / "plateau_sweep.md").read_text()
+
+    # --keep reuses the run; --before puts an earlier sweep's numbers next to it.
+    again = sweep("--out", str(tmp_path), "--keep", "--before", str(tmp_path / "plateau_sweep.json"))
+    assert again["results"][0]["arms"] == cell["arms"]
+    fixed = cell["arms"]["fixed"]
+    shown = f"{'never' if fixed['leave_step'] is None else fixed['leave_step']} / {fixed['val_loss_common']:.4f}"
+    assert f"| 32 × 8 | 0 | {shown} | {shown} |" in (tmp_path / "plateau_sweep.md").read_text()
