@@ -1,5 +1,6 @@
-"""``benchmarks/plateau_sweep.py --quick`` runs one tiny cell through ``trainer.compare`` and writes its table
-(docs/PLATEAU.md). Nothing is timed or judged here: the numbers of a few steps mean nothing."""
+"""``benchmarks/plateau_sweep.py --quick`` runs one tiny cell through ``trainer.compare`` and writes its table;
+``benchmarks/plateau_arm.py --quick`` trains one tiny arm in process (docs/PLATEAU.md). Nothing is timed or
+judged here: the numbers of a few steps mean nothing."""
 
 from __future__ import annotations
 
@@ -34,3 +35,13 @@ def test_plateau_sweep_quick(tmp_path):
     fixed = cell["arms"]["fixed"]
     shown = f"{'never' if fixed['leave_step'] is None else fixed['leave_step']} / {fixed['val_loss_common']:.4f}"
     assert f"| 32 × 8 | 0 | {shown} | {shown} |" in (tmp_path / "plateau_sweep.md").read_text()
+
+
+def test_plateau_arm_quick():
+    completed = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plateau_arm.py"), "--quick", "--policy", "uniform",
+                                "--positions", "learned", "--ratio-range", "0,0.5"], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    run = json.loads(completed.stdout)
+    assert (run["packing"], run["block_size"], run["batch_size"]) == ("lines", 32, 8)
+    assert [step for step, _ in run["val"]] == [3, 6] and run["final_val"] == run["val"][-1][1]
+    assert run["leave_step"] in ("never", 3, 6) and math.isfinite(run["floor"])
