@@ -111,7 +111,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Corpus `{settings['corpus'] or 'built-in'}`, policy `{settings['policy']}`"
         + (f" ({settings['mask_prob']:.0%})" if settings["policy"] == "bert" else "")
-        + f", loss weighting `{settings['loss_weighting']}`; {settings['n_layer']} layers x {settings['n_embd']}, "
+        + f", loss weighting `{settings['loss_weighting']}`; {settings['n_layer']} layers x {settings['n_embd']} "
+        f"({settings['positions']} positions), "
         f"block {settings['block_size']}, batch {settings['batch_size']}, {settings['max_iters']} steps per arm, "
         f"lr {settings['lr']:g} -> {settings['min_lr']:g}, seed {settings['seed']}.",
         f"Context-free floor: **{floor:.4f}** nats. Common held-out set: {report['common_val']['rows']} line-aligned val rows, "

@@ -25,9 +25,14 @@ from dataclasses import dataclass
 from trainer.data.stats import StreamStats
 
 # What a user should do when context_blind fires after a passed mask self-test (the mask is right,
-# so the model has not learned to use its context yet); docs/PLATEAU.md measured what matters.
-CONTEXT_BLIND_ADVICE = ("the model is not using context: with the mask self-test passed, it has not learned to yet; "
-                        "train longer, or raise --lr / shorten --warmup-iters (docs/PLATEAU.md)")
+# so the model has not learned to use its context yet). docs/PLATEAU.md measured what matters: the
+# position embedding (rotary left the plateau within 150 steps at every block size; learned absolute
+# positions stayed on it for 600 steps at block 256 and 512), then the number of steps; the peak lr,
+# the warm-up, the init scale, QK-norm and the mask-ratio range did not move it.
+CONTEXT_BLIND_ADVICE = ("the model is not using context: the mask self-test passed, so it has not learned to yet; "
+                        "use --positions rotary (the default; learned positions can stay on this plateau for 600+ steps, "
+                        "longer at a larger --block-size), then train longer; --lr, --warmup-iters, --init-std, --qk-norm "
+                        "and --ratio-range did not shorten it (docs/PLATEAU.md)")
 
 
 @dataclass(frozen=True)
@@ -143,7 +148,8 @@ def meta_mismatch(inputs: AlarmInputs, settings: AlarmSettings) -> tuple[bool, s
 
 CHECKS: tuple[tuple[str, Callable[[AlarmInputs, AlarmSettings], tuple[bool, str]], str], ...] = (
     ("context_blind", context_blind,
-     "the attention mask polarity (key_padding_mask: True = may attend) and the attention probe's no-context loss"),
+     "the trainer log's mask self-test line, the attention probe's no-context loss, then --positions (rotary) and the "
+     "steps trained so far"),
     ("starved", starved, "that producers are running and connect to the trainer's endpoint (stream.producers)"),
     ("data_bound", data_bound, "throughput.data_wait_fraction, and each producer's rate (its status line, stream.producers)"),
     ("rejecting", rejecting, "the trainer log for rejection details and stream.rejected_by_reason"),

@@ -50,7 +50,7 @@ def model_config_for(checkpoint: dict[str, Any] | None, requested: ModelConfig, 
         check_resumable(checkpoint_meta(checkpoint["meta"]), meta)
         config = ModelConfig(**checkpoint["model_config"])
         differs = [f"{name} {getattr(config, name)} (flags: {getattr(requested, name)})"
-                   for name in ("n_layer", "n_head", "n_embd", "dropout", "positions", "bias")
+                   for name in ("n_layer", "n_head", "n_embd", "dropout", "positions", "bias", "qk_norm", "init_std")
                    if getattr(config, name) != getattr(requested, name)]
         if differs:
             log.warning("--resume: the checkpoint's model is used, not the flags': %s", ", ".join(differs))

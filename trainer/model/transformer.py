@@ -1,8 +1,8 @@
 """The bidirectional transformer trained on Linepack batches (docs/SPEC.md §7).
 
-One file in the spirit of nanoGPT's ``model.py``: token embedding, positions (learned or
-rotary), pre-norm blocks (LayerNorm, self-attention, MLP), a final LayerNorm and a tied
-output head. Attention is :func:`torch.nn.functional.scaled_dot_product_attention` with a
+One file in the spirit of nanoGPT's ``model.py``: token embedding, positions (rotary by
+default, or learned absolute), pre-norm blocks (LayerNorm, self-attention, MLP), a final
+LayerNorm and a tied output head. Attention is :func:`torch.nn.functional.scaled_dot_product_attention` with a
 key-padding mask built in exactly one place, :func:`key_padding_mask`.
 
 Shapes: B rows, T positions (T <= block_size), C = n_embd, V = vocab_size.
@@ -47,6 +47,11 @@ def _positive(value: int) -> None:
         raise ValueError(f"{value} is not positive")
 
 
+def _positive_float(value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{value} is not positive")
+
+
 def _dropout(value: float) -> None:
     if not 0.0 <= value < 1.0:
         raise ValueError(f"dropout {value} is outside [0, 1)")
@@ -63,8 +68,13 @@ class ModelConfig:
     n_head: int = setting(4, "attention heads per block", metavar="N", check=_positive)
     n_embd: int = setting(128, "embedding width C", metavar="C", check=_positive)
     dropout: float = setting(0.0, "dropout probability", check=_dropout)
-    positions: str = setting("learned", "position embedding: learned absolute or rotary", choices=POSITION_KINDS)
+    positions: str = setting("rotary", "position embedding: rotary, or learned absolute (with learned positions the model "
+                                       "can stay on the context-free plateau for over 1000 steps; docs/PLATEAU.md)",
+                             choices=POSITION_KINDS)
     bias: bool = setting(True, "biases in Linear and LayerNorm")
+    qk_norm: bool = setting(False, "RMSNorm on each head's queries and keys before attention")
+    init_std: float = setting(0.02, "std of the normal initialization of weights and embeddings (residual projections: "
+                                    "this / sqrt(2 n_layer))", check=_positive_float)
 
     def __post_init__(self) -> None:
         settings.check_fields(self)
@@ -73,7 +83,8 @@ class ModelConfig:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd {self.n_embd} is not a multiple of n_head {self.n_head}")
         if self.positions == "rotary" and (self.n_embd // self.n_head) % 2:
-            raise ValueError(f"rotary positions need an even head size, got {self.n_embd // self.n_head}")
+            raise ValueError(f"rotary positions need an even head size (n_embd / n_head), got {self.n_embd // self.n_head}; "
+                             "change --n-embd or --n-head, or use --positions learned")
 
     def for_stream(self, meta: StreamMeta) -> ModelConfig:
         """This config with the stream's vocabulary and block size."""
@@ -131,12 +142,16 @@ class SelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         head_size = config.n_embd // config.n_head
         self.rotary = Rotary(head_size, config.block_size) if config.positions == "rotary" else None
+        self.q_norm = nn.RMSNorm(head_size) if config.qk_norm else None
+        self.k_norm = nn.RMSNorm(head_size) if config.qk_norm else None
 
     def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries, keys and values, each (B, H, T, hs), positions applied."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary is not None:
             q, k = self.rotary(q), self.rotary(k)
         return q, k, v
@@ -195,12 +210,11 @@ class BidirectionalTransformer(nn.Module):
         self.apply(self._init_weights)
         for name, parameter in self.named_parameters():
             if name.endswith("c_proj.weight"):  # GPT-2's scaled init of the residual projections
-                nn.init.normal_(parameter, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                nn.init.normal_(parameter, mean=0.0, std=config.init_std / math.sqrt(2 * config.n_layer))
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
+    def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
