@@ -152,13 +152,21 @@ def write_ids(pool: ProcessPoolExecutor, options: PrepareSettings, files: list[s
     return tokens.finish(), offsets.finish(), lines
 
 
+def read_ids(path: Path, dtype: str, start: int, count: int) -> np.ndarray:
+    """``count`` values from index ``start`` of a 1-D ``.npy`` file written by :class:`prepared.NpyAppender`,
+    read (not mapped: the file's pages are dropped from the cache right after, and a map would pin them)."""
+    item = np.dtype(dtype).itemsize
+    with open(path, "rb") as file:
+        file.seek(prepared.NPY_HEADER_BYTES + start * item)
+        return np.fromfile(file, dtype=dtype, count=count)
+
+
 def train_unigram_counts(folder: Path, entry: dict[str, Any], train_tokens: int, base_size: int) -> list[int]:
     """Occurrences of each base id in the first ``train_tokens`` ids, read back in pieces."""
-    ids = prepared.MappedArray(folder / prepared.TOKENS_NAME, entry["dtype"], entry["length"])
     counts = np.zeros(base_size, dtype=np.int64)
     for start in range(0, train_tokens, COUNT_CHUNK):
-        counts += np.bincount(ids.array[start : min(start + COUNT_CHUNK, train_tokens)], minlength=base_size)[:base_size]
-        ids.release()
+        piece = read_ids(folder / prepared.TOKENS_NAME, entry["dtype"], start, min(COUNT_CHUNK, train_tokens - start))
+        counts += np.bincount(piece, minlength=base_size)[:base_size]
     return counts.tolist()
 
 
@@ -183,6 +191,8 @@ def prepare(options: PrepareSettings) -> dict[str, Any]:
         with ProcessPoolExecutor(workers, initializer=_start_worker, initargs=(tokenizer.kind, tokenizer.definition)) as pool:
             tokens, offsets, lines = write_ids(pool, options, files, tokenizer, folder, in_flight)
         manifest = build_manifest(folder, options, files, tokenizer, tokens, offsets, lines)
+        for name in (prepared.TOKENS_NAME, prepared.OFFSETS_NAME):  # after the unigram counts read the ids back
+            prepared.drop_from_page_cache(folder / name)
         if tokenizer.kind == "hf":
             shutil.copyfile(options.tokenizer, folder / prepared.TOKENIZER_NAME)
         (folder / prepared.MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
@@ -205,9 +215,8 @@ def build_manifest(folder: Path, options: PrepareSettings, files: list[sources.S
                    tokens: dict[str, Any], offsets: dict[str, Any], lines: int) -> dict[str, Any]:
     if tokens["length"] == 0 or lines == 0:
         raise CorpusError(f"corpus {options.corpus} is empty")
-    offsets_array = prepared.MappedArray(folder / prepared.OFFSETS_NAME, offsets["dtype"], offsets["length"]).array
     split_line = split_point(lines, options.val_fraction)
-    train_tokens = int(offsets_array[split_line])
+    train_tokens = int(read_ids(folder / prepared.OFFSETS_NAME, offsets["dtype"], split_line, 1)[0])
     manifest = {
         "format": prepared.FORMAT,
         "format_version": prepared.FORMAT_VERSION,

@@ -83,12 +83,19 @@ class NpyAppender:
         self._file.write(npy_header(self.dtype, self.length))
         self._file.flush()
         os.fsync(self._file.fileno())
-        # Written pages sit in the page cache as large folios, which a producer's map would take
-        # in whole at a row's first read; dropped now, they come back a page at a time (MADV_RANDOM).
-        os.posix_fadvise(self._file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         self._file.close()
         return {"dtype": self.dtype.str, "length": self.length, "bytes": self.path.stat().st_size,
                 "sha256": self.sha256.hexdigest()}
+
+
+def drop_from_page_cache(path: Path) -> None:
+    """Asks the kernel to forget the cached pages of a file just written (it is on disk).
+
+    Written pages sit in the page cache as large folios, which a producer's map would take in
+    whole at a row's first read; dropped, they come back a page at a time (MADV_RANDOM).
+    """
+    with open(path, "rb") as file:
+        os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 class MappedArray:
