@@ -3,8 +3,9 @@ settings the plateau study found to matter; the README's diagnostics section say
 
 from __future__ import annotations
 
-from helpers import ROOT
 from trainer.diagnostics.alarms import CONTEXT_BLIND_ADVICE, AlarmInputs, AlarmSettings, context_blind
+
+from helpers import ROOT
 
 
 def test_the_alarm_says_the_model_has_not_learned_to_use_context_and_what_to_change():

@@ -241,6 +241,22 @@ def test_the_cli_writes_json_and_a_trace(trained, tmp_path):
     assert text.returncode == 0 and text.stdout.startswith("red ") and "blue pen" in text.stdout
 
 
+def test_the_corpus_word_benchmark_tells_a_trained_model_from_an_untrained_one(trained, tmp_path):
+    """benchmarks/sample_words.py (the issue's must-show): the trained run against a fresh model of its shape."""
+    meta, model = trained
+    save_run(tmp_path / "run", meta, model)
+    (tmp_path / "corpus.txt").write_text(CORPUS.text, encoding="utf-8")
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sample_words.py"), "--run", tmp_path / "run",
+                           "--corpus", tmp_path / "corpus.txt", "--num-samples", "4", "--length", "30", "--steps", "10"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.splitlines()[-1])
+    trained_run, untrained_run = report["trained"], report["untrained"]
+    assert trained_run["step_of_checkpoint"] == 200 and untrained_run["step_of_checkpoint"] == 0
+    assert trained_run["words"] > 0 and len(trained_run["samples"]) == 4
+    assert trained_run["corpus_word_rate"] > max(3 * untrained_run["corpus_word_rate"], 0.05), report
+
+
 @pytest.mark.parametrize("case", ["no checkpoint", "damaged checkpoint", "prompt too long", "outside the vocabulary",
                                   "both prompt and infill"])
 def test_cli_errors_exit_2_with_a_clear_line(trained, tmp_path, case, capsys):
