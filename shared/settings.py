@@ -64,6 +64,15 @@ def setting(
     return dataclasses.field(default=default, metadata={"setting": metadata})
 
 
+def at_least(low: float) -> Callable[[float], None]:
+    """A ``check`` for :func:`setting`: ValueError for a value below ``low``."""
+    def check(value: float) -> None:
+        if value < low:
+            raise ValueError(f"{value} is below {low:g}")
+
+    return check
+
+
 def settings_fields(cls: type) -> list[dataclasses.Field]:
     """The fields of ``cls`` made by :func:`setting`, in declaration order."""
     return [f for f in dataclasses.fields(cls) if "setting" in f.metadata]

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from shared import settings
-from shared.settings import setting
+from shared.settings import at_least, setting
 from trainer.loop.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from trainer.loop.config import DEVICES
 from trainer.loop.schedule import resolve_device
@@ -43,26 +43,18 @@ from trainer.model.sampler import STRATEGIES, Sample, SamplingError, infill_canv
 from trainer.model.transformer import BidirectionalTransformer, ModelConfig
 
 
-def _at_least(low: float):
-    def check(value: float) -> None:
-        if value < low:
-            raise ValueError(f"{value} is below {low:g}")
-
-    return check
-
-
 @dataclass(frozen=True)
 class SampleSettings:
     run: str | None = setting(None, "a run directory (its ckpt.pt is used)", metavar="DIR")
     checkpoint: str | None = setting(None, "a checkpoint file instead of --run", metavar="FILE")
-    num_samples: int = setting(4, "samples to write (one batch)", metavar="N", check=_at_least(1))
+    num_samples: int = setting(4, "samples to write (one batch)", metavar="N", check=at_least(1))
     length: int | None = setting(None, "tokens per sample, [SEP] included (none: a typical row of the stream)",
-                                 metavar="L", check=_at_least(2))
-    steps: int | None = setting(None, "unmasking steps (none: one position per step)", metavar="S", check=_at_least(1))
+                                 metavar="L", check=at_least(2))
+    steps: int | None = setting(None, "unmasking steps (none: one position per step)", metavar="S", check=at_least(1))
     strategy: str = setting("confidence", "which predictions each step commits: the most confident, or random ones",
                             choices=STRATEGIES)
-    temperature: float = setting(1.0, "softmax temperature of the predictions; 0 = argmax", check=_at_least(0))
-    seed: int = setting(0, "seed of every random draw", check=_at_least(0))
+    temperature: float = setting(1.0, "softmax temperature of the predictions; 0 = argmax", check=at_least(0))
+    seed: int = setting(0, "seed of every random draw", check=at_least(0))
     prompt: str | None = setting(None, "text kept fixed at the start of every sample", metavar="TEXT")
     infill: str | None = setting(None, "a template: [MASK] is one position to write, [MASK:N] N of them", metavar="TEMPLATE")
     json: bool = setting(False, "print one JSON object instead of the texts")
