@@ -113,8 +113,10 @@ timeout 60 docker kill -s KILL "$(compose ps -q trainer)" >/dev/null || fail "do
 compose up -d --no-recreate trainer >/dev/null 2>&1 || compose up -d trainer >/dev/null 2>&1 || fail "up -d trainer"
 wait_for 90 "the trainer resumed from its checkpoint (step past $step, not from 0) and the producers reconnected" \
     "d['status'] == 'training' and d['step'] > $step and sum(p['consumed'] > 0 for p in d['stream']['producers'].values()) >= 3"
-compose logs trainer 2>/dev/null | grep -q "resumed from /runs/ckpt.pt" || fail "no 'resumed from' line in the trainer log"
-say "ok: $(compose logs trainer 2>/dev/null | grep -o 'resumed from /runs/ckpt.pt at step [0-9]*' | tail -1)"
+# Read whole, then searched: `compose logs | grep -q` fails under pipefail when grep stops reading early.
+trainer_log=$(compose logs trainer 2>/dev/null || true)
+grep -q "resumed from /runs/ckpt.pt" <<<"$trainer_log" || fail "no 'resumed from' line in the trainer log"
+say "ok: $(grep -o 'resumed from /runs/ckpt.pt at step [0-9]*' <<<"$trainer_log" | tail -1)"
 phase resume
 
 # ---- a producers-only host joins ----------------------------------------------------------------
