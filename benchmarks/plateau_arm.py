@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # helpers: the tests' in-process consumer base
 
 from producer.stream import BatchStream  # noqa: E402
 from shared import settings  # noqa: E402
@@ -40,8 +41,10 @@ from trainer.loop.observers import METRICS_NAME  # noqa: E402
 from trainer.loop.train import Trainer  # noqa: E402
 from trainer.model.transformer import ModelConfig  # noqa: E402
 
+from helpers.streams import ReadyStream  # noqa: E402
 
-class InProcessSource:
+
+class InProcessSource(ReadyStream):
     """The BatchSource methods the Trainer uses, over a producer BatchStream: train batches of
     ``batch_size`` rows cut from its messages in order (as the consumer cuts them), the val set."""
 
@@ -59,15 +62,6 @@ class InProcessSource:
     def _tensors(message: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         batch = {name: torch.from_numpy(message[name].astype(np.int64)) for name in ("x", "y", "attention_mask")}
         return {**batch, "mask_ratio": torch.from_numpy(message["mask_ratio"].astype(np.float32))}
-
-    def wait_for_meta(self, timeout=None):
-        return self.meta
-
-    def wait_for_val_set(self, timeout=None):
-        return True
-
-    def val_batches(self):
-        return self._val
 
     def next_batch(self, split="train", timeout=None):
         while self._rows is None or len(self._rows["x"]) < self.batch_size:
