@@ -2,6 +2,10 @@
 producer inspect`` summarises one as a single JSON object (docs/SPEC.md §5, §6 definitions).
 
     python -m producer record --out FILE --messages M [--split train|val] [data flags]
+
+``record`` writes the stream as a trainer would order it: its meta message, the whole fixed val
+set (so a replay of the file trains: a trainer needs the val set first), then train messages
+k = 0 .. M-1 (``--split val``: M val messages, cycling through the set, and no train messages).
     python -m producer inspect FILE
 """
 
@@ -12,7 +16,7 @@ import dataclasses
 import json
 import sys
 from collections import Counter
-from itertools import islice
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -32,7 +36,7 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
     record.add_argument("--out", required=True, metavar="FILE", help="recording to write")
     record.add_argument("--messages", type=_positive_int, required=True, metavar="M", help="messages to write")
     record.add_argument("--split", choices=("train", "val"), default="train",
-                        help="train: the train stream; val: the fixed val set, cycled (default: train)")
+                        help="train: the val set, then M train messages; val: M val messages, cycled (default: train)")
     settings.add_arguments(record, DataConfig, title="data")
     record.set_defaults(handler=run_record, command_parser=record)
 
@@ -55,20 +59,22 @@ def run_record(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as error:  # CorpusError, StageError and bad flag combinations
         args.command_parser.error(str(error))
     meta = stream.meta
+    val_set = stream.val_set()
     if args.split == "val":
         if meta.val_messages == 0:
             args.command_parser.error("the stream has no val set (--val-fraction 0)")
-        val_set = stream.val_set()
-        messages = ((val_set[i % len(val_set)], i % len(val_set)) for i in range(args.messages))
+        messages = (("val", i % len(val_set), val_set[i % len(val_set)]) for i in range(args.messages))
     else:
-        messages = ((batch, -1) for batch in islice(stream.train_batches(), args.messages))
+        messages = chain((("val", i, batch) for i, batch in enumerate(val_set)),
+                         (("train", k, stream.train_message(k)) for k in range(args.messages)))
     info = {"source": "producer record", "producer_id": stream.producer_id, "split": args.split}
     incarnation = new_incarnation()
     with RecordingWriter(args.out, info) as writer:
         writer.write(encode_meta(meta, stream.producer_id, 0, incarnation))
-        for seq, (batch, val_index) in enumerate(messages, start=1):
-            writer.write(encode(meta, args.split, stream.producer_id, seq, batch, val_index=val_index, incarnation=incarnation))
-    print(f"wrote {args.messages} {args.split} messages to {args.out}", file=sys.stderr)
+        for seq, (split, index, batch) in enumerate(messages, start=1):
+            writer.write(encode(meta, split, stream.producer_id, seq, batch, index, incarnation=incarnation))
+    written = f"{args.messages} val messages" if args.split == "val" else f"the val set ({len(val_set)}) and {args.messages} train messages"
+    print(f"wrote {written} to {args.out}", file=sys.stderr)
     return 0
 
 

@@ -1,18 +1,20 @@
-"""The stream of batches a producer sends: packing + corruption under a seed (docs/SPEC.md §2.6).
+"""The messages of a stream: packing + corruption as a pure function of (config, corpus, seed, index)
+(docs/SPEC.md §2.6).
 
-Randomness comes only from ``numpy.random.SeedSequence``. The producer id (a string) enters as
-the eight 32-bit words of its SHA-256 digest, so every process and machine agrees:
+Randomness comes only from ``numpy.random.SeedSequence``; the producer id never enters it, so
+every producer computes the same message for the same index, and the trainer can order any
+message from any producer (the schedule, docs/SPEC.md §2.8):
 
-- train message at position (epoch, index): ``SeedSequence([seed, TRAIN, *id_words, epoch, index])``
-  draws its rows' starts (random sampling) and its corruption. The train stream is a pure
-  function of (config, corpus, seed, producer id), and a stream resumed at a position equals
-  the uninterrupted one from there on.
-- epoch order (epoch sampling): ``SeedSequence([seed, EPOCH, *id_words, epoch])`` shuffles the packs.
-- val set: ``SeedSequence([seed, VAL])``: no producer id, so every producer sends the same one.
-
-The val set is the val lines packed greedily in corpus order (every val line once) and cut
-at :data:`MAX_VAL_ROWS` rows, in messages of ``rows_per_message`` rows (the last may be shorter),
-corrupted by the val stages for the stages policy and by the train policy otherwise.
+- train message k: ``SeedSequence([seed, TRAIN, k])`` draws its corruption and, with random
+  sampling, its rows' start lines. With epoch sampling its rows are the packs at positions
+  ``k*R .. k*R + R - 1`` of the run's pack sequence: epoch ``e`` is a permutation of every
+  greedy pack of the train lines (:class:`~producer.permutation.KeyedPermutation`, keyed by
+  ``SeedSequence([seed, EPOCH, e])``), so every train line lies in exactly one row per epoch,
+  and any k is computed in the same time and memory, whatever k and the corpus size.
+- val set: ``SeedSequence([seed, VAL])``. The val set is the val lines packed greedily in
+  corpus order (every val line once) and cut at :data:`MAX_VAL_ROWS` rows, in messages of
+  ``rows_per_message`` rows (the last may be shorter), corrupted by the val stages for the
+  stages policy and by the train policy otherwise.
 
 ``meta.corruption`` describes the policy completely (the context-free floor is computed from
 it): ``policy`` and its parameters (``mask_prob``; ``ratio_range``; or ``stages`` with the
@@ -22,8 +24,8 @@ it): ``policy`` and its parameters (``mask_prob``; ``ratio_range``; or ``stages`
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
+from itertools import count
 
 import numpy as np
 
@@ -31,6 +33,7 @@ from producer.corpus import Corpus, load_corpus, tokenize
 from producer.corruption import BertPolicy, UniformPolicy, corrupt, mask_ratio
 from producer.lines import Lines, TokenCorpus
 from producer.packing import FixedPacker, LinePacker
+from producer.permutation import ROUNDS, KeyedPermutation
 from producer.stages import EXAMPLE_STAGES, StagesPolicy, load_stage_plan
 from shared.data_config import DataConfig
 from shared.limits import MAX_VAL_ROWS
@@ -45,19 +48,16 @@ DEFAULT_PRODUCER_ID = "0"
 # a fault; huge pages are turned off for the map), so this bounds the mapped resident size near
 # 512 x 80 KB = 40 MB; dropping them more often costs page faults (every 128 rows: 2.5x slower at block 128).
 RELEASE_EVERY_ROWS = 512
+# The epoch shuffle is computed this many positions at a time (32 KB), so its cost per message is
+# a slice, not a Feistel network per row, and its memory stays flat in the corpus size.
+ORDER_PIECE = 4096
 _TRAIN, _EPOCH, _VAL = 1, 2, 3  # domain tags: the three seed streams never coincide
 
 Batch = dict[str, np.ndarray]
 
 
-def producer_id_words(producer_id: str) -> list[int]:
-    """The producer id as eight 32-bit integers (its SHA-256 digest), for a SeedSequence."""
-    digest = hashlib.sha256(producer_id.encode("utf-8")).digest()
-    return [int.from_bytes(digest[i : i + 4], "little") for i in range(0, 32, 4)]
-
-
 class BatchStream:
-    """Train and val batches of one producer. Batches are dicts of wire-dtype arrays:
+    """The train and val messages of a stream (the same in every producer). Batches are dicts of wire-dtype arrays:
     ``x`` uint16 or uint32 (R, T), ``y`` int16 or int32 (R, T) (the widths follow the vocabulary:
     :func:`shared.vocab.id_dtype`), ``attention_mask`` uint8 (R, T), ``mask_ratio``
     float32 (R,), and ``stage`` uint8 (R,) with the stages policy."""
@@ -74,13 +74,12 @@ class BatchStream:
         self._train_packer = self._packer(train)
         self._val_packer = self._packer(val) if val is not None else None
         self._policy = _policy(config)
-        self._id_words = producer_id_words(self.producer_id)
         self._val_starts = (
             self._val_packer.greedy_starts(MAX_VAL_ROWS) if self._val_packer is not None else np.zeros(0, np.int64)
         )
         self._epoch_packs = self._train_packer.greedy_starts() if config.sampling == "epoch" else None
         self._val_set: list[Batch] | None = None
-        self._orders: dict[int, np.ndarray] = {}
+        self._orders: dict[tuple[int, int], np.ndarray] = {}
         rows = config.rows_per_message
         corruption = {
             **self._policy.describe(),
@@ -99,6 +98,7 @@ class BatchStream:
             seed=config.seed,
             corpus_fingerprint=self.corpus.fingerprint,
             val_messages=-(-len(self._val_starts) // rows),
+            epoch_rows=0 if self._epoch_packs is None else len(self._epoch_packs),
         )
 
     def _packer(self, lines: Lines) -> LinePacker | FixedPacker:
@@ -113,48 +113,40 @@ class BatchStream:
             raise ValueError("packs_per_epoch needs --sampling epoch")
         return len(self._epoch_packs)
 
-    def resume_position(self, messages: int, epoch: int = 0, index: int = 0) -> tuple[int, int]:
-        """The ``(epoch, index)`` to pass to :meth:`train_batches` to continue after ``messages``
-        messages of a stream started at ``(epoch, index)``."""
-        if self._epoch_packs is None:
-            return 0, index + messages
-        return divmod(epoch * self.packs_per_epoch + index + messages * self.config.rows_per_message, self.packs_per_epoch)
-
-    def train_batches(self, epoch: int = 0, index: int = 0) -> Iterator[Batch]:
-        """The infinite train stream, from position ``(epoch, index)``.
-
-        Random sampling: ``index`` counts messages (``epoch`` must be 0). Epoch sampling: the
-        stream walks the packs of epoch 0 in their shuffled order, then epoch 1's, ...; a message
-        takes the next ``rows_per_message`` packs (it may straddle two epochs) and ``index`` is
-        the pack within ``epoch`` to start at. See :meth:`resume_position`.
-        """
-        if epoch < 0 or index < 0 or (self._epoch_packs is None and epoch != 0):
-            raise ValueError(f"invalid stream position epoch={epoch} index={index}")
+    def train_message(self, k: int) -> Batch:
+        """Train message ``k`` of the schedule (k >= 0): the same in every producer."""
+        if k < 0:
+            raise ValueError(f"train message index {k} is negative")
         rows = self.config.rows_per_message
+        rng = self._rng(_TRAIN, k)
         if self._epoch_packs is None:
-            while True:
-                rng = self._rng(_TRAIN, *self._id_words, 0, index)
-                yield self._batch(rng, self._train_packer, self._train_packer.random_starts(rng, rows), "train")
-                index += 1
-        per_epoch = len(self._epoch_packs)
-        position = epoch * per_epoch + index  # packs since the start of epoch 0
-        while True:
-            epoch_of, index_of = np.divmod(position + np.arange(rows), per_epoch)
-            starts = np.empty(rows, dtype=np.int64)
-            # One epoch, or two when the message straddles a boundary (more only for tiny corpora).
-            for row_epoch in np.unique(epoch_of).tolist():
-                here = epoch_of == row_epoch
-                starts[here] = self._epoch_order(row_epoch)[index_of[here]]
-            rng = self._rng(_TRAIN, *self._id_words, *divmod(position, per_epoch))
-            yield self._batch(rng, self._train_packer, starts, "train")
-            position += rows
+            return self._batch(rng, self._train_packer, self._train_packer.random_starts(rng, rows), "train")
+        epoch_of, index_of = np.divmod(k * rows + np.arange(rows, dtype=np.int64), len(self._epoch_packs))
+        positions = np.empty(rows, dtype=np.int64)
+        # One piece, or two when the message straddles a piece or an epoch (more only for tiny corpora).
+        piece_of = index_of // ORDER_PIECE
+        for epoch, piece in set(zip(epoch_of.tolist(), piece_of.tolist())):
+            here = (epoch_of == epoch) & (piece_of == piece)
+            positions[here] = self._order_piece(epoch, piece)[index_of[here] - piece * ORDER_PIECE]
+        return self._batch(rng, self._train_packer, self._epoch_packs[positions], "train")
 
-    def _epoch_order(self, epoch: int) -> np.ndarray:
-        """The packs (start lines or offsets) of ``epoch`` in their shuffled order (last two cached)."""
-        if epoch not in self._orders:
-            self._orders = {e: order for e, order in self._orders.items() if e == epoch - 1}
-            self._orders[epoch] = self._rng(_EPOCH, *self._id_words, epoch).permutation(self._epoch_packs)
-        return self._orders[epoch]
+    def train_batches(self, start: int = 0) -> Iterator[Batch]:
+        """Train messages ``start, start + 1, ...`` for ever."""
+        for k in count(start):
+            yield self.train_message(k)
+
+    def _order_piece(self, epoch: int, piece: int) -> np.ndarray:
+        """Positions ``piece * ORDER_PIECE ..`` of epoch ``epoch``'s shuffle of the packs (the
+        last few pieces kept: consecutive messages read the same piece)."""
+        key = (epoch, piece)
+        if key not in self._orders:
+            if len(self._orders) >= 4:
+                del self._orders[next(iter(self._orders))]
+            seeds = np.random.SeedSequence([self.config.seed, _EPOCH, epoch]).generate_state(ROUNDS, np.uint64)
+            permutation = KeyedPermutation(len(self._epoch_packs), seeds)
+            first = piece * ORDER_PIECE
+            self._orders[key] = permutation(np.arange(first, min(first + ORDER_PIECE, len(self._epoch_packs))))
+        return self._orders[key]
 
     def val_set(self) -> list[Batch]:
         """The fixed val set: ``meta.val_messages`` batches, the same for every producer id."""

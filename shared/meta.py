@@ -54,6 +54,9 @@ class StreamMeta:
         val_messages: number of messages in the fixed validation set.
         token_counts: occurrences of each base id over the content tokens of the train
             split (length V0), for the context-free floor.
+        epoch_rows: rows in one epoch of the train schedule with epoch sampling (the greedy packs
+            of the train lines), 0 with random sampling; the wire form omits it when 0, so a
+            random-sampling meta is the same map as in protocol 2.
     """
 
     block_size: int
@@ -73,6 +76,7 @@ class StreamMeta:
     corpus_fingerprint: str
     val_messages: int
     token_counts: tuple[int, ...]
+    epoch_rows: int = 0
 
     def __post_init__(self) -> None:
         self._check_ids()
@@ -80,6 +84,9 @@ class StreamMeta:
         _within("rows_per_message", self.rows_per_message, 1, MAX_ROWS_PER_MESSAGE)
         _within("seed", self.seed, 0, MAX_SEED)
         _within("val_messages", self.val_messages, 0, 1 << 31)
+        _within("epoch_rows", self.epoch_rows, 0, MAX_SEED)
+        if self.epoch_rows and self.sampling != "epoch":
+            raise MetaError("meta field epoch_rows is set, but only epoch sampling has epochs")
         for name, choices in (("packing", PACKINGS), ("sampling", SAMPLINGS)):
             if getattr(self, name) not in choices:
                 raise MetaError(f"meta field {name} {getattr(self, name)!r} is not one of {choices}")
@@ -141,11 +148,13 @@ class StreamMeta:
         if not isinstance(data, dict):
             raise MetaError("meta is not a map")
         names = [f.name for f in fields(cls)]
-        missing = sorted(set(names) - set(data))
+        missing = sorted(set(names) - set(data) - {"epoch_rows"})
         extra = sorted(set(map(str, data)) - set(names))
         if missing or extra:
             raise MetaError(f"meta fields missing {missing} / unknown {extra}")
         for f in fields(cls):
+            if f.name not in data:
+                continue
             value = data[f.name]
             if f.name == "token_counts":
                 if not isinstance(value, (list, tuple)) or not all(type(c) is int and c >= 0 for c in value):
@@ -166,6 +175,8 @@ class StreamMeta:
         """The wire form: a new dict of plain values (``token_counts`` as a list)."""
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["token_counts"] = list(self.token_counts)
+        if not self.epoch_rows:
+            del data["epoch_rows"]
         return data
 
     @cached_property
@@ -190,7 +201,7 @@ class StreamMeta:
 
     def summary(self) -> MetaSummary:
         """The meta without the per-id counts and the vocabulary itself (for diagnostics)."""
-        data = {name: value for name, value in self.to_dict().items() if name not in SUMMARY_OMITS}
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in SUMMARY_OMITS}
         data["corruption"] = self.corruption_config
         return MetaSummary(**data, base_size=self.base_size, content_tokens=sum(self.token_counts), digest=self.digest)
 

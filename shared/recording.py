@@ -190,6 +190,15 @@ class RecordingReader:
             self._file.close()
             raise
         self.good_end = self._file.tell()
+        self.record_offset = -1  # where the record last yielded starts, for read_at
+
+    def read_at(self, offset: int) -> list[bytes]:
+        """The frames of the good record at ``offset`` (a :attr:`record_offset` seen while
+        iterating); RecordingError if it no longer checks out (the file changed)."""
+        frames, why, _ = self._record_at(offset, _HEAD_V2 if self.format == 2 else _HEAD_V1)
+        if frames is None:
+            raise RecordingError(f"{self.path}: the record at byte {offset} no longer checks out ({why})")
+        return frames
 
     def _read_file_header(self) -> tuple[int, dict[str, Any]]:
         head = self._file.read(len(MAGIC_PREFIX) + 1 + _U32.size)
@@ -225,6 +234,7 @@ class RecordingReader:
                 return
             frames, why, following = self._record_at(offset, head_struct)
             if frames is not None:
+                self.record_offset = offset
                 self.report.records += 1
                 self.good_end = self._file.tell()
                 yield frames

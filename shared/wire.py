@@ -36,11 +36,15 @@ from shared.meta import MetaError, StreamMeta, canonical_json
 from shared.vocab import id_dtype, label_dtype
 
 PROTOCOL_MAGIC = "linepack"
-PROTOCOL_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+PROTOCOL_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 KIND_BATCH = "batch"
 KIND_META = "meta"
+KIND_ORDER = "order"  # trainer -> producer: compute and send these messages
+KIND_REFUSE = "refuse"  # trainer -> producer: your stream is not this trainer's
 SPLITS = ("train", "val")
+MAX_ORDER_COUNT = 1 << 16  # messages one order may ask for
+MAX_REFUSAL_CHARS = 1024
 
 MAX_HEADER_BYTES = 1 << 20
 MAX_META_BYTES = 64 << 20  # a meta frame: the tokenizer JSON and V0 counts of a large vocabulary
@@ -52,6 +56,9 @@ TENSOR_RANKS: Mapping[str, int] = MappingProxyType({"x": 2, "y": 2, "attention_m
 REQUIRED_TENSORS = ("x", "y", "attention_mask", "mask_ratio")
 OPTIONAL_TENSORS = ("stage",)
 HEADER_KEYS = MappingProxyType({
+    (3, KIND_BATCH): frozenset({"magic", "version", "kind", "split", "producer", "incarnation", "seq", "index",
+                                "meta_hash", "tensors"}),
+    (3, KIND_META): frozenset({"magic", "version", "kind", "producer", "incarnation", "seq", "meta_hash"}),
     (2, KIND_BATCH): frozenset({"magic", "version", "kind", "split", "producer", "incarnation", "seq", "val_index",
                                 "meta_hash", "tensors"}),
     (2, KIND_META): frozenset({"magic", "version", "kind", "producer", "incarnation", "seq", "meta_hash"}),
@@ -106,7 +113,9 @@ class WireMessage:
         split: ``train`` or ``val``.
         producer_id: the sender's id; ``incarnation``: its process run ("" for protocol 1).
         seq: the sender's sequence number within its incarnation, 0, 1, 2, ... over all its messages.
-        val_index: index of this message in the fixed val set, or -1 for train messages.
+        index: the message's index in its split: k, its place in the train schedule (docs/SPEC.md
+            §2.6), for train; its place in the fixed val set for val. -1 for a train message of
+            protocol 1 or 2, which had no schedule.
         meta: the stream meta the message was made under.
         tensors: name -> read-only array view of the frame: ``x`` uint16/uint32 (R, T),
             ``y`` int16/int32 (R, T), ``attention_mask`` uint8 (R, T), ``mask_ratio`` float32 (R,),
@@ -119,7 +128,7 @@ class WireMessage:
     producer_id: str
     incarnation: str
     seq: int
-    val_index: int
+    index: int
     meta: StreamMeta
     tensors: Mapping[str, np.ndarray]
     valid_len: np.ndarray
@@ -128,6 +137,11 @@ class WireMessage:
     @property
     def rows(self) -> int:
         return int(self.tensors["x"].shape[0])
+
+    @property
+    def val_index(self) -> int:
+        """The index in the fixed val set, or -1 for a train message."""
+        return self.index if self.split == "val" else -1
 
 
 @dataclass(frozen=True)
@@ -142,8 +156,9 @@ class MetaMessage:
 
 
 def encode(meta: StreamMeta, split: str, producer_id: str, seq: int, tensors: Mapping[str, np.ndarray],
-           val_index: int = -1, incarnation: str = "0" * INCARNATION_HEX) -> list[Any]:
+           index: int, incarnation: str = "0" * INCARNATION_HEX) -> list[Any]:
     """Frames of one batch: ``[header bytes, tensor buffer, ...]``, tensor data not copied.
+    ``index``: k for a train message, the val index for a val message.
 
     ``tensors`` must hold the required names with the dtypes of :func:`tensor_dtypes` (C-contiguous
     arrays; a non-contiguous one is made contiguous). Send with ``send_multipart(frames, copy=False)``.
@@ -157,7 +172,7 @@ def encode(meta: StreamMeta, split: str, producer_id: str, seq: int, tensors: Ma
         arrays.append(array)
         descriptors.append({"name": name, "dtype": dtypes[name].str, "shape": list(array.shape)})
     header = {"magic": PROTOCOL_MAGIC, "version": PROTOCOL_VERSION, "kind": KIND_BATCH, "split": split,
-              "producer": producer_id, "incarnation": incarnation, "seq": int(seq), "val_index": int(val_index),
+              "producer": producer_id, "incarnation": incarnation, "seq": int(seq), "index": int(index),
               "meta_hash": meta.digest, "tensors": descriptors}
     return [msgpack.packb(header, use_bin_type=True), *arrays]
 
@@ -167,6 +182,72 @@ def encode_meta(meta: StreamMeta, producer_id: str, seq: int, incarnation: str =
     header = {"magic": PROTOCOL_MAGIC, "version": PROTOCOL_VERSION, "kind": KIND_META, "producer": producer_id,
               "incarnation": incarnation, "seq": int(seq), "meta_hash": meta.digest}
     return [msgpack.packb(header, use_bin_type=True), msgpack.packb(meta.to_dict(), use_bin_type=True)]
+
+
+@dataclass(frozen=True)
+class Order:
+    """Trainer to producer: compute messages ``start .. start + count - 1`` of ``split`` (train:
+    schedule indices k; val: val indices) and send them, in that order, on this connection.
+    ``trainer`` is the ordering trainer's incarnation (16 hex digits, new per trainer process)."""
+
+    trainer: str
+    split: str
+    start: int
+    count: int
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Trainer to producer: the producer's messages are refused (``reason`` is a rejection
+    reason of docs/PROTOCOL.md §5, e.g. ``meta_mismatch``; ``detail`` says why, for its log)."""
+
+    trainer: str
+    reason: str
+    detail: str
+
+
+def encode_order(order: Order) -> list[bytes]:
+    """The one frame of an order message."""
+    header = {"magic": PROTOCOL_MAGIC, "version": PROTOCOL_VERSION, "kind": KIND_ORDER, "trainer": order.trainer,
+              "split": order.split, "start": int(order.start), "count": int(order.count)}
+    return [msgpack.packb(header, use_bin_type=True)]
+
+
+def encode_refusal(refusal: Refusal) -> list[bytes]:
+    """The one frame of a refusal message (``detail`` cut to :data:`MAX_REFUSAL_CHARS`)."""
+    header = {"magic": PROTOCOL_MAGIC, "version": PROTOCOL_VERSION, "kind": KIND_REFUSE, "trainer": refusal.trainer,
+              "reason": refusal.reason, "detail": refusal.detail[:MAX_REFUSAL_CHARS]}
+    return [msgpack.packb(header, use_bin_type=True)]
+
+
+CONTROL_KEYS = MappingProxyType({
+    KIND_ORDER: frozenset({"magic", "version", "kind", "trainer", "split", "start", "count"}),
+    KIND_REFUSE: frozenset({"magic", "version", "kind", "trainer", "reason", "detail"}),
+})
+
+
+def decode_control(frames: Sequence[Any]) -> Order | Refusal:
+    """Validate and decode a trainer-to-producer message; raises :class:`WireError`."""
+    if len(frames) != 1:
+        raise WireError("frame_count", f"a control message has 1 frame, not {len(frames)}")
+    header = unpack_map(_buffer(frames[0]), MAX_HEADER_BYTES, MAX_HEADER_ENTRIES, "frame 0")
+    if header.get("magic") != PROTOCOL_MAGIC:
+        raise WireError("header_schema", f"magic is {_show(header.get('magic'))}, expected {PROTOCOL_MAGIC!r}")
+    if header.get("version") != PROTOCOL_VERSION or type(header.get("version")) is not int:
+        raise WireError("version", f"control messages are protocol {PROTOCOL_VERSION}, not {_show(header.get('version'))}")
+    kind = header.get("kind")
+    keys = CONTROL_KEYS.get(kind) if type(kind) is str else None
+    if keys is None or set(header) != keys:
+        raise WireError("header_schema", f"not an order or refusal: kind {_show(kind)}, keys {_show(sorted(map(str, header)))}")
+    trainer = _field(header, "trainer", str)
+    if len(trainer) != INCARNATION_HEX or not all(c in "0123456789abcdef" for c in trainer):
+        raise WireError("header_schema", f"trainer must be {INCARNATION_HEX} lowercase hex digits")
+    if kind == KIND_REFUSE:
+        return Refusal(trainer, _field(header, "reason", str)[:MAX_REFUSAL_CHARS], _field(header, "detail", str)[:MAX_REFUSAL_CHARS])
+    split, start, count = _field(header, "split", str), _field(header, "start", int), _field(header, "count", int)
+    if split not in SPLITS or not 0 <= start < 1 << 62 or not 1 <= count <= MAX_ORDER_COUNT:
+        raise WireError("header_schema", f"order {split!r} {start}+{count} is outside the splits or ranges")
+    return Order(trainer, split, start, count)
 
 
 def _buffer(frame: Any) -> memoryview:
@@ -340,11 +421,13 @@ def _decode_batch(frames: Sequence[Any], header: dict, producer_id: str, incarna
     split = _field(header, "split", str)
     if split not in SPLITS:
         raise WireError("header_schema", f"split {_show(split)} is not one of {SPLITS}")
-    val_index = _field(header, "val_index", int)
-    if split == "val" and not 0 <= val_index < meta.val_messages:
-        raise WireError("header_schema", f"val_index {val_index} is outside the val set of {meta.val_messages} messages")
-    if split == "train" and val_index != -1:
-        raise WireError("header_schema", f"a train message has val_index {val_index}, expected -1")
+    index = _field(header, "index" if "index" in header else "val_index", int)
+    if split == "val" and not 0 <= index < meta.val_messages:
+        raise WireError("header_schema", f"val index {index} is outside the val set of {meta.val_messages} messages")
+    if split == "train" and "index" not in header and index != -1:
+        raise WireError("header_schema", f"a train message has val_index {index}, expected -1")
+    if split == "train" and "index" in header and not 0 <= index < 1 << 63:
+        raise WireError("header_schema", f"train index {index} is outside 0..2^63-1")
     descriptors = _field(header, "tensors", list)
     if len(descriptors) != len(frames) - 1:
         raise WireError("frame_count", f"header lists {len(descriptors)} tensors but {len(frames) - 1} tensor frames came")
@@ -356,7 +439,7 @@ def _decode_batch(frames: Sequence[Any], header: dict, producer_id: str, incarna
                                        f"{sorted(REQUIRED_TENSORS)} plus optionally {list(OPTIONAL_TENSORS)}")
     tensors = _tensors(frames, descriptors, meta)
     valid_len = check_values(tensors, meta, split)
-    return WireMessage(split, producer_id, incarnation, seq, val_index, meta, MappingProxyType(tensors), valid_len,
+    return WireMessage(split, producer_id, incarnation, seq, index, meta, MappingProxyType(tensors), valid_len,
                        tuple(frames))
 
 

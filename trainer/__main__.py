@@ -36,6 +36,7 @@ from shared.recording import RecordingError
 from trainer import logs
 from trainer.data.config import StreamSettings
 from trainer.data.consumer import DatasetConsumer
+from trainer.data.orders import OrderSettings
 from trainer.diagnostics.config import DiagnosticsSettings
 from trainer.diagnostics.http import serve_diagnostics
 from trainer.fds import raise_open_file_limit
@@ -47,7 +48,7 @@ from trainer.loop.train import Trainer, log
 from trainer.model.selftest import MaskSelfTestError
 from trainer.model.transformer import ModelConfig
 
-SETTINGS = ((StreamSettings, "stream"), (TrainConfig, "training loop"), (ModelConfig, "model"),
+SETTINGS = ((StreamSettings, "stream"), (OrderSettings, "schedule"), (TrainConfig, "training loop"), (ModelConfig, "model"),
             (DiagnosticsSettings, "diagnostics"))
 
 
@@ -63,6 +64,7 @@ class Options:
     """Everything ``python -m trainer`` was asked to do, parsed and checked."""
 
     stream: StreamSettings
+    orders: OrderSettings
     train: TrainConfig
     model: ModelConfig
     diagnostics: DiagnosticsSettings
@@ -75,6 +77,7 @@ def parse_options(argv: list[str] | None = None) -> Options:
     args = parser.parse_args(argv)
     try:
         stream = settings.from_namespace(StreamSettings, args)
+        orders = settings.from_namespace(OrderSettings, args)
         train = settings.from_namespace(TrainConfig, args)
         model = settings.from_namespace(ModelConfig, args)
         diagnostics = settings.from_namespace(DiagnosticsSettings, args)
@@ -90,7 +93,7 @@ def parse_options(argv: list[str] | None = None) -> Options:
     train = dataclasses.replace(train, data_timeout=data_timeout or None)  # 0 = wait forever
     if stream.wait_timeout is None and distributed:
         stream = dataclasses.replace(stream, wait_timeout=DEFAULT_DDP_DATA_TIMEOUT_S)
-    return Options(stream, train, model, diagnostics, curve)
+    return Options(stream, orders, train, model, diagnostics, curve)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         build_parser().error(str(error))
     record = rank_path(options.stream.record, ranks)
-    consumer = DatasetConsumer(endpoint, config.batch_size, device=device, record_path=record, curve=options.curve)
+    consumer = DatasetConsumer(endpoint, config.batch_size, device=device, record_path=record, curve=options.curve,
+                               orders=options.orders, rank=ranks.rank, world=ranks.world_size)
     try:
         consumer.start()
     except (RecordingError, OSError, zmq.ZMQError) as error:  # a recording that is locked or cannot be made, a port in use

@@ -16,6 +16,7 @@ import threading
 from dataclasses import dataclass, field
 
 from shared.meta import StreamMeta
+from trainer.data.orders import Cursor, OrderBook
 from trainer.data.stats import ProducerRow, StreamStats
 
 MAX_TRACKED_PRODUCERS = 256
@@ -40,7 +41,6 @@ class _ProducerState:
     seq_anomalies: int = 0
     restarts: int = 0
     consumed: int = 0
-    dropped: int = 0
     # Missing sequence numbers of this incarnation as sorted, disjoint [low, high) ranges, and
     # the end of the newest range the cap dropped (numbers below it may have been forgotten).
     missing: list[list[int]] = field(default_factory=list)
@@ -136,10 +136,6 @@ class ProducerTable:
         """One more train message of a recorded producer went into a handed-out batch."""
         self._row_state(producer_id).consumed += 1
 
-    def count_dropped(self, producer_id: str) -> None:
-        """One more train message of a recorded producer was read past (see ``wait_for_val_set``)."""
-        self._row_state(producer_id).dropped += 1
-
     def total(self, name: str) -> int:
         return sum(getattr(state, name) for state in self._states.values())
 
@@ -148,7 +144,7 @@ class ProducerTable:
             producer_id: ProducerRow(
                 messages=s.messages, meta=s.meta, train=s.train, val=s.val, first_seq=s.first_seq, last_seq=s.last_seq,
                 gaps=s.gaps, duplicates=s.duplicates, out_of_order=s.out_of_order, seq_anomalies=s.seq_anomalies,
-                restarts=s.restarts, incarnation=s.incarnation, consumed=s.consumed, dropped=s.dropped,
+                restarts=s.restarts, incarnation=s.incarnation, consumed=s.consumed,
                 seconds_since_last=round(now - s.last_seen, 3),
             )
             for producer_id, s in self._states.items()
@@ -196,8 +192,8 @@ class StreamLedger:
         self.awaiting_meta = 0
         self.consumed_messages = 0
         self.consumed_batches = 0
-        self.dropped_train = 0
         self.starved = False
+        self.cursor: Cursor | None = None  # after the last batch handed to the training loop
         self.last_message_at: float | None = None
         self.table = ProducerTable()
         self.rejections = Rejections()
@@ -213,7 +209,6 @@ class StreamLedger:
                 rejected_total=self.rejections.total,
                 consumed_messages=self.consumed_messages,
                 consumed_batches=self.consumed_batches,
-                dropped_train=self.dropped_train,
                 gaps=self.table.total("gaps"),
                 duplicates=self.table.total("duplicates"),
                 out_of_order=self.table.total("out_of_order"),
@@ -227,3 +222,25 @@ class StreamLedger:
                 val_messages_total=None if meta is None else meta.val_messages,
                 meta_digest=None if meta is None else meta.digest,
             )
+
+    def schedule_stats(self, stats: StreamStats, book: OrderBook, now: float, meta: StreamMeta) -> None:
+        """Adds the schedule's numbers (the cursor, the orders, the reorder buffer) to ``stats``;
+        call under :attr:`lock`."""
+        counts = book.counts
+        stats.orders_issued, stats.orders_delivered = counts.ordered, counts.delivered
+        stats.orders_reassigned, stats.orders_duplicate, stats.orders_unordered = counts.reassigned, counts.duplicates, counts.unordered
+        stats.orders_outstanding, stats.reorder_depth = book.outstanding, len(book.buffer)
+        wait, holder = book.head_wait(now)
+        stats.head_wait_s, stats.head_holder = round(wait, 3), holder
+        if self.cursor is not None:  # where the training loop stands, not how far the intake has read
+            stats.train_k = book.k_of(self.cursor.position)
+        if meta.epoch_rows and stats.train_k is not None:
+            rows = stats.train_k * meta.rows_per_message
+            stats.epoch, stats.epoch_rows_done = divmod(rows, meta.epoch_rows)
+            stats.epoch_rows = meta.epoch_rows
+        for peer in book.peers.values():
+            row = stats.producers.get(peer.name)
+            if row is not None:
+                row.orders_outstanding += len(peer.outstanding)
+                row.orders_delivered += peer.delivered
+                row.orders_reassigned += peer.reassigned

@@ -1,15 +1,19 @@
 """The trainer side of the stream (docs/SPEC.md §4): receive, validate, account, assemble batches.
 
-``DatasetConsumer`` owns a ZeroMQ PULL socket (:class:`~trainer.data.receiver.Receiver`;
+``DatasetConsumer`` owns a ZeroMQ ROUTER socket (:class:`~trainer.data.receiver.Receiver`;
 bound by default, producers connect) and a receive thread (:class:`Intake`). The thread
 decodes every message with ``shared.wire.decode``, pins the stream meta on the first accepted
-message, keeps per-producer sequence accounting, stores the fixed val set, packs train rows
-into batches of exactly ``batch_size`` rows, computes their statistics (``shared.batch_stats``:
+message, orders the fixed val set and then the train messages in k order from the producers
+(:mod:`trainer.data.orders`: the trainer owns the schedule and its cursor), keeps per-producer
+sequence accounting, packs train rows strictly in k order into batches of exactly
+``batch_size`` rows, computes their statistics (``shared.batch_stats``:
 every batch's rows go into the cumulative mask-ratio histogram; the full per-batch statistics
 at most every :data:`STATS_EVERY_S`) and puts them on a bounded queue, still at the wire's
 dtypes; :meth:`DatasetConsumer.next_batch` widens them in the caller's thread (on CUDA after
-the copy to the device). When the queue is full the thread stops reading, the socket's small
-high-water mark fills and producers block: memory stays bounded.
+the copy to the device). When the queue is full the thread stops ordering: memory stays bounded.
+Every batch handed out comes with the :class:`~trainer.data.orders.Cursor` after it
+(:attr:`DatasetConsumer.cursor`); :meth:`DatasetConsumer.seek` starts the schedule at a saved
+one, so a resumed run trains on exactly the batches an uninterrupted one would have.
 
 Example::
 
@@ -17,6 +21,7 @@ Example::
         meta = consumer.wait_for_meta(timeout=60)
         consumer.wait_for_val_set(timeout=60)
         val = consumer.val_batches()
+        consumer.seek(Cursor())              # or a cursor saved with a checkpoint (optional: the default)
         batch = consumer.next_batch()   # {"x": (B, T) int64, "y": ..., "attention_mask": ..., "mask_ratio": (B,) float32}
 """
 
@@ -35,6 +40,7 @@ from shared.meta import StreamMeta
 from shared.recording import RecordingWriter
 from trainer.data.device import host_tensor, to_device
 from trainer.data.intake import POLL_SECONDS, Intake, ReadyBatch
+from trainer.data.orders import Cursor, OrderSettings
 from trainer.data.receiver import MAX_FRAME_BYTES, Receiver
 from trainer.data.source import Batch
 from trainer.data.stats import StreamStats
@@ -62,6 +68,8 @@ class DatasetConsumer:
             message, so this bounds single frames, not a hostile peer, see docs/SECURITY.md).
         curve: when set, the socket is a CurveZMQ server that accepts only the producers whose
             public keys it lists (``shared.curve``); others never get a message through.
+        orders: credit, look-ahead and reassignment timeouts of the schedule.
+        rank, world: this consumer trains on train messages ``k = rank + j*world`` (data-parallel ranks).
     """
 
     def __init__(
@@ -76,6 +84,9 @@ class DatasetConsumer:
         starved_after_s: float = 5.0,
         max_frame_bytes: int = MAX_FRAME_BYTES,
         curve: CurveServer | None = None,
+        orders: OrderSettings | None = None,
+        rank: int = 0,
+        world: int = 1,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -90,8 +101,10 @@ class DatasetConsumer:
         self._recorder: RecordingWriter | None = None
         self._thread: threading.Thread | None = None
         self._val_batches: list[Batch] | None = None
+        self.cursor = Cursor(world=world)  # after the last batch handed out by next_batch
+        self._seeked = False
         self.intake = Intake(self.receiver, batch_size, self._queue, lambda array, vocab_size: host_tensor(self.device, array, vocab_size),
-                             self._record if record_path is not None else None, starved_after_s)
+                             self._record if record_path is not None else None, starved_after_s, orders, rank, world)
 
     @property
     def endpoint(self) -> str:
@@ -153,19 +166,19 @@ class DatasetConsumer:
         return self.meta
 
     def wait_for_val_set(self, timeout: float | None = None) -> bool:
-        """Waits until every val message has arrived; True if it has.
+        """Waits until every val message has arrived; True if it has."""
+        return self.intake.val_complete.wait(timeout)
 
-        While someone waits here and the batch queue is full, the receive thread keeps
-        reading and drops train messages (counted as ``dropped_train``) so that the val
-        messages behind them can arrive: the trainer is not consuming train batches then.
-        """
-        with self.intake.ledger.lock:
-            self.intake.val_waiters += 1
-        try:
-            return self.intake.val_complete.wait(timeout)
-        finally:
-            with self.intake.ledger.lock:
-                self.intake.val_waiters -= 1
+    def seek(self, cursor: Cursor) -> None:
+        """Starts the train schedule at ``cursor`` (a cursor saved after a batch: the next batch
+        is the one that followed it). Call at most once, before the first :meth:`next_batch`,
+        which otherwise starts it at the beginning. A cursor of another world size is mapped
+        by :meth:`Cursor.for_world`."""
+        if self._seeked:
+            raise RuntimeError("seek() comes once, before the first next_batch()")
+        self._seeked = True
+        self.cursor = cursor.for_world(self.intake.world, self.intake.rank)
+        self.intake.seek(self.cursor)
 
     def next_batch(self, split: str = "train", timeout: float | None = None) -> Batch:
         """The next train batch: ``x``, ``y``, ``attention_mask`` int64 (B, T), ``mask_ratio``
@@ -177,10 +190,14 @@ class DatasetConsumer:
         """
         if split != "train":
             raise ValueError(f"next_batch serves the train split; the fixed val set comes from val_batches(), not {split!r}")
+        if not self._seeked:
+            self.seek(self.cursor)
         ready = self._take(timeout)
+        self.receiver.wake()
         for _, frames in ready.new_messages:
             self._record(frames)
-        self.intake.count_consumed(ready.new_messages)
+        self.cursor = ready.cursor
+        self.intake.count_consumed(ready.new_messages, ready.cursor)
         if ready.stats is not None:
             self.last_batch_stats = ready.stats
         self.cumulative_mask_ratio.add_counts(ready.ratio_counts)

@@ -1,10 +1,13 @@
-"""The consumer's receive thread: decode, pin, account, collect the val set, assemble train batches.
+"""The consumer's receive thread: decode, pin, order, account, collect the val set, assemble train batches.
 
 :class:`Intake` runs in one thread (``DatasetConsumer`` starts it). Its counts live in a
 :class:`~trainer.data.accounting.StreamLedger` (locked, read by any thread), the pinned stream in
-:class:`~trainer.data.pinning.MetaPins`. The assembled batches wait in a deque until the bounded
-queue has room, and while it has none the thread stops reading, so the socket's high-water mark
-pushes back on the producers.
+:class:`~trainer.data.pinning.MetaPins`, the schedule in an :class:`~trainer.data.orders.OrderBook`.
+The thread orders the val set, then train messages in k order, from the producers that announced
+the pinned stream; takes each delivery that was ordered from its sender; hands train messages to
+the assembler strictly in k order; and stops ordering while the bounded queue of assembled
+batches is full (so what is in flight is bounded by the orders). It always keeps reading, so
+producers are heard (and a dead one noticed) however slowly the training loop takes batches.
 """
 
 from __future__ import annotations
@@ -22,10 +25,23 @@ import numpy as np
 
 from shared.batch_stats import BatchStats, batch_statistics, mask_ratio_counts
 from shared.meta import StreamMeta
-from shared.wire import MetaMessage, UnknownMeta, WireError, WireMessage, decode, tensor_dtypes
+from shared.wire import (
+    MetaMessage,
+    Order,
+    Refusal,
+    UnknownMeta,
+    WireError,
+    WireMessage,
+    decode,
+    encode_order,
+    encode_refusal,
+    new_incarnation,
+    tensor_dtypes,
+)
 from trainer.data.accounting import StreamLedger
 from trainer.data.assembly import BatchAssembler, ValSet
 from trainer.data.device import HostBatch
+from trainer.data.orders import Cursor, OrderBook, OrderSettings
 from trainer.data.pinning import MetaPins
 from trainer.data.receiver import Receiver
 from trainer.data.stats import StreamStats
@@ -47,6 +63,7 @@ class ReadyBatch:
     stats: BatchStats | None  # None when skipped (see STATS_EVERY_S)
     ratio_counts: np.ndarray
     new_messages: list[tuple[str, Any]]  # per message starting in this batch: (producer id, its frames when recording, else None)
+    cursor: Cursor  # where the schedule stands once the training loop has this batch
 
 
 def stream_tensors(meta: StreamMeta) -> tuple[str, ...]:
@@ -65,21 +82,26 @@ class Intake:
         to_host: (wire array, vocab_size) -> host tensor (pinned on CUDA), in this thread.
         record: writes a message's frames to the recording, or None without one.
         starved_after_s: seconds of silence before it says it waits for producers.
+        order_settings: credit, look-ahead and timeouts of the schedule.
+        rank, world: this consumer's share of the train schedule (data-parallel ranks).
     """
 
     def __init__(self, receiver: Receiver, batch_size: int, ready_queue: queue.Queue,
                  to_host: Callable[[np.ndarray, int], Any], record: Callable[[Any], None] | None,
-                 starved_after_s: float) -> None:
+                 starved_after_s: float, order_settings: OrderSettings | None = None, rank: int = 0, world: int = 1) -> None:
         self.receiver = receiver
         self.batch_size = batch_size
         self.starved_after_s = starved_after_s
+        self.order_settings = order_settings or OrderSettings()
+        self.rank, self.world = rank, world
+        self.trainer_id = new_incarnation()  # names this consumer's orders: a restarted trainer voids the old ones
         self.ledger = StreamLedger()
         self.pins = MetaPins()
+        self.book: OrderBook | None = None  # made when the stream is pinned
         self.val: ValSet | None = None
         self.stopping = threading.Event()
         self.meta_pinned = threading.Event()
         self.val_complete = threading.Event()
-        self.val_waiters = 0
         self.error: BaseException | None = None
         self.started_at = time.monotonic()
         self._queue = ready_queue
@@ -88,14 +110,28 @@ class Intake:
         self._ready: collections.deque[ReadyBatch] = collections.deque()  # assembled, waiting for queue space
         self._assembler: BatchAssembler | None = None
         self._stats_at = float("-inf")  # when batch statistics were last computed
+        self._seek: Cursor | None = None  # asked for by the training thread, applied by this one
+        self._rows_handed = 0  # train rows assembled since the start cursor (its rows included)
+        self._refused_at: dict[bytes, float] = {}
 
     @property
     def meta(self) -> StreamMeta | None:
         return self.pins.meta
 
+    def seek(self, cursor: Cursor) -> None:
+        """Start the train schedule at ``cursor`` (from the training thread; once)."""
+        with self.ledger.lock:
+            if self._seek is not None:
+                raise RuntimeError("the train schedule has already been started")
+            self._seek = cursor
+
     def stats(self, queue_depth: int) -> StreamStats:
         val_seen = len(self.val.messages) if self.val is not None else 0
-        stats = self.ledger.stats(time.monotonic(), queue_depth, val_seen, self.meta)
+        now = time.monotonic()
+        stats = self.ledger.stats(now, queue_depth, val_seen, self.meta)
+        if self.book is not None:
+            with self.ledger.lock:
+                self.ledger.schedule_stats(stats, self.book, now, self.meta)
         guard = self.receiver.curve_guard
         if guard is not None:
             stats.curve_accepted, stats.curve_refused = guard.accepted, guard.refused
@@ -107,29 +143,46 @@ class Intake:
         poller = self.receiver.poller()
         try:
             while not self.stopping.is_set():
-                if not self._move_ready_to_queue():
-                    continue
-                if not poller.poll(POLL_SECONDS * 1000):
+                self._move_ready_to_queue()
+                self._schedule()
+                events = dict(poller.poll(POLL_SECONDS * 1000))
+                if not events:
                     self._check_starved()
                     continue
-                self._handle(self.receiver.receive())
+                self.receiver.woken()
+                for _ in range(64):  # a burst, then the schedule again
+                    if not self.receiver.readable(events):
+                        break
+                    self._handle(*self.receiver.receive())
+                    events = dict(poller.poll(0))
         except BaseException as error:  # reported to the training thread by next_batch
             self.error = error
             log.exception("the consumer's receive thread failed")
 
-    def _val_wanted(self) -> bool:
-        return self.val_waiters > 0 and not self.val_complete.is_set()
+    def _schedule(self) -> None:
+        book = self.book
+        if book is None:
+            return
+        if self._seek is not None and not book.train_started:
+            with self.ledger.lock:
+                book.start_train(self._seek)
+                self._rows_handed = self._seek.position * book.rows_per_message + self._seek.rows_used
+        now = time.monotonic()
+        with self.ledger.lock:
+            book.expire(now)
+            orders = book.issue(now, room=not self._ready)
+        for peer, split, index in orders:
+            self.receiver.send(peer, encode_order(Order(self.trainer_id, split, index, 1)))
 
-    def _move_ready_to_queue(self) -> bool:
-        """Queues assembled batches; False while the queue is full and reading must pause."""
+    def _move_ready_to_queue(self) -> None:
+        """Queues assembled batches while the queue has room, then assembles more."""
         while self._ready:
-            keep_reading = self._val_wanted()
             try:
-                self._queue.put(self._ready[0], block=not keep_reading, timeout=POLL_SECONDS)
+                self._queue.put_nowait(self._ready[0])
             except queue.Full:
-                return keep_reading
+                return
             self._ready.popleft()
-        return True
+        self._drain()
 
     def _check_starved(self) -> None:
         ledger = self.ledger
@@ -139,7 +192,7 @@ class Intake:
                 ledger.starved = True
             log.warning("waiting for producers: nothing received on %s for %.1f s", self.receiver.endpoint, silent)
 
-    def _handle(self, frames: list[Any]) -> None:
+    def _handle(self, peer: bytes, frames: list[Any]) -> None:
         now = time.monotonic()
         ledger = self.ledger
         with ledger.lock:
@@ -161,16 +214,49 @@ class Intake:
         mismatch = self.pins.mismatch(message.meta, message.producer_id)
         if mismatch is not None:
             self._reject(META_MISMATCH, mismatch, message.producer_id)
+            self._refuse(peer, META_MISMATCH, mismatch, now)
             return
         split = "meta" if isinstance(message, MetaMessage) else message.split
+        if split == "train" and message.rows != self.meta.rows_per_message:
+            self._reject("shape", f"a train message of the schedule has {self.meta.rows_per_message} rows, not {message.rows}",
+                         message.producer_id)
+            return
         with ledger.lock:
-            ledger.accepted += 1
             ledger.table.record(message.producer_id, message.incarnation, message.seq, split, now)
-        if split == "val":
+            if split == "meta":
+                self.book.hello(peer, message.producer_id, now)
+                ledger.accepted += 1
+                return
+            self.book.heard(peer, now)
+            dropped = self.book.deliver(peer, split, message.index)
+            if dropped is None:
+                ledger.accepted += 1
+        if dropped is not None:
+            self._drop(dropped, message)
+        elif split == "val":
             self._accept_val(message)
-        elif split == "train":
-            self._accept_train(message)
+        else:
+            with ledger.lock:
+                self.book.buffer_train(message)
+            self._drain()
 
+    def _drop(self, why: str, message: WireMessage) -> None:
+        """A valid message that was not ordered from its sender, or already delivered: counted, not used."""
+        with self.ledger.lock:
+            count = self.ledger.rejections.count(why, message.producer_id)
+        if count & (count - 1) == 0:
+            log.warning("dropped %s message %s %d from %r (%s, #%d)", why, message.split, message.index, message.producer_id,
+                        "delivered already by another producer" if why == "duplicate" else "never ordered from it", count,
+                        extra=LIMITED_AT_SOURCE)
+
+    def _refuse(self, peer: bytes, reason: str, detail: str, now: float) -> None:
+        """Tells a producer why its messages are refused (at most once a second per producer)."""
+        if now - self._refused_at.get(peer, float("-inf")) < 1.0:
+            return
+        if len(self._refused_at) > 1024:
+            self._refused_at.clear()
+        self._refused_at[peer] = now
+        self.receiver.send(peer, encode_refusal(Refusal(self.trainer_id, reason, detail)))
     def _awaiting_meta(self, unknown: UnknownMeta) -> None:
         """A batch whose meta message has not come yet (a trainer that joined mid-stream): dropped, counted."""
         with self.ledger.lock:
@@ -196,6 +282,8 @@ class Intake:
                      for name in names}
         self._assembler = BatchAssembler(self.batch_size, {**templates, VALID_LEN: np.empty(1, np.int64)})
         self.val = ValSet(meta.val_messages, names)
+        with self.ledger.lock:
+            self.book = OrderBook(self.order_settings, meta.rows_per_message, meta.val_messages, self.rank, self.world)
         self.pins.pin(meta)
         if self._record is not None and isinstance(message, MetaMessage):
             self._record(message.frames)  # a replay of the recording pins the same stream first
@@ -206,6 +294,8 @@ class Intake:
             self.val_complete.set()
 
     def _accept_val(self, message: WireMessage) -> None:
+        with self.ledger.lock:
+            self.book.val_received(message.val_index)
         if not self.val.add(message.val_index, message.tensors):
             return
         if self._record is not None:
@@ -214,15 +304,25 @@ class Intake:
             log.info("val set complete: %d messages", len(self.val.messages))
             self.val_complete.set()
 
-    def _accept_train(self, message: WireMessage) -> None:
-        if self._ready:  # the queue is full and a val waiter needs us to read on (see wait_for_val_set)
+    def _drain(self) -> None:
+        """Hands train messages to the assembler in k order while the head has arrived and the
+        assembled batches have room."""
+        book = self.book
+        while book is not None and not self._ready:
             with self.ledger.lock:
-                self.ledger.dropped_train += 1
-                self.ledger.table.count_dropped(message.producer_id)
-            return
+                message = book.pop_head()
+                skip, book.skip_rows = book.skip_rows, 0
+            if message is None:
+                return
+            self._assemble(message, skip)
+
+    def _assemble(self, message: WireMessage, skip: int) -> None:
         tag = (message.producer_id, message.frames if self._record is not None else None)
         arrays = {**message.tensors, VALID_LEN: message.valid_len}
+        if skip:
+            arrays = {name: array[skip:] for name, array in arrays.items()}
         vocab_size = self.meta.vocab_size
+        rows_per_message = self.meta.rows_per_message
         for batch, tags in self._assembler.add(arrays, tag):
             valid_len = batch.pop(VALID_LEN)
             now = time.monotonic()
@@ -231,12 +331,16 @@ class Intake:
                 self._stats_at = now
                 stats = batch_statistics(batch["x"], batch["y"], valid_len, batch["mask_ratio"],
                                          self.meta.mask_id, self.meta.ignore_index)
+            self._rows_handed += self.batch_size
+            position, rows_used = divmod(self._rows_handed, rows_per_message)
             self._ready.append(ReadyBatch(host={name: self._to_host(array, vocab_size) for name, array in batch.items()},
-                                          stats=stats, ratio_counts=mask_ratio_counts(batch["mask_ratio"]), new_messages=tags))
+                                          stats=stats, ratio_counts=mask_ratio_counts(batch["mask_ratio"]), new_messages=tags,
+                                          cursor=Cursor(position, rows_used, self.world)))
 
-    def count_consumed(self, new_messages: list[tuple[str, Any]]) -> None:
-        """A batch starting these messages was handed to the training loop."""
+    def count_consumed(self, new_messages: list[tuple[str, Any]], cursor: Cursor) -> None:
+        """A batch starting these messages, ending at ``cursor``, was handed to the training loop."""
         with self.ledger.lock:
+            self.ledger.cursor = cursor
             self.ledger.consumed_messages += len(new_messages)
             for producer_id, _ in new_messages:
                 self.ledger.table.count_consumed(producer_id)

@@ -1,8 +1,11 @@
-"""The consumer's ZeroMQ PULL socket: its options, its CurveZMQ guard, and its lifecycle.
+"""The consumer's ZeroMQ ROUTER socket: its options, its CurveZMQ guard, and its lifecycle.
 
-The socket binds by default (producers connect). Its receive high-water mark is small, so a
-trainer that stops reading blocks its producers instead of buffering without bound, and
-``MAXMSGSIZE`` makes ZeroMQ drop a peer that sends an oversized frame before buffering it.
+The socket binds by default (producers connect their DEALER sockets). It carries both ways:
+producers' meta and batch messages in, the trainer's orders out, each addressed by the
+producer's routing id (docs/PROTOCOL.md §1). Its receive high-water mark per producer is small
+(orders bound what a genuine producer sends; this bounds a hostile one), ``MAXMSGSIZE`` makes
+ZeroMQ drop a peer that sends an oversized frame before buffering it, and an order to a producer
+whose queue is full (a DEALER that never reads) is dropped by ZeroMQ, never buffered.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ import zmq
 
 from shared.curve import CurveGuard, CurveServer, configure_server
 
-RECEIVE_HWM = 4  # messages buffered per connected producer before it blocks
+RECEIVE_HWM = 16  # messages buffered per connected producer before it blocks (orders keep genuine ones below)
+SEND_HWM = 64  # orders queued per producer; beyond, ZeroMQ drops them (a peer that never reads)
 # A peer that has not finished the ZMTP (and Curve) handshake this soon is dropped, so connections
 # that never handshake cannot pile up and use the trainer's file descriptors (ZeroMQ's default is 30 s).
 HANDSHAKE_MS = 2000
@@ -21,7 +25,7 @@ MAX_FRAME_BYTES = 64 << 20
 
 
 class Receiver:
-    """A PULL socket on ``endpoint``; :attr:`endpoint` holds the real address after :meth:`open`.
+    """A ROUTER socket on ``endpoint``; :attr:`endpoint` holds the real address after :meth:`open`.
 
     Args:
         bind: bind (producers connect) or connect (producers bind).
@@ -38,15 +42,27 @@ class Receiver:
         self.curve_guard: CurveGuard | None = None  # counts accepted / refused Curve clients
         self._context: zmq.Context | None = None
         self.socket: zmq.Socket | None = None
+        # The training thread wakes the receive thread (waiting in poll) when it takes a batch,
+        # so the freed queue slot is filled and ordering resumes at once.
+        self._wake_in: zmq.Socket | None = None
+        self._wake_out: zmq.Socket | None = None
 
     def open(self) -> None:
         """Creates, configures and binds (or connects) the socket; closes everything on failure."""
         self._context = zmq.Context()
-        self.socket = self._context.socket(zmq.PULL)
+        self.socket = self._context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
+        self.socket.setsockopt(zmq.SNDHWM, SEND_HWM)
         self.socket.setsockopt(zmq.MAXMSGSIZE, self.max_frame_bytes)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
+        self._wake_in = self._context.socket(zmq.PULL)
+        self._wake_out = self._context.socket(zmq.PUSH)
+        for wake in (self._wake_in, self._wake_out):
+            wake.setsockopt(zmq.LINGER, 0)
+        address = f"inproc://linepack-wake-{id(self)}"
+        self._wake_in.bind(address)
+        self._wake_out.connect(address)
         try:
             if self.curve is not None:
                 self.curve_guard = configure_server(self.socket, self.curve)
@@ -62,17 +78,49 @@ class Receiver:
     def poller(self) -> zmq.Poller:
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
+        poller.register(self._wake_in, zmq.POLLIN)
         return poller
 
-    def receive(self) -> list[zmq.Frame]:
-        """The frames of the next message (call after the poller says one is there)."""
-        return self.socket.recv_multipart(copy=False)
+    def wake(self) -> None:
+        """From the training thread: makes the receive thread's poll return."""
+        try:
+            self._wake_out.send(b"", flags=zmq.NOBLOCK)
+        except zmq.ZMQError:  # queue full (it is awake anyway) or closed
+            pass
+
+    def woken(self) -> None:
+        """From the receive thread: empties the wake queue."""
+        while True:
+            try:
+                self._wake_in.recv(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+
+    def readable(self, events: dict) -> bool:
+        """Whether a :meth:`poller` result says a message is waiting on the data socket."""
+        return self.socket in events
+    def receive(self) -> tuple[bytes, list[zmq.Frame]]:
+        """The sender's routing id and the frames of the next message (call after the poller says
+        one is there)."""
+        routing_id, *frames = self.socket.recv_multipart(copy=False)
+        return routing_id.bytes, frames
+
+    def send(self, peer: bytes, frames: list[bytes]) -> None:
+        """Sends to one producer without blocking; ZeroMQ drops it if that producer's queue is full."""
+        try:
+            self.socket.send_multipart([peer, *frames], flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass
 
     def close(self) -> None:
         """Closes the socket, stops the Curve guard, terminates the context. Idempotent."""
         if self.socket is not None:
             self.socket.close(linger=0)
             self.socket = None
+        for wake in (self._wake_in, self._wake_out):
+            if wake is not None:
+                wake.close(linger=0)
+        self._wake_in = self._wake_out = None
         if self.curve_guard is not None:
             self.curve_guard.stop()
         if self._context is not None:

@@ -12,6 +12,7 @@ import torch
 
 from shared.batch_stats import BatchStats, MaskRatioHistogram
 from shared.meta import StreamMeta
+from trainer.data.orders import Cursor
 from trainer.data.stats import StreamStats
 
 # x, y, attention_mask int64 (B, T); mask_ratio float32 (B,); stage int64 (B,) with stages.
@@ -23,9 +24,11 @@ class BatchSource(Protocol):
     meta: StreamMeta | None
     last_batch_stats: BatchStats | None  # of the latest handed-out batch that has them
     cumulative_mask_ratio: MaskRatioHistogram  # every row handed out so far
+    cursor: Cursor  # the schedule's cursor after the last batch handed out
 
     def wait_for_meta(self, timeout: float | None = None) -> StreamMeta: ...
     def wait_for_val_set(self, timeout: float | None = None) -> bool: ...
     def val_batches(self) -> list[Batch]: ...
+    def seek(self, cursor: Cursor) -> None: ...
     def next_batch(self, split: str = "train", timeout: float | None = None) -> Batch: ...
     def stats(self) -> StreamStats: ...

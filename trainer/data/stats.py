@@ -39,8 +39,10 @@ class ProducerRow:
     restarts: int = 0  # new incarnations seen: the producer process restarted with the same id
     incarnation: str = ""
     consumed: int = 0  # train messages whose rows went into handed-out batches
-    dropped: int = 0  # train messages read past while the trainer waited for the val set
     seconds_since_last: float = 0.0
+    orders_outstanding: int = 0  # messages ordered from it and not yet delivered
+    orders_delivered: int = 0
+    orders_reassigned: int = 0  # its orders given to another producer (it was slow or fell silent)
 
 
 @dataclass
@@ -57,7 +59,24 @@ class StreamStats:
     awaiting_meta: int = _number(0, "sum", "batches dropped because their meta message had not arrived yet", "messages",
                                  "awaiting_meta")
     consumed_messages: int = _number(0, "sum", "train messages consumed by the training loop", "messages", "consumed")
-    dropped_train: int = _number(0, "sum", "train messages read past while the val set was arriving", "messages", "dropped_train")
+    orders_issued: int = _number(0, "sum", "messages ordered from producers", "orders", "issued")
+    orders_delivered: int = _number(0, "sum", "ordered messages delivered (the first copy)", "orders", "delivered")
+    orders_reassigned: int = _number(0, "sum", "orders given to another producer (not delivered in time, or the producer "
+                                               "fell silent)", "orders", "reassigned")
+    orders_duplicate: int = _number(0, "sum", "valid messages delivered after another producer had delivered them: dropped",
+                                    "orders", "duplicate")
+    orders_unordered: int = _number(0, "sum", "valid messages never ordered from their sender: dropped", "orders", "unordered")
+    orders_outstanding: int = _number(0, "sum", "messages ordered and not yet delivered", "orders_outstanding", kind="gauge")
+    reorder_depth: int = _number(0, "sum", "train messages received ahead of the next one needed (the reorder buffer)",
+                                 "reorder_depth", kind="gauge")
+    head_wait_s: float = _number(0.0, "max", "seconds the next train message needed has been ordered and not delivered",
+                                 "head_wait_seconds", kind="gauge")
+    head_holder: str | None = None  # the producer the next train message is ordered from, while it is late
+    train_k: int | None = _number(None, "min", "the next train message index k of the schedule (the cursor)", "cursor_k",
+                                  kind="gauge")
+    epoch: int | None = _number(None, "min", "the epoch of the next train message (epoch sampling)", "epoch", kind="gauge")
+    epoch_rows_done: int | None = None  # rows of the current epoch that the training loop has taken (epoch sampling)
+    epoch_rows: int | None = None  # rows in one epoch (epoch sampling)
     consumed_batches: int = _number(0, "sum", "batches handed to the training loop", "consumed_batches")
     gaps: int = _number(0, "sum", "lost messages (sequence gaps), over every producer", "sequence_errors", "gaps")
     duplicates: int = _number(0, "sum", "duplicate sequence numbers, over every producer", "sequence_errors", "duplicates")
@@ -120,7 +139,7 @@ def merge_stream_stats(per_rank: list[StreamStats]) -> StreamStats:
         elif rule == "any":
             merged = any(values)
         elif rule == "min":
-            merged = min(values)
+            merged = None if None in values else min(values)
         else:  # max, with None ("not yet") winning
             merged = None if None in values else max(values)
         setattr(total, f.name, merged)

@@ -11,6 +11,8 @@ it loads with ``weights_only=True``:
     meta          the StreamMeta the model was trained on, as a dict
     rng           {"cpu": ByteTensor, "cuda": [ByteTensor, ...]}: torch's generator states
     sample_length the median real length of the val rows, for trainer.sample's default
+    cursor        the data schedule's cursor after the batch of this step (``trainer.data.orders.Cursor``
+                  as a dict): ``--resume`` continues the data exactly there
     digest        SHA-256 of everything above (:func:`state_digest`), checked on load: a changed
                   byte anywhere in a tensor or a value makes the checkpoint unusable, not silently wrong
 

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from shared.meta import StreamMeta
+from trainer.data.orders import Cursor
 from trainer.data.source import Batch, BatchSource
 from trainer.fds import out_of_descriptors
 from trainer.loop.checkpoint import CHECKPOINT_NAME, CheckpointWriteError, rng_state, save_checkpoint, set_rng_state
@@ -106,6 +107,13 @@ class Trainer:
             set_rng_state(checkpoint["rng"])
             self._resumed = True
             log.info("resumed from %s at step %d", self.checkpoint_path, self.step)
+        cursor = Cursor.from_dict(checkpoint["cursor"]) if checkpoint is not None and "cursor" in checkpoint else None
+        if cursor is None and checkpoint is not None:
+            log.warning("the checkpoint holds no data cursor (written before the schedule existed): the data starts over")
+        self.consumer.seek(cursor or Cursor(world=self.ranks.world_size))
+        if cursor is not None:
+            log.info("data resumes at train message k=%d (%d rows of it used), the cursor of step %d",
+                     self.ranks.rank + cursor.position * cursor.world, cursor.rows_used, self.step)
         log.info("model: %s, %.2fM parameters, device %s", self.model_config.to_dict(), self.model.num_parameters() / 1e6,
                  self.device)
         wait_for("val set", lambda seconds: self.consumer.wait_for_val_set(seconds) or None, wait_timeout)
@@ -178,6 +186,7 @@ class Trainer:
             "meta": self.meta.to_dict(),
             "rng": rng_state(),
             "sample_length": self.typical_length,
+            "cursor": self.consumer.cursor.to_dict(),
         })
 
     # ---- the loop ----------------------------------------------------------------------
