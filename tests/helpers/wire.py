@@ -131,10 +131,11 @@ def make_tensors(
 
 
 def make_frames(meta: StreamMeta, producer_id: str, seq: int, rng: np.random.Generator, rows: int | None = None,
-                split: str = "train", val_index: int = -1) -> list:
-    """The frames of one valid batch (``rows`` defaults to ``meta.rows_per_message``)."""
+                split: str = "train", index: int = 0) -> list:
+    """The frames of one valid batch (``rows`` defaults to ``meta.rows_per_message``); ``index``
+    is k for train, the val index for val."""
     tensors = make_tensors(meta, rows or meta.rows_per_message, rng)
-    return encode(meta, split, producer_id, seq, tensors, val_index=val_index, incarnation=INCARNATION)
+    return encode(meta, split, producer_id, seq, tensors, index, incarnation=INCARNATION)
 
 
 def meta_frames(meta: StreamMeta, producer_id: str = "p", seq: int = 0) -> list[bytes]:

@@ -159,22 +159,31 @@ class OrderBook:
 
     def deliver(self, peer: bytes, split: str, index: int) -> str | None:
         """Takes a delivery of message ``index`` of ``split`` from ``peer``: None if it is to be
-        used, else why it is dropped (``unordered`` or ``duplicate``). Train indices are global k."""
+        used, else why it is dropped: ``duplicate`` (it was delivered already, by this producer
+        or another) or ``unordered`` (never ordered from this producer). Train indices are global k."""
         key = (split, index if split == "val" else self._position_of(index))
         state = self.peers.get(peer)
-        if state is None or key not in state.outstanding:
+        ordered_here = state is not None and state.outstanding.pop(key, None) is not None
+        if self._have(key):
+            if state is not None:
+                state.duplicates += 1
+            self.counts.duplicates += 1
+            return "duplicate"
+        if not ordered_here:
             if state is not None:
                 state.unordered += 1
             self.counts.unordered += 1
             return "unordered"
-        del state.outstanding[key]
-        if self._holders.pop(key, None) is None:  # another producer delivered it first
-            state.duplicates += 1
-            self.counts.duplicates += 1
-            return "duplicate"
+        self._holders.pop(key, None)
         state.delivered += 1
         self.counts.delivered += 1
         return None
+
+    def _have(self, key: tuple[str, int]) -> bool:
+        split, index = key
+        if split == "val":
+            return index not in self._val_missing
+        return 0 <= index < self.head or index in self.buffer
 
     def _position_of(self, k: int) -> int:
         position, rest = divmod(k - self.rank, self.world)
@@ -182,6 +191,7 @@ class OrderBook:
 
     def val_received(self, index: int) -> None:
         self._val_missing.discard(index)
+        self._holders.pop(("val", index), None)
 
     def buffer_train(self, message: WireMessage) -> None:
         self.buffer[self._position_of(message.index)] = message

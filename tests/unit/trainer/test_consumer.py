@@ -1,7 +1,9 @@
-"""DatasetConsumer in-process, fed by a PUSH socket in the test with hand-built messages.
+"""DatasetConsumer in-process, fed by producers in the test (docs/PROTOCOL.md §6).
 
-As a real producer does, each test producer sends its meta message first (seq 0) and its
-batches after it (seq 1, 2, ...), all under one incarnation."""
+``OrderServer`` (tests/helpers/producers.py) is a well-behaved producer: it announces its stream
+with meta messages and answers the consumer's orders with hand-built messages. Hostile or broken
+peers are bare DEALER sockets that send what they like.
+"""
 
 import dataclasses
 import logging
@@ -18,8 +20,10 @@ from trainer.data.accounting import ProducerTable
 from trainer.data.assembly import BatchAssembler
 from trainer.data.consumer import DatasetConsumer
 from trainer.data.device import WIDE_DTYPES, host_tensor, to_device
+from trainer.data.orders import Cursor, OrderSettings
 
 from helpers import wait_until
+from helpers.producers import OrderServer, dealer, listed
 from helpers.wire import INCARNATION, STAGES, as_bytes, decode_with, make_frames, make_meta, make_tensors, meta_frames
 
 
@@ -30,21 +34,8 @@ def context():
     ctx.destroy(linger=0)
 
 
-def pusher(context, endpoint):
-    socket = context.socket(zmq.PUSH)
-    socket.setsockopt(zmq.LINGER, 1000)
-    socket.connect(endpoint)
-    return socket
-
-
-def announce(socket, meta, *producer_ids):
-    """Each producer's meta message (seq 0), as a producer sends it on connecting."""
-    for producer_id in producer_ids:
-        socket.send_multipart(meta_frames(meta, producer_id, 0))
-
-
-def batch_frames(meta, producer_id, seq, tensors, split="train", val_index=-1):
-    return encode(meta, split, producer_id, seq, tensors, val_index=val_index, incarnation=INCARNATION)
+def batch_frames(meta, producer_id, seq, tensors, split="train", index=0):
+    return encode(meta, split, producer_id, seq, tensors, index, incarnation=INCARNATION)
 
 
 def consumer(batch_size, **kwargs):
@@ -61,14 +52,10 @@ def test_batches_have_exact_size_and_keep_row_order(context, rows_per_message, b
     meta = make_meta(block_size=32, rows_per_message=rows_per_message, val_messages=0)
     rng = np.random.default_rng(1)
     messages = [make_tensors(meta, rows_per_message, rng) for _ in range(12)]
-    with consumer(batch_size) as c:
-        socket = pusher(context, c.endpoint)
-        announce(socket, meta, "p0")
-        for seq, tensors in enumerate(messages, start=1):
-            socket.send_multipart(batch_frames(meta, "p0", seq, tensors), copy=False)
+    with consumer(batch_size) as c, OrderServer(c.endpoint, meta, listed(messages)):
         n_batches = 12 * rows_per_message // batch_size
         batches = [c.next_batch(timeout=5) for _ in range(n_batches)]
-        wait_until(lambda: c.stats().to_dict()["accepted"] == 13)
+        wait_until(lambda: c.stats().to_dict()["producers"]["p0"]["train"] == 12)
         stats = c.stats().to_dict()
     for batch in batches:
         assert batch["x"].shape == (batch_size, meta.block_size)
@@ -77,18 +64,15 @@ def test_batches_have_exact_size_and_keep_row_order(context, rows_per_message, b
     for name in ("x", "y", "attention_mask", "mask_ratio"):
         sent = np.concatenate([m[name] for m in messages])[: n_batches * batch_size]
         np.testing.assert_array_equal(rows_of(batches, name), sent.astype(rows_of(batches, name).dtype))
-    assert stats["accepted"] == 13 and stats["gaps"] == 0 and stats["duplicates"] == 0
-    assert stats["producers"]["p0"]["last_seq"] == 12 and stats["producers"]["p0"]["meta"] == 1
+    assert stats["gaps"] == 0 and stats["duplicates"] == 0 and stats["orders_unordered"] == stats["orders_duplicate"] == 0
+    assert stats["producers"]["p0"]["meta"] >= 1 and stats["orders_delivered"] == 12
 
 
 def test_stage_is_widened_and_batch_stats_are_set(context):
     meta = make_meta(block_size=32, rows_per_message=4, val_messages=0, corruption=STAGES)
     rng = np.random.default_rng(2)
-    with consumer(4) as c:
-        socket = pusher(context, c.endpoint)
-        tensors = make_tensors(meta, 4, rng, with_stage=True)
-        announce(socket, meta, "p")
-        socket.send_multipart(batch_frames(meta, "p", 1, tensors))
+    tensors = make_tensors(meta, 4, rng, with_stage=True)
+    with consumer(4) as c, OrderServer(c.endpoint, meta, listed([tensors])):
         first = c.next_batch(timeout=5)
     assert first["stage"].dtype == torch.int64
     np.testing.assert_array_equal(first["stage"].numpy(), tensors["stage"])
@@ -109,19 +93,21 @@ def test_producer_table_counts_gaps_duplicates_and_late_arrivals():
     assert row["first_seq"] == 3 and row["last_seq"] == 10 and row["messages"] == 8
 
 
-def test_gaps_and_duplicates_on_the_wire(context):
+def test_gaps_duplicates_and_unordered_messages_on_the_wire(context):
     meta = make_meta(block_size=32, val_messages=0)
     rng = np.random.default_rng(3)
     with consumer(4) as c:
-        socket = pusher(context, c.endpoint)
-        announce(socket, meta, "p")
-        for seq in [1, 2, 5, 5, 6]:
-            socket.send_multipart(make_frames(meta, "p", seq, rng))
-        for _ in range(5):
-            c.next_batch(timeout=5)
+        socket = dealer(context, c.endpoint)
+        socket.send_multipart(meta_frames(meta, "p", 0))
+        for seq in [1, 2, 5, 5, 6]:  # valid batches nobody ordered
+            socket.send_multipart(make_frames(meta, "p", seq, rng, index=seq))
+        wait_until(lambda: c.stats().to_dict()["received"] == 6)
+        with pytest.raises(TimeoutError):
+            c.next_batch(timeout=0.3)
         stats = c.stats().to_dict()
-    assert stats["gaps"] == 2 and stats["duplicates"] == 1
-    assert stats["consumed_messages"] == 5 and stats["consumed_batches"] == 5
+    assert stats["gaps"] == 2 and stats["duplicates"] == 1  # the sequence accounting sees every valid message
+    assert stats["orders_unordered"] == 5 and stats["rejected"] == {"unordered": 5}
+    assert stats["consumed_messages"] == 0
 
 
 def test_bad_messages_are_rejected_by_reason_and_the_good_stream_is_unaffected(context, caplog):
@@ -129,7 +115,7 @@ def test_bad_messages_are_rejected_by_reason_and_the_good_stream_is_unaffected(c
     other = make_meta(val_messages=0, block_size=meta.block_size * 2)
     stranger = make_meta(val_messages=0, block_size=meta.block_size * 3)  # its meta message never comes
     rng = np.random.default_rng(4)
-    good = [meta_frames(meta, "good")] + [make_frames(meta, "good", seq, rng) for seq in range(1, 8)]
+    good = [make_tensors(meta, meta.rows_per_message, rng) for _ in range(7)]
     truncated = as_bytes(make_frames(meta, "bad", 0, rng))
     truncated[1] = truncated[1][:-2]
     no_ratio = make_tensors(meta, 4, rng)
@@ -146,43 +132,45 @@ def test_bad_messages_are_rejected_by_reason_and_the_good_stream_is_unaffected(c
         batch_frames(meta, "bad", 2, with_stage),
     ]
     caplog.set_level(logging.WARNING, logger="trainer.data.consumer")
-    with consumer(4) as c:
-        socket = pusher(context, c.endpoint)
-        for good_frames, bad_frames in zip(good, bad + [None]):
-            socket.send_multipart(good_frames)
-            if bad_frames is not None:
-                socket.send_multipart(bad_frames)
+    with consumer(4) as c, OrderServer(c.endpoint, meta, listed(good), producer_id="good"):
+        c.wait_for_meta(5)
+        socket = dealer(context, c.endpoint)
+        for bad_frames in bad:
+            socket.send_multipart(bad_frames)
         batches = [c.next_batch(timeout=5) for _ in range(7)]
-        wait_until(lambda: c.stats().to_dict()["received"] == 16)
+        wait_until(lambda: c.stats().to_dict()["rejected_total"] + c.stats().to_dict()["awaiting_meta"] == 8)
         stats = c.stats().to_dict()
     # A foreign meta message and its batch are named mismatches; a batch with no meta message is held back.
     assert stats["rejected"] == {"frame_count": 1, "header_not_msgpack": 1, "size": 1, "meta_mismatch": 2, "tensor_list": 2}
     assert stats["awaiting_meta"] == 1
-    assert stats["accepted"] == 8 and stats["gaps"] == 0
+    assert stats["gaps"] == 0 and stats["orders_delivered"] == 7
     assert list(stats["producers"]) == ["good"]
     assert c.meta == meta
-    sent_x = np.concatenate([decode_with(meta, as_bytes(f)).tensors["x"] for f in good[1:]])
-    np.testing.assert_array_equal(rows_of(batches, "x"), sent_x)
+    np.testing.assert_array_equal(rows_of(batches, "x"), np.concatenate([t["x"] for t in good]))
     mismatch = [r.message for r in caplog.records if "meta_mismatch" in r.message]
     assert mismatch and f"block_size is {other.block_size}" in mismatch[0] and f"has {meta.block_size}" in mismatch[0]
 
 
-def test_val_set_first_copy_wins_and_batches_are_in_val_index_order(context):
+def test_the_val_set_is_ordered_first_and_batched_in_val_index_order(context):
     meta = make_meta(block_size=32, rows_per_message=4, val_messages=3)
     rng = np.random.default_rng(5)
     val = [make_tensors(meta, 4, rng) for _ in range(3)]
     impostor = make_tensors(meta, 4, rng)
     with consumer(5) as c:
-        socket = pusher(context, c.endpoint)
-        announce(socket, meta, "a", "b")
-        socket.send_multipart(batch_frames(meta, "a", 1, val[2], "val", 2))
-        socket.send_multipart(batch_frames(meta, "a", 2, val[0], "val", 0))
-        socket.send_multipart(batch_frames(meta, "b", 1, impostor, "val", 2))
-        assert not c.wait_for_val_set(timeout=0.3)
-        with pytest.raises(RuntimeError, match="incomplete"):
-            c.val_batches()
-        socket.send_multipart(batch_frames(meta, "b", 2, val[1], "val", 1))
-        assert c.wait_for_val_set(timeout=5)
+        stalled = OrderServer(c.endpoint, meta, listed([], val), producer_id="a")
+        stalled.paused.set()
+        with stalled:
+            wait_until(lambda: len(stalled.orders) >= 3)
+            assert not c.wait_for_val_set(timeout=0.3)
+            with pytest.raises(RuntimeError, match="incomplete"):
+                c.val_batches()
+            assert {order.split for order in stalled.orders} == {"val"}  # no train order before seek/next_batch
+            socket = dealer(context, c.endpoint)
+            socket.send_multipart(meta_frames(meta, "b", 0))
+            socket.send_multipart(batch_frames(meta, "b", 1, impostor, "val", 2))  # never ordered from b: dropped
+            wait_until(lambda: c.stats().to_dict()["orders_unordered"] == 1)
+            stalled.paused.clear()
+            assert c.wait_for_val_set(timeout=5)
         batches = c.val_batches()
         stats = c.stats().to_dict()
     assert [len(b["x"]) for b in batches] == [5, 5, 2]
@@ -190,23 +178,19 @@ def test_val_set_first_copy_wins_and_batches_are_in_val_index_order(context):
     assert stats["val_messages_seen"] == 3 and stats["val_messages_total"] == 3
 
 
-def test_waiting_for_the_val_set_reads_past_a_full_queue(context):
-    meta = make_meta(block_size=32, rows_per_message=4, val_messages=1)
-    rng = np.random.default_rng(6)
-    with consumer(4, queue_batches=2) as c:
-        socket = pusher(context, c.endpoint)
-        socket.setsockopt(zmq.SNDTIMEO, 5000)
-        announce(socket, meta, "p")
-        seq = 0
-        for seq in range(1, 41):  # far more than the queue, the socket buffers and the HWM hold
-            socket.send_multipart(make_frames(meta, "p", seq, rng))
-        socket.send_multipart(make_frames(meta, "p", seq + 1, rng, split="val", val_index=0))
-        assert c.wait_for_val_set(timeout=10)
+def test_orders_stop_while_the_queue_is_full_and_the_credit_bounds_each_producer(context):
+    meta = make_meta(block_size=32, rows_per_message=4, val_messages=0)
+    messages = [make_tensors(meta, 4, np.random.default_rng(k)) for k in range(200)]
+    settings = OrderSettings(credit=3, ahead=6)
+    with consumer(4, queue_batches=2, orders=settings) as c, OrderServer(c.endpoint, meta, listed(messages)) as producer:
+        first = c.next_batch(timeout=5)  # starts the schedule
+        time.sleep(1.0)
         stats = c.stats().to_dict()
-        assert stats["dropped_train"] > 0
-        assert stats["gaps"] == 0  # dropped by the consumer, not lost on the way
-        first = c.next_batch(timeout=5)
-    assert first["x"].shape == (4, meta.block_size)
+        # What was ordered: the batch taken, the full queue, and at most `ahead` beyond the head.
+        assert producer.sent <= 1 + 2 + settings.ahead + 1
+        assert stats["orders_outstanding"] <= settings.credit and stats["queue_depth"] == 2
+        rest = [c.next_batch(timeout=5) for _ in range(20)]
+    np.testing.assert_array_equal(rows_of([first, *rest], "x"), np.concatenate([m["x"] for m in messages[:21]]))
 
 
 def test_starved_after_silence_and_recovers(context, caplog):
@@ -218,71 +202,33 @@ def test_starved_after_silence_and_recovers(context, caplog):
         assert any("waiting for producers" in r.message for r in caplog.records)
         with pytest.raises(TimeoutError, match="no train batch within 0.2 s"):
             c.next_batch(timeout=0.2)
-        socket = pusher(context, c.endpoint)
-        announce(socket, meta, "p")
-        socket.send_multipart(make_frames(meta, "p", 1, rng))
-        c.next_batch(timeout=5)
+        with OrderServer(c.endpoint, meta, listed([make_tensors(meta, 4, rng)])):
+            c.next_batch(timeout=5)
         assert not c.stats().to_dict()["starved"]
         assert any("producers are back" in r.message for r in caplog.records)
-
-
-def test_full_queue_stops_reading_so_the_sender_blocks(context):
-    meta = make_meta(block_size=32, rows_per_message=4, val_messages=0)
-    rng = np.random.default_rng(8)
-    frames = make_frames(meta, "p", 1, rng)
-    with consumer(4, queue_batches=2) as c:
-        socket = pusher(context, c.endpoint)
-        announce(socket, meta, "p")
-        sent = 1
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.send_multipart(frames, flags=zmq.NOBLOCK)
-                sent += 1
-            except zmq.Again:
-                time.sleep(0.05)
-                try:
-                    socket.send_multipart(frames, flags=zmq.NOBLOCK)
-                    sent += 1
-                except zmq.Again:
-                    break
-        assert time.monotonic() < deadline, "the sender never blocked"
-        received = c.stats().to_dict()["received"]
-        in_flight_bytes = (sent - received) * sum(len(f) for f in as_bytes(frames))
-        # Bounded by the high-water marks plus the kernel's TCP buffers (a few MB on loopback).
-        assert received < sent and in_flight_bytes < 32 << 20
-        assert c.stats().to_dict()["queue_depth"] == 2
 
 
 def test_recording_holds_handed_out_messages_in_consumption_order(tmp_path, context):
     meta = make_meta(block_size=32, rows_per_message=3, val_messages=2)
     rng = np.random.default_rng(9)
     path = tmp_path / "rec.lpr"
-    train = [make_frames(meta, "p", seq, rng) for seq in range(1, 11)]
-    val = [make_frames(meta, "p", 11 + i, rng, split="val", val_index=i) for i in range(2)]
-    with consumer(4, record_path=str(path)) as c:
-        socket = pusher(context, c.endpoint)
-        announce(socket, meta, "p")
-        socket.send_multipart(val[1])
-        for frames in train:
-            socket.send_multipart(frames)
-        socket.send_multipart(val[0])
+    train = [make_tensors(meta, 3, rng) for _ in range(10)]
+    val = [make_tensors(meta, 3, rng) for _ in range(2)]
+    with consumer(4, record_path=str(path)) as c, OrderServer(c.endpoint, meta, listed(train, val), producer_id="p"):
         assert c.wait_for_val_set(timeout=5)
         batches = [c.next_batch(timeout=5) for _ in range(4)]  # 16 rows: messages 0..5 start in them
     with RecordingReader(path) as reader:
         records = list(reader)
-    assert records[0] == as_bytes(meta_frames(meta, "p")), "the meta message first: a replay pins the same stream"
-    recorded = [(decode_with(meta, r).split, decode_with(meta, r).seq) for r in records[1:]]
-    assert recorded == [("val", 12), ("val", 11)] + [("train", s) for s in range(1, 7)]
-    assert records[3] == as_bytes(train[0])
+    assert decode_with(meta, records[0]).meta == meta, "the meta message first: a replay pins the same stream"
+    recorded = [(decode_with(meta, r).split, decode_with(meta, r).index) for r in records[1:]]
+    assert sorted(recorded[:2]) == [("val", 0), ("val", 1)]
+    assert recorded[2:] == [("train", k) for k in range(6)]
 
-    with consumer(4) as replayed:
-        socket = pusher(context, replayed.endpoint)
-        for record in records:
-            socket.send_multipart(record)
+    replayed_messages = {(m.split, m.index): dict(m.tensors) for m in (decode_with(meta, r) for r in records[1:])}
+    replay = lambda split, index: replayed_messages.get((split, index))  # noqa: E731
+    with consumer(4) as replayed, OrderServer(replayed.endpoint, meta, replay):
         assert replayed.wait_for_val_set(timeout=5)
         again = [replayed.next_batch(timeout=5) for _ in range(4)]
-        assert replayed.stats().to_dict()["duplicates"] == 0
     for a, b in zip(batches, again):
         for name in a:
             assert torch.equal(a[name], b[name])
@@ -335,10 +281,7 @@ def test_handed_out_tensors_are_writable_copies_not_views_of_the_frames(context)
         assert batch[name].dtype == WIDE_DTYPES[name] and batch[name].numpy().flags.writeable, name
         assert not np.shares_memory(batch[name].numpy(), array), name
         np.testing.assert_array_equal(batch[name].numpy(), array)
-    with consumer(4) as live:  # and through the socket, end to end
-        socket = pusher(context, live.endpoint)
-        announce(socket, meta, "p")
-        socket.send_multipart(batch_frames(meta, "p", 1, tensors))
+    with consumer(4) as live, OrderServer(live.endpoint, meta, listed([tensors])):  # and through the socket, end to end
         first = live.next_batch(timeout=5)
     first["mask_ratio"].zero_()  # float32 stays float32: this is where a view would show
     assert int(first["x"].sum()) == int(tensors["x"].sum())
@@ -351,11 +294,7 @@ def test_batch_statistics_are_computed_per_interval_and_the_histogram_sees_every
     rng = np.random.default_rng(13)
     messages = [make_tensors(meta, 4, rng) for _ in range(6)]
     seen = []
-    with consumer(4) as c:
-        socket = pusher(context, c.endpoint)
-        announce(socket, meta, "p")
-        for seq, tensors in enumerate(messages, start=1):
-            socket.send_multipart(batch_frames(meta, "p", seq, tensors))
+    with consumer(4) as c, OrderServer(c.endpoint, meta, listed(messages)):
         for _ in messages:
             c.next_batch(timeout=5)
             seen.append(dataclasses.asdict(c.last_batch_stats))
@@ -369,29 +308,26 @@ def test_batch_statistics_are_computed_per_interval_and_the_histogram_sees_every
 def test_a_peer_sending_an_oversized_frame_is_cut_off_unread_and_others_go_on(context):
     meta = make_meta(block_size=32, rows_per_message=4, val_messages=0)
     rng = np.random.default_rng(14)
+    tensors = make_tensors(meta, 4, rng)
     with consumer(4, max_frame_bytes=1 << 20) as c:
-        hostile = pusher(context, c.endpoint)
+        hostile = dealer(context, c.endpoint)
         hostile.send_multipart([b"\x80", bytes(4 << 20)])  # a 4 MiB frame against a 1 MiB limit
-        good = pusher(context, c.endpoint)
-        tensors = make_tensors(meta, 4, rng)
-        announce(good, meta, "good")
-        good.send_multipart(batch_frames(meta, "good", 1, tensors))
-        first = c.next_batch(timeout=5)
+        with OrderServer(c.endpoint, meta, listed([tensors]), producer_id="good"):
+            first = c.next_batch(timeout=5)
         stats = c.stats().to_dict()
     np.testing.assert_array_equal(first["x"].numpy(), tensors["x"])
-    assert stats["received"] == 2 and stats["rejected_total"] == 0 and set(stats["producers"]) == {"good"}
+    assert stats["rejected_total"] == 0 and set(stats["producers"]) == {"good"}
 
 
 def test_per_producer_accounting_counts_consumed_and_rejected_messages(context):
     meta = make_meta(block_size=32, rows_per_message=4, val_messages=0)
     other = make_meta(rows_per_message=4, val_messages=0, block_size=meta.block_size * 2)
     rng = np.random.default_rng(15)
-    with consumer(4) as c:
-        socket = pusher(context, c.endpoint)
-        announce(socket, meta, "good")
-        for seq in range(1, 4):
-            socket.send_multipart(batch_frames(meta, "good", seq, make_tensors(meta, 4, rng)))
-        announce(socket, other, "foreign")
+    good = [make_tensors(meta, 4, rng) for _ in range(3)]
+    with consumer(4) as c, OrderServer(c.endpoint, meta, listed(good), producer_id="good"):
+        c.wait_for_meta(5)
+        socket = dealer(context, c.endpoint)
+        socket.send_multipart(meta_frames(other, "foreign"))
         for seq in range(1, 3):
             socket.send_multipart(batch_frames(other, "foreign", seq, make_tensors(other, 4, rng)))
         socket.send_multipart([b"garbage"])
@@ -400,10 +336,110 @@ def test_per_producer_accounting_counts_consumed_and_rejected_messages(context):
         bad["x"][0, 0] = meta.vocab_size  # an id outside the vocabulary
         socket.send_multipart(batch_frames(meta, "good", 4, bad))
         batches = [c.next_batch(timeout=5) for _ in range(2)]
-        wait_until(lambda: c.stats().to_dict()["received"] == 9)
+        wait_until(lambda: c.stats().to_dict()["rejected_total"] == 5)
         stats = c.stats().to_dict()
     assert len(batches) == 2
-    assert stats["producers"]["good"]["consumed"] == 2 and stats["producers"]["good"]["messages"] == 4
+    assert stats["producers"]["good"]["consumed"] == 2 and stats["producers"]["good"]["train"] == 3
     assert "foreign" not in stats["producers"]
     assert stats["rejected_by_producer"] == {"foreign": {"meta_mismatch": 3}, "good": {"value_range": 1}}
     assert stats["rejected"] == {"meta_mismatch": 3, "frame_count": 1, "value_range": 1}  # the garbage names no producer
+
+
+def generated(meta):
+    """Train message k for any k (a producer never runs out)."""
+    return lambda split, k: make_tensors(meta, meta.rows_per_message, np.random.default_rng(k)) if split == "train" else None
+
+
+def test_an_order_not_delivered_in_time_goes_to_another_producer_and_the_late_copy_is_a_duplicate(context):
+    meta = make_meta(block_size=32, rows_per_message=4, val_messages=0)
+    messages = [make_tensors(meta, 4, np.random.default_rng(k)) for k in range(20)]
+    settings = OrderSettings(credit=2, reassign_s=0.3)
+    with consumer(4, orders=settings) as c:
+        slow = OrderServer(c.endpoint, meta, generated(meta), producer_id="slow")
+        slow.paused.set()  # takes orders, delivers nothing
+        with slow, OrderServer(c.endpoint, meta, generated(meta), producer_id="fast"):
+            wait_until(lambda: c.stats().to_dict()["producers"].keys() >= {"slow", "fast"})
+            batches = [c.next_batch(timeout=10) for _ in range(20)]
+            slow.paused.clear()  # its late copies arrive now
+            wait_until(lambda: c.stats().to_dict()["orders_duplicate"] >= 1)
+            stats = c.stats().to_dict()
+    np.testing.assert_array_equal(rows_of(batches, "x"), np.concatenate([m["x"] for m in messages[:20]]))
+    assert stats["orders_reassigned"] >= 1 and stats["producers"]["slow"]["orders_reassigned"] >= 1
+
+
+def test_a_silent_producer_is_forgotten_and_its_orders_go_to_others(context):
+    meta = make_meta(block_size=32, rows_per_message=4, val_messages=0)
+    messages = [make_tensors(meta, 4, np.random.default_rng(k)) for k in range(20)]
+    with consumer(4, orders=OrderSettings(silence_s=0.5, reassign_s=60)) as c:
+        dying = OrderServer(c.endpoint, meta, generated(meta), producer_id="dying")
+        with dying:
+            first = [c.next_batch(timeout=5) for _ in range(2)]
+            dying.paused.set()
+            time.sleep(0.1)
+        with OrderServer(c.endpoint, meta, generated(meta), producer_id="new"):  # a restart: another connection
+            rest = [c.next_batch(timeout=10) for _ in range(18)]
+            stats = c.stats().to_dict()
+    np.testing.assert_array_equal(rows_of(first + rest, "x"), np.concatenate([m["x"] for m in messages[:20]]))
+    assert stats["orders_reassigned"] >= 1
+
+
+def test_seek_starts_the_schedule_at_a_cursor_and_the_cursor_follows_the_batches(context):
+    meta = make_meta(block_size=32, rows_per_message=4, val_messages=0)
+    messages = [make_tensors(meta, 4, np.random.default_rng(k)) for k in range(12)]
+    with consumer(3) as c, OrderServer(c.endpoint, meta, listed(messages)):
+        c.seek(Cursor(position=2, rows_used=1))
+        batches = [c.next_batch(timeout=5) for _ in range(5)]
+        cursor = c.cursor
+        with pytest.raises(RuntimeError, match="once"):
+            c.seek(Cursor())
+    rows = np.concatenate([m["x"] for m in messages])[2 * 4 + 1 :]
+    np.testing.assert_array_equal(rows_of(batches, "x"), rows[:15])
+    assert cursor == Cursor(position=6, rows_used=0)  # 9 + 15 = 24 rows = 6 messages
+
+
+def test_a_rank_trains_on_its_own_share_of_the_schedule(context):
+    meta = make_meta(block_size=32, rows_per_message=4, val_messages=0)
+    messages = [make_tensors(meta, 4, np.random.default_rng(k)) for k in range(20)]
+    with consumer(4, rank=1, world=3) as c, OrderServer(c.endpoint, meta, listed(messages)) as producer:
+        batches = [c.next_batch(timeout=5) for _ in range(5)]
+        orders = {order.start for order in producer.orders if order.split == "train"}
+    np.testing.assert_array_equal(rows_of(batches, "x"), np.concatenate([messages[k]["x"] for k in (1, 4, 7, 10, 13)]))
+    assert all(k % 3 == 1 for k in orders)
+
+
+@pytest.mark.parametrize("old,new", [(Cursor(5, 0, 2), (4, 3)), (Cursor(5, 2, 2), (4, 4))])
+def test_a_cursor_of_another_world_size_starts_where_no_old_rank_had_begun(old, new):
+    # Old world 2 at position 5: k 0..9 done (10..11 begun when rows_used > 0). New world 3.
+    first_free = 10 if old.rows_used == 0 else 12
+    for rank in range(3):
+        mapped = old.for_world(3, rank)
+        assert mapped.rows_used == 0 and rank + 3 * mapped.position >= first_free
+        assert rank + 3 * (mapped.position - 1) < first_free
+    assert old.for_world(2, 0) == old
+    assert (old.for_world(3, 0).position, old.for_world(3, 1).position) == new
+
+
+def test_a_meta_of_another_stream_is_refused_and_the_producer_told(context):
+    meta = make_meta(block_size=32, rows_per_message=4, val_messages=0)
+    other = make_meta(rows_per_message=4, val_messages=0, block_size=64)
+    with consumer(4) as c, OrderServer(c.endpoint, meta, listed([make_tensors(meta, 4, np.random.default_rng(0))])):
+        c.next_batch(timeout=5)
+        socket = dealer(context, c.endpoint)
+        socket.send_multipart(meta_frames(other, "foreign"))
+        assert socket.poll(5000)
+        from shared.wire import Refusal, decode_control
+        refusal = decode_control(socket.recv_multipart())
+    assert isinstance(refusal, Refusal) and refusal.reason == "meta_mismatch" and "block_size" in refusal.detail
+
+
+def test_peers_beyond_the_limit_get_no_orders(context, monkeypatch):
+    monkeypatch.setattr("trainer.data.orders.MAX_PEERS", 2)
+    meta = make_meta(block_size=32, rows_per_message=4, val_messages=0)
+    with consumer(4) as c:
+        sockets = [dealer(context, c.endpoint) for _ in range(4)]
+        for i, socket in enumerate(sockets):
+            socket.send_multipart(meta_frames(meta, f"p{i}"))
+        c.seek(Cursor())
+        wait_until(lambda: sum(bool(socket.poll(0)) for socket in sockets) == 2)
+        time.sleep(0.2)
+        assert sum(bool(socket.poll(0)) for socket in sockets) == 2
