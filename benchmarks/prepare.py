@@ -13,7 +13,7 @@ The corpus is CPython's standard library ``.py`` files concatenated, repeated to
    every line in this process (the ceiling). Each prepare's peak RSS (the process and its
    workers together, polled every 50 ms) is reported too.
 2. **producer start-up and memory** on prepared corpora of each size (bytes tokenizer):
-   seconds from start to the first message received by a local PULL socket, and peak RSS
+   seconds from start to the first message received by a local consumer, and peak RSS
    (``VmHWM``); then 4 producers streaming from the largest for a while: their RSS summed
    (and their PSS, which counts each shared page once).
 3. **producer tokens/s** at block 1024 (rows x block per second, in this process) for a char
@@ -42,7 +42,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
-import zmq  # noqa: E402
 
 from producer.corpus import Corpus, tokenize  # noqa: E402
 from producer.stream import BatchStream  # noqa: E402
@@ -193,43 +192,44 @@ def train_bpe(corpus: Path, vocab_size: int, work: Path) -> Path:
 
 
 def producer_start(prepared: Path, block_size: int = 1024) -> dict:
-    """Seconds from starting ``producer run`` to its first message at a local PULL socket, and its peak RSS."""
-    context = zmq.Context()
-    sink = context.socket(zmq.PULL)
-    port = sink.bind_to_random_port("tcp://127.0.0.1")
-    started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "producer", "run", "--connect", f"tcp://127.0.0.1:{port}", "--corpus",
-                                str(prepared), "--block-size", str(block_size), "--max-messages", "50"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    sink.recv_multipart()
-    first = time.perf_counter() - started
-    received = 1
-    while received < 51 and sink.poll(30_000):
-        sink.recv_multipart()
-        received += 1
-    peak = status_kib(process.pid, "VmHWM") // 1024
-    process.wait(30)
-    sink.close(0)
-    context.term()
+    """Seconds from starting ``producer run`` to its first message at a local consumer (its meta
+    message), and its peak RSS after serving 50 train messages."""
+    from trainer.data.consumer import DatasetConsumer
+
+    with DatasetConsumer("tcp://127.0.0.1:*", 16) as consumer:
+        started = time.perf_counter()
+        process = subprocess.Popen([sys.executable, "-m", "producer", "run", "--connect", consumer.endpoint, "--corpus",
+                                    str(prepared), "--block-size", str(block_size), "--rows-per-message", "16"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        consumer.wait_for_meta(timeout=60)
+        first = time.perf_counter() - started
+        for _ in range(50):
+            consumer.next_batch(timeout=30)
+        peak = status_kib(process.pid, "VmHWM") // 1024
+        process.terminate()
+        process.wait(30)
     return {"first_message_s": round(first, 2), "peak_rss_mib": peak}
 
 
 def four_producers(prepared: Path, seconds: float, block_size: int = 1024) -> dict:
-    """Four producers streaming from one prepared corpus for ``seconds`` into a PULL socket that drains them."""
-    context = zmq.Context()
-    sink = context.socket(zmq.PULL)
-    port = sink.bind_to_random_port("tcp://127.0.0.1")
-    processes = [subprocess.Popen([sys.executable, "-m", "producer", "run", "--connect", f"tcp://127.0.0.1:{port}", "--corpus",
-                                   str(prepared), "--block-size", str(block_size), "--producer-id", str(k)],
+    """Four producers serving a consumer that drains batches from one prepared corpus for ``seconds``."""
+    from trainer.data.consumer import DatasetConsumer
+
+    consumer = DatasetConsumer("tcp://127.0.0.1:*", 16).start()
+    processes = [subprocess.Popen([sys.executable, "-m", "producer", "run", "--connect", consumer.endpoint, "--corpus",
+                                   str(prepared), "--block-size", str(block_size), "--rows-per-message", "16",
+                                   "--producer-id", str(k)],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for k in range(4)]
     stop = threading.Event()
     received = [0]
 
     def drain():
         while not stop.is_set():
-            if sink.poll(100):
-                sink.recv_multipart()
+            try:
+                consumer.next_batch(timeout=0.1)
                 received[0] += 1
+            except TimeoutError:
+                continue
 
     thread = threading.Thread(target=drain)
     thread.start()
@@ -242,8 +242,7 @@ def four_producers(prepared: Path, seconds: float, block_size: int = 1024) -> di
         process.wait(30)
     stop.set()
     thread.join()
-    sink.close(0)
-    context.term()
+    consumer.close()
     return {"producers": 4, "seconds": seconds, "messages": received[0], "rss_sum_mib": rss, "peak_rss_sum_mib": hwm,
             "pss_sum_mib": pss}
 

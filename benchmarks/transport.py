@@ -6,13 +6,14 @@ Measures, in one run and for the same frame sizes:
 
 1. ``raw pyzmq``: PUSH -> PULL of pre-built frames with ``copy=False`` (default HWMs),
    nothing decoded: the ceiling for this machine.
-2. ``producer socket``: the producer's socket (``producer.sending.Sender``, SNDHWM 4) sending
-   pre-built tensors under a fresh header per message (``shared.wire.encode``, seq 0, 1, ...),
-   received by a PULL socket with the consumer's RCVHWM that only counts.
+2. ``producer socket``: the producer's socket (``producer.sending.Link``, a DEALER) sending
+   pre-built tensors under a fresh header per message (``shared.wire.encode``, seq 0, 1, ...)
+   without waiting for orders, received by a ROUTER socket with the consumer's RCVHWM that only counts.
 3. ``wire decode``: the same, and the receiver runs ``shared.wire.decode`` (full validation).
-4. ``consumer``: the same sender into ``trainer.data.consumer.DatasetConsumer`` (validation, meta
-   pinning, accounting, batch assembly, batch statistics) and ``next_batch()`` on CPU,
-   ``batch_size`` = rows per message.
+4. ``consumer``: a producer's :class:`~producer.sending.Worker` serving the orders of
+   ``trainer.data.consumer.DatasetConsumer`` (orders with credit, validation, meta pinning,
+   accounting, the reorder buffer, batch assembly, batch statistics) and ``next_batch()`` on
+   CPU, ``batch_size`` = rows per message: the whole protocol of docs/PROTOCOL.md §6.
 
 The sender re-sends a pool of pre-built messages, so the producer's generation speed
 (``benchmarks/producer.py``) is not part of these numbers. Payload = tensor bytes
@@ -61,19 +62,34 @@ def run_sender(args) -> None:
         context = zmq.Context()
         socket = context.socket(zmq.PUSH)
         socket.connect(args.endpoint)
-        header = encode(meta, "train", "bench", 0, pool[0])[0]
+        header = encode(meta, "train", "bench", 0, pool[0], 0)[0]
         frames = [[header, *tensors.values()] for tensors in pool]
         for i in count():
             socket.send_multipart(frames[i % POOL], copy=False)
-    else:
-        from producer.sending import Sender, StopSignal
+    elif args.role == "wire":
+        from producer.sending import Link, StopSignal
 
-        sender = Sender(args.endpoint, None, StopSignal())
-        sender.send(encode_meta(meta, "bench", 0))  # as a producer does: the meta message, then the batches
+        link = Link(args.endpoint, None, StopSignal())
+        link.send(encode_meta(meta, "bench", 0))  # as a producer does: the meta message, then the batches
         for seq in count(1):
-            if not sender.send(encode(meta, "train", "bench", seq, pool[seq % POOL])):
+            if not link.send(encode(meta, "train", "bench", seq, pool[seq % POOL], seq - 1)):
                 break
-        sender.close()
+        link.close()
+    else:
+        from producer.sending import Link, StopSignal, Throughput, Worker
+
+        class Pool:
+            def __init__(self) -> None:
+                self.meta = meta
+
+            def message(self, split, index):
+                return pool[index % POOL] if split == "train" else None
+
+        stop = StopSignal()
+        links = [Link(args.endpoint, None, stop)]
+        worker = Worker(links, Pool(), "bench", Throughput("bench", links, 3600))
+        worker.serve(stop)
+        worker.close()
 
 
 def start_sender(role: str, endpoint: str, args) -> subprocess.Popen:
@@ -133,15 +149,17 @@ def bench_raw(args, message_bytes: int) -> dict:
 def bench_wire(args, message_bytes: int, validate: bool) -> dict:
     """The producer's sender into a PULL socket with the consumer's RCVHWM; ``validate``: decode each
     (the meta message first, then the batches that name it)."""
+    from trainer.data.receiver import RECEIVE_HWM
+
     context = zmq.Context()
-    socket = context.socket(zmq.PULL)
-    socket.setsockopt(zmq.RCVHWM, 4)
+    socket = context.socket(zmq.ROUTER)
+    socket.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
     port = socket.bind_to_random_port("tcp://127.0.0.1")
     sender = start_sender("wire", f"tcp://127.0.0.1:{port}", args)
     metas = {}
 
     def take() -> int:
-        frames = socket.recv_multipart(copy=False)
+        _, *frames = socket.recv_multipart(copy=False)
         if not validate:
             return 1
         message = decode(frames, metas)
@@ -172,7 +190,7 @@ def bench_consumer(args, message_bytes: int) -> dict:
     from trainer.data.consumer import DatasetConsumer
 
     with DatasetConsumer("tcp://127.0.0.1:*", args.rows) as consumer:
-        sender = start_sender("wire", consumer.endpoint, args)
+        sender = start_sender("worker", consumer.endpoint, args)
         try:
             measured = measure(lambda: (consumer.next_batch(timeout=30), 1)[1], args.seconds, sender.pid)
             stats = consumer.stats()
@@ -204,7 +222,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=64, help="rows per message (= batch size for the consumer)")
     parser.add_argument("--seconds", type=float, default=4.0, help="measured seconds per path (after 1 s warm-up)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per path; the best one is reported")
-    parser.add_argument("--role", choices=("raw", "wire"), help=argparse.SUPPRESS)
+    parser.add_argument("--role", choices=("raw", "wire", "worker"), help=argparse.SUPPRESS)
     parser.add_argument("--endpoint", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role:
@@ -212,7 +230,7 @@ def main() -> None:
         return
     meta, pool = build_pool(args.block_size, args.rows)
     message_bytes = payload_bytes(pool[0])
-    header_bytes = len(encode(meta, "train", "bench", 0, pool[0])[0])
+    header_bytes = len(encode(meta, "train", "bench", 0, pool[0], 0)[0])
     # The paths take turns, --repeats times; each keeps its best run (the host may be shared).
     rows = []
     for _ in range(args.repeats):

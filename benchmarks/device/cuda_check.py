@@ -25,22 +25,24 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 from shared.recording import RecordingReader  # noqa: E402
-from shared.wire import decode  # noqa: E402
+from shared.wire import WireError, decode_stream  # noqa: E402
 from trainer.data.consumer import DatasetConsumer  # noqa: E402
+from trainer.data.device import host_tensor  # noqa: E402
 from trainer.model.transformer import key_padding_mask  # noqa: E402
 
 
 def check_consumer(record_path: str) -> dict:
     with DatasetConsumer("tcp://127.0.0.1:*", 24, device="cuda", record_path=record_path) as consumer:
         producer = subprocess.Popen([sys.executable, "-m", "producer", "run", "--connect", consumer.endpoint, "--block-size", "256",
-                                     "--rows-per-message", "16", "--policy", "uniform", "--max-messages", "90", "--val-every", "2"])
+                                     "--rows-per-message", "16", "--policy", "uniform"])
         consumer.wait_for_val_set(timeout=30)
         batches = [consumer.next_batch(timeout=30) for _ in range(8)]
         torch.cuda.synchronize()
-        pinned = bool(consumer._host_tensor("x", np.zeros((2, 3), np.uint16)).is_pinned())
+        pinned = bool(host_tensor(torch.device("cuda"), np.zeros((2, 3), np.uint16), consumer.meta.vocab_size).is_pinned())
+        producer.terminate()
         producer.wait(timeout=30)
     with RecordingReader(record_path) as reader:
-        messages = [decode(frames) for frames in reader]
+        messages = [m for m in decode_stream(reader) if not isinstance(m, WireError)]
     sent_rows = np.concatenate([m.tensors["x"] for m in messages if m.split == "train"])
     got_rows = torch.cat([batch["x"] for batch in batches]).cpu().numpy()
     return {

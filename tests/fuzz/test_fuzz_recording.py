@@ -39,7 +39,7 @@ def build_base():
     meta = make_meta(block_size=4, rows_per_message=2, chars="ab")
     rng = np.random.default_rng(7)
     messages = [encode_meta(meta, "p", 0)]
-    messages += [[bytes(f) for f in encode(meta, "train", "p", seq, make_tensors(meta, 1, rng))] for seq in range(1, 3)]
+    messages += [[bytes(f) for f in encode(meta, "train", "p", seq, make_tensors(meta, 1, rng), seq - 1)] for seq in range(1, 3)]
     messages += [[b""], [b"x", b"yz"]]
     with tempfile.TemporaryDirectory() as directory:
         path = os.path.join(directory, "base.rec")

@@ -50,9 +50,9 @@ def base_messages(metas):
     for meta in metas:
         messages.append(meta_frames(meta, "producer-m", 0))
         for rows in range(1, meta.rows_per_message + 1):
-            split, val_index = ("val", rows % meta.val_messages) if rows % 2 else ("train", -1)
+            split, index = ("val", rows % meta.val_messages) if rows % 2 else ("train", rows)
             tensors = make_tensors(meta, rows, rng)
-            frames = encode(meta, split, f"producer-{rows}", rows * 3, tensors, val_index=val_index, incarnation=INCARNATION)
+            frames = encode(meta, split, f"producer-{rows}", rows * 3, tensors, index, incarnation=INCARNATION)
             messages.append([bytes(f) for f in frames])
     return messages
 

@@ -1,4 +1,4 @@
-"""Data-parallel training: ``trainer.loop.distributed`` and ``producer.sending.Routes``.
+"""Data-parallel training: ``trainer.loop.distributed`` and the schedule shared by ranks.
 
 The two slow tests run the real thing on 127.0.0.1: ``python -m torch.distributed.run
 --nproc-per-node=2 -m trainer`` (gloo on CPU, one consumer endpoint per rank) fed by two
@@ -19,11 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import zmq
 
-from producer.sending import Routes, route_producer_id
-from producer.stream import BatchStream
-from shared.data_config import DataConfig
+from producer.sending import route_producer_id
 from shared.limits import MAX_PRODUCER_ID_CHARS
 from shared.recording import RecordingReader
 from trainer.data.consumer import DatasetConsumer
@@ -34,13 +31,14 @@ from trainer.loop.distributed import Ranks, parameter_digest, rank_endpoint, ran
 from helpers import ROOT
 from helpers.processes import Children, Process, free_ports, run_module
 from helpers.processes import Diagnostics as DiagnosticsClient
-from helpers.wire import make_frames, make_meta, make_tensors, meta_frames, recorded_batches
+from helpers.producers import OrderServer, listed
+from helpers.wire import make_meta, make_tensors, recorded_batches
 
 WORDS = ("the a of to and in is it that was for on are with as be at by this have from or one had not but what "
          "all were when we there can an your which their said if do will each about how up out them then she").split()
 # 4-row messages and 8-row batches: two messages per batch. val-fraction 0.05 of the corpus below
 # gives a small val set (a few messages), so the val set is complete long before the trainer's queue fills.
-DATA = ["--block-size", "64", "--rows-per-message", "4", "--val-fraction", "0.05", "--val-every", "1"]
+DATA = ["--block-size", "64", "--rows-per-message", "4", "--val-fraction", "0.05"]
 TRAINER = ["--device", "cpu", "--batch-size", "8", "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
            "--warmup-iters", "5", "--log-interval", "5", "--wait-timeout", "60"]
 STEPS = 30
@@ -85,26 +83,18 @@ class StateDict:
 
 @pytest.mark.slow
 def test_two_ranks_share_the_stream_and_stay_in_sync(tmp_path, corpus, children):
-    """Both producers send exactly what 30 steps need, so every train message must be received
-    and trained on exactly once, by one rank."""
+    """Rank r trains on train messages k = r, r + 2, r + 4, ...: together every k below 2 * 60
+    exactly once, each ordered by its own rank from either producer."""
     ports = free_ports(2)
     endpoints = [f"tcp://127.0.0.1:{port}" for port in ports]
-    # Each producer sends STEPS * BATCH_SIZE / ROWS_PER_MESSAGE train messages, half to each rank:
-    # each rank gets exactly the STEPS batches it trains on. The stream starts with the val set;
-    # then, with --val-every 1 and two endpoints, it is 2 train + 1 val, so val_messages + 90
-    # stream messages hold 60 train messages.
-    train_per_producer = STEPS * BATCH_SIZE // ROWS_PER_MESSAGE
-    val_messages = BatchStream(DataConfig(corpus=str(corpus), block_size=64, rows_per_message=4, val_fraction=0.05)).meta.val_messages
-    producers = start_producers(children, corpus, endpoints, "--max-messages", str(val_messages + train_per_producer * 3 // 2))
+    per_rank = STEPS * BATCH_SIZE // ROWS_PER_MESSAGE  # train messages each rank trains on
+    producers = start_producers(children, corpus, endpoints)
     trainer = torchrun(children, tmp_path, ",".join(endpoints), "--max-iters", str(STEPS), "--eval-interval", "15",
                        "--http-port", "0", "--data-timeout", "30", "--record", str(tmp_path / "run.lpr"))
     assert trainer.wait(90) == 0, trainer.output()
-    summaries = []
     for proc in producers:
-        if proc.alive():  # blocked on a last val message nobody reads any more
-            proc.popen.send_signal(signal.SIGTERM)
+        proc.popen.send_signal(signal.SIGTERM)
         proc.wait(10)
-        summaries.append(proc.summary())
 
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     (summary,) = [record for record in records if record["kind"] == "summary"]
@@ -116,39 +106,31 @@ def test_two_ranks_share_the_stream_and_stay_in_sync(tmp_path, corpus, children)
     checkpoint = torch.load(tmp_path / "ckpt.pt", map_location="cpu", weights_only=False)
     assert checkpoint["step"] == STEPS
     assert parameter_digest(StateDict(checkpoint["model"])) == digest_rank0
+    assert checkpoint["cursor"] == {"position": per_rank, "rows_used": 0, "world": 2}
 
-    # Accounting: each rank saw only its own routes, without gaps or duplicates, and the train
-    # messages the ranks received add up to what the producers sent.
+    # Accounting: each rank saw only its own endpoint's producer ids, without gaps, and dropped nothing.
     ranks = summary["stream"]["ranks"]
     assert [entry["rank"] for entry in ranks] == [0, 1]
     assert [entry["endpoint"] for entry in ranks] == endpoints
-    sent = {route["producer_id"]: route for s in summaries for route in s["routes"]}
     for rank, entry in enumerate(ranks):
-        assert set(entry["producers"]) == {f"pA/{rank}", f"pB/{rank}"}
-        for producer_id, row in entry["producers"].items():
+        assert set(entry["producers"]) <= {f"pA/{rank}", f"pB/{rank}"}
+        for row in entry["producers"].values():
             assert (row["gaps"], row["duplicates"], row["out_of_order"]) == (0, 0, 0)
-            assert row["train"] == sent[producer_id]["train"] == train_per_producer // 2
-        assert entry["dropped_train"] == 0 and entry["val_messages_seen"] == entry["val_messages_total"]
-        assert entry["consumed_batches"] == STEPS
-    assert sum(s["by_split"]["train"] for s in summaries) == 2 * train_per_producer
-    total_train = sum(row["train"] for entry in ranks for row in entry["producers"].values())
-    assert total_train == 2 * train_per_producer
+        assert entry["orders_unordered"] == entry["orders_duplicate"] == 0
+        assert entry["val_messages_seen"] == entry["val_messages_total"] and entry["consumed_batches"] == STEPS
     assert summary["stream"]["received"] == sum(entry["received"] for entry in ranks)
 
-    # The recordings of what each rank trained on: disjoint train messages (by id and by content),
-    # the whole val set on each rank.
+    # The recordings of what each rank trained on: its own k in order, the ranks' disjoint and
+    # together every k once; the whole val set on each rank.
     trained = []
     for rank in (0, 1):
         messages = recorded_messages(tmp_path / f"run.rank{rank}.lpr")
         train = [m for m in messages if m.split == "train"]
-        assert len(train) == train_per_producer
+        assert [m.index for m in train] == list(range(rank, 2 * per_rank, 2))
         assert {m.val_index for m in messages if m.split == "val"} == set(range(ranks[rank]["val_messages_total"]))
         trained.append(train)
-    ids = [{(m.producer_id, m.seq) for m in train} for train in trained]
     contents = [{hashlib.sha256(m.tensors["x"].tobytes()).hexdigest() for m in train} for train in trained]
-    assert len(ids[0]) == len(ids[1]) == len(contents[0]) == len(contents[1]) == train_per_producer
-    assert not ids[0] & ids[1] and not contents[0] & contents[1]
-    assert {m.producer_id for m in trained[0]} == {"pA/0", "pB/0"}
+    assert len(contents[0]) == len(contents[1]) == per_rank and not contents[0] & contents[1]
 
 
 @pytest.mark.slow
@@ -192,57 +174,15 @@ def test_bind_all_interfaces_for_producers_on_other_hosts():
     """``--bind tcp://0.0.0.0:PORT`` (what a multi-host trainer uses) accepts TCP producers."""
     with DatasetConsumer("tcp://0.0.0.0:*", batch_size=4) as consumer:
         port = consumer.endpoint.rsplit(":", 1)[1]
-        context = zmq.Context()
-        push = context.socket(zmq.PUSH)
-        push.connect(f"tcp://127.0.0.1:{port}")
         meta = make_meta(block_size=32, val_messages=0)
-        push.send_multipart(meta_frames(meta, "remote"))
-        push.send_multipart(make_frames(meta, "remote", 1, np.random.default_rng(0)))
-        batch = consumer.next_batch(timeout=10)
-        push.close(linger=0)
-        context.term()
+        tensors = make_tensors(meta, meta.rows_per_message, np.random.default_rng(0))
+        with OrderServer(f"tcp://127.0.0.1:{port}", meta, listed([tensors]), producer_id="remote"):
+            batch = consumer.next_batch(timeout=10)
     assert consumer.endpoint.startswith("tcp://0.0.0.0:") and batch["x"].shape == (4, meta.block_size)
 
 
-class FakeSender:
-    def __init__(self, endpoint: str) -> None:
-        self.endpoint = endpoint
-        self.blocked_s = 0.5
-        self.frames: list = []
-
-    def send(self, frames, while_blocked) -> bool:
-        self.frames.append(frames)
-        return True
-
-
-class Counter:
-    def __init__(self) -> None:
-        self.splits: list[str] = []
-
-    def add(self, split: str, tokens: int, payload_bytes: int) -> None:
-        self.splits.append(split)
-
-    def tick(self) -> None:
-        pass
-
-
-def test_routes_round_robin_train_and_send_val_everywhere():
-    meta = make_meta(block_size=32, val_messages=2)
-    tensors = make_tensors(meta, meta.rows_per_message, np.random.default_rng(0))
-    senders = [FakeSender(f"tcp://h:{5555 + i}") for i in range(3)]
-    routes = Routes(senders, "p")
-    counter = Counter()
-    for split in ["train"] * 7 + ["val"] + ["train"] * 2:
-        assert routes.send(meta, split, tensors, 0 if split == "val" else -1, counter)
-    received = [recorded_batches(sender.frames) for sender in senders]  # each endpoint's meta message first
-    assert [[m.split for m in messages] for messages in received] == [
-        ["train", "train", "train", "val"], ["train", "train", "val", "train"], ["train", "train", "val", "train"]]
-    for index, messages in enumerate(received):
-        assert [m.seq for m in messages] == list(range(1, len(messages) + 1))  # no gaps on any rank: seq 0 is the meta
-        assert {m.producer_id for m in messages} == {f"p/{index}"}
-    assert counter.splits.count("val") == 3 and routes.blocked_s == 1.5
-    assert [(route["train"], route["val"]) for route in routes.summary()] == [(3, 1), (3, 1), (3, 1)]
-    assert Routes([FakeSender("tcp://h:1")], "p").producer_ids == ["p"]  # one endpoint: the id as it was
+def test_each_endpoint_of_a_producer_has_its_own_wire_id():
+    assert route_producer_id("p", 1) == "p/1"
     assert len(route_producer_id("x" * MAX_PRODUCER_ID_CHARS, 12)) == MAX_PRODUCER_ID_CHARS
 
 
@@ -250,7 +190,7 @@ def rank_stats(rank: int, producers: dict, **numbers) -> StreamStats:
     stats = {
         "rank": rank, "endpoint": f"tcp://h:{5555 + rank}", "as_of_step": None if rank == 0 else 10,
         "received": 10, "accepted": 9, "rejected": {"bad_dtype": 1}, "rejected_total": 1, "consumed_messages": 8,
-        "consumed_batches": 4, "dropped_train": 0, "gaps": 0, "duplicates": 0, "out_of_order": 0,
+        "consumed_batches": 4, "gaps": 0, "duplicates": 0, "out_of_order": 0,
         "producers": producers, "starved": False, "seconds_since_last_message": 1.0, "queue_depth": 2,
         "val_messages_seen": 3, "val_messages_total": 3, "meta_digest": "d",
     }

@@ -14,7 +14,7 @@ from helpers.processes import Process, run_module
 from helpers.wire import make_frames, make_meta, meta_frames, recorded_batches
 
 pytestmark = pytest.mark.slow
-FLAGS = ["--block-size", "128", "--rows-per-message", "8", "--val-every", "2"]
+FLAGS = ["--block-size", "128", "--rows-per-message", "8"]
 
 
 def summary_of(proc: Process, timeout=20) -> dict:

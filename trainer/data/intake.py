@@ -150,10 +150,11 @@ class Intake:
                     self._check_starved()
                     continue
                 self.receiver.woken()
-                for _ in range(64):  # a burst, then the schedule again
+                for _ in range(64):  # a burst; every delivery frees credit, so orders follow each message
                     if not self.receiver.readable(events):
                         break
                     self._handle(*self.receiver.receive())
+                    self._schedule()
                     events = dict(poller.poll(0))
         except BaseException as error:  # reported to the training thread by next_batch
             self.error = error
@@ -241,12 +242,13 @@ class Intake:
             self._drain()
 
     def _drop(self, why: str, message: WireMessage) -> None:
-        """A valid message that was not ordered from its sender, or already delivered: counted, not used."""
-        with self.ledger.lock:
-            count = self.ledger.rejections.count(why, message.producer_id)
+        """A valid message that was not ordered from its sender, or already delivered: counted
+        in the schedule's numbers (not as a rejection: a late copy after a reassignment is normal), not used."""
+        counts = self.book.counts
+        count = counts.duplicates if why == "duplicate" else counts.unordered
         if count & (count - 1) == 0:
             log.warning("dropped %s message %s %d from %r (%s, #%d)", why, message.split, message.index, message.producer_id,
-                        "delivered already by another producer" if why == "duplicate" else "never ordered from it", count,
+                        "delivered already" if why == "duplicate" else "never ordered from it", count,
                         extra=LIMITED_AT_SOURCE)
 
     def _refuse(self, peer: bytes, reason: str, detail: str, now: float) -> None:

@@ -14,6 +14,9 @@ of them and keeps the step and time each active alarm was first raised.
 - ``rejecting``: more than ``reject_rate`` of the messages of the recent window were rejected.
 - ``meta_mismatch``: messages of the recent window were rejected because their stream meta
   differs from the pinned one (another corpus, vocabulary, block size...).
+- ``head_of_line``: the next train message the training loop needs has been ordered from one
+  producer and not delivered for ``head_of_line_seconds``: that producer holds up the run (it
+  is slow or stuck; its order goes to another producer after ``--reassign-s``).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class AlarmSettings:
     window_seconds: float = 60.0
     data_wait_fraction: float = 0.5  # data_bound: of the step time in the window...
     data_wait_min_seconds: float = 30.0  # ...once the window holds at least this much step time
+    head_of_line_seconds: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,7 @@ class AlarmInputs:
         seconds_without_data: since the last message was received (or since start).
         window_accepted / window_rejected: messages accepted / rejected in the recent window.
         window_rejected_by_reason: reason -> rejected count in the recent window.
+        head_wait, head_holder: how long the next train message needed has been late, and from whom.
     """
 
     step: int = 0
@@ -76,6 +81,8 @@ class AlarmInputs:
     window_accepted: int = 0
     window_rejected: int = 0
     window_rejected_by_reason: dict[str, int] | None = None
+    head_wait: float = 0.0  # seconds the next train message needed has been ordered and not delivered
+    head_holder: str | None = None  # the producer it is ordered from
 
 
 @dataclass(frozen=True)
@@ -146,6 +153,13 @@ def meta_mismatch(inputs: AlarmInputs, settings: AlarmSettings) -> tuple[bool, s
     return False, "every producer agrees with the pinned meta"
 
 
+def head_of_line(inputs: AlarmInputs, settings: AlarmSettings) -> tuple[bool, str]:
+    if inputs.head_holder is None or inputs.head_wait < settings.head_of_line_seconds:
+        return False, "the next train message needed is not late"
+    return True, (f"producer {inputs.head_holder!r} has held the next train message for {inputs.head_wait:.1f} s: "
+                  "the trainer waits for it (it is slow or stuck; the order goes to another producer after --reassign-s)")
+
+
 CHECKS: tuple[tuple[str, Callable[[AlarmInputs, AlarmSettings], tuple[bool, str]], str], ...] = (
     ("context_blind", context_blind,
      "the trainer log's mask self-test line, the attention probe's no-context loss, then --positions (rotary) and the "
@@ -155,6 +169,7 @@ CHECKS: tuple[tuple[str, Callable[[AlarmInputs, AlarmSettings], tuple[bool, str]
     ("rejecting", rejecting, "the trainer log for rejection details and stream.rejected_by_reason"),
     ("meta_mismatch", meta_mismatch,
      "the trainer log line naming the differing field; every producer must use the same corpus and data flags"),
+    ("head_of_line", head_of_line, "stream.head_holder's status line and load; stream.producers[...].orders_reassigned"),
 )
 
 

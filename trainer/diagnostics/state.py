@@ -218,6 +218,8 @@ class Diagnostics:
                 window_accepted=accepted,
                 window_rejected=rejected,
                 window_rejected_by_reason=by_reason,
+                head_wait=stream.head_wait_s if stream is not None else 0.0,
+                head_holder=stream.head_holder if stream is not None else None,
             )
             self._alarms = evaluate_alarms(inputs, self.alarm_settings, self._alarms, now)
             if stream is not None:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from producer.corpus import Corpus, read_text
+from producer.permutation import ROUNDS, KeyedPermutation
 from producer.stages import EXAMPLE_STAGES, load_stage_plan
 from producer.stream import BatchStream, _policy
 from shared import settings
@@ -32,7 +33,7 @@ def stream(corpus_path, **overrides) -> BatchStream:
 
 
 def frames_of(s: BatchStream, messages: int):
-    return [bytes(f) for i, b in enumerate(islice(s.train_batches(), messages)) for f in encode(s.meta, "train", s.producer_id, i, b)]
+    return [bytes(f) for i, b in enumerate(islice(s.train_batches(), messages)) for f in encode(s.meta, "train", s.producer_id, i, b, i)]
 
 
 @pytest.mark.parametrize("packing", ["lines", "fixed"])
@@ -42,7 +43,7 @@ def test_every_message_passes_the_wire_decoder(corpus_path, packing, policy, sam
     for supervise_sep in (False, True):
         s = stream(corpus_path, packing=packing, policy=policy, sampling=sampling, supervise_sep=supervise_sep)
         for seq, batch in enumerate(islice(s.train_batches(), 12)):
-            message = decode(encode(s.meta, "train", s.producer_id, seq, batch), {s.meta.digest: s.meta})
+            message = decode(encode(s.meta, "train", s.producer_id, seq, batch, seq), {s.meta.digest: s.meta})
             assert message.rows == 8 and ("stage" in message.tensors) == (policy == "stages")
             assert {name: batch[name].dtype.str for name in batch} == {
                 name: message.tensors[name].dtype.str for name in message.tensors
@@ -50,7 +51,7 @@ def test_every_message_passes_the_wire_decoder(corpus_path, packing, policy, sam
         val = s.val_set()
         assert len(val) == s.meta.val_messages > 0
         for index, batch in enumerate(val):
-            decode(encode(s.meta, "val", s.producer_id, 0, batch, val_index=index), {s.meta.digest: s.meta})
+            decode(encode(s.meta, "val", s.producer_id, 0, batch, index), {s.meta.digest: s.meta})
 
 
 def test_meta_vocabulary_counts_and_corruption_description(corpus_path):
@@ -71,20 +72,20 @@ def test_meta_vocabulary_counts_and_corruption_description(corpus_path):
     assert uniform["ratio_range"] == [0.1, 0.4]
 
 
-def test_same_seed_same_bytes_and_ids_or_seeds_change_the_stream(corpus_path):
-    baseline = frames_of(stream(corpus_path, policy="uniform", producer_id="a"), 5)
-    assert frames_of(stream(corpus_path, policy="uniform", producer_id="a"), 5) == baseline
-    other_id = stream(corpus_path, policy="uniform", producer_id="b")
-    other_seed = stream(corpus_path, policy="uniform", producer_id="a", seed=1)
-    same = stream(corpus_path, policy="uniform", producer_id="a")
-    for a, b in ((same, other_id), (same, other_seed)):
-        first_a, first_b = next(a.train_batches()), next(b.train_batches())
-        assert not np.array_equal(first_a["x"], first_b["x"])
+@pytest.mark.parametrize("sampling", ["random", "epoch"])
+def test_message_k_depends_on_the_seed_and_k_never_on_the_producer(corpus_path, sampling):
+    baseline = frames_of(stream(corpus_path, policy="uniform", sampling=sampling, producer_id="a"), 5)
+    assert frames_of(stream(corpus_path, policy="uniform", sampling=sampling, producer_id="a"), 5) == baseline
+    a, b = stream(corpus_path, sampling=sampling, producer_id="a"), stream(corpus_path, sampling=sampling, producer_id="worker-7")
+    for k in (0, 3, 40, 1000):  # any k, in any order, from any producer
+        assert all(np.array_equal(a.train_message(k)[name], b.train_message(k)[name]) for name in a.train_message(k))
+    other_seed = stream(corpus_path, sampling=sampling, seed=1)
+    assert not np.array_equal(a.train_message(0)["x"], other_seed.train_message(0)["x"])
+    assert not np.array_equal(a.train_message(0)["x"], a.train_message(1)["x"])
 
 
 def test_default_producer_id_is_zero(corpus_path):
     assert stream(corpus_path).producer_id == "0"
-    assert frames_of(stream(corpus_path), 2) == frames_of(stream(corpus_path, producer_id="0"), 2)
 
 
 @pytest.mark.parametrize("policy", ["bert", "stages"])
@@ -119,32 +120,39 @@ def _row_texts(s: BatchStream, batch) -> list[str]:
     return [s.tokenizer.decode(row[: valid - 1]) for row, valid in zip(original, batch["attention_mask"].sum(axis=1))]
 
 
-def test_epoch_sampling_sees_every_train_line_once_per_epoch_and_resumes(corpus_path):
-    s = stream(corpus_path, sampling="epoch", policy="uniform", producer_id="p")
+def test_epoch_sampling_sees_every_train_line_once_per_epoch(corpus_path):
+    s = stream(corpus_path, sampling="epoch", policy="uniform")
     per_epoch = s.packs_per_epoch
-    batches = list(islice(s.train_batches(), -(-2 * per_epoch // 8) + 1))
+    assert s.meta.epoch_rows == per_epoch
+    batches = [s.train_message(k) for k in range(-(-2 * per_epoch // 8) + 1)]
     rows = [text for batch in batches for text in _row_texts(s, batch)]
     train_lines = TEXT.splitlines(keepends=True)[:271]
     for epoch in range(2):
         seen = [line for row in rows[epoch * per_epoch : (epoch + 1) * per_epoch] for line in row.splitlines(keepends=True)]
         assert sorted(seen) == sorted(train_lines)
     assert rows[:per_epoch] != rows[per_epoch : 2 * per_epoch]  # reshuffled each epoch
-    # Resuming at a position gives exactly the uninterrupted stream from there on.
-    for done in (1, 5, 9):
-        epoch, index = s.resume_position(done)
-        resumed = next(s.train_batches(epoch, index))
-        assert all(np.array_equal(resumed[k], batches[done][k]) for k in resumed)
-    other = stream(corpus_path, sampling="epoch", policy="uniform", producer_id="q")
-    assert _row_texts(other, next(other.train_batches())) != _row_texts(s, batches[0])
+    # Any k computed on its own (in another process, after a restart) is the k of the whole stream.
+    for k in (1, 5, 9):
+        alone = stream(corpus_path, sampling="epoch", policy="uniform").train_message(k)
+        assert all(np.array_equal(alone[name], batches[k][name]) for name in alone)
 
 
-def test_random_sampling_resumes_by_message_index(corpus_path):
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 1000, 4097])
+def test_the_epoch_shuffle_is_a_permutation_for_any_size(n):
+    keys = np.random.SeedSequence(n).generate_state(ROUNDS, np.uint64)
+    permutation = KeyedPermutation(n, keys)
+    assert sorted(permutation(np.arange(n)).tolist()) == list(range(n))
+    with pytest.raises(IndexError):
+        permutation(np.array([n]))
+
+
+def test_random_sampling_message_k_is_the_stream_from_k(corpus_path):
     s = stream(corpus_path)
     batches = list(islice(s.train_batches(), 4))
-    resumed = next(s.train_batches(*s.resume_position(3)))
+    resumed = next(s.train_batches(3))
     assert all(np.array_equal(resumed[k], batches[3][k]) for k in resumed)
     with pytest.raises(ValueError):
-        next(s.train_batches(epoch=1))
+        s.train_message(-1)
 
 
 def test_no_val_set_with_zero_val_fraction(corpus_path):

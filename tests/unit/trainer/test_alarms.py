@@ -16,7 +16,7 @@ def states(inputs: AlarmInputs, previous=None, now: float = 1000.0):
 def test_healthy_run_raises_nothing_and_every_alarm_is_explained():
     alarms = states(AlarmInputs(step=500, val_loss=2.3, val_step=500, floor=3.07, no_context_gap=0.8, probe_step=500,
                                 seconds_without_data=0.1, window_accepted=50, data_wait=0.01, data_wait_seconds=60))
-    assert sorted(alarms) == ["context_blind", "data_bound", "meta_mismatch", "rejecting", "starved"]
+    assert sorted(alarms) == ["context_blind", "data_bound", "head_of_line", "meta_mismatch", "rejecting", "starved"]
     assert not any(alarm.active for alarm in alarms.values())
     for alarm in alarms.values():
         assert alarm.explanation and alarm.check and alarm.since_step is None and alarm.since_time is None
@@ -95,3 +95,10 @@ def test_since_is_kept_while_active_and_cleared_when_it_stops():
     assert not cleared["starved"].active and cleared["starved"].since_step is None
     again = states(AlarmInputs(step=40, seconds_without_data=45), previous=cleared, now=130.0)
     assert (again["starved"].since_step, again["starved"].since_time) == (40, 130.0)
+
+
+def test_head_of_line_fires_when_one_producer_holds_the_next_message():
+    assert not states(AlarmInputs(head_wait=5.0, head_holder=None))["head_of_line"].active
+    assert not states(AlarmInputs(head_wait=1.0, head_holder="p1"))["head_of_line"].active
+    alarm = states(AlarmInputs(head_wait=3.5, head_holder="p1"))["head_of_line"]
+    assert alarm.active and "'p1'" in alarm.explanation and "3.5 s" in alarm.explanation
