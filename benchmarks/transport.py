@@ -83,7 +83,7 @@ def run_sender(args) -> None:
                 self.meta = meta
 
             def message(self, split, index):
-                return pool[index % POOL] if split == "train" else None
+                return pool[index % POOL]
 
         stop = StopSignal()
         links = [Link(args.endpoint, None, stop)]

@@ -7,8 +7,10 @@
 #   up        docker compose up --scale producer=3; the trainer turns healthy; /diagnostics shows
 #             3 producers with distinct ids, each consumed, nothing rejected, the loss finite and falling
 #   scale     --scale producer=1: training goes on, the stopped producers' silence shows; back to 3
+#   restart   one producer container restarted mid-run: training goes on, and the trainer's cursor
+#             stays at k = step (batch 8 = rows per message 8): no k repeated or skipped
 #   resume    SIGKILL of the trainer container, `up -d trainer`: it resumes from its checkpoint
-#             (the step goes on) and the producers reconnect by themselves
+#             (the step goes on, the cursor with it) and the producers reconnect by themselves
 #   remote    docker-compose.producers.yml (the producers-only host) adds a producer
 #   prom      Prometheus (Debian's package, when installed) scrapes /metrics every second; its
 #             HTTP API returns the trainer's step and train loss; promtool check metrics is clean
@@ -107,12 +109,22 @@ wait_for 60 "3 producers sending again" \
     "sum(p['seconds_since_last'] < 3 for p in d['stream']['producers'].values()) == 3"
 phase scale
 
+# ---- restart one producer mid-run ---------------------------------------------------------------
+# Batch 8 and 8 rows per message: batch n is train message k = n - 1, so the cursor (the next k)
+# equals the step whatever the producers do; it may run one ahead of the step the page shows.
+CURSOR_IS_STEP="d['stream']['train_k'] is not None and 0 <= d['stream']['train_k'] - d['step'] <= 1"
+step=$(step_now)
+timeout 60 docker restart "$(compose ps -q producer | head -1)" >/dev/null || fail "docker restart of a producer"
+wait_for 90 "a producer restarted: training goes on (step past $step + 20), the cursor at k = step" \
+    "d['step'] > $step + 20 and $CURSOR_IS_STEP"
+phase restart
+
 # ---- SIGKILL the trainer, resume --------------------------------------------------------------
 step=$(step_now)
 timeout 60 docker kill -s KILL "$(compose ps -q trainer)" >/dev/null || fail "docker kill"
 compose up -d --no-recreate trainer >/dev/null 2>&1 || compose up -d trainer >/dev/null 2>&1 || fail "up -d trainer"
 wait_for 90 "the trainer resumed from its checkpoint (step past $step, not from 0) and the producers reconnected" \
-    "d['status'] == 'training' and d['step'] > $step and sum(p['consumed'] > 0 for p in d['stream']['producers'].values()) >= 3"
+    "d['status'] == 'training' and d['step'] > $step and sum(p['consumed'] > 0 for p in d['stream']['producers'].values()) >= 3 and $CURSOR_IS_STEP"
 # Read whole, then searched: `compose logs | grep -q` fails under pipefail when grep stops reading early.
 trainer_log=$(compose logs trainer 2>/dev/null || true)
 grep -q "resumed from /runs/ckpt.pt" <<<"$trainer_log" || fail "no 'resumed from' line in the trainer log"

@@ -170,8 +170,7 @@ class Intake:
                 self._rows_handed = self._seek.position * book.rows_per_message + self._seek.rows_used
         now = time.monotonic()
         with self.ledger.lock:
-            book.expire(now)
-            orders = book.issue(now, room=not self._ready)
+            orders = book.expire(now) + book.issue(now, room=not self._ready)
         for peer, split, index in orders:
             self.receiver.send(peer, encode_order(Order(self.trainer_id, split, index, 1)))
 
@@ -313,9 +312,9 @@ class Intake:
         while book is not None and not self._ready:
             with self.ledger.lock:
                 message = book.pop_head()
+                if message is None:
+                    return
                 skip, book.skip_rows = book.skip_rows, 0
-            if message is None:
-                return
             self._assemble(message, skip)
 
     def _assemble(self, message: WireMessage, skip: int) -> None:

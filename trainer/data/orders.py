@@ -205,8 +205,11 @@ class OrderBook:
 
     # ---- handing out work --------------------------------------------------------------
 
-    def expire(self, now: float) -> None:
-        """Forgets silent producers and queues their orders, and orders overdue, for reassignment."""
+    def expire(self, now: float) -> list[tuple[bytes, str, int]]:
+        """Forgets silent producers and queues their orders, and orders overdue, for another
+        producer. An overdue order of the only producer there is goes to it again (it may have
+        lost it; a late first copy then arrives as a duplicate): returned as ``(peer, split, index)``."""
+        again: list[tuple[bytes, str, int]] = []
         for peer_id, peer in list(self.peers.items()):
             if now - peer.last_heard > self.settings.silence_s:
                 del self.peers[peer_id]
@@ -219,10 +222,17 @@ class OrderBook:
                     continue
                 if key not in self._holders:  # another producer delivered it: this copy is not awaited
                     del peer.outstanding[key]
+                elif len(self.peers) == 1:
+                    peer.outstanding[key] = now
+                    peer.reassigned += 1
+                    self.counts.reassigned += 1
+                    split, index = key
+                    again.append((peer_id, split, index if split == "val" else self.k_of(index)))
                 elif key not in self._again:
                     peer.reassigned += 1
                     self.counts.reassigned += 1
                     self._again.append(key)
+        return again
 
     def _release(self, key: tuple[str, int], peer_id: bytes, peer: Peer) -> None:
         holders = self._holders.get(key)

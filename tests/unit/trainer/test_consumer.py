@@ -443,3 +443,21 @@ def test_peers_beyond_the_limit_get_no_orders(context, monkeypatch):
         wait_until(lambda: sum(bool(socket.poll(0)) for socket in sockets) == 2)
         time.sleep(0.2)
         assert sum(bool(socket.poll(0)) for socket in sockets) == 2
+
+
+def test_the_only_producer_is_ordered_again_what_it_did_not_deliver(context):
+    meta = make_meta(block_size=32, rows_per_message=4, val_messages=0)
+    lost = {0, 1}  # it "loses" its first orders for k 0 and 1 (e.g. they were dropped on the way)
+
+    def forgetful(split, k):
+        if k in lost:
+            lost.discard(k)
+            return None
+        return make_tensors(meta, 4, np.random.default_rng(k))
+
+    with consumer(4, orders=OrderSettings(reassign_s=0.3)) as c, OrderServer(c.endpoint, meta, forgetful) as producer:
+        batches = [c.next_batch(timeout=5) for _ in range(4)]
+        stats = c.stats().to_dict()
+    np.testing.assert_array_equal(rows_of(batches, "x"), np.concatenate([make_tensors(meta, 4, np.random.default_rng(k))["x"]
+                                                                         for k in range(4)]))
+    assert stats["orders_reassigned"] >= 2 and [o.start for o in producer.orders].count(0) == 2
