@@ -22,6 +22,7 @@ import trainer.model.transformer
 from shared.batch_stats import MaskRatioHistogram, batch_statistics, mask_ratio_counts, valid_lengths
 from shared.meta import StreamMeta
 from shared.vocab import IGNORE_INDEX
+from trainer.data.orders import Cursor
 from trainer.data.stats import ProducerRow, StreamStats
 from trainer.loop.config import TrainConfig
 from trainer.loop.train import Trainer
@@ -89,10 +90,15 @@ class SyntheticStream:
 
 class ReadyStream:
     """The DatasetConsumer methods the Trainer calls before training, for in-process fakes whose
-    meta and val batches are known up front: ``self.meta`` and ``self._val`` set by the subclass."""
+    meta and val batches are known up front: ``self.meta`` and ``self._val`` set by the subclass.
+    ``seek`` keeps the cursor it is given (the fakes' batches do not depend on it)."""
 
     meta: StreamMeta
     _val: list[dict[str, torch.Tensor]]
+    cursor: Cursor = Cursor()
+
+    def seek(self, cursor: Cursor) -> None:
+        self.cursor = cursor
 
     def wait_for_meta(self, timeout=None):
         return self.meta
@@ -143,7 +149,7 @@ class FakeConsumer(ReadyStream):
         return StreamStats(
             received=self.consumed + total_rejected, accepted=self.consumed, rejected=dict(self.rejected),
             rejected_total=total_rejected, consumed_messages=self.consumed, consumed_batches=self.consumed,
-            dropped_train=0, gaps=1, duplicates=0, out_of_order=0,
+            gaps=1, duplicates=0, out_of_order=0,
             producers={"p0": ProducerRow(messages=self.consumed + 3, meta=1, train=self.consumed, val=2, first_seq=0,
                                          last_seq=self.consumed + 3, gaps=1, duplicates=0, out_of_order=0,
                                          seconds_since_last=0.0)},

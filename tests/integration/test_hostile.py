@@ -145,7 +145,7 @@ def test_twenty_thousand_rejected_ids_keep_the_diagnostics_small(cluster, tmp_pa
     attacker = push(cluster.endpoint)
     tensors = next(stream.train_batches())
     for index in range(REJECTED_IDS):
-        frames = [bytes(memoryview(f).cast("B")) for f in encode(stream.meta, "train", f"id-{index:05d}", 1, tensors)]
+        frames = [bytes(memoryview(f).cast("B")) for f in encode(stream.meta, "train", f"id-{index:05d}", 1, tensors, 0)]
         frames[1] = frames[1][:-2]  # a size reject that names its producer
         attacker.send_multipart(frames)
     final = diagnostics.wait_for(lambda s: s["stream"]["rejected"].get("size") == REJECTED_IDS, "the rejects", timeout=180)

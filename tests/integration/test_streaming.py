@@ -170,14 +170,14 @@ def test_bad_messages_next_to_a_live_producer(producers):
     with DatasetConsumer("tcp://127.0.0.1:*", 6) as consumer:
         proc = producers.start(consumer.endpoint)
         real_meta = consumer.wait_for_meta(timeout=10)
-        truncated = [bytes(f) for f in encode(real_meta, "train", "bad", 0, make_tensors(real_meta, 3, rng))]
+        truncated = [bytes(f) for f in encode(real_meta, "train", "bad", 0, make_tensors(real_meta, 3, rng), 0)]
         truncated[2] = truncated[2][:10]
         with zmq.Context() as ctx:
             attacker = ctx.socket(zmq.PUSH)
             attacker.connect(consumer.endpoint)
             for frames in ([b"\x00" * 100], [b"\x93\x01\x02\x03", b"", b"", b"", b""], truncated,
                            meta_frames(meta, "bad"), make_frames(meta, "bad", 1, rng),  # another stream: meta mismatch
-                           encode(real_meta, "train", "forger", 0, _tensors_beyond_vocab(real_meta, rng))):
+                           encode(real_meta, "train", "forger", 0, _tensors_beyond_vocab(real_meta, rng), 0)):
                 attacker.send_multipart(frames)
                 consumer.next_batch(timeout=10)
             wait_until(lambda: consumer.stats().to_dict()["rejected_total"] == 6)

@@ -38,7 +38,7 @@ def read_metrics(arm_dir: str) -> dict[str, Any]:
         },
         "summary": {key: summary.get(key) for key in ("steps", "train_loss", "val_loss", "wall_s")},
         "stream": {key: summary["stream"].get(key)
-                   for key in ("received", "accepted", "rejected_total", "gaps", "duplicates", "dropped_train")},
+                   for key in ("received", "accepted", "rejected_total", "gaps", "duplicates", "orders_reassigned")},
     }
 
 

@@ -222,15 +222,13 @@ class Intake:
                          message.producer_id)
             return
         with ledger.lock:
+            ledger.accepted += 1  # valid and of the pinned stream; the schedule may still drop it
             ledger.table.record(message.producer_id, message.incarnation, message.seq, split, now)
             if split == "meta":
                 self.book.hello(peer, message.producer_id, now)
-                ledger.accepted += 1
                 return
             self.book.heard(peer, now)
             dropped = self.book.deliver(peer, split, message.index)
-            if dropped is None:
-                ledger.accepted += 1
         if dropped is not None:
             self._drop(dropped, message)
         elif split == "val":

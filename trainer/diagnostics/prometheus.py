@@ -24,7 +24,8 @@ THROUGHPUT_METRICS = {
     "data_wait_fraction": ("linepack_data_wait_ratio", 1.0, "share of step time spent waiting for data"),
 }
 FAMILY_HELP = {
-    "messages": "messages received / accepted / rejected / consumed / dropped_train",
+    "messages": "messages received / accepted / rejected / awaiting_meta / consumed",
+    "orders": "the schedule's orders: issued / delivered / reassigned / duplicate / unordered",
     "sequence_errors": "per-producer sequence accounting, summed: gaps / duplicates / out_of_order / seq_anomalies",
     "curve_handshakes": "CurveZMQ handshakes: accepted / refused",
 }
@@ -100,7 +101,7 @@ def stream_metrics(stream: StreamStats | None) -> Iterator[Any]:
     yield reasons
     producers = CounterMetricFamily("linepack_stream_producer", "per-producer message accounting", labels=["producer", "kind"])
     for producer, row in sorted(stream.producers.items()):
-        for kind in ("messages", "gaps", "duplicates", "out_of_order"):
+        for kind in ("messages", "gaps", "duplicates", "out_of_order", "orders_delivered", "orders_reassigned"):
             producers.add_metric([producer, kind], getattr(row, kind))
     yield producers
 

@@ -31,7 +31,7 @@ META = make_meta(block_size=8, rows_per_message=3, corruption=STAGES)
 def message_frames(count, seed=0):
     """``count`` wire messages' frames (numpy arrays and bytes, as the producer makes them)."""
     rng = np.random.default_rng(seed)
-    return [encode(META, "train", "p", seq, make_tensors(META, 1 + seq % 3, rng)) for seq in range(count)]
+    return [encode(META, "train", "p", seq, make_tensors(META, 1 + seq % 3, rng), 0) for seq in range(count)]
 
 
 def as_bytes(frames):

@@ -33,14 +33,14 @@ def decode(frames):
     return wire.decode(frames, KNOWN)
 
 
-def build(meta=META, rows=4, seed=0, split="train", val_index=-1, with_stage=False, **overrides):
+def build(meta=META, rows=4, seed=0, split="train", index=0, with_stage=False, **overrides):
     """Valid tensors (with ``overrides`` applied by a callable) and their frames as bytes;
     ``with_stage`` uses the stages meta (its messages carry ``stage``)."""
     meta = STAGE_META if with_stage else meta
     tensors = make_tensors(meta, rows, np.random.default_rng(seed))
     for name, edit in overrides.items():
         edit(tensors[name])
-    return [bytes(f) for f in encode(meta, split, "producer-0", 7, tensors, val_index=val_index, incarnation=INCARNATION)], tensors
+    return [bytes(f) for f in encode(meta, split, "producer-0", 7, tensors, index, incarnation=INCARNATION)], tensors
 
 
 def header_of(frames):
@@ -93,8 +93,8 @@ def test_round_trip(rows_per_message, rows_fraction, block_size, base_size, pack
                      corruption=STAGES if with_stage else None)
     rows = 1 + int(rows_fraction * (rows_per_message - 1))
     tensors = make_tensors(meta, rows, np.random.default_rng(seed))
-    val_index = seed % 5 if split == "val" else -1
-    frames = encode(meta, split, f"p{seed}", seq, tensors, val_index=val_index, incarnation=INCARNATION)
+    index = seed % 5 if split == "val" else seq
+    frames = encode(meta, split, f"p{seed}", seq, tensors, index, incarnation=INCARNATION)
     if as_bytes:
         frames = [bytes(f) for f in frames]
     with pytest.raises(UnknownMeta):  # a batch needs its meta message first
@@ -103,7 +103,8 @@ def test_round_trip(rows_per_message, rows_fraction, block_size, base_size, pack
     assert isinstance(announced, MetaMessage) and announced.meta == meta
     message = wire.decode(frames, {meta.digest: meta})
     assert_valid_message(message)
-    assert (message.split, message.producer_id, message.seq, message.val_index) == (split, f"p{seed}", seq, val_index)
+    assert (message.split, message.producer_id, message.seq, message.index) == (split, f"p{seed}", seq, index)
+    assert message.val_index == (index if split == "val" else -1)
     assert message.meta == meta and message.rows == rows
     assert set(message.tensors) == set(tensors)
     for name, array in tensors.items():
@@ -125,7 +126,7 @@ def test_decoded_tensors_are_views_of_the_frames():
 
 def test_decoded_tensors_read_only_even_from_writable_frames():
     tensors = make_tensors(META, 2, np.random.default_rng(1))
-    frames = encode(META, "train", "p", 0, tensors)
+    frames = encode(META, "train", "p", 0, tensors, 0)
     message = decode([bytearray(frames[0]), *frames[1:]])
     for array in message.tensors.values():
         assert not array.flags.writeable
@@ -134,7 +135,7 @@ def test_decoded_tensors_read_only_even_from_writable_frames():
 def test_header_carries_the_contract_fields():
     frames, _ = build()
     header = header_of(frames)
-    assert header["magic"] == "linepack" and header["version"] == 2 and header["kind"] == "batch"
+    assert header["magic"] == "linepack" and header["version"] == 3 and header["kind"] == "batch"
     assert "meta" not in header and header["meta_hash"] == META.digest and header["incarnation"] == INCARNATION
     assert [(d["name"], d["dtype"], d["shape"]) for d in header["tensors"]] == [
         ("x", "<u2", [4, 16]), ("y", "<i2", [4, 16]), ("attention_mask", "|u1", [4, 16]), ("mask_ratio", "<f4", [4])
@@ -145,7 +146,7 @@ def test_encode_refuses_wrong_dtype():
     tensors = make_tensors(META, 2, np.random.default_rng(0))
     tensors["x"] = tensors["x"].astype(np.int64)
     with pytest.raises(TypeError):
-        encode(META, "train", "p", 0, tensors)
+        encode(META, "train", "p", 0, tensors, 0)
 
 
 def test_supervised_sep_is_valid_when_the_stream_supervises_sep():
@@ -156,17 +157,17 @@ def test_supervised_sep_is_valid_when_the_stream_supervises_sep():
     tensors["x"][0, valid_len - 1] = meta.mask_id
     tensors["y"][0, valid_len - 1] = meta.sep_id
     tensors["mask_ratio"][0] = 1 / valid_len  # [SEP] is a candidate too
-    assert_valid_message(decode(encode(meta, "train", "p", 0, tensors)))
+    assert_valid_message(decode(encode(meta, "train", "p", 0, tensors, 0)))
     tensors["mask_ratio"][0] = 0  # ... and the ratio must say it was supervised
-    rejected([bytes(f) for f in encode(meta, "train", "p", 0, tensors)], "value_range")
+    rejected([bytes(f) for f in encode(meta, "train", "p", 0, tensors, 0)], "value_range")
     tensors["mask_ratio"][0] = 1 / (valid_len - 1)
-    rejected([bytes(f) for f in encode(META, "train", "p", 0, tensors)], "layout")  # not without supervise_sep
+    rejected([bytes(f) for f in encode(META, "train", "p", 0, tensors, 0)], "layout")  # not without supervise_sep
 
 
 def test_tensor_order_in_header_does_not_matter():
     tensors = make_tensors(STAGE_META, 3, np.random.default_rng(4), with_stage=True)
     reordered = {name: tensors[name] for name in ["stage", "mask_ratio", "y", "attention_mask", "x"]}
-    message = decode([bytes(f) for f in encode(STAGE_META, "train", "p", 0, reordered)])
+    message = decode([bytes(f) for f in encode(STAGE_META, "train", "p", 0, reordered, 0)])
     np.testing.assert_array_equal(message.tensors["x"], tensors["x"])
 
 
@@ -213,10 +214,10 @@ def test_the_stage_tensor_belongs_to_stages_streams_and_their_stages():
     frames, tensors = build(with_stage=True)
     assert decode(frames).tensors["stage"].max() < 4
     tensors["stage"][0] = 4  # a stage the stream does not have
-    rejected([bytes(f) for f in encode(STAGE_META, "train", "p", 0, tensors)], "value_range")
+    rejected([bytes(f) for f in encode(STAGE_META, "train", "p", 0, tensors, 0)], "value_range")
     plain = make_tensors(META, 4, np.random.default_rng(0))
-    rejected([bytes(f) for f in encode(META, "train", "p", 0, {**plain, "stage": tensors["stage"]})], "tensor_list")
-    rejected([bytes(f) for f in encode(STAGE_META, "train", "p", 0, plain)], "tensor_list")
+    rejected([bytes(f) for f in encode(META, "train", "p", 0, {**plain, "stage": tensors["stage"]}, 0)], "tensor_list")
+    rejected([bytes(f) for f in encode(STAGE_META, "train", "p", 0, plain, 0)], "tensor_list")
 
 
 def test_a_reject_names_the_producer_once_the_header_has_a_valid_one():
@@ -281,7 +282,7 @@ def test_deeply_nested_header_value(field, depth):
     [
         ("magic", "linepak", "header_schema"),
         ("magic", None, "header_schema"),
-        ("version", 3, "version"),
+        ("version", 4, "version"),
         ("version", 0, "version"),
         ("version", True, "version"),
         ("version", 1.0, "version"),
@@ -295,12 +296,14 @@ def test_deeply_nested_header_value(field, depth):
         ("seq", -1, "header_schema"),
         ("seq", 1.5, "header_schema"),
         ("seq", True, "header_schema"),
-        ("val_index", 0, "header_schema"),  # a train message must say -1
-        ("val_index", None, "header_schema"),
+        ("index", -1, "header_schema"),  # a train message of protocol 3 has its k
+        ("index", 2**63, "header_schema"),
+        ("index", None, "header_schema"),
+        ("val_index", 0, "header_schema"),  # the protocol-2 name is not a protocol-3 key
         ("seq", 2**63, "header_schema"),
         ("meta_hash", "0" * 16, "meta_unknown"),  # a digest this receiver has no meta message for
         ("meta_hash", None, "header_schema"),
-        ("meta", META.to_dict(), "header_schema"),  # protocol 2 headers do not carry the meta
+        ("meta", META.to_dict(), "header_schema"),  # protocol 2 and 3 headers do not carry the meta
         ("incarnation", "0123", "header_schema"),
         ("incarnation", "0123456789ABCDEF", "header_schema"),
         ("incarnation", None, "header_schema"),
@@ -314,7 +317,7 @@ def test_bad_header_field(field, value, reason):
     rejected(with_header(frames, lambda h: h.update({field: value})), reason)
 
 
-@pytest.mark.parametrize("field", ["magic", "version", "kind", "split", "producer", "incarnation", "seq", "val_index",
+@pytest.mark.parametrize("field", ["magic", "version", "kind", "split", "producer", "incarnation", "seq", "index",
                                    "meta_hash", "tensors"])
 def test_missing_header_field(field):
     frames, _ = build()
@@ -327,16 +330,44 @@ def test_producer_id_limits_accepted():
         assert decode(with_header(frames, lambda h, producer=producer: h.update(producer=producer))).producer_id == producer
 
 
-@pytest.mark.parametrize("val_index", [-1, 3, 4, 2**40])
-def test_val_index_out_of_range(val_index):
-    frames, _ = build(split="val", val_index=0)
+@pytest.mark.parametrize("index", [-1, 3, 4, 2**40])
+def test_val_index_out_of_range(index):
+    frames, _ = build(split="val", index=0)
     assert decode(frames).val_index == 0
-    rejected(with_header(frames, lambda h: h.update(val_index=val_index)), "header_schema")
+    rejected(with_header(frames, lambda h: h.update(index=index)), "header_schema")
 
 
 def test_val_index_last_in_range_accepted():
-    frames, _ = build(split="val", val_index=META.val_messages - 1)
+    frames, _ = build(split="val", index=META.val_messages - 1)
     assert decode(frames).val_index == 2
+
+
+def test_a_protocol_two_batch_is_still_read_without_an_index():
+    frames, tensors = build()
+    old = with_header(frames, lambda h: (h.update(version=2, val_index=-1), h.pop("index")))
+    message = decode(old)
+    assert message.index == -1 and message.val_index == -1 and message.split == "train"
+    rejected(with_header(old, lambda h: h.update(val_index=0)), "header_schema")  # a protocol-2 train message says -1
+
+
+def test_orders_and_refusals_round_trip_and_bad_ones_are_rejected():
+    order = wire.Order("0123456789abcdef", "train", 12, 3)
+    assert wire.decode_control(wire.encode_order(order)) == order
+    refusal = wire.Refusal("0123456789abcdef", "meta_mismatch", "block_size is 64, the run has 32" + "x" * 2000)
+    decoded = wire.decode_control(wire.encode_refusal(refusal))
+    assert decoded.reason == "meta_mismatch" and len(decoded.detail) == wire.MAX_REFUSAL_CHARS
+    good = msgpack.unpackb(wire.encode_order(order)[0])
+    for edit, reason in [({"count": 0}, "header_schema"), ({"count": wire.MAX_ORDER_COUNT + 1}, "header_schema"),
+                         ({"start": -1}, "header_schema"), ({"split": "test"}, "header_schema"),
+                         ({"trainer": "x"}, "header_schema"), ({"version": 2}, "version"), ({"kind": "batch"}, "header_schema"),
+                         ({"surprise": 1}, "header_schema"), ({"magic": "nope"}, "header_schema")]:
+        with pytest.raises(WireError) as error:
+            wire.decode_control([msgpack.packb({**good, **edit})])
+        assert error.value.reason == reason, edit
+    with pytest.raises(WireError, match="frame_count"):
+        wire.decode_control([msgpack.packb(good), b""])
+    with pytest.raises(WireError):
+        wire.decode_control([b"\xc1"])
 
 
 def meta_message(data: dict, digest: str = META.digest) -> list[bytes]:
@@ -551,13 +582,13 @@ def test_mask_ratio_bounds_accepted():
         tensors["y"][row] = np.where(supervised, original[row], -100)
         tensors["x"][row] = np.where(supervised, META.mask_id, original[row])
         tensors["mask_ratio"][row] = supervised.sum() / max(candidates[row], 1) if share else share
-    assert_valid_message(decode(encode(META, "train", "p", 0, tensors)))
+    assert_valid_message(decode(encode(META, "train", "p", 0, tensors, 0)))
 
 
 def test_mask_ratio_must_be_supervised_over_candidates():
     frames, tensors = build()
     tensors["mask_ratio"][0] += 0.01
-    rejected([bytes(f) for f in encode(META, "train", "p", 0, tensors)], "value_range")
+    rejected([bytes(f) for f in encode(META, "train", "p", 0, tensors, 0)], "value_range")
 
 
 # ---------------------------------------------------------------- row layout
@@ -566,7 +597,7 @@ def test_mask_ratio_must_be_supervised_over_candidates():
 def layout_case(edit, meta=META, seed=5):
     tensors = make_tensors(meta, 4, np.random.default_rng(seed))
     edit(tensors)
-    return [bytes(f) for f in encode(meta, "train", "p", 0, tensors)]
+    return [bytes(f) for f in encode(meta, "train", "p", 0, tensors, 0)]
 
 
 def mask_not_prefix(t):
@@ -652,4 +683,4 @@ def test_fixed_packing_layout_violation(edit):
 def test_fixed_packing_needs_no_sep():
     tensors = make_tensors(FIXED_META, 4, np.random.default_rng(0))
     assert not (tensors["x"] == FIXED_META.sep_id).any()
-    assert_valid_message(decode(encode(FIXED_META, "train", "p", 0, tensors)))
+    assert_valid_message(decode(encode(FIXED_META, "train", "p", 0, tensors, 0)))

@@ -65,7 +65,7 @@ def test_every_key_is_present_with_sane_values(finished_run):
     throughput = body["throughput"]
     assert throughput["ms_per_step"] > 0 and throughput["tokens_per_s"] > 0
     assert {alarm["name"] for alarm in body["alarms"]} == {"context_blind", "starved", "data_bound", "rejecting",
-                                                                "meta_mismatch"}
+                                                                "meta_mismatch", "head_of_line"}
     assert not any(alarm["active"] for alarm in body["alarms"] if alarm["name"] != "context_blind")
     assert httpx.get(f"{url}/healthz", timeout=TIMEOUT).json() == {"ok": True, "step": 30}
 
@@ -217,46 +217,42 @@ def test_snapshot_types_the_real_consumer_and_counts_a_foreign_stream():
     from shared.wire import encode, encode_meta
     from trainer.data.consumer import DatasetConsumer
 
+    from helpers.producers import OrderServer, dealer
+
     text = "".join(f"line {i} of a small corpus\n" for i in range(200))
     corpus = pytest.importorskip("producer.corpus").Corpus(text=text, name="test", fingerprint="0" * 16)
     stream = stream_module.BatchStream(config_module.DataConfig(block_size=32, rows_per_message=8), corpus)
     foreign = stream_module.BatchStream(config_module.DataConfig(block_size=48, rows_per_message=8), corpus)
     context = zmq.Context()
+    val = stream.val_set()
+    serve = lambda split, index: stream.train_message(index) if split == "train" else val[index]  # noqa: E731
     with DatasetConsumer("tcp://127.0.0.1:*", batch_size=8) as consumer:
-        push = context.socket(zmq.PUSH)
-        push.setsockopt(zmq.LINGER, 0)
-        push.connect(consumer.endpoint)
-        try:
-            diagnostics = Diagnostics(consumer)
-            assert diagnostics.snapshot().meta is None
-            push.send_multipart(encode_meta(stream.meta, "p0", 0))
-            for index, tensors in enumerate(stream.val_set()):
-                push.send_multipart(encode(stream.meta, "val", "p0", index + 1, tensors, val_index=index), copy=False)
-            train = stream.train_batches()
-            seq = len(stream.val_set()) + 1
-            for _ in range(4):
-                push.send_multipart(encode(stream.meta, "train", "p0", seq, next(train)), copy=False)
-                seq += 1
+        diagnostics = Diagnostics(consumer)
+        assert diagnostics.snapshot().meta is None
+        with OrderServer(consumer.endpoint, stream.meta, serve, producer_id="p0"):
             assert consumer.wait_for_val_set(TIMEOUT)
             ratios = [consumer.next_batch(timeout=TIMEOUT)["mask_ratio"].numpy() for _ in range(3)]
             snapshot = diagnostics.snapshot()
-            assert snapshot.meta.block_size == 32 and snapshot.loss.context_free_floor > 0  # pinned before on_start
-            assert snapshot.stream.producers["p0"].messages >= len(stream.val_set()) + 3
-            assert snapshot.batch.rows == 8
-            direct = MaskRatioHistogram()
-            direct.add(np.concatenate(ratios))
-            assert snapshot.cumulative.mask_ratio.p50 == direct.percentiles([50])[0]
-            assert not any(alarm.active for alarm in snapshot.alarms)
+        assert snapshot.meta.block_size == 32 and snapshot.loss.context_free_floor > 0  # pinned before on_start
+        assert snapshot.stream.producers["p0"].messages >= len(val) + 3
+        assert snapshot.stream.train_k == 3 and snapshot.stream.orders_delivered >= len(val) + 3
+        assert snapshot.batch.rows == 8
+        direct = MaskRatioHistogram()
+        direct.add(np.concatenate(ratios))
+        assert snapshot.cumulative.mask_ratio.p50 == direct.percentiles([50])[0]
+        assert not any(alarm.active for alarm in snapshot.alarms)
 
+        push = dealer(context, consumer.endpoint)
+        try:
             push.send_multipart(encode_meta(foreign.meta, "p1", 0))
-            push.send_multipart(encode(foreign.meta, "train", "p1", 1, next(foreign.train_batches())), copy=False)
+            push.send_multipart(encode(foreign.meta, "train", "p1", 1, next(foreign.train_batches()), 0), copy=False)
             deadline = time.monotonic() + TIMEOUT
             while consumer.stats().to_dict()["rejected_total"] == 0 and time.monotonic() < deadline:
                 time.sleep(0.02)
             alarms = {alarm.name: alarm for alarm in diagnostics.snapshot().alarms}
             assert alarms["meta_mismatch"].active and alarms["rejecting"].active
         finally:
-            push.close()
+            push.close(linger=0)
             context.term()
 
 
