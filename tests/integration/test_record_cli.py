@@ -40,10 +40,14 @@ def test_record_then_inspect_a_small_corpus(corpus, tmp_path):
              "--block-size", 128, "--producer-id", "w3")
     with RecordingReader(out) as reader:
         messages = recorded_batches(reader)
-    assert [m.seq for m in messages] == list(range(1, 31))  # seq 0 is the meta message
-    assert {m.producer_id for m in messages} == {"w3"} and {m.split for m in messages} == {"train"}
+    val = messages[0].meta.val_messages
+    assert [m.seq for m in messages] == list(range(1, val + 31))  # seq 0 is the meta message
+    # As a trainer orders them: the whole val set, then train messages k = 0 .. 29.
+    assert [(m.split, m.index) for m in messages] == [("val", i) for i in range(val)] + [("train", k) for k in range(30)]
+    assert {m.producer_id for m in messages} == {"w3"}
     report = json.loads(producer("inspect", out).stdout)
-    assert report["messages"] == 30 and report["rows"] == 30 * 16 and report["rejected"] == 0
+    assert report["splits"] == {"val": val, "train": 30} and report["rejected"] == 0
+    assert report["rows"] == sum(m.rows for m in messages) and report["rows"] >= 30 * 16
     assert report["meta"]["block_size"] == 128 and report["meta"]["corruption"]["policy"] == "uniform"
     assert 0.85 < report["packing_efficiency"] <= 1 and report["valid_len"]["max"] <= 128
     assert 0.4 < report["supervised_per_token"] < 0.6
@@ -74,7 +78,7 @@ def test_inspect_reports_a_cut_recording_and_a_corrupt_record(corpus, tmp_path):
     second_record = data.index(RECORD_MARK, data.index(RECORD_MARK) + 1)
     out.write_bytes(bytes(data) + data[second_record : second_record + 50])  # and a cut record after it
     report = json.loads(producer("inspect", out).stdout)
-    assert report["messages"] == 3 and report["corrupt_records"] == 1
+    assert report["splits"]["train"] == 3 and report["corrupt_records"] == 1
     assert report["truncated"] and report["lost_bytes"] == 50 and "cut short" in report["problem"]
 
 
@@ -88,7 +92,7 @@ def test_prepare_record_inspect_with_a_trained_bpe(tmp_path):
     producer("record", "--corpus", tmp_path / "P", "--out", out, "--messages", 20, "--block-size", 128)
     report = json.loads(producer("inspect", out).stdout)
     assert report["meta"]["tokenizer"] == "hf" and report["meta"]["vocab_size"] == 403
-    assert report["messages"] == 20 and report["rejected"] == 0 and report["packing_efficiency"] > 0.8
+    assert report["splits"]["train"] == 20 and report["rejected"] == 0 and report["packing_efficiency"] > 0.8
     assert abs(report["pct_mask"] - 80) < 3 and abs(report["pct_random"] - 10) < 3 and abs(report["pct_unchanged"] - 10) < 3
     with RecordingReader(out) as reader:
         messages = recorded_batches(reader)
@@ -106,7 +110,7 @@ def test_record_on_the_builtin_corpus(tmp_path):
     out = tmp_path / "b.lps"
     producer("record", "--out", out, "--messages", 3, "--block-size", 256, "--packing", "fixed")
     report = json.loads(producer("inspect", out).stdout)
-    assert report["messages"] == 3 and report["packing_efficiency"] == 1.0
+    assert report["splits"]["train"] == 3 and report["packing_efficiency"] == 1.0
     assert report["meta"]["packing"] == "fixed"
     assert abs(report["supervised_per_token"] - 0.15) < 0.05
 
@@ -134,4 +138,4 @@ def test_the_stream_does_not_depend_on_pythons_hash_seed(tmp_path):
         headers = [msgpack.unpackb(record[0]) for record in frames]
         assert len({header.pop("incarnation") for header in headers}) == 1  # one per run, random
         recorded.append((headers, [record[1:] for record in frames]))
-    assert len(recorded[0][0]) == 4 and recorded[0] == recorded[1]  # the meta message and 3 batches
+    assert len(recorded[0][0]) > 4 and recorded[0] == recorded[1]  # the meta message, the val set and 3 batches
