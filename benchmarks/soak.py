@@ -131,7 +131,7 @@ def soak(args: argparse.Namespace) -> dict:
         sent = {}
         for name, proc in producers.items():
             proc.wait(STOP_TIMEOUT_S)
-            sent[name] = summary_line(out_dir / f"{name}.log")["messages_sent"]
+            sent[name] = summary_line(out_dir / f"{name}.log")["messages_handed_to_zeromq"]
         deadline = time.monotonic() + args.drain_timeout
         while True:  # the trainer keeps training, so it drains what is still on the way
             snapshot = diagnostics(http_port) or snapshot

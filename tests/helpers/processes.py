@@ -256,6 +256,6 @@ class Diagnostics:
 
 
 def last_status_count(producer: Process) -> int:
-    """Messages sent according to the producer's latest status line on stderr."""
-    line = [line for line in producer.lines if line.endswith(" messages sent")][-1]
-    return int(line.rsplit(" messages sent", 1)[0].rsplit(" ", 1)[1])
+    """Messages handed to ZeroMQ according to the producer's latest status line on stderr."""
+    line = [line for line in producer.lines if " messages handed to ZeroMQ" in line][-1]
+    return int(line.split(" messages handed to ZeroMQ", 1)[0].rsplit(" ", 1)[1])
