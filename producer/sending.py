@@ -39,6 +39,9 @@ from shared.wire import Order, Refusal, WireError, decode_control, encode, encod
 
 SEND_HWM = 16  # messages queued per link before send blocks (orders bound what is in flight; this is a backstop)
 LINGER_MS = 500  # how long close() may still flush queued messages
+# A ROUTER drops what a peer that disconnected had queued and it had not yet read: a producer that
+# stops keeps its connections this long after its last message, so the trainer reads what it sent.
+DRAIN_S = 0.5
 POLL_MS = 100  # a blocked send or an idle worker wakes this often to notice a stop request
 MAX_PENDING_ORDERS = 4096  # ordered messages kept per link; a trainer never grants this many (a hostile one is cut off)
 NO_ORDERS_WARNING_S = 10.0  # after this long without an order, the worker says that nothing is ordering
@@ -223,6 +226,7 @@ class Worker:
         self._meta_sent_at = [float("-inf")] * len(links)
         self._next_link = 0
         self._last_order_at = time.monotonic()
+        self._last_sent_at = float("-inf")
         self._idle_warned = False
         self._poller = zmq.Poller()
         for link in links:
@@ -292,6 +296,7 @@ class Worker:
             if not link.send(frames, while_blocked=self.throughput.tick):
                 return None
             self.sent[index][split] += 1
+            self._last_sent_at = time.monotonic()
             self.throughput.add(split, int(np.count_nonzero(tensors["attention_mask"])),
                                 sum(array.nbytes for array in tensors.values()))
             return True
@@ -321,8 +326,11 @@ class Worker:
         ]
 
     def close(self) -> None:
-        """Closes every link; their lingers run at the same time, so the whole takes at most
-        :data:`LINGER_MS` however many links there are."""
+        """Closes every link, :data:`DRAIN_S` after the last message was sent (see there); their
+        lingers run at the same time, so the whole takes at most that plus :data:`LINGER_MS`."""
+        remaining = self._last_sent_at + DRAIN_S - time.monotonic()
+        if remaining > 0:
+            time.sleep(remaining)
         for link in self.links:
             link.close_socket()
         for link in self.links:

@@ -244,3 +244,8 @@ class StreamLedger:
                 row.orders_outstanding += len(peer.outstanding)
                 row.orders_delivered += peer.delivered
                 row.orders_reassigned += peer.reassigned
+        for name, (delivered, reassigned) in book.retired.items():
+            row = stats.producers.get(name)
+            if row is not None:
+                row.orders_delivered += delivered
+                row.orders_reassigned += reassigned

@@ -123,6 +123,7 @@ class OrderBook:
         self._holders: dict[tuple[str, int], set[bytes]] = {}  # outstanding order -> the peers it was ordered from
         self._again: collections.deque[tuple[str, int]] = collections.deque()  # orders to give to another producer
         self.buffer: dict[int, WireMessage] = {}  # position -> delivered train message, waiting for the head
+        self.retired: dict[str, tuple[int, int]] = {}  # producer name -> (delivered, reassigned) of forgotten connections
 
     # ---- the schedule ------------------------------------------------------------------
 
@@ -214,6 +215,7 @@ class OrderBook:
             if now - peer.last_heard > self.settings.silence_s:
                 del self.peers[peer_id]
                 self.counts.forgotten_peers += 1
+                self._retire(peer)
                 for key in peer.outstanding:
                     self._release(key, peer_id, peer)
                 continue
@@ -233,6 +235,13 @@ class OrderBook:
                     self.counts.reassigned += 1
                     self._again.append(key)
         return again
+
+    def _retire(self, peer: Peer) -> None:
+        """Keeps a forgotten connection's totals under its producer name (a bounded table)."""
+        delivered, reassigned = self.retired.pop(peer.name, (0, 0))
+        if len(self.retired) >= MAX_PEERS:
+            del self.retired[next(iter(self.retired))]
+        self.retired[peer.name] = (delivered + peer.delivered, reassigned + peer.reassigned)
 
     def _release(self, key: tuple[str, int], peer_id: bytes, peer: Peer) -> None:
         holders = self._holders.get(key)
