@@ -12,7 +12,8 @@ Every flag is also a ``LINEPACK_*`` environment variable (``--max-iters`` is ``L
 a flag on the command line wins.
 
 Exit status: 0 when training finished, 2 when it refused to start (the mask self-test
-failed, the model does not cover the stream, or ``--resume`` found no usable checkpoint),
+failed, the model does not cover the stream, ``--resume`` found no usable checkpoint, or
+``--out-dir`` holds an earlier run's checkpoint or metrics and ``--resume`` was not given),
 3 when no train batch arrived for ``--data-timeout`` seconds.
 There is deliberately no flag to skip the self-test.
 """

@@ -38,7 +38,7 @@ from trainer.loop.live_samples import LiveSampler
 from trainer.loop.numbers import EvalNumbers, RunSummary, StepNumbers
 from trainer.loop.observers import METRICS_NAME, ConsoleLog, MetricsFile, Observer
 from trainer.loop.schedule import learning_rate, make_optimizer, resolve_device
-from trainer.loop.startup import checkpoint_to_resume, model_config_for, wait_for
+from trainer.loop.startup import check_nothing_to_overwrite, checkpoint_to_resume, model_config_for, wait_for
 from trainer.model.evaluation import EvalResult, evaluate
 from trainer.model.losses import nll_bound_unavailable, token_losses, weighted_mean_loss
 from trainer.model.selftest import mask_self_test
@@ -87,9 +87,11 @@ class Trainer:
         Raises MaskSelfTestError when the self-test fails, ValueError when the model does
         not cover the stream or a resumed checkpoint is unusable or belongs to another
         vocabulary, FileNotFoundError for ``--resume`` without a checkpoint, and TimeoutError
-        when ``wait_timeout`` seconds pass without meta or val set.
+        when ``wait_timeout`` seconds pass without meta or val set; ValueError also when
+        ``out_dir`` holds an earlier run and ``resume`` is ``never`` (nothing is overwritten).
         """
         config = self.config
+        check_nothing_to_overwrite(config)
         os.makedirs(config.out_dir, exist_ok=True)
         torch.manual_seed(config.seed)
         self.meta = wait_for("stream meta", self._meta_within, wait_timeout)
@@ -236,7 +238,7 @@ class Trainer:
     def _observers(self) -> list[Observer]:
         if not self.ranks.is_main:
             return []
-        metrics = MetricsFile(os.path.join(self.config.out_dir, METRICS_NAME), append=self._resumed)
+        metrics = MetricsFile(os.path.join(self.config.out_dir, METRICS_NAME))
         return [ConsoleLog(), metrics, *self.extra_observers]
 
     def run(self) -> RunSummary:
