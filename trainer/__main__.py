@@ -14,7 +14,8 @@ a flag on the command line wins.
 Exit status: 0 when training finished, 2 when it refused to start (the mask self-test
 failed, the model does not cover the stream, ``--resume`` found no usable checkpoint, or
 ``--out-dir`` holds an earlier run's checkpoint or metrics and ``--resume`` was not given),
-3 when no train batch arrived for ``--data-timeout`` seconds.
+3 when no train batch arrived for ``--data-timeout`` seconds, 130 after SIGINT (Ctrl-C) and 143
+after SIGTERM, which stop it after the step under way with a checkpoint of that step.
 There is deliberately no flag to skip the self-test.
 """
 
@@ -134,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         except CheckpointWriteError as error:
             log.error("stopping: %s", error)
             return 1
+        except KeyboardInterrupt:  # Ctrl-C: the loop has written the step's checkpoint and the summary
+            return 130
     ranks.close()
     return 0
 

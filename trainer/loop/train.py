@@ -5,7 +5,10 @@ model from the stream meta (or resumes it from a checkpoint), refuses to train w
 :func:`trainer.model.selftest.mask_self_test` fails, then runs AdamW with linear warm-up and
 cosine decay, gradient clipping and bf16 autocast on CUDA. It evaluates on the fixed val set
 and writes an atomic checkpoint every ``eval_interval`` steps, and publishes
-:mod:`trainer.loop.numbers` to observers (:mod:`trainer.loop.observers`).
+:mod:`trainer.loop.numbers` to observers (:mod:`trainer.loop.observers`). SIGINT or SIGTERM
+stops it after the step under way, with a checkpoint of the step reached
+(:mod:`trainer.loop.stopping`: at most ``STOP_CHECKPOINT_S`` seconds; else, or at a second
+signal, the previous checkpoint stands).
 
 Data-parallel (``ranks``, a :class:`trainer.loop.distributed.Ranks` from torchrun): every rank
 trains a ``DistributedDataParallel`` copy on its own source's batches; only rank 0 evaluates,
@@ -39,6 +42,7 @@ from trainer.loop.numbers import EvalNumbers, RunSummary, StepNumbers
 from trainer.loop.observers import METRICS_NAME, ConsoleLog, MetricsFile, Observer
 from trainer.loop.schedule import learning_rate, make_optimizer, resolve_device
 from trainer.loop.startup import check_nothing_to_overwrite, checkpoint_to_resume, model_config_for, wait_for
+from trainer.loop.stopping import STOP_CHECKPOINT_S, StepBoundary, deadline
 from trainer.model.evaluation import EvalResult, evaluate
 from trainer.model.losses import nll_bound_unavailable, token_losses, weighted_mean_loss
 from trainer.model.selftest import mask_self_test
@@ -77,6 +81,8 @@ class Trainer:
         self._sampler: LiveSampler | None = None
         self.checkpoint_path = os.path.join(config.out_dir, CHECKPOINT_NAME)
         self._resumed = False
+        self._saved_step = 0  # the step the checkpoint on disk holds (0: none, or nothing trained yet)
+        self._boundary = StepBoundary()
         self._interval = LogInterval(self.device, self.ranks)
 
     # ---- start-up ----------------------------------------------------------------------
@@ -104,7 +110,7 @@ class Trainer:
         if checkpoint is not None:
             self.model.load_state_dict(checkpoint["model"])
             self.optimizer.load_state_dict(checkpoint["optimizer"])
-            self.step = int(checkpoint["step"])
+            self.step = self._saved_step = int(checkpoint["step"])
             set_rng_state(checkpoint["rng"])
             self._resumed = True
             log.info("resumed from %s at step %d", self.checkpoint_path, self.step)
@@ -170,6 +176,23 @@ class Trainer:
                 raise
             log.warning("checkpoint of step %d skipped, training goes on (the next evaluation writes one): %s", self.step, error)
 
+    def _checkpoint_on_stop(self, stopped_by: str) -> None:
+        """On the way out after a signal: a checkpoint of the step reached, unless the one on disk
+        holds it already; bounded by STOP_CHECKPOINT_S seconds, and a second signal abandons it
+        (then the previous checkpoint stands, whole)."""
+        if self.step == self._saved_step:
+            return
+        started = time.perf_counter()
+        try:
+            with deadline(STOP_CHECKPOINT_S):
+                self._write_checkpoint()
+        except (CheckpointWriteError, TimeoutError, KeyboardInterrupt, SystemExit) as error:
+            log.warning("%s at step %d: its checkpoint was not written (%s: %s); the one of step %d stands", stopped_by,
+                        self.step, type(error).__name__, error, self._saved_step)
+            return
+        log.info("%s at step %d: checkpoint written to %s in %.2f s", stopped_by, self.step, self.checkpoint_path,
+                 time.perf_counter() - started)
+
     def _write_checkpoint(self) -> None:
         save_checkpoint(self.checkpoint_path, {
             "model": self.model.state_dict(),
@@ -181,6 +204,7 @@ class Trainer:
             "rng": rng_state(),
             "sample_length": self.typical_length,
         })
+        self._saved_step = self.step
 
     # ---- the loop ----------------------------------------------------------------------
 
@@ -220,8 +244,9 @@ class Trainer:
         step_start = time.perf_counter()
         batch = self._next_batch()
         data_wait = time.perf_counter() - step_start
-        loss, grad_norm = self._train_step(forward, self._to_device(batch))
-        self.step += 1
+        with self._boundary.step():  # a stop signal waits for the update and the count to agree
+            loss, grad_norm = self._train_step(forward, self._to_device(batch))
+            self.step += 1
         self._interval.add_step(loss, data_wait)
         is_log = self._is_eval_step() or self.step % config.log_interval == 0
         numbers = StepNumbers(step=self.step, log=is_log, lr=lr, step_ms=1000 * (time.perf_counter() - step_start),
@@ -258,6 +283,19 @@ class Trainer:
                 observer.on_eval(numbers)
         started = time.perf_counter()
         self._interval.restart()
+        with self._boundary.installed():
+            self._loop(forward, observers, started)
+        ranks.gather_stream_stats(self.consumer, self.step)
+        digests = ranks.gather(parameter_digest(self.model)) if ranks.distributed else None
+        summary = self._summary(started, digests=digests)
+        for observer in observers:
+            observer.on_end(summary)
+        return summary
+
+    def _loop(self, forward: Any, observers: list[Observer], started: float) -> None:
+        """The steps up to ``max_iters``; on KeyboardInterrupt or SystemExit, a checkpoint of the
+        step reached (rank 0) and the summary to the observers, then the exception goes on."""
+        ranks = self.ranks
         try:
             while self.step < self.config.max_iters:
                 numbers = self._one_step(forward)
@@ -274,16 +312,13 @@ class Trainer:
         except (KeyboardInterrupt, SystemExit) as interruption:  # Ctrl-C, or SIGTERM via trainer.__main__
             # No collectives here (stream_stats uses the last gathered numbers): under DDP the
             # other ranks may be gone already.
-            summary = self._summary(started, stopped_by=type(interruption).__name__)
+            stopped_by = type(interruption).__name__
+            if ranks.is_main:
+                self._checkpoint_on_stop(stopped_by)
+            summary = self._summary(started, stopped_by=stopped_by)
             for observer in observers:
                 observer.on_end(summary)
             raise
-        ranks.gather_stream_stats(self.consumer, self.step)
-        digests = ranks.gather(parameter_digest(self.model)) if ranks.distributed else None
-        summary = self._summary(started, digests=digests)
-        for observer in observers:
-            observer.on_end(summary)
-        return summary
 
     def _summary(self, started: float, stopped_by: str | None = None, digests: list[str] | None = None) -> RunSummary:
         last_eval = self.last_eval
