@@ -13,7 +13,9 @@ tokenizer first reads the corpus once for its vocabulary. A progress bar (MB/s, 
 shows on a terminal.
 
 Everything is written into ``DIR.partial-*`` beside ``DIR`` and renamed to ``DIR`` at the end;
-an error or a signal removes the partial folder. Clear errors, nothing half-written: a file that
+an error or a signal removes the partial folder. The folder and its files get ordinary
+permissions (what the umask allows, 0755 and 0644 for the usual 022): a prepared corpus is data
+that other users and containers (the image runs as uid 1000) read. Clear errors, nothing half-written: a file that
 is not UTF-8 (named with its byte offset), an empty corpus, a tokenizer file that does not load,
 a vocabulary too large for the wire, a jsonl line without the field.
 """
@@ -181,6 +183,7 @@ def prepare(options: PrepareSettings) -> dict[str, Any]:
     in_flight = 2 * workers
     out.parent.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix=f"{out.name}.partial-", dir=out.parent))
+    folder.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700, private to this user
     try:
         tokenizer = None if options.tokenizer == "char" else _load(options.tokenizer)
         with ProcessPoolExecutor(workers) as pool:
@@ -202,6 +205,13 @@ def prepare(options: PrepareSettings) -> dict[str, Any]:
         raise
     manifest["seconds"] = round(time.monotonic() - started, 3)
     return manifest
+
+
+def _umask() -> int:
+    """This process's umask (reading it means setting it; it is set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _load(spec: str) -> Tokenizer:

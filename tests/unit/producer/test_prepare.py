@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from producer import prepare as prepare_module
+from producer import prepared
 from producer.corpus import Corpus, load_corpus, tokenize
 from producer.lines import CorpusError
 from producer.prepare import PrepareSettings, prepare
@@ -224,6 +225,19 @@ def test_a_vocabulary_too_large_for_the_wire_is_refused(tmp_path, monkeypatch):
     with pytest.raises(CorpusError, match="the wire carries at most 10"):
         prepare(options(write(tmp_path / "c.txt", "abcdefghijkl\n"), tmp_path / "P"))
     assert not (tmp_path / "P").exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize(("umask", "folder_mode", "file_mode"), [(0o022, 0o755, 0o644), (0o077, 0o700, 0o600)])
+def test_a_prepared_folder_is_readable_as_the_umask_allows(tmp_path, bpe_file, umask, folder_mode, file_mode):
+    previous = os.umask(umask)
+    try:
+        prepare(options(write(tmp_path / "c.txt", TEXT), tmp_path / "p", tokenizer=str(bpe_file)))
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "p").stat().st_mode & 0o777 == folder_mode
+    assert {path.name: path.stat().st_mode & 0o777 for path in (tmp_path / "p").iterdir()} == {
+        name: file_mode for name in (prepared.TOKENS_NAME, prepared.OFFSETS_NAME, prepared.MANIFEST_NAME,
+                                     prepared.TOKENIZER_NAME)}
 
 
 def test_an_existing_folder_is_never_overwritten(tmp_path):
