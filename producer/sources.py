@@ -4,20 +4,46 @@
 document (its text, ending in a line break, becomes that many lines); ``.gz`` of either is
 decompressed as it streams. :func:`chunks` cuts the stream into pieces of about ``chunk_bytes``
 that end at a line break, so a worker tokenizes whole lines and no file is ever read whole.
+
+Text must be UTF-8. ``--decode-errors`` (:data:`DECODE_ERRORS`) says what to do with bytes that
+are not: ``strict`` (the default) stops with the file and byte offset; ``replace`` writes each
+undecodable sequence as U+FFFD; ``skip-line`` leaves out every line (a ``.jsonl`` document) that
+holds one. :func:`chunk_text` counts what it replaced or skipped.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from producer.lines import CorpusError
+from shared.settings import setting
 
 TEXT_SUFFIXES = (".txt", ".txt.gz")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
+DECODE_ERRORS = ("strict", "replace", "skip-line")
+REPLACEMENT = "\ufffd"
+
+
+def decode_errors_setting() -> Any:
+    """The ``--decode-errors`` field of every command that reads a corpus to prepare it."""
+    return setting("strict", "bytes that are not UTF-8: strict stops at the first; replace writes U+FFFD for each; "
+                             "skip-line leaves out each line (.jsonl document) that holds one", choices=DECODE_ERRORS)
+
+
+@dataclass(frozen=True)
+class Text:
+    """Decoded text and what decoding changed: ``replaced`` undecodable byte sequences written as
+    U+FFFD, ``skipped_lines`` lines (``.jsonl``: documents) left out."""
+
+    text: str
+    replaced: int = 0
+    skipped_lines: int = 0
 
 
 @dataclass(frozen=True)
@@ -97,22 +123,38 @@ def chunks(files: list[Source], chunk_bytes: int, progress=None) -> Iterator[Chu
                 yield Chunk(source.path, source.jsonl, offset, line, carry + b"\n")
 
 
-def _decode(chunk: Chunk) -> str:
+def decode(data: bytes, source: Path, offset: int, decode_errors: str, keep_line_numbers: bool) -> Text:
+    """UTF-8 ``data`` (whole lines, each ending in ``\\n``; at byte ``offset`` of ``source``) as text,
+    by ``decode_errors``. A skipped line leaves an empty line behind when ``keep_line_numbers``.
+    Raises CorpusError naming the byte and its offset under ``strict``."""
     try:
-        return chunk.data.decode("utf-8")
+        return Text(data.decode("utf-8"))
     except UnicodeDecodeError as error:
-        raise CorpusError(f"{chunk.source} is not UTF-8: undecodable byte 0x{chunk.data[error.start]:02x} "
-                          f"at byte offset {chunk.offset + error.start}") from None
+        if decode_errors == "strict":
+            raise CorpusError(f"{source} is not UTF-8: undecodable byte 0x{data[error.start]:02x} at byte offset "
+                              f"{offset + error.start} (--decode-errors replace or skip-line reads it anyway)") from None
+    if decode_errors == "replace":
+        text = data.decode("utf-8", "replace")
+        return Text(text, replaced=text.count(REPLACEMENT) - data.count(REPLACEMENT.encode("utf-8")))
+    lines, skipped = [], 0
+    for line in data.split(b"\n")[:-1]:
+        try:
+            lines.append(line.decode("utf-8") + "\n")
+        except UnicodeDecodeError:
+            skipped += 1
+            if keep_line_numbers:
+                lines.append("\n")
+    return Text("".join(lines), skipped_lines=skipped)
 
 
-def chunk_text(chunk: Chunk, text_field: str | None) -> str:
+def chunk_text(chunk: Chunk, text_field: str | None, decode_errors: str = "strict") -> Text:
     """The text of a chunk as whole lines (each ending in ``\\n``): the text itself, or for JSON
-    lines each document's field (blank lines are skipped)."""
-    text = _decode(chunk)
+    lines each document's field (blank lines are skipped); decoded by ``decode_errors``."""
+    decoded = decode(chunk.data, chunk.source, chunk.offset, decode_errors, keep_line_numbers=chunk.jsonl)
     if not chunk.jsonl:
-        return text
+        return decoded
     documents = []
-    for number, line in enumerate(text.split("\n")[:-1], start=chunk.line):
+    for number, line in enumerate(decoded.text.split("\n")[:-1], start=chunk.line):
         if not line.strip():
             continue
         try:
@@ -124,7 +166,7 @@ def chunk_text(chunk: Chunk, text_field: str | None) -> str:
             raise CorpusError(f"{chunk.source}:{number}: no text field {text_field!r}")
         if value:
             documents.append(value if value.endswith("\n") else value + "\n")
-    return "".join(documents)
+    return dataclasses.replace(decoded, text="".join(documents))
 
 
 def progress_bar(total_bytes: int):

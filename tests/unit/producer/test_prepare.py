@@ -270,6 +270,43 @@ def test_tokenizer_train_makes_a_byte_level_bpe_of_the_asked_size(tmp_path):
     assert lengths.tolist() == [len(ids)] and int(ids.max()) < tokenizer.base_size, "corpus text never makes a special"
 
 
+BAD_BYTE_TEXT = "good line\nbad \xb1 line\nkeeps \ufffd as it is\n".encode("utf-8").replace("\xb1".encode("utf-8"), b"\xb1")
+
+
+@pytest.mark.parametrize(("mode", "text", "replaced", "skipped"), [
+    ("replace", "good line\nbad \ufffd line\nkeeps \ufffd as it is\n", 1, 0),
+    ("skip-line", "good line\nkeeps \ufffd as it is\n", 0, 1),
+])
+def test_decode_errors_replace_or_skip_a_bad_byte_and_count_it(tmp_path, mode, text, replaced, skipped):
+    corpus = tmp_path / "c.txt"
+    corpus.write_bytes(BAD_BYTE_TEXT)
+    with pytest.raises(CorpusError, match=r"undecodable byte 0xb1 at byte offset 14 \(--decode-errors replace"):
+        prepare(options(corpus, tmp_path / "strict"))  # strict, the default
+    manifest = prepare(options(corpus, tmp_path / "P", tokenizer="bytes", decode_errors=mode, val_fraction=0.0))
+    assert manifest["decode_errors"] == {"mode": mode, "replaced": replaced, "skipped_lines": skipped}
+    loaded = load_corpus(str(tmp_path / "P"))
+    assert loaded.tokenizer.decode(np.asarray(loaded.tokens)) == text
+    documents = tmp_path / "d.jsonl"  # a skipped document keeps the line numbers of the ones after it
+    documents.write_bytes(b'{"t": "one"}\n{"t": "tw\xb1o"}\n{"t": "three"}\n{"x": 1}\n')
+    with pytest.raises(CorpusError, match=r"d.jsonl:4: no text field 't'"):
+        prepare(options(documents, tmp_path / "J", text_field="t", decode_errors=mode))
+
+    command = [sys.executable, "-m", "producer", "prepare", "--corpus", str(corpus), "--workers", "1",
+               "--decode-errors", mode, "--out", str(tmp_path / "cli")]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stderr.strip().splitlines()[-1].split(": ", 1)[1])
+    assert summary["decode_errors"] == {"mode": mode, "replaced": replaced, "skipped_lines": skipped}
+    command = [sys.executable, "-m", "producer", "tokenizer", "train", "--corpus", str(corpus), "--vocab-size", "260",
+               "--decode-errors", mode, "--out", str(tmp_path / "tok.json")]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f"decode errors ({mode}): {replaced} replaced, {skipped} lines skipped" in done.stderr
+    strict = subprocess.run(command[:-4] + ["--out", str(tmp_path / "strict.json")], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert strict.returncode == 2 and "undecodable byte 0xb1 at byte offset 14" in strict.stderr
+
+
 # VmHWM, not ru_maxrss: the latter survives exec, so a child of pytest would report pytest's own size.
 STREAM_PEAKS = """
 import sys
