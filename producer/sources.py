@@ -1,4 +1,5 @@
-"""The files of a corpus to prepare, read as a stream of chunks of whole lines.
+"""The files of a corpus, read as a stream of chunks of whole lines: by ``prepare``,
+``tokenizer train`` and (for a text corpus tokenized in memory) ``run`` and ``record`` alike.
 
 ``.txt`` files hold text; ``.jsonl`` files one JSON object a line, whose ``--text-field`` is a
 document (its text, ending in a line break, becomes that many lines); ``.gz`` of either is
@@ -26,6 +27,7 @@ from shared.settings import setting
 
 TEXT_SUFFIXES = (".txt", ".txt.gz")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
+READ_CHUNK_BYTES = 1 << 22  # bytes per chunk when one process reads the whole corpus
 DECODE_ERRORS = ("strict", "replace", "skip-line")
 REPLACEMENT = "\ufffd"
 
@@ -79,7 +81,7 @@ def _suffix_ok(path: Path, text_field: str | None) -> bool:
 def list_sources(path: str | None, text_field: str | None) -> list[Source]:
     """The files of ``path`` (a file, or a folder read recursively in sorted order)."""
     if path is None:
-        raise CorpusError("prepare needs --corpus PATH")
+        raise CorpusError("no --corpus PATH given")
     root = Path(path)
     if root.is_file():
         files = [root]
@@ -132,7 +134,8 @@ def decode(data: bytes, source: Path, offset: int, decode_errors: str, keep_line
     except UnicodeDecodeError as error:
         if decode_errors == "strict":
             raise CorpusError(f"{source} is not UTF-8: undecodable byte 0x{data[error.start]:02x} at byte offset "
-                              f"{offset + error.start} (--decode-errors replace or skip-line reads it anyway)") from None
+                              f"{offset + error.start} (prepare and tokenizer train read on with --decode-errors replace "
+                              f"or skip-line)") from None
     if decode_errors == "replace":
         text = data.decode("utf-8", "replace")
         return Text(text, replaced=text.count(REPLACEMENT) - data.count(REPLACEMENT.encode("utf-8")))

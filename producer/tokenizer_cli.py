@@ -58,7 +58,7 @@ class DecodeCounts:
 
 def corpus_lines(options: TokenizerTrainSettings, counts: DecodeCounts) -> Iterator[str]:
     """The corpus's lines, each ending in ``\\n``; adds what decoding changed to ``counts``."""
-    for chunk in sources.chunks(sources.list_sources(options.corpus, options.text_field), 1 << 22):
+    for chunk in sources.chunks(sources.list_sources(options.corpus, options.text_field), sources.READ_CHUNK_BYTES):
         decoded = sources.chunk_text(chunk, options.text_field, options.decode_errors)
         counts.replaced += decoded.replaced
         counts.skipped_lines += decoded.skipped_lines

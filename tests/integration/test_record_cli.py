@@ -116,6 +116,9 @@ def test_usage_errors(tmp_path):
     assert missing.returncode == 2 and "does not exist" in missing.stderr
     bad = producer("record", "--out", tmp_path / "x.lps", "--messages", 1, "--mask-fractions", "1,1,1", check=False)
     assert bad.returncode == 2 and "--mask-fractions" in bad.stderr
+    (tmp_path / "d.jsonl").write_text('{"text": "a document"}\n')  # read as prepare reads it, never as plain text
+    jsonl = producer("record", "--corpus", tmp_path / "d.jsonl", "--out", tmp_path / "x.lps", "--messages", 1, check=False)
+    assert jsonl.returncode == 2 and "name the field that holds the text with --text-field" in jsonl.stderr
     (tmp_path / "junk.lps").write_bytes(b"not a recording")
     junk = producer("inspect", tmp_path / "junk.lps", check=False)
     assert junk.returncode == 2 and "not a Linepack recording" in junk.stderr

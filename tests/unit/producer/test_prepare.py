@@ -280,7 +280,7 @@ BAD_BYTE_TEXT = b"good line\nbad \xb1 line\nkeeps " + "\ufffd".encode() + b" as 
 def test_decode_errors_replace_or_skip_a_bad_byte_and_count_it(tmp_path, mode, text, replaced, skipped):
     corpus = tmp_path / "c.txt"
     corpus.write_bytes(BAD_BYTE_TEXT)
-    with pytest.raises(CorpusError, match=r"undecodable byte 0xb1 at byte offset 14 \(--decode-errors replace"):
+    with pytest.raises(CorpusError, match=r"undecodable byte 0xb1 at byte offset 14 \(prepare and tokenizer train read on"):
         prepare(options(corpus, tmp_path / "strict"))  # strict, the default
     manifest = prepare(options(corpus, tmp_path / "P", tokenizer="bytes", decode_errors=mode, val_fraction=0.0))
     assert manifest["decode_errors"] == {"mode": mode, "replaced": replaced, "skipped_lines": skipped}
