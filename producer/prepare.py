@@ -11,9 +11,10 @@
 its own) while this process appends the ids and the line offsets to the folder, so memory stays
 bounded whatever the corpus size: at most two chunks per worker are in flight. The ``char``
 tokenizer first reads the corpus once for its vocabulary. A progress bar (MB/s, lines, ETA)
-shows on a terminal. Bytes that are not UTF-8 stop it (the file and byte offset named) unless
-``--decode-errors`` is ``replace`` or ``skip-line`` (:mod:`producer.sources`); the manifest's
-``decode_errors`` and the summary line then say how many sequences were replaced, lines skipped.
+shows on a terminal; elsewhere (a log) a progress line every few seconds. Bytes that are not
+UTF-8 stop it (the file and byte offset named) unless ``--decode-errors`` is ``replace`` or
+``skip-line`` (:mod:`producer.sources`); the manifest's ``decode_errors`` and the summary line
+then say how many sequences were replaced, lines skipped.
 
 Everything is written into ``DIR.partial-*`` beside ``DIR`` and renamed to ``DIR`` at the end;
 an error or a signal removes the partial folder. The folder and its files get ordinary
@@ -148,7 +149,7 @@ def write_ids(pool: ProcessPoolExecutor, options: PrepareSettings, files: list[s
     offsets = prepared.NpyAppender(folder / prepared.OFFSETS_NAME, np.int64)
     offsets.append(np.zeros(1, np.int64))
     total = sum(source.bytes for source in files)
-    progress = sources.progress_bar(total)
+    progress = sources.progress_bar(total, "prepare")
     lines = replaced = skipped = 0
     try:
         chunks = sources.chunks(files, int(options.chunk_mb * 1e6), progress)

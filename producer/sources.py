@@ -17,7 +17,9 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
-from collections.abc import Iterator
+import sys
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from shared.settings import setting
 TEXT_SUFFIXES = (".txt", ".txt.gz")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 READ_CHUNK_BYTES = 1 << 22  # bytes per chunk when one process reads the whole corpus
+PROGRESS_EVERY_S = 5.0  # seconds between progress lines when stderr is not a terminal
 DECODE_ERRORS = ("strict", "replace", "skip-line")
 REPLACEMENT = "\ufffd"
 
@@ -172,9 +175,49 @@ def chunk_text(chunk: Chunk, text_field: str | None, decode_errors: str = "stric
     return dataclasses.replace(decoded, text="".join(documents))
 
 
-def progress_bar(total_bytes: int):
-    """A tqdm bar in bytes (MB/s, ETA), quiet when stderr is not a terminal."""
+class ProgressLines:
+    """Progress as log lines, for a stderr that is not a terminal (a log file, ``docker logs``):
+    one line every ``every_s`` seconds with the bytes read of ``total_bytes``, MB/s, the ETA and
+    the fields of :meth:`set_postfix`. The part of tqdm's interface that the readers use."""
+
+    def __init__(self, total_bytes: int, desc: str, every_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.total = total_bytes
+        self.desc = desc
+        self.every_s = every_s
+        self.clock = clock
+        self.done = 0
+        self.postfix: dict[str, str] = {}
+        self._started = clock()
+        self._next = self._started + every_s
+
+    def update(self, n: int) -> None:
+        """``n`` more bytes read; a line when ``every_s`` seconds have passed since the last."""
+        self.done += n
+        now = self.clock()
+        if now >= self._next:
+            self._next = now + self.every_s
+            elapsed = max(now - self._started, 1e-9)
+            rate = self.done / elapsed
+            eta = f"{(self.total - self.done) / rate:.0f} s" if rate > 0 else "?"
+            fields = "".join(f", {name} {value}" for name, value in self.postfix.items())
+            print(f"{self.desc}: {self.done / 1e6:,.1f} of {self.total / 1e6:,.1f} MB "
+                  f"({100 * self.done / max(self.total, 1):.0f} %), {rate / 1e6:.1f} MB/s, ETA {eta}{fields}",
+                  file=sys.stderr, flush=True)
+
+    def set_postfix(self, refresh: bool = False, **fields: str) -> None:
+        """Fields shown at the end of the next line (``refresh`` is tqdm's; a line waits its turn)."""
+        self.postfix = fields
+
+    def close(self) -> None:
+        """Nothing to tidy: the caller's summary line follows."""
+
+
+def progress_bar(total_bytes: int, desc: str, terminal_bar: bool = True):
+    """Progress in bytes: a tqdm bar (MB/s, ETA) on a terminal (none when ``terminal_bar`` is
+    False: the caller has its own), else :class:`ProgressLines` every :data:`PROGRESS_EVERY_S` s."""
     from tqdm import tqdm
 
-    return tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1000, desc="prepare", disable=None,
+    if not sys.stderr.isatty():
+        return ProgressLines(total_bytes, desc, PROGRESS_EVERY_S)
+    return tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1000, desc=desc, disable=not terminal_bar,
                 dynamic_ncols=True)

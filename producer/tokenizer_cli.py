@@ -5,8 +5,9 @@
 
 The corpus is read as ``prepare`` reads it (files, folders, ``.jsonl`` with ``--text-field``,
 ``.gz``, ``--decode-errors``), line by line; the summary line counts what was replaced or
-skipped. The tokenizer has no special tokens of its own (Linepack appends ``[MASK]``, ``[SEP]``,
-``[PAD]`` after its vocabulary), its 256 byte tokens cover any text, and ``--vocab-size`` is its
+skipped. Progress: tokenizers' own bar on a terminal, else a line every few seconds. The
+tokenizer has no special tokens of its own (Linepack appends ``[MASK]``, ``[SEP]``, ``[PAD]``
+after its vocabulary), its 256 byte tokens cover any text, and ``--vocab-size`` is its
 vocabulary size exactly when the corpus offers that many merges.
 """
 
@@ -58,7 +59,10 @@ class DecodeCounts:
 
 def corpus_lines(options: TokenizerTrainSettings, counts: DecodeCounts) -> Iterator[str]:
     """The corpus's lines, each ending in ``\\n``; adds what decoding changed to ``counts``."""
-    for chunk in sources.chunks(sources.list_sources(options.corpus, options.text_field), sources.READ_CHUNK_BYTES):
+    files = sources.list_sources(options.corpus, options.text_field)
+    # On a terminal, tokenizers shows its own bar; in a log, a line every few seconds.
+    progress = sources.progress_bar(sum(source.bytes for source in files), "tokenizer train", terminal_bar=False)
+    for chunk in sources.chunks(files, sources.READ_CHUNK_BYTES, progress):
         decoded = sources.chunk_text(chunk, options.text_field, options.decode_errors)
         counts.replaced += decoded.replaced
         counts.skipped_lines += decoded.skipped_lines

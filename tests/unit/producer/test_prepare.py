@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -268,6 +269,27 @@ def test_tokenizer_train_makes_a_byte_level_bpe_of_the_asked_size(tmp_path):
     ids, lengths = tokenizer.encode_text("héllo wörld [SEP] \u2603\n")
     assert tokenizer.decode(ids) == "héllo wörld [SEP] \u2603\n", "byte-level: any text round-trips"
     assert lengths.tolist() == [len(ids)] and int(ids.max()) < tokenizer.base_size, "corpus text never makes a special"
+
+
+def test_a_progress_line_every_few_seconds_when_stderr_is_not_a_terminal(tmp_path, monkeypatch, capsys):
+    from producer import sources
+    from producer.tokenizer_cli import TokenizerTrainSettings, train
+
+    times = iter(range(100))
+    lines = sources.ProgressLines(12_000_000, "prepare", every_s=5.0, clock=lambda: next(times))
+    for _ in range(12):
+        lines.update(1_000_000)
+        lines.set_postfix(lines="1,000")
+    assert capsys.readouterr().err.splitlines() == [
+        "prepare: 5.0 of 12.0 MB (42 %), 1.0 MB/s, ETA 7 s, lines 1,000",
+        "prepare: 10.0 of 12.0 MB (83 %), 1.0 MB/s, ETA 2 s, lines 1,000"]
+
+    monkeypatch.setattr(sources, "PROGRESS_EVERY_S", 0.0)  # capsys's stderr is no terminal: lines, not a bar
+    corpus = write(tmp_path / "c.txt", TEXT)
+    prepare(options(corpus, tmp_path / "P"))
+    assert re.search(r"^prepare: [\d.]+ of [\d.]+ MB \(\d+ %\), [\d.]+ MB/s, ETA \d+ s", capsys.readouterr().err, re.M)
+    train(TokenizerTrainSettings(corpus=str(corpus), vocab_size=260, out=str(tmp_path / "tok.json")))
+    assert re.search(r"^tokenizer train: [\d.]+ of [\d.]+ MB \(100 %\)", capsys.readouterr().err, re.M)
 
 
 BAD_BYTE_TEXT = b"good line\nbad \xb1 line\nkeeps " + "\ufffd".encode() + b" as it is\n"  # one bad byte, one real U+FFFD
