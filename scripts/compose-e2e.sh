@@ -15,13 +15,16 @@
 #   curve     keys from `python -m shared.curve keygen`: the stack trains with CurveZMQ on, and a
 #             producer whose key is not authorized gets nothing in (counted; the trainer unaffected)
 # It talks only to the 127.0.0.1 ports it publishes and, inside, between the containers of its own
-# compose network; `docker compose down -v` runs in a trap whatever happens. Bounded: every wait
-# has a deadline and every docker command a timeout.
+# compose network; `docker compose down -v` runs in a trap whatever happens, and so does the
+# removal of the image it built (its own tag, linepack-e2e:$PROJECT, never the user's
+# linepack:cpu), so a test run leaves no image behind. Bounded: every wait has a deadline and
+# every docker command a timeout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 BASE_IMAGE=${BASE_IMAGE:-local/python:3.11-slim}
 PROJECT=${PROJECT:-linepack-e2e}
+export LINEPACK_IMAGE=linepack-e2e:$PROJECT  # both compose files build and run this tag; removed at the end
 PYTHON=${PYTHON:-python3}
 WORK=$(mktemp -d /tmp/linepack-e2e.XXXX)
 HTTP_PORT=$("$PYTHON" -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
@@ -54,6 +57,8 @@ cleanup() {
     [[ -n $PROM_PID ]] && kill "$PROM_PID" 2>/dev/null || true
     remote_compose down -v --remove-orphans >/dev/null 2>&1 || true
     compose down -v --remove-orphans >/dev/null 2>&1 || true
+    timeout 60 docker rm -f "$PROJECT-stranger" >/dev/null 2>&1 || true
+    timeout 120 docker image rm -f "$LINEPACK_IMAGE" >/dev/null 2>&1 && say "removed the image $LINEPACK_IMAGE" || true
     rm -rf "$WORK"
     say "cleaned up (exit $code)"
 }
