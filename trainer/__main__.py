@@ -15,7 +15,7 @@ Exit status: 0 when training finished, 2 when it refused to start (the mask self
 failed, the model does not cover the stream, ``--resume`` found no usable checkpoint, or
 ``--out-dir`` holds an earlier run's checkpoint or metrics and ``--resume`` was not given),
 3 when no train batch arrived for ``--data-timeout`` seconds, 130 after SIGINT (Ctrl-C) and 143
-after SIGTERM, which stop it after the step under way with a checkpoint of that step.
+after SIGTERM, which stop it before its next step with a checkpoint of the step reached.
 There is deliberately no flag to skip the self-test.
 """
 
@@ -127,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, OSError, TimeoutError) as error:  # OSError: e.g. a run directory that cannot be made
             log.error("refusing to train: %s", error)
             return 2
+        except KeyboardInterrupt:  # Ctrl-C before the first step: nothing trained, nothing to save
+            log.info("stopped before training")
+            return 130
         try:
             trainer.run()
         except TimeoutError as error:  # under torchrun, this rank's exit stops the other ranks too

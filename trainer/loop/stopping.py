@@ -1,10 +1,13 @@
-"""Stopping the training loop on SIGINT / SIGTERM between optimizer steps, with a checkpoint.
+"""Stopping the training loop on SIGINT / SIGTERM where it is safe, with a checkpoint.
 
-:class:`StepBoundary` holds a stop signal that arrives during a training step until the step is
-done, so the checkpoint written on the way out (``Trainer.run``) holds whole steps: the model,
-the optimizer and the step count agree. :func:`deadline` bounds that checkpoint in time: it
-must land before a launcher's SIGKILL (``trainer.processes.STOP_TIMEOUT_S``, 5 s after its
-SIGTERM); a write cut short leaves the previous checkpoint as it was (the write is atomic).
+:class:`StopSignals` notes a stop signal instead of letting it interrupt the loop wherever it
+lands (inside an optimizer update, or inside the consumer while it hands over a batch);
+``Trainer.run`` acts on it at safe points only: before each step, and every
+:data:`STOP_POLL_S` seconds while it waits for data. So the checkpoint written on the way out
+holds whole steps: the model, the optimizer, the step count and the data consumed agree.
+:func:`deadline` bounds that checkpoint in time: it must land before a launcher's SIGKILL
+(``trainer.processes.STOP_TIMEOUT_S``, 5 s after its SIGTERM); a write cut short leaves the
+previous checkpoint as it was (the write is atomic).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STOP_POLL_S = 0.5  # seconds between looks at a noted stop signal while waiting for data
 STOP_CHECKPOINT_S = 3.0  # seconds a checkpoint on the way out may take; under the launchers' 5 s before SIGKILL
 
 
@@ -23,15 +27,14 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-class StepBoundary:
-    """While :meth:`installed` (in the main thread), SIGINT and SIGTERM act at once outside
-    :meth:`step` and are held until its end inside it; they then do what their handlers did
-    before (KeyboardInterrupt; ``trainer.__main__`` makes SIGTERM a SystemExit). A signal whose
-    handler was not a Python function (the default, ignored) is left alone."""
+class StopSignals:
+    """While :meth:`installed` (in the main thread), SIGINT and SIGTERM are noted, not acted on;
+    :meth:`check` then does what their handlers did before (KeyboardInterrupt; ``trainer.__main__``
+    makes SIGTERM a SystemExit). A signal whose handler was not a Python function (the default,
+    ignored) is left alone; outside :meth:`installed` every signal acts as before."""
 
     def __init__(self) -> None:
-        self._inside = False
-        self._held: list[int] = []
+        self._noted: list[int] = []
         self._previous: dict[int, Callable[[int, Any], Any]] = {}
 
     @contextlib.contextmanager
@@ -41,31 +44,21 @@ class StepBoundary:
                 previous = signal.getsignal(signum)
                 if callable(previous):
                     self._previous[signum] = previous
-                    signal.signal(signum, self._handle)
+                    signal.signal(signum, self._note)
         try:
             yield
         finally:
             for signum, previous in self._previous.items():
                 signal.signal(signum, previous)
-            self._previous.clear()
 
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self._inside:
-            self._held.append(signum)
-            return
-        self._previous[signum](signum, frame)
+    def _note(self, signum: int, _frame: Any) -> None:
+        self._noted.append(signum)
 
-    @contextlib.contextmanager
-    def step(self) -> Iterator[None]:
-        """One training step: a stop signal that arrives meanwhile acts when it is done."""
-        self._inside = True
-        try:
-            yield
-        finally:
-            self._inside = False
-        if self._held:
-            signum = self._held[0]
-            self._held.clear()
+    def check(self) -> None:
+        """Acts on the first stop signal noted, if any (its previous handler raises)."""
+        if self._noted:
+            signum = self._noted[0]
+            self._noted.clear()
             self._previous[signum](signum, None)
 
 

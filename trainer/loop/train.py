@@ -6,9 +6,9 @@ model from the stream meta (or resumes it from a checkpoint), refuses to train w
 cosine decay, gradient clipping and bf16 autocast on CUDA. It evaluates on the fixed val set
 and writes an atomic checkpoint every ``eval_interval`` steps, and publishes
 :mod:`trainer.loop.numbers` to observers (:mod:`trainer.loop.observers`). SIGINT or SIGTERM
-stops it after the step under way, with a checkpoint of the step reached
-(:mod:`trainer.loop.stopping`: at most ``STOP_CHECKPOINT_S`` seconds; else, or at a second
-signal, the previous checkpoint stands).
+stops it before the next step (or while it waits for data), with a checkpoint of the step
+reached (:mod:`trainer.loop.stopping`: at most ``STOP_CHECKPOINT_S`` seconds; else, or at a
+second signal, the previous checkpoint stands).
 
 Data-parallel (``ranks``, a :class:`trainer.loop.distributed.Ranks` from torchrun): every rank
 trains a ``DistributedDataParallel`` copy on its own source's batches; only rank 0 evaluates,
@@ -42,7 +42,7 @@ from trainer.loop.numbers import EvalNumbers, RunSummary, StepNumbers
 from trainer.loop.observers import METRICS_NAME, ConsoleLog, MetricsFile, Observer
 from trainer.loop.schedule import learning_rate, make_optimizer, resolve_device
 from trainer.loop.startup import check_nothing_to_overwrite, checkpoint_to_resume, model_config_for, wait_for
-from trainer.loop.stopping import STOP_CHECKPOINT_S, StepBoundary, deadline
+from trainer.loop.stopping import STOP_CHECKPOINT_S, STOP_POLL_S, StopSignals, deadline
 from trainer.model.evaluation import EvalResult, evaluate
 from trainer.model.losses import nll_bound_unavailable, token_losses, weighted_mean_loss
 from trainer.model.selftest import mask_self_test
@@ -82,7 +82,7 @@ class Trainer:
         self.checkpoint_path = os.path.join(config.out_dir, CHECKPOINT_NAME)
         self._resumed = False
         self._saved_step = 0  # the step the checkpoint on disk holds (0: none, or nothing trained yet)
-        self._boundary = StepBoundary()
+        self._stop = StopSignals()
         self._interval = LogInterval(self.device, self.ranks)
 
     # ---- start-up ----------------------------------------------------------------------
@@ -225,15 +225,22 @@ class Trainer:
         return loss.detach(), grad_norm
 
     def _next_batch(self) -> Batch:
-        """The source's next train batch; TimeoutError after ``data_timeout`` seconds without one."""
-        try:
-            return self.consumer.next_batch("train", timeout=self.config.data_timeout)
-        except TimeoutError as error:
-            raise TimeoutError(
-                f"rank {self.ranks.rank}: no train batch for {self.config.data_timeout:.0f} s (--data-timeout) "
-                f"on {getattr(self.consumer, 'endpoint', 'the stream')}: its producers stopped or never connected; "
-                f"stopping at step {self.step}"
-            ) from error
+        """The source's next train batch; TimeoutError after ``data_timeout`` seconds without one.
+        Waits in pieces of STOP_POLL_S seconds, acting on a stop signal between them."""
+        timeout = self.config.data_timeout
+        deadline_at = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self._stop.check()
+            wait = STOP_POLL_S if deadline_at is None else max(0.0, min(STOP_POLL_S, deadline_at - time.monotonic()))
+            try:
+                return self.consumer.next_batch("train", timeout=wait)
+            except TimeoutError as error:
+                if deadline_at is not None and time.monotonic() >= deadline_at:
+                    raise TimeoutError(
+                        f"rank {self.ranks.rank}: no train batch for {timeout:.0f} s (--data-timeout) "
+                        f"on {getattr(self.consumer, 'endpoint', 'the stream')}: its producers stopped or never connected; "
+                        f"stopping at step {self.step}"
+                    ) from error
 
     def _one_step(self, forward: Any) -> StepNumbers:
         """Trains one step; its numbers, with the log-step numbers when this is a log step."""
@@ -244,9 +251,8 @@ class Trainer:
         step_start = time.perf_counter()
         batch = self._next_batch()
         data_wait = time.perf_counter() - step_start
-        with self._boundary.step():  # a stop signal waits for the update and the count to agree
-            loss, grad_norm = self._train_step(forward, self._to_device(batch))
-            self.step += 1
+        loss, grad_norm = self._train_step(forward, self._to_device(batch))
+        self.step += 1
         self._interval.add_step(loss, data_wait)
         is_log = self._is_eval_step() or self.step % config.log_interval == 0
         numbers = StepNumbers(step=self.step, log=is_log, lr=lr, step_ms=1000 * (time.perf_counter() - step_start),
@@ -283,35 +289,12 @@ class Trainer:
                 observer.on_eval(numbers)
         started = time.perf_counter()
         self._interval.restart()
-        with self._boundary.installed():
-            self._loop(forward, observers, started)
-        ranks.gather_stream_stats(self.consumer, self.step)
-        digests = ranks.gather(parameter_digest(self.model)) if ranks.distributed else None
-        summary = self._summary(started, digests=digests)
-        for observer in observers:
-            observer.on_end(summary)
-        return summary
-
-    def _loop(self, forward: Any, observers: list[Observer], started: float) -> None:
-        """The steps up to ``max_iters``; on KeyboardInterrupt or SystemExit, a checkpoint of the
-        step reached (rank 0) and the summary to the observers, then the exception goes on."""
-        ranks = self.ranks
         try:
-            while self.step < self.config.max_iters:
-                numbers = self._one_step(forward)
-                is_eval = self._is_eval_step() and ranks.is_main
-                eval_numbers = self._evaluate_and_checkpoint(before_training=False) if is_eval else None
-                if eval_numbers is not None:
-                    numbers = dataclasses.replace(numbers, val_loss=eval_numbers.val_loss,
-                                                  val_loss_by_stage=eval_numbers.val_loss_by_stage)
-                for observer in observers:
-                    observer.on_step(numbers)
-                if eval_numbers is not None:
-                    for observer in observers:
-                        observer.on_eval(eval_numbers)
+            with self._stop.installed():
+                self._loop(forward, observers)
         except (KeyboardInterrupt, SystemExit) as interruption:  # Ctrl-C, or SIGTERM via trainer.__main__
-            # No collectives here (stream_stats uses the last gathered numbers): under DDP the
-            # other ranks may be gone already.
+            # The handlers are back: a second signal abandons the checkpoint. No collectives here
+            # (stream_stats uses the last gathered numbers): under DDP the other ranks may be gone already.
             stopped_by = type(interruption).__name__
             if ranks.is_main:
                 self._checkpoint_on_stop(stopped_by)
@@ -319,6 +302,28 @@ class Trainer:
             for observer in observers:
                 observer.on_end(summary)
             raise
+        ranks.gather_stream_stats(self.consumer, self.step)
+        digests = ranks.gather(parameter_digest(self.model)) if ranks.distributed else None
+        summary = self._summary(started, digests=digests)
+        for observer in observers:
+            observer.on_end(summary)
+        return summary
+
+    def _loop(self, forward: Any, observers: list[Observer]) -> None:
+        """The steps up to ``max_iters``; a stop signal acts where a step waits for its batch (:meth:`_next_batch`)."""
+        ranks = self.ranks
+        while self.step < self.config.max_iters:
+            numbers = self._one_step(forward)
+            is_eval = self._is_eval_step() and ranks.is_main
+            eval_numbers = self._evaluate_and_checkpoint(before_training=False) if is_eval else None
+            if eval_numbers is not None:
+                numbers = dataclasses.replace(numbers, val_loss=eval_numbers.val_loss,
+                                              val_loss_by_stage=eval_numbers.val_loss_by_stage)
+            for observer in observers:
+                observer.on_step(numbers)
+            if eval_numbers is not None:
+                for observer in observers:
+                    observer.on_eval(eval_numbers)
 
     def _summary(self, started: float, stopped_by: str | None = None, digests: list[str] | None = None) -> RunSummary:
         last_eval = self.last_eval
