@@ -3,9 +3,13 @@
 #
 # Needs a Docker engine with Compose v2 (bash ../shared/tools/container-engine.sh sets one up
 # without Docker Hub). Builds FROM $BASE_IMAGE (default local/python:3.11-slim) with the torch
-# wheel pip's find-links folder holds (copied into docker/wheels/), then, each phase timed:
-#   up        docker compose up --scale producer=3; the trainer turns healthy; /diagnostics shows
-#             3 producers with distinct ids, each consumed, nothing rejected, the loss finite and falling
+# wheel pip's find-links folder holds (copied into docker/wheels/) and prepares data/tinyshakespeare.txt
+# on the host (python -m producer prepare, umask 022) into the folder mounted at /data, then,
+# each phase timed:
+#   up        docker compose up --scale producer=3, the producers on the prepared corpus (the image
+#             runs as uid 1000: it reads what prepare made); the trainer turns healthy; /diagnostics
+#             shows 3 producers with distinct ids, each consumed, nothing rejected, the loss finite
+#             and falling
 #   scale     --scale producer=1: training goes on, the stopped producers' silence shows; back to 3
 #   resume    SIGKILL of the trainer container, `up -d trainer`: it resumes from its checkpoint
 #             (the step goes on) and the producers reconnect by themselves
@@ -85,6 +89,10 @@ for wheel in ${WHEELS:+$WHEELS/torch-*+cpu-*.whl}; do
 done
 ls docker/wheels/torch-*.whl >/dev/null 2>&1 || say "no torch wheel in docker/wheels: the build takes torch from pip's index"
 compose build --build-arg BASE_IMAGE="$BASE_IMAGE" >"$WORK/build.log" 2>&1 || { tail -30 "$WORK/build.log"; fail "build"; }
+(umask 022 && "$PYTHON" -m producer prepare --corpus data/tinyshakespeare.txt --workers 2 --out "$WORK/data/prepared") \
+    >"$WORK/prepare.log" 2>&1 || { tail -5 "$WORK/prepare.log"; fail "prepare"; }
+export LINEPACK_CORPUS=/data/prepared  # every producer, the producers-only host's too
+say "ok: prepared corpus at /data/prepared, mode $(stat -c %a "$WORK/data/prepared")"
 phase build
 
 # ---- up --scale producer=3 ---------------------------------------------------------------

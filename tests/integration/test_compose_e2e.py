@@ -45,6 +45,7 @@ def test_compose_end_to_end():
     assert [phase for phase, _ in timed] == PHASES, output[-3000:]
     assert "Prometheus: linepack_step ->" in output or "skipped the Prometheus server" in output
     assert re.search(r"passed in \d+ s", output) and "cleaned up (exit 0)" in output
+    assert "ok: prepared corpus at /data/prepared, mode 755" in output  # what the containers' uid 1000 read
     image = f"linepack-e2e:{project}"  # what it built, and only that, is gone: no 1.5 GB image left per test run
     assert f"removed the image {image}" in output
     assert subprocess.run(["docker", "image", "inspect", image], capture_output=True, timeout=60).returncode != 0
