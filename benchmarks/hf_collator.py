@@ -2,8 +2,8 @@
 
     python benchmarks/hf_collator.py [--batches 200] [--hf-batches 20] [--repeats 7] [--quick]
 
-Block 1024, 64 rows per batch, 80/10/10, tinyshakespeare (``../shared/data/tinyshakespeare.txt``;
-the built-in corpus when it is absent), two masking policies:
+Block 1024, 64 rows per batch, 80/10/10, tinyshakespeare (``data/tinyshakespeare.txt``, shipped
+with the repository), two masking policies:
 
 - ``bert``: each candidate supervised with probability 0.15.
 - ``uniform``: per row ``r ~ U(0, 1)``. ``DataCollatorForLanguageModeling`` only takes one scalar
@@ -52,7 +52,7 @@ from shared.data_config import DataConfig  # noqa: E402
 from shared.tokenizer import CharTokenizer  # noqa: E402
 from shared.vocab import IGNORE_INDEX  # noqa: E402
 
-SHAKESPEARE = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinyshakespeare.txt").resolve()
+SHAKESPEARE = Path(__file__).resolve().parents[1] / "data" / "tinyshakespeare.txt"  # shipped: data/README.md
 BLOCK_SIZE, ROWS = 1024, 64
 POOL = 8  # distinct pre-packed batches the collator paths cycle through
 INPUT_KINDS = ("list", "numpy", "torch")
@@ -205,7 +205,7 @@ def main() -> None:
     parser.add_argument("--hf-batches", type=int, default=20, help="batches per timed run, collator paths")
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per path; the best is reported")
     parser.add_argument("--quick", action="store_true", help="a few batches per path (smoke test)")
-    parser.add_argument("--corpus", default=str(SHAKESPEARE) if SHAKESPEARE.exists() else None)
+    parser.add_argument("--corpus", default=str(SHAKESPEARE))
     args = parser.parse_args()
     if args.quick:
         args.batches, args.hf_batches, args.repeats = 3, 1, 1

@@ -1,6 +1,6 @@
 """One arm of ``trainer.compare`` in this process, for exploring what moves the plateau (docs/PLATEAU.md).
 
-    python benchmarks/plateau_arm.py --corpus ../shared/data/tinyshakespeare.txt --packing fixed --policy uniform
+    python benchmarks/plateau_arm.py --corpus data/tinyshakespeare.txt --packing fixed --policy uniform
         --block-size 256 --batch-size 16 --max-iters 600 --eval-interval 50 [any data, training or model flag]
         [--out DIR] [--quick]
 

@@ -1,6 +1,6 @@
 """Steps until the model leaves the context-free plateau, per block size x batch size x seed (docs/PLATEAU.md).
 
-    python benchmarks/plateau_sweep.py --corpus ../shared/data/tinyshakespeare.txt --out runs/sweep
+    python benchmarks/plateau_sweep.py --corpus data/tinyshakespeare.txt --out runs/sweep
         [--cells 128x32,256x16,512x8] [--seeds 0,1,2] [--max-iters 600] [--eval-interval 50]
         [--threads 1] [--keep] [--before JSON] [--quick] [-- EXTRA COMPARE FLAGS]
 

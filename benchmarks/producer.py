@@ -7,7 +7,7 @@ Python reference (below, not part of the product) on the same corpus, and prints
 
     python benchmarks/producer.py [--messages 200] [--reference-messages 4] [--corpus PATH]
 
-Default corpus: ../shared/data/tinyshakespeare.txt beside the checkout, else the built-in one.
+Default corpus: data/tinyshakespeare.txt (shipped with the repository).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from shared.data_config import DataConfig  # noqa: E402
 from shared.vocab import IGNORE_INDEX  # noqa: E402
 from shared.wire import encode  # noqa: E402
 
-SHAKESPEARE = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinyshakespeare.txt").resolve()
+SHAKESPEARE = Path(__file__).resolve().parents[1] / "data" / "tinyshakespeare.txt"  # shipped: data/README.md
 BLOCK_SIZE, ROWS = 1024, 64
 
 
@@ -131,7 +131,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=200, help="messages timed per vectorized config")
     parser.add_argument("--reference-messages", type=int, default=4, help="messages timed per reference config")
-    parser.add_argument("--corpus", default=str(SHAKESPEARE) if SHAKESPEARE.exists() else None)
+    parser.add_argument("--corpus", default=str(SHAKESPEARE))
     args = parser.parse_args()
     corpus = read_text(args.corpus)
     print(f"corpus {corpus.name} ({len(corpus.text):,} characters); block {BLOCK_SIZE}, {ROWS} rows per message; "

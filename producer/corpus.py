@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from producer import sources
 from producer.lines import CorpusError, TokenCorpus, split_point
 from producer.prepared import is_prepared, open_prepared
 from shared.tokenizer import Tokenizer, load_tokenizer
@@ -37,36 +38,22 @@ class Corpus:
     fingerprint: str
 
 
-def read_text(path: str | None) -> Corpus:
-    """The corpus at ``path`` (a UTF-8 file, or a folder whose ``.txt`` files are read in sorted
-    order), or CPython's built-in help text when ``path`` is None. Raises :class:`CorpusError`."""
+def read_text(path: str | None, text_field: str | None = None) -> Corpus:
+    """The corpus at ``path`` read as ``prepare`` reads it (:mod:`producer.sources`: a UTF-8 file,
+    or a folder read recursively in sorted order; ``.txt``, ``.jsonl`` whose ``text_field`` holds
+    each document, ``.gz`` of either), or CPython's built-in help text when ``path`` is None.
+    Raises :class:`CorpusError`."""
     if path is None:
         from pydoc_data.topics import topics
 
         pieces, name = [topics[key] for key in sorted(topics)], BUILTIN_NAME
     else:
-        source = Path(path)
-        if source.is_dir():
-            files = sorted(p for p in source.iterdir() if p.suffix == ".txt" and p.is_file())
-            if not files:
-                raise CorpusError(f"corpus folder {path} holds no .txt files (prepare it: python -m producer prepare)")
-        elif source.is_file():
-            files = [source]
-        else:
-            raise CorpusError(f"corpus {path} does not exist")
-        pieces, name = [_read_utf8(file) for file in files], str(source)
+        chunks = sources.chunks(sources.list_sources(path, text_field), sources.READ_CHUNK_BYTES)
+        pieces, name = [sources.chunk_text(chunk, text_field).text for chunk in chunks], str(Path(path))
     text = "".join(piece if piece.endswith("\n") else piece + "\n" for piece in pieces if piece)
     if not text.strip("\n"):
         raise CorpusError(f"corpus {name} is empty (it has no characters besides line breaks)")
     return Corpus(text, name, hashlib.sha256(text.encode("utf-8")).hexdigest()[:16])
-
-
-def _read_utf8(file: Path) -> str:
-    data = file.read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise CorpusError(f"{file} is not UTF-8: undecodable byte 0x{data[error.start]:02x} at byte offset {error.start}") from None
 
 
 def tokenize(corpus: Corpus, tokenizer: str | Tokenizer = "char", val_fraction: float = DEFAULT_VAL_FRACTION) -> TokenCorpus:
@@ -91,11 +78,13 @@ def tokenize(corpus: Corpus, tokenizer: str | Tokenizer = "char", val_fraction: 
     )
 
 
-def load_corpus(path: str | None, tokenizer: str | None = None, val_fraction: float | None = None) -> TokenCorpus:
+def load_corpus(path: str | None, tokenizer: str | None = None, val_fraction: float | None = None,
+                text_field: str | None = None) -> TokenCorpus:
     """The corpus at ``path``: a prepared folder (memory-mapped; ``tokenizer`` and ``val_fraction``
-    must agree with its own when given), or text tokenized in memory (``tokenizer`` defaults to
-    ``char``, ``val_fraction`` to 0.1). Raises :class:`CorpusError`."""
+    must agree with its own when given), or text (:func:`read_text`, ``.jsonl`` by its
+    ``text_field``) tokenized in memory (``tokenizer`` defaults to ``char``, ``val_fraction`` to
+    0.1). Raises :class:`CorpusError`."""
     if path is not None and is_prepared(path):
         return open_prepared(path, tokenizer, val_fraction)
     fraction = DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction
-    return tokenize(read_text(path), tokenizer or "char", fraction)
+    return tokenize(read_text(path, text_field), tokenizer or "char", fraction)

@@ -1,7 +1,8 @@
 """``python -m producer prepare``: tokenize a corpus once into a memory-mappable folder (docs/SPEC.md §2.7).
 
     python -m producer prepare --corpus PATH [--tokenizer char|bytes|FILE] [--val-fraction F]
-                               [--workers N] [--text-field NAME] --out DIR
+                               [--workers N] [--text-field NAME] [--decode-errors strict|replace|skip-line]
+                               --out DIR
 
 ``PATH`` is a file or a folder (read recursively, in sorted order) of ``.txt`` files and, with
 ``--text-field``, ``.jsonl`` files (one JSON object a line; that field's text is the document);
@@ -10,11 +11,16 @@
 its own) while this process appends the ids and the line offsets to the folder, so memory stays
 bounded whatever the corpus size: at most two chunks per worker are in flight. The ``char``
 tokenizer first reads the corpus once for its vocabulary. A progress bar (MB/s, lines, ETA)
-shows on a terminal.
+shows on a terminal; elsewhere (a log) a progress line every few seconds. Bytes that are not
+UTF-8 stop it (the file and byte offset named) unless ``--decode-errors`` is ``replace`` or
+``skip-line`` (:mod:`producer.sources`); the manifest's ``decode_errors`` and the summary line
+then say how many sequences were replaced, lines skipped.
 
 Everything is written into ``DIR.partial-*`` beside ``DIR`` and renamed to ``DIR`` at the end;
-an error or a signal removes the partial folder. Clear errors, nothing half-written: a file that
-is not UTF-8 (named with its byte offset), an empty corpus, a tokenizer file that does not load,
+an error or a signal removes the partial folder. The folder and its files get ordinary
+permissions (what the umask allows, 0755 and 0644 for the usual 022): a prepared corpus is data
+that other users and containers (the image runs as uid 1000) read. Clear errors, nothing half-written: a file that
+is not UTF-8 (named with its byte offset, under ``--decode-errors strict``), an empty corpus, a tokenizer file that does not load,
 a vocabulary too large for the wire, a jsonl line without the field.
 """
 
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import os
 import shutil
@@ -67,6 +74,7 @@ class PrepareSettings:
     workers: int = setting(0, "tokenizing processes; 0 = one per core", metavar="N", check=_check_workers)
     text_field: str | None = setting(None, "the field of each .jsonl line that holds its text", metavar="NAME")
     chunk_mb: float = setting(4.0, "MB of text per chunk handed to a worker", metavar="MB", check=_check_workers)
+    decode_errors: str = sources.decode_errors_setting()
     out: str | None = setting(None, "the folder to create (it must not exist yet)", metavar="DIR")
 
 
@@ -88,19 +96,21 @@ def _start_worker(kind: str, definition: str) -> None:
     _worker_tokenizer = tokenizer_from_definition(kind, definition)
 
 
-def _encode(chunk: Chunk, text_field: str | None, dtype: str) -> tuple[np.ndarray, np.ndarray]:
-    """A worker's job: the ids (in the corpus dtype) and per-line lengths of one chunk."""
-    text = sources.chunk_text(chunk, text_field)
+def _encode(chunk: Chunk, text_field: str | None, decode_errors: str,
+            dtype: str) -> tuple[np.ndarray, np.ndarray, sources.Text]:
+    """A worker's job: the ids (in the corpus dtype) and per-line lengths of one chunk, and its
+    decoding counts (the text itself left out: it does not travel back)."""
+    decoded = sources.chunk_text(chunk, text_field, decode_errors)
     try:
-        ids, lengths = _worker_tokenizer.encode_text(text)
+        ids, lengths = _worker_tokenizer.encode_text(decoded.text)
     except VocabularyError as error:
         raise CorpusError(f"{chunk.source}: {error}") from None
-    return ids.astype(dtype), lengths
+    return ids.astype(dtype), lengths, dataclasses.replace(decoded, text="")
 
 
-def _characters(chunk: Chunk, text_field: str | None) -> np.ndarray:
+def _characters(chunk: Chunk, text_field: str | None, decode_errors: str) -> np.ndarray:
     """A worker's job of the vocabulary pass: the distinct code points of one chunk."""
-    text = sources.chunk_text(chunk, text_field)
+    text = sources.chunk_text(chunk, text_field, decode_errors).text
     return np.unique(np.frombuffer(text.encode("utf-32-le"), dtype="<u4"))
 
 
@@ -123,7 +133,7 @@ def character_tokenizer(pool: ProcessPoolExecutor, options: PrepareSettings, fil
     """The char tokenizer of the whole corpus (a first pass over it)."""
     seen = np.zeros(0, dtype="<u4")
     chunks = sources.chunks(files, int(options.chunk_mb * 1e6))
-    for codepoints in _ordered(pool, _characters, chunks, in_flight, options.text_field):
+    for codepoints in _ordered(pool, _characters, chunks, in_flight, options.text_field, options.decode_errors):
         seen = np.union1d(seen, codepoints)
     if not np.any(seen != ord("\n")):
         raise CorpusError(f"corpus {options.corpus} is empty (it has no characters besides line breaks)")
@@ -131,25 +141,30 @@ def character_tokenizer(pool: ProcessPoolExecutor, options: PrepareSettings, fil
 
 
 def write_ids(pool: ProcessPoolExecutor, options: PrepareSettings, files: list[sources.Source], tokenizer: Tokenizer,
-              folder: Path, in_flight: int) -> tuple[dict[str, Any], dict[str, Any], int]:
-    """Tokenizes every chunk into ``folder``'s tokens and offsets; their manifest entries and the line count."""
+              folder: Path, in_flight: int) -> tuple[dict[str, Any], dict[str, Any], int, dict[str, Any]]:
+    """Tokenizes every chunk into ``folder``'s tokens and offsets; their manifest entries, the
+    line count and the manifest's ``decode_errors`` entry (mode, replaced, skipped_lines)."""
     dtype = id_dtype(tokenizer.vocab_size)
     tokens = prepared.NpyAppender(folder / prepared.TOKENS_NAME, dtype)
     offsets = prepared.NpyAppender(folder / prepared.OFFSETS_NAME, np.int64)
     offsets.append(np.zeros(1, np.int64))
     total = sum(source.bytes for source in files)
-    progress = sources.progress_bar(total)
-    lines = 0
+    progress = sources.progress_bar(total, "prepare")
+    lines = replaced = skipped = 0
     try:
         chunks = sources.chunks(files, int(options.chunk_mb * 1e6), progress)
-        for ids, lengths in _ordered(pool, _encode, chunks, in_flight, options.text_field, dtype.str):
+        for ids, lengths, decoded in _ordered(pool, _encode, chunks, in_flight, options.text_field, options.decode_errors,
+                                              dtype.str):
             offsets.append(tokens.length + np.cumsum(lengths))
             tokens.append(ids)
             lines += len(lengths)
+            replaced += decoded.replaced
+            skipped += decoded.skipped_lines
             progress.set_postfix(lines=f"{lines:,}", refresh=False)
     finally:
         progress.close()
-    return tokens.finish(), offsets.finish(), lines
+    decode_errors = {"mode": options.decode_errors, "replaced": replaced, "skipped_lines": skipped}
+    return tokens.finish(), offsets.finish(), lines, decode_errors
 
 
 def read_ids(path: Path, dtype: str, start: int, count: int) -> np.ndarray:
@@ -181,6 +196,7 @@ def prepare(options: PrepareSettings) -> dict[str, Any]:
     in_flight = 2 * workers
     out.parent.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix=f"{out.name}.partial-", dir=out.parent))
+    folder.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700, private to this user
     try:
         tokenizer = None if options.tokenizer == "char" else _load(options.tokenizer)
         with ProcessPoolExecutor(workers) as pool:
@@ -189,8 +205,8 @@ def prepare(options: PrepareSettings) -> dict[str, Any]:
         if tokenizer.vocab_size > MAX_VOCAB_SIZE:
             raise CorpusError(f"the vocabulary has {tokenizer.vocab_size} ids with the specials: the wire carries at most {MAX_VOCAB_SIZE}")
         with ProcessPoolExecutor(workers, initializer=_start_worker, initargs=(tokenizer.kind, tokenizer.definition)) as pool:
-            tokens, offsets, lines = write_ids(pool, options, files, tokenizer, folder, in_flight)
-        manifest = build_manifest(folder, options, files, tokenizer, tokens, offsets, lines)
+            tokens, offsets, lines, decode_errors = write_ids(pool, options, files, tokenizer, folder, in_flight)
+        manifest = build_manifest(folder, options, files, tokenizer, tokens, offsets, lines, decode_errors)
         for name in (prepared.TOKENS_NAME, prepared.OFFSETS_NAME):  # after the unigram counts read the ids back
             prepared.drop_from_page_cache(folder / name)
         if tokenizer.kind == "hf":
@@ -204,6 +220,13 @@ def prepare(options: PrepareSettings) -> dict[str, Any]:
     return manifest
 
 
+def _umask() -> int:
+    """This process's umask (reading it means setting it; it is set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _load(spec: str) -> Tokenizer:
     try:
         return load_tokenizer(spec)
@@ -212,7 +235,7 @@ def _load(spec: str) -> Tokenizer:
 
 
 def build_manifest(folder: Path, options: PrepareSettings, files: list[sources.Source], tokenizer: Tokenizer,
-                   tokens: dict[str, Any], offsets: dict[str, Any], lines: int) -> dict[str, Any]:
+                   tokens: dict[str, Any], offsets: dict[str, Any], lines: int, decode_errors: dict[str, Any]) -> dict[str, Any]:
     if tokens["length"] == 0 or lines == 0:
         raise CorpusError(f"corpus {options.corpus} is empty")
     split_line = split_point(lines, options.val_fraction)
@@ -232,6 +255,7 @@ def build_manifest(folder: Path, options: PrepareSettings, files: list[sources.S
         "unigram_counts": train_unigram_counts(folder, tokens, train_tokens, tokenizer.base_size),
         "sources": [{"path": str(source.path), "bytes": source.bytes} for source in files],
         "text_field": options.text_field,
+        "decode_errors": decode_errors,
         "files": {prepared.TOKENS_NAME: tokens, prepared.OFFSETS_NAME: offsets},
     }
     manifest["fingerprint"] = prepared.fingerprint(manifest)
@@ -249,7 +273,7 @@ def run_prepare(args: argparse.Namespace) -> int:
     except CorpusError as error:
         print(f"prepare: {error}", file=sys.stderr)
         return 2
-    summary = {key: manifest[key] for key in ("lines", "tokens", "vocab_size", "fingerprint", "seconds")}
+    summary = {key: manifest[key] for key in ("lines", "tokens", "vocab_size", "fingerprint", "seconds", "decode_errors")}
     source_bytes = sum(source["bytes"] for source in manifest["sources"])
     summary["mb_per_s"] = round(source_bytes / 1e6 / max(manifest["seconds"], 1e-9), 2)
     print(f"prepared {options.out}: " + json.dumps(summary), file=sys.stderr)

@@ -1,23 +1,54 @@
-"""The files of a corpus to prepare, read as a stream of chunks of whole lines.
+"""The files of a corpus, read as a stream of chunks of whole lines: by ``prepare``,
+``tokenizer train`` and (for a text corpus tokenized in memory) ``run`` and ``record`` alike.
 
 ``.txt`` files hold text; ``.jsonl`` files one JSON object a line, whose ``--text-field`` is a
 document (its text, ending in a line break, becomes that many lines); ``.gz`` of either is
 decompressed as it streams. :func:`chunks` cuts the stream into pieces of about ``chunk_bytes``
 that end at a line break, so a worker tokenizes whole lines and no file is ever read whole.
+
+Text must be UTF-8. ``--decode-errors`` (:data:`DECODE_ERRORS`) says what to do with bytes that
+are not: ``strict`` (the default) stops with the file and byte offset; ``replace`` writes each
+undecodable sequence as U+FFFD; ``skip-line`` leaves out every line (a ``.jsonl`` document) that
+holds one. :func:`chunk_text` counts what it replaced or skipped.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
-from collections.abc import Iterator
+import sys
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from producer.lines import CorpusError
+from shared.settings import setting
 
 TEXT_SUFFIXES = (".txt", ".txt.gz")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
+READ_CHUNK_BYTES = 1 << 22  # bytes per chunk when one process reads the whole corpus
+PROGRESS_EVERY_S = 5.0  # seconds between progress lines when stderr is not a terminal
+DECODE_ERRORS = ("strict", "replace", "skip-line")
+REPLACEMENT = "\ufffd"
+
+
+def decode_errors_setting() -> Any:
+    """The ``--decode-errors`` field of every command that reads a corpus to prepare it."""
+    return setting("strict", "bytes that are not UTF-8: strict stops at the first; replace writes U+FFFD for each; "
+                             "skip-line leaves out each line (.jsonl document) that holds one", choices=DECODE_ERRORS)
+
+
+@dataclass(frozen=True)
+class Text:
+    """Decoded text and what decoding changed: ``replaced`` undecodable byte sequences written as
+    U+FFFD, ``skipped_lines`` lines (``.jsonl``: documents) left out."""
+
+    text: str
+    replaced: int = 0
+    skipped_lines: int = 0
 
 
 @dataclass(frozen=True)
@@ -53,7 +84,7 @@ def _suffix_ok(path: Path, text_field: str | None) -> bool:
 def list_sources(path: str | None, text_field: str | None) -> list[Source]:
     """The files of ``path`` (a file, or a folder read recursively in sorted order)."""
     if path is None:
-        raise CorpusError("prepare needs --corpus PATH")
+        raise CorpusError("no --corpus PATH given")
     root = Path(path)
     if root.is_file():
         files = [root]
@@ -97,22 +128,39 @@ def chunks(files: list[Source], chunk_bytes: int, progress=None) -> Iterator[Chu
                 yield Chunk(source.path, source.jsonl, offset, line, carry + b"\n")
 
 
-def _decode(chunk: Chunk) -> str:
+def decode(data: bytes, source: Path, offset: int, decode_errors: str, keep_line_numbers: bool) -> Text:
+    """UTF-8 ``data`` (whole lines, each ending in ``\\n``; at byte ``offset`` of ``source``) as text,
+    by ``decode_errors``. A skipped line leaves an empty line behind when ``keep_line_numbers``.
+    Raises CorpusError naming the byte and its offset under ``strict``."""
     try:
-        return chunk.data.decode("utf-8")
+        return Text(data.decode("utf-8"))
     except UnicodeDecodeError as error:
-        raise CorpusError(f"{chunk.source} is not UTF-8: undecodable byte 0x{chunk.data[error.start]:02x} "
-                          f"at byte offset {chunk.offset + error.start}") from None
+        if decode_errors == "strict":
+            raise CorpusError(f"{source} is not UTF-8: undecodable byte 0x{data[error.start]:02x} at byte offset "
+                              f"{offset + error.start} (prepare and tokenizer train read on with --decode-errors replace "
+                              f"or skip-line)") from None
+    if decode_errors == "replace":
+        text = data.decode("utf-8", "replace")
+        return Text(text, replaced=text.count(REPLACEMENT) - data.count(REPLACEMENT.encode("utf-8")))
+    lines, skipped = [], 0
+    for line in data.split(b"\n")[:-1]:
+        try:
+            lines.append(line.decode("utf-8") + "\n")
+        except UnicodeDecodeError:
+            skipped += 1
+            if keep_line_numbers:
+                lines.append("\n")
+    return Text("".join(lines), skipped_lines=skipped)
 
 
-def chunk_text(chunk: Chunk, text_field: str | None) -> str:
+def chunk_text(chunk: Chunk, text_field: str | None, decode_errors: str = "strict") -> Text:
     """The text of a chunk as whole lines (each ending in ``\\n``): the text itself, or for JSON
-    lines each document's field (blank lines are skipped)."""
-    text = _decode(chunk)
+    lines each document's field (blank lines are skipped); decoded by ``decode_errors``."""
+    decoded = decode(chunk.data, chunk.source, chunk.offset, decode_errors, keep_line_numbers=chunk.jsonl)
     if not chunk.jsonl:
-        return text
+        return decoded
     documents = []
-    for number, line in enumerate(text.split("\n")[:-1], start=chunk.line):
+    for number, line in enumerate(decoded.text.split("\n")[:-1], start=chunk.line):
         if not line.strip():
             continue
         try:
@@ -124,12 +172,52 @@ def chunk_text(chunk: Chunk, text_field: str | None) -> str:
             raise CorpusError(f"{chunk.source}:{number}: no text field {text_field!r}")
         if value:
             documents.append(value if value.endswith("\n") else value + "\n")
-    return "".join(documents)
+    return dataclasses.replace(decoded, text="".join(documents))
 
 
-def progress_bar(total_bytes: int):
-    """A tqdm bar in bytes (MB/s, ETA), quiet when stderr is not a terminal."""
+class ProgressLines:
+    """Progress as log lines, for a stderr that is not a terminal (a log file, ``docker logs``):
+    one line every ``every_s`` seconds with the bytes read of ``total_bytes``, MB/s, the ETA and
+    the fields of :meth:`set_postfix`. The part of tqdm's interface that the readers use."""
+
+    def __init__(self, total_bytes: int, desc: str, every_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.total = total_bytes
+        self.desc = desc
+        self.every_s = every_s
+        self.clock = clock
+        self.done = 0
+        self.postfix: dict[str, str] = {}
+        self._started = clock()
+        self._next = self._started + every_s
+
+    def update(self, n: int) -> None:
+        """``n`` more bytes read; a line when ``every_s`` seconds have passed since the last."""
+        self.done += n
+        now = self.clock()
+        if now >= self._next:
+            self._next = now + self.every_s
+            elapsed = max(now - self._started, 1e-9)
+            rate = self.done / elapsed
+            eta = f"{(self.total - self.done) / rate:.0f} s" if rate > 0 else "?"
+            fields = "".join(f", {name} {value}" for name, value in self.postfix.items())
+            print(f"{self.desc}: {self.done / 1e6:,.1f} of {self.total / 1e6:,.1f} MB "
+                  f"({100 * self.done / max(self.total, 1):.0f} %), {rate / 1e6:.1f} MB/s, ETA {eta}{fields}",
+                  file=sys.stderr, flush=True)
+
+    def set_postfix(self, refresh: bool = False, **fields: str) -> None:
+        """Fields shown at the end of the next line (``refresh`` is tqdm's; a line waits its turn)."""
+        self.postfix = fields
+
+    def close(self) -> None:
+        """Nothing to tidy: the caller's summary line follows."""
+
+
+def progress_bar(total_bytes: int, desc: str, terminal_bar: bool = True):
+    """Progress in bytes: a tqdm bar (MB/s, ETA) on a terminal (none when ``terminal_bar`` is
+    False: the caller has its own), else :class:`ProgressLines` every :data:`PROGRESS_EVERY_S` s."""
     from tqdm import tqdm
 
-    return tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1000, desc="prepare", disable=None,
+    if not sys.stderr.isatty():
+        return ProgressLines(total_bytes, desc, PROGRESS_EVERY_S)
+    return tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1000, desc=desc, disable=not terminal_bar,
                 dynamic_ncols=True)

@@ -3,9 +3,13 @@
 #
 # Needs a Docker engine with Compose v2 (bash ../shared/tools/container-engine.sh sets one up
 # without Docker Hub). Builds FROM $BASE_IMAGE (default local/python:3.11-slim) with the torch
-# wheel pip's find-links folder holds (copied into docker/wheels/), then, each phase timed:
-#   up        docker compose up --scale producer=3; the trainer turns healthy; /diagnostics shows
-#             3 producers with distinct ids, each consumed, nothing rejected, the loss finite and falling
+# wheel pip's find-links folder holds (copied into docker/wheels/) and prepares data/tinyshakespeare.txt
+# on the host (python -m producer prepare, umask 022) into the folder mounted at /data, then,
+# each phase timed:
+#   up        docker compose up --scale producer=3, the producers on the prepared corpus (the image
+#             runs as uid 1000: it reads what prepare made); the trainer turns healthy; /diagnostics
+#             shows 3 producers with distinct ids, each consumed, nothing rejected, the loss finite
+#             and falling
 #   scale     --scale producer=1: training goes on, the stopped producers' silence shows; back to 3
 #   restart   one producer container restarted mid-run: training goes on, and the trainer's cursor
 #             stays at k = step (batch 8 = rows per message 8): no k repeated or skipped
@@ -17,13 +21,16 @@
 #   curve     keys from `python -m shared.curve keygen`: the stack trains with CurveZMQ on, and a
 #             producer whose key is not authorized gets nothing in (counted; the trainer unaffected)
 # It talks only to the 127.0.0.1 ports it publishes and, inside, between the containers of its own
-# compose network; `docker compose down -v` runs in a trap whatever happens. Bounded: every wait
-# has a deadline and every docker command a timeout.
+# compose network; `docker compose down -v` runs in a trap whatever happens, and so does the
+# removal of the image it built (its own tag, linepack-e2e:$PROJECT, never the user's
+# linepack:cpu), so a test run leaves no image behind. Bounded: every wait has a deadline and
+# every docker command a timeout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 BASE_IMAGE=${BASE_IMAGE:-local/python:3.11-slim}
 PROJECT=${PROJECT:-linepack-e2e}
+export LINEPACK_IMAGE=linepack-e2e:$PROJECT  # both compose files build and run this tag; removed at the end
 PYTHON=${PYTHON:-python3}
 WORK=$(mktemp -d /tmp/linepack-e2e.XXXX)
 HTTP_PORT=$("$PYTHON" -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
@@ -56,6 +63,8 @@ cleanup() {
     [[ -n $PROM_PID ]] && kill "$PROM_PID" 2>/dev/null || true
     remote_compose down -v --remove-orphans >/dev/null 2>&1 || true
     compose down -v --remove-orphans >/dev/null 2>&1 || true
+    timeout 60 docker rm -f "$PROJECT-stranger" >/dev/null 2>&1 || true
+    timeout 120 docker image rm -f "$LINEPACK_IMAGE" >/dev/null 2>&1 && say "removed the image $LINEPACK_IMAGE" || true
     rm -rf "$WORK"
     say "cleaned up (exit $code)"
 }
@@ -82,6 +91,10 @@ for wheel in ${WHEELS:+$WHEELS/torch-*+cpu-*.whl}; do
 done
 ls docker/wheels/torch-*.whl >/dev/null 2>&1 || say "no torch wheel in docker/wheels: the build takes torch from pip's index"
 compose build --build-arg BASE_IMAGE="$BASE_IMAGE" >"$WORK/build.log" 2>&1 || { tail -30 "$WORK/build.log"; fail "build"; }
+(umask 022 && "$PYTHON" -m producer prepare --corpus data/tinyshakespeare.txt --workers 2 --out "$WORK/data/prepared") \
+    >"$WORK/prepare.log" 2>&1 || { tail -5 "$WORK/prepare.log"; fail "prepare"; }
+export LINEPACK_CORPUS=/data/prepared  # every producer, the producers-only host's too
+say "ok: prepared corpus at /data/prepared, mode $(stat -c %a "$WORK/data/prepared")"
 phase build
 
 # ---- up --scale producer=3 ---------------------------------------------------------------

@@ -75,7 +75,10 @@ class DataConfig:
     (``producer.stages.EXAMPLE_STAGES``)."""
 
     corpus: str | None = setting(None, "a prepared folder (python -m producer prepare), or a UTF-8 text file or folder of "
-                                       ".txt files tokenized in memory (none: CPython's built-in help text)", metavar="PATH")
+                                       ".txt (and, with --text-field, .jsonl; .gz of either) files tokenized in memory "
+                                       "(none: CPython's built-in help text)", metavar="PATH")
+    text_field: str | None = setting(None, "the field of each .jsonl line that holds its text (a text corpus)",
+                                     metavar="NAME")
     tokenizer: str | None = setting(None, "char, bytes, or a Hugging Face tokenizers JSON file (none: char for text, "
                                           "the prepared folder's own)", metavar="KIND|FILE")
     block_size: int = setting(128, "tokens per row, T", check=_in_range("block size", 2, MAX_BLOCK_SIZE))

@@ -12,8 +12,10 @@ Every flag is also a ``LINEPACK_*`` environment variable (``--max-iters`` is ``L
 a flag on the command line wins.
 
 Exit status: 0 when training finished, 2 when it refused to start (the mask self-test
-failed, the model does not cover the stream, or ``--resume`` found no usable checkpoint),
-3 when no train batch arrived for ``--data-timeout`` seconds.
+failed, the model does not cover the stream, ``--resume`` found no usable checkpoint, or
+``--out-dir`` holds an earlier run's checkpoint or metrics and ``--resume`` was not given),
+3 when no train batch arrived for ``--data-timeout`` seconds, 130 after SIGINT (Ctrl-C) and 143
+after SIGTERM, which stop it before its next step with a checkpoint of the step reached.
 There is deliberately no flag to skip the self-test.
 """
 
@@ -129,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, OSError, TimeoutError) as error:  # OSError: e.g. a run directory that cannot be made
             log.error("refusing to train: %s", error)
             return 2
+        except KeyboardInterrupt:  # Ctrl-C before the first step: nothing trained, nothing to save
+            log.info("stopped before training")
+            return 130
         try:
             trainer.run()
         except TimeoutError as error:  # under torchrun, this rank's exit stops the other ranks too
@@ -137,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         except CheckpointWriteError as error:
             log.error("stopping: %s", error)
             return 1
+        except KeyboardInterrupt:  # Ctrl-C: the loop has written the step's checkpoint and the summary
+            return 130
     ranks.close()
     return 0
 

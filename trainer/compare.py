@@ -24,7 +24,9 @@ per-eval val loss of both arms, the context-free floor, final numbers, probe and
 matplotlib, the ``plots`` extra, is missing), ``common_val.lps``, and per arm ``fixed/`` and
 ``lines/``: the trainer's run directory (metrics.jsonl, ckpt.pt), ``trainer.log``,
 ``producer-N.log`` and ``diagnostics.json`` (the last ``GET /diagnostics`` answer seen while it
-trained). Exit status 0 when both arms finished, 1 otherwise (the failing log is named).
+trained). Exit status 0 when both arms finished, 1 otherwise (the failing log is named), 2 when
+``--out`` holds an earlier comparison's arm runs (nothing is overwritten: remove them or choose
+another ``--out``).
 
 Producers are started as processes; this module never imports them.
 """
@@ -54,6 +56,7 @@ from trainer.analysis.report import arm_result, build_report, markdown, plot
 from trainer.diagnostics.config import DiagnosticsSettings
 from trainer.diagnostics.floor import context_free_floor
 from trainer.loop.config import TrainConfig
+from trainer.loop.startup import earlier_run
 from trainer.model.transformer import ModelConfig
 from trainer.processes import Child, python_module, stop_all
 
@@ -214,6 +217,12 @@ def main(argv: list[str] | None = None) -> int:
 def compare(plan: Plan, command: str) -> int:
     """Record the common set, run both arms, write the report; the exit status."""
     out = plan.compare.out
+    held = [f"{os.path.join(out, packing)} ({found})" for packing in ARMS
+            if (found := earlier_run(os.path.join(out, packing))) is not None]
+    if held:
+        print(f"[compare] {', '.join(held)}: an earlier comparison's runs are there and nothing was overwritten; "
+              f"remove them or choose another --out", file=sys.stderr)
+        return 2
     os.makedirs(out, exist_ok=True)
     common_path = os.path.join(out, COMMON_NAME)
     record = subprocess.run(record_command(plan, common_path), capture_output=True, text=True)

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 
 from shared import settings
+from shared.endpoints import check_endpoints
 from shared.settings import setting
 from trainer.data.config import StreamSettings
 from trainer.data.consumer import DatasetConsumer
@@ -36,7 +37,8 @@ def _positive(value: float) -> None:
 class ConsumeSettings:
     """``--bind`` and ``--record`` are the trainer's, ``--batch-size`` the training loop's."""
 
-    connect: str | None = setting(None, "connect to a producer that binds, instead of binding", metavar="ADDR")
+    connect: str | None = setting(None, "connect to a producer that binds, instead of binding", metavar="ADDR",
+                                  check=check_endpoints)
     batches: int | None = setting(None, "stop after N batches", metavar="N", check=_positive)
     val: bool = setting(False, "wait for the whole val set before the first batch")
     starved_after: float = setting(5.0, "seconds of silence before it reports waiting for producers", metavar="S",

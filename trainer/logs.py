@@ -1,11 +1,14 @@
-"""The trainer's log: one format, and repeated lines rate-limited so that a flood of failures
+"""The trainer's log: one format, and repeated warnings rate-limited so that a flood of failures
 (a peer exhausting descriptors makes asyncio log every failed accept) cannot fill the disk.
 
-:class:`RepeatLimit` lets through the first :attr:`burst` records of each (logger, message
-template) per :attr:`window_s` seconds, then drops the rest of that window and says once how
-many it dropped when the next window opens. A record logged with ``extra=LIMITED_AT_SOURCE``
-passes: its caller bounds it already (the consumer logs the 1st, 2nd, 4th... rejection of each
-reason from each producer, so every offender is named once).
+:class:`RepeatLimit` lets through the first :attr:`burst` warnings (and errors) of each
+(logger, message template) per :attr:`window_s` seconds, then drops the rest of that window and
+says once how many it dropped when the next window opens. INFO records always pass: they are
+the run's own record (a step line every ``--log-interval`` steps, the val loss at every eval,
+start-up and stream events), each bounded by what it reports, and a log that drops them hides
+the run's progress. A warning logged with ``extra=LIMITED_AT_SOURCE`` passes too: its caller
+bounds it already (the consumer logs the 1st, 2nd, 4th... rejection of each reason from each
+producer, so every offender is named once).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ class RepeatLimit(logging.Filter):
         self._windows: dict[tuple[str, str], list[float | int]] = {}  # key -> [window start, passed, dropped]
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if getattr(record, "limited_at_source", False):
+        if record.levelno < logging.WARNING or getattr(record, "limited_at_source", False):
             return True
         key = (record.name, str(record.msg))
         now = self.clock()
@@ -58,7 +61,7 @@ class OneLineAcceptErrors(logging.Filter):
 
 
 def configure(prefix: str = "") -> None:
-    """INFO to stdout with a timestamp, ``prefix`` before the logger name, repeats limited."""
+    """INFO to stdout with a timestamp, ``prefix`` before the logger name, repeated warnings limited."""
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(name)s %(message)s"))
     handler.addFilter(OneLineAcceptErrors())

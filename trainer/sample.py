@@ -16,8 +16,11 @@ step) predicts every masked position and commits a scheduled number of them: the
 settings, seconds per sample); ``--trace FILE`` writes, per step and sample, the positions
 revealed and their probabilities (JSON lines). On CUDA the model runs under bf16 autocast.
 
-Exit status 2 for a checkpoint that does not load, a prompt longer than ``L``, or text the
-vocabulary cannot write.
+Which checkpoint (and its step) goes to stderr; so does a note when ``--steps`` is more than the
+positions to write (each step writes at least one: that many steps are taken).
+
+Exit status 2 for a run directory that does not exist or holds no checkpoint yet, a checkpoint
+that does not load, a prompt longer than ``L``, or text the vocabulary cannot write.
 """
 
 from __future__ import annotations
@@ -77,13 +80,30 @@ def write_trace(path: str, samples: list[Sample]) -> None:
                 file.write(json.dumps({"sample": index, "step": step, "revealed": [dataclasses.asdict(r) for r in reveals]}) + "\n")
 
 
+def checkpoint_path(options: SampleSettings) -> str:
+    """The checkpoint to load: ``--checkpoint``, or the run directory's; FileNotFoundError saying
+    plainly what is missing (the directory, or a checkpoint in it)."""
+    if options.checkpoint is not None:
+        if not os.path.isfile(options.checkpoint):
+            raise FileNotFoundError(f"no checkpoint file {options.checkpoint}")
+        return options.checkpoint
+    if not os.path.isdir(options.run):
+        raise FileNotFoundError(f"no run directory {options.run}")
+    path = os.path.join(options.run, CHECKPOINT_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"run directory {options.run} holds no checkpoint ({CHECKPOINT_NAME}) yet: a run writes one "
+                                f"at every evaluation (--eval-interval) and when it is stopped")
+    return path
+
+
 def run(options: SampleSettings) -> dict:
-    """Loads the model, writes the samples; the JSON report. Raises ValueError / SamplingError."""
+    """Loads the model, writes the samples; the JSON report. Raises ValueError / SamplingError,
+    FileNotFoundError for a missing run directory or checkpoint."""
     if (options.run is None) == (options.checkpoint is None):
         raise SamplingError("give exactly one of --run DIR and --checkpoint FILE")
     if options.prompt is not None and options.infill is not None:
         raise SamplingError("--prompt and --infill do not go together")
-    path = options.checkpoint or os.path.join(options.run, CHECKPOINT_NAME)
+    path = checkpoint_path(options)
     device = resolve_device(options.device)
     model, checkpoint = load_model(path, device)
     meta = checkpoint_meta(checkpoint["meta"])
@@ -118,6 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:  # SamplingError is a ValueError, as is an unusable checkpoint
         print(f"sample: {error}", file=sys.stderr)
         return 2
+    used = report["settings"]
+    print(f"sample: {used['checkpoint']} (step {used['step_of_checkpoint']})", file=sys.stderr)
+    if options.steps is not None and options.steps > used["steps"]:
+        print(f"sample: --steps {options.steps} is more than the {used['positions_to_write']} positions to write: "
+              f"{used['steps']} steps, one position each", file=sys.stderr)
     if options.json:
         print(json.dumps(report))
     else:

@@ -7,8 +7,14 @@
 
 ``--producer-args`` / ``--trainer-args`` are shell-quoted strings appended to every producer's
 (the trainer's) command line after the launcher's own flags, so they override them (argparse
-keeps the last value): ``--producer-args "--block-size 256 --policy uniform"``. A single flag
-with no value needs the ``=`` form: ``--producer-args=--supervise-sep``.
+keeps the last value): ``--producer-args "--block-size 256 --policy uniform"``,
+``--trainer-args "--resume"`` (a lone flag works as well as the ``=`` form).
+
+A run never overwrites another: without ``--out-dir`` the run directory is ``runs/stack``, or,
+when that holds an earlier run (a checkpoint or metrics), ``runs/stack-N`` with the next N
+(with ``--resume`` in ``--trainer-args``: the latest of them, to continue it); the launcher says
+which. A ``--out-dir`` that holds a run is continued with ``--resume`` and refused without it
+(the trainer exits 2, nothing written).
 
 Every child's output is relayed here line by line with a ``[name]`` prefix
 (:mod:`trainer.processes`), and a child that exits is reported, never restarted. Ctrl-C or
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import signal
 import socket
@@ -34,9 +41,12 @@ from shared import settings
 from shared.data_config import DataConfig
 from shared.settings import setting
 from trainer.loop.config import TrainConfig
+from trainer.loop.startup import earlier_run
 from trainer.processes import Child, exit_description, python_module, say, stop_all
 
 POLL_INTERVAL_S = 0.5
+DEFAULT_OUT_DIR = os.path.join("runs", "stack")
+PASS_THROUGH_FLAGS = ("--producer-args", "--trainer-args")
 
 
 @dataclass(frozen=True)
@@ -49,7 +59,9 @@ class StackSettings:
                                           "producers from other hosts", metavar="HOST")
     http_host: str = setting("127.0.0.1", "diagnostics address", metavar="HOST")
     http_port: int = setting(8000, "diagnostics port", metavar="PORT")
-    out_dir: str = setting(os.path.join("runs", "stack"), "the trainer's run directory", metavar="DIR")
+    out_dir: str | None = setting(None, f"the trainer's run directory; default {DEFAULT_OUT_DIR}, or {DEFAULT_OUT_DIR}-N "
+                                        "with the next N when that holds an earlier run (with --resume in --trainer-args: "
+                                        "the latest); one named here that holds a run needs --resume", metavar="DIR")
     producer_args: tuple[str, ...] = setting((), "extra producer flags as one quoted string; repeatable", metavar="ARGS",
                                              many=True, separator=None)
     trainer_args: tuple[str, ...] = setting((), "extra trainer flags as one quoted string; repeatable", metavar="ARGS",
@@ -77,6 +89,61 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def join_pass_through(argv: list[str]) -> list[str]:
+    """``argv`` with ``--trainer-args VALUE`` (and ``--producer-args VALUE``) written as
+    ``--trainer-args=VALUE``: argparse takes a lone value that starts with ``-``
+    (``--trainer-args --resume``) for an option of its own and rejects the flag."""
+    joined: list[str] = []
+    index = 0
+    while index < len(argv):
+        if argv[index] in PASS_THROUGH_FLAGS and index + 1 < len(argv):
+            joined.append(f"{argv[index]}={argv[index + 1]}")
+            index += 2
+        else:
+            joined.append(argv[index])
+            index += 1
+    return joined
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The launcher's arguments (``sys.argv[1:]`` by default); a usage error exits 2."""
+    return build_parser().parse_args(join_pass_through(sys.argv[1:] if argv is None else argv))
+
+
+def asks_to_resume(args: argparse.Namespace) -> bool:
+    """Whether the trainer will resume: ``--resume`` (any mode but never) in ``--trainer-args``,
+    or ``LINEPACK_RESUME``, read with the trainer's own declaration of the flag."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    settings.add_arguments(parser, TrainConfig, only=("resume",))
+    known, _ = parser.parse_known_args([arg for extra in args.trainer_args for arg in shlex.split(extra)])
+    return known.resume != "never"
+
+
+def run_directory(args: argparse.Namespace) -> tuple[str, str]:
+    """The trainer's run directory and a line that says why it is that one.
+
+    ``--out-dir`` when given. Otherwise :data:`DEFAULT_OUT_DIR` when neither it nor any
+    ``DEFAULT_OUT_DIR-N`` holds an earlier run; when some do, the next N for a new run, or the
+    latest (highest N) when the trainer resumes."""
+    if args.out_dir is not None:
+        return args.out_dir, f"run directory {args.out_dir}"
+    parent, name = os.path.split(DEFAULT_OUT_DIR)
+    pattern = re.compile(rf"{re.escape(name)}(?:-(\d+))?")
+    held = {}
+    for entry in os.listdir(parent) if os.path.isdir(parent) else ():
+        match = pattern.fullmatch(entry)
+        if match and earlier_run(os.path.join(parent, entry)) is not None:
+            held[int(match.group(1) or 1)] = os.path.join(parent, entry)
+    if not held:
+        return DEFAULT_OUT_DIR, f"run directory {DEFAULT_OUT_DIR}"
+    latest = max(held)
+    if asks_to_resume(args):
+        return held[latest], f"run directory {held[latest]}: resuming the latest run there"
+    new = f"{DEFAULT_OUT_DIR}-{latest + 1}"
+    return new, (f"run directory {new}: {held[latest]} holds an earlier run, left as it is "
+                 f"(--out-dir DIR picks one; --trainer-args --resume continues the latest)")
+
+
 def producer_command(args: argparse.Namespace, producer_id: str) -> list[str]:
     """The command line of one producer; only ``producer_id`` differs between producers."""
     command = python_module("producer", "run", "--connect", f"tcp://127.0.0.1:{args.port}", "--producer-id", producer_id)
@@ -92,10 +159,11 @@ def trainer_threads(producers: int) -> int:
     return max(1, (os.cpu_count() or 1) - producers)
 
 
-def trainer_command(args: argparse.Namespace) -> list[str]:
+def trainer_command(args: argparse.Namespace, out_dir: str) -> list[str]:
+    """The trainer's command line, training into ``out_dir`` (:func:`run_directory`)."""
     bind_host = "*" if args.bind_host in ("*", "0.0.0.0") else args.bind_host
     command = python_module("trainer", "--bind", f"tcp://{bind_host}:{args.port}", "--http-host", args.http_host,
-                            "--http-port", str(args.http_port), "--out-dir", args.out_dir, "--max-iters", str(args.max_iters),
+                            "--http-port", str(args.http_port), "--out-dir", out_dir, "--max-iters", str(args.max_iters),
                             "--threads", str(trainer_threads(args.producers)))
     for extra in args.trainer_args:
         command += shlex.split(extra)
@@ -109,6 +177,7 @@ def run(args: argparse.Namespace) -> int:
     check_port_free("127.0.0.1" if args.bind_host in ("*", "0.0.0.0") else args.bind_host, args.port,
                     "trainer's ZeroMQ socket")
     check_port_free(args.http_host, args.http_port, "diagnostics server")
+    out_dir, why = run_directory(args)
 
     stop_signal: list[int] = []
     stop_requested = threading.Event()
@@ -120,7 +189,8 @@ def run(args: argparse.Namespace) -> int:
     previous = {signum: signal.signal(signum, request_stop) for signum in (signal.SIGINT, signal.SIGTERM)}
     children: list[Child] = []
     try:
-        trainer = Child("trainer", trainer_command(args))
+        say("stack", why)
+        trainer = Child("trainer", trainer_command(args, out_dir))
         children.append(trainer)
         say("stack", f"trainer pid {trainer.pid}: {shlex.join(trainer.argv)}")
         for index in range(args.producers):
@@ -144,9 +214,10 @@ def run(args: argparse.Namespace) -> int:
         stop_all(children)
 
     if stop_signal:
+        say("stack", f"stopped; the run is in {out_dir}")
         return 128 + stop_signal[0]
     code = trainer.process.returncode
-    say("stack", f"trainer {exit_description(code)}; stack stopped")
+    say("stack", f"trainer {exit_description(code)}; stack stopped; the run is in {out_dir}")
     return code if code >= 0 else 128 - code
 
 
@@ -163,7 +234,7 @@ def report_exited_producers(producers: list[Child]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(build_parser().parse_args(argv))
+    return run(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: tests/helpers/__init__.py
+SHAKESPEARE = ROOT / "data" / "tinyshakespeare.txt"  # shipped with the repository (data/README.md)
 
 
 def wait_until(predicate, timeout: float = 10.0) -> None:

@@ -148,6 +148,14 @@ def test_a_trainer_that_refuses_to_start_fails_the_comparison(tmp_path, capsys, 
     assert not (tmp_path / "report.json").exists()
 
 
+def test_a_second_comparison_into_the_same_out_overwrites_nothing(uniform, capsys):
+    out, _ = uniform
+    before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    assert compare.main(["--out", str(out), *TINY]) == 2
+    assert f"{out / 'fixed'} (ckpt.pt and metrics.jsonl)" in capsys.readouterr().err
+    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
+
+
 def test_an_impossible_model_is_a_usage_error_before_anything_runs(tmp_path, capsys):
     with pytest.raises(SystemExit) as stopped:
         compare.main(["--out", str(tmp_path), *TINY, "--n-head", "3"])  # 32 is not a multiple of 3

@@ -242,6 +242,18 @@ def test_gpu_override():
     assert set(override["services"]) == {"trainer"}, "producers never need a GPU"
 
 
+def test_the_end_to_end_script_builds_its_own_image_and_removes_it():
+    """The e2e (and so scripts/test.sh) builds a tag of its own, never the user's linepack:cpu, and
+    removes it in its exit trap: a test run leaves no image behind."""
+    for path, service in ((COMPOSE, "trainer"), (COMPOSE, "producer"), (ROOT / "docker-compose.producers.yml", "producer")):
+        image = load(path)["services"][service]["image"]
+        assert interpolate(image) == "linepack:cpu" and interpolate(image, {"LINEPACK_IMAGE": "mine:1"}) == "mine:1"
+    script = (ROOT / "scripts" / "compose-e2e.sh").read_text()
+    assert "\nexport LINEPACK_IMAGE=linepack-e2e:$PROJECT " in script
+    cleanup = script.split("\ncleanup() {\n", 1)[1].split("\n}\n", 1)[0]
+    assert 'docker image rm -f "$LINEPACK_IMAGE"' in cleanup and "trap cleanup EXIT" in script
+
+
 def dockerfile_instructions() -> list[tuple[str, str]]:
     text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
     return [tuple(line.split(None, 1)) for line in text.splitlines()

@@ -36,11 +36,16 @@ def test_compose_end_to_end():
     missing = docker_missing()
     if missing is not None:
         pytest.skip(missing)
+    project = f"linepack-e2e-{os.getpid()}"
     done = subprocess.run(["bash", "scripts/compose-e2e.sh"], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "BASE_IMAGE": BASE_IMAGE, "PROJECT": f"linepack-e2e-{os.getpid()}"})
+                          env={**os.environ, "BASE_IMAGE": BASE_IMAGE, "PROJECT": project})
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-6000:]
     timed = re.findall(r"phase (\w+) took (\d+) s", output)
     assert [phase for phase, _ in timed] == PHASES, output[-3000:]
     assert "Prometheus: linepack_step ->" in output or "skipped the Prometheus server" in output
     assert re.search(r"passed in \d+ s", output) and "cleaned up (exit 0)" in output
+    assert "ok: prepared corpus at /data/prepared, mode 755" in output  # what the containers' uid 1000 read
+    image = f"linepack-e2e:{project}"  # what it built, and only that, is gone: no 1.5 GB image left per test run
+    assert f"removed the image {image}" in output
+    assert subprocess.run(["docker", "image", "inspect", image], capture_output=True, timeout=60).returncode != 0

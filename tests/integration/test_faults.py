@@ -227,6 +227,38 @@ def test_disk_full_mid_run_leaves_the_last_checkpoint_intact(cluster, tmp_path):
         json.loads(line)
 
 
+@pytest.mark.parametrize(("stop", "code", "stopped_by"), [(signal.SIGINT, 130, "KeyboardInterrupt"),
+                                                         (signal.SIGTERM, 143, "SystemExit")])
+def test_a_signal_between_evals_checkpoints_the_step_reached(cluster, tmp_path, stop, code, stopped_by):
+    run = tmp_path / "run"
+    trainer, diagnostics = cluster.trainer(run, "--eval-interval", "1000")
+    cluster.producer("p")
+    reached = diagnostics.wait_for_step(25)["step"]
+    trainer.popen.send_signal(stop)
+    assert trainer.wait() == code, trainer.output()
+    summary = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert summary["kind"] == "summary" and summary["stopped_by"] == stopped_by
+    assert summary["steps"] >= reached and checkpoint_step(run / "ckpt.pt") == summary["steps"]  # no eval since step 0
+    assert f"{stopped_by} at step {summary['steps']}: checkpoint written to " in trainer.text()
+    assert "Traceback" not in trainer.text() and not (run / "ckpt.pt.tmp").exists()
+
+
+def test_sigint_while_waiting_for_data_stops_at_once_with_a_checkpoint(cluster, tmp_path):
+    run = tmp_path / "run"
+    trainer, diagnostics = cluster.trainer(run, "--eval-interval", "1000")
+    assert cluster.producer("p", "--max-messages", "100").wait(START_TIMEOUT) == 0  # the val set, then train batches
+    starved = diagnostics.wait_for(lambda s: s["stream"]["starved"], "the trainer to wait for data")
+    trainer.popen.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    assert trainer.wait() == 130, trainer.output()
+    assert time.monotonic() - sent < 3.0
+    assert checkpoint_step(run / "ckpt.pt") == starved["step"] > 0
+    waiting, _ = cluster.trainer(tmp_path / "never")  # no producer: Ctrl-C while it waits for the stream
+    waiting.wait_for_line("waiting for the stream meta", START_TIMEOUT)
+    waiting.popen.send_signal(signal.SIGINT)
+    assert waiting.wait() == 130 and "Traceback" not in waiting.text()
+
+
 def test_sigterm_to_every_process_leaves_complete_files(cluster, tmp_path):
     run = tmp_path / "run"
     recording = tmp_path / "stream.lprec"

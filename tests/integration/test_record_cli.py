@@ -115,11 +115,28 @@ def test_record_on_the_builtin_corpus(tmp_path):
     assert abs(report["supervised_per_token"] - 0.15) < 0.05
 
 
+@pytest.mark.xfail(strict=True, reason="producer/stream.py (rewritten on main) must pass config.text_field to load_corpus; "
+                                        "drop this mark when it does")
+def test_record_reads_jsonl_by_its_text_field_as_prepare_does(tmp_path):
+    documents = [f"document {i} of a small jsonl corpus" for i in range(200)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": document}) + "\n" for document in documents))
+    (tmp_path / "d.txt").write_text("".join(document + "\n" for document in documents))
+    metas = []
+    for corpus, flags in (("d.jsonl", ["--text-field", "text"]), ("d.txt", [])):
+        producer("record", "--corpus", tmp_path / corpus, *flags, "--out", tmp_path / f"{corpus}.lps", "--messages", 3)
+        metas.append(json.loads(producer("inspect", tmp_path / f"{corpus}.lps").stdout)["meta"])
+    assert metas[0]["corpus_fingerprint"] == metas[1]["corpus_fingerprint"], "the documents' text, not the JSON around it"
+    assert metas[0]["base_size"] == metas[1]["base_size"]
+
+
 def test_usage_errors(tmp_path):
     missing = producer("record", "--corpus", tmp_path / "nope.txt", "--out", tmp_path / "x.lps", "--messages", 1, check=False)
     assert missing.returncode == 2 and "does not exist" in missing.stderr
     bad = producer("record", "--out", tmp_path / "x.lps", "--messages", 1, "--mask-fractions", "1,1,1", check=False)
     assert bad.returncode == 2 and "--mask-fractions" in bad.stderr
+    (tmp_path / "d.jsonl").write_text('{"text": "a document"}\n')  # read as prepare reads it, never as plain text
+    jsonl = producer("record", "--corpus", tmp_path / "d.jsonl", "--out", tmp_path / "x.lps", "--messages", 1, check=False)
+    assert jsonl.returncode == 2 and "name the field that holds the text with --text-field" in jsonl.stderr
     (tmp_path / "junk.lps").write_bytes(b"not a recording")
     junk = producer("inspect", tmp_path / "junk.lps", check=False)
     assert junk.returncode == 2 and "not a Linepack recording" in junk.stderr

@@ -169,13 +169,54 @@ def test_stack_ends_when_the_trainer_finishes(tmp_path):
     finally:
         launcher.cleanup()
 
+    # The same --out-dir again, without --resume: refused, the first run's files as they were.
+    run = tmp_path / "run"
+    before = {name: (run / name).read_bytes() for name in ("ckpt.pt", "metrics.jsonl")}
+    again = Launcher(tmp_path, "--producers", "1", "--max-iters", "20")
+    try:
+        assert again.process.wait(START_TIMEOUT_S) == 2, again.output()
+        assert "holds an earlier run (ckpt.pt and metrics.jsonl) and --resume was not given" in again.output()
+    finally:
+        again.cleanup()
+    assert {name: (run / name).read_bytes() for name in before} == before
+
+
+def test_a_lone_flag_passes_through_without_the_equals_form():
+    from trainer import stack
+
+    args = stack.parse_args(["--trainer-args", "--resume", "--producer-args", "--supervise-sep", "--max-iters", "5"])
+    assert args.trainer_args == ("--resume",) and args.producer_args == ("--supervise-sep",) and args.max_iters == 5
+    assert stack.trainer_command(args, "runs/x")[-1] == "--resume"
+    assert stack.producer_command(args, "0")[-1] == "--supervise-sep"
+    assert stack.asks_to_resume(args)
+    assert not stack.asks_to_resume(stack.parse_args(["--trainer-args", "--threads 2"]))
+
+
+def test_the_default_run_directory_never_holds_an_earlier_run(tmp_path, monkeypatch):
+    from trainer import stack
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LINEPACK_RESUME", raising=False)
+    assert stack.run_directory(stack.parse_args([]))[0] == os.path.join("runs", "stack")
+    (tmp_path / "runs" / "stack").mkdir(parents=True)
+    assert stack.run_directory(stack.parse_args([]))[0] == os.path.join("runs", "stack")  # empty: no earlier run
+    (tmp_path / "runs" / "stack" / "metrics.jsonl").write_text('{"kind": "eval"}\n')
+    directory, why = stack.run_directory(stack.parse_args([]))
+    assert directory == os.path.join("runs", "stack-2")
+    assert why.startswith(f"run directory {directory}: {os.path.join('runs', 'stack')} holds an earlier run")
+    (tmp_path / "runs" / "stack-2").mkdir()
+    (tmp_path / "runs" / "stack-2" / "ckpt.pt").write_bytes(b"a checkpoint")
+    assert stack.run_directory(stack.parse_args([]))[0] == os.path.join("runs", "stack-3")
+    assert stack.run_directory(stack.parse_args(["--trainer-args", "--resume"]))[0] == os.path.join("runs", "stack-2")
+    assert stack.run_directory(stack.parse_args(["--out-dir", "mine"]))[0] == "mine"
+
 
 def test_the_trainer_gets_the_cores_the_producers_leave(monkeypatch):
     from trainer import stack
 
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
     assert [stack.trainer_threads(n) for n in (0, 2, 7, 8, 12)] == [8, 6, 1, 1, 1]
-    args = stack.build_parser().parse_args(["--producers", "3", "--trainer-args", "--threads 2"])
-    command = stack.trainer_command(args)
+    args = stack.parse_args(["--producers", "3", "--trainer-args", "--threads 2"])
+    command = stack.trainer_command(args, "runs/x")
     assert command[command.index("--threads") + 1] == "5"
     assert command[-2:] == ["--threads", "2"]  # passed-through flags come last and win

@@ -60,11 +60,14 @@ class ConsoleLog:
 
 
 class MetricsFile:
-    """``out_dir/metrics.jsonl``: one JSON line per log step, per evaluation, and the summary."""
+    """``out_dir/metrics.jsonl``: one JSON line per log step, per evaluation, and the summary.
 
-    def __init__(self, path: str, append: bool) -> None:
+    Appended to, never truncated: a resumed run's curve goes on after the earlier lines (a run
+    that does not resume refuses a folder that holds metrics, ``trainer.loop.startup``)."""
+
+    def __init__(self, path: str) -> None:
         self.path = path
-        self._file = open(path, "a" if append else "w", encoding="utf-8")  # noqa: SIM115 - open for the whole run
+        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - open for the whole run
 
     def _write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record, default=str) + "\n")

@@ -11,8 +11,9 @@ from typing import Any
 import torch
 
 from shared.meta import StreamMeta
-from trainer.loop.checkpoint import load_checkpoint
+from trainer.loop.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from trainer.loop.config import TrainConfig
+from trainer.loop.observers import METRICS_NAME
 from trainer.model.transformer import ModelConfig
 
 log = logging.getLogger("trainer")
@@ -32,6 +33,23 @@ def wait_for(what: str, wait: Callable[[float], Any], timeout: float | None) -> 
         if deadline is not None and time.monotonic() >= deadline:
             raise TimeoutError(f"no {what} arrived within {timeout:.0f} s")
         log.info("waiting for the %s: no producer has sent it yet", what)
+
+
+def earlier_run(out_dir: str) -> str | None:
+    """What of an earlier run ``out_dir`` holds (its checkpoint, its non-empty metrics.jsonl), in
+    words; None when it holds neither (missing, empty, or other files only)."""
+    found = [name for name in (CHECKPOINT_NAME, METRICS_NAME)
+             if os.path.isfile(path := os.path.join(out_dir, name)) and os.path.getsize(path) > 0]
+    return " and ".join(found) or None
+
+
+def check_nothing_to_overwrite(config: TrainConfig) -> None:
+    """ValueError when a run that does not resume (``--resume never``) would overwrite an earlier
+    run's checkpoint or metrics in ``out_dir``: nothing is overwritten without being asked."""
+    found = earlier_run(config.out_dir) if config.resume == "never" else None
+    if found is not None:
+        raise ValueError(f"{config.out_dir} holds an earlier run ({found}) and --resume was not given; nothing was "
+                         f"overwritten: pass --resume to continue that run, or choose another --out-dir")
 
 
 def checkpoint_to_resume(config: TrainConfig, path: str, device: torch.device) -> dict[str, Any] | None:

@@ -5,7 +5,10 @@ model from the stream meta (or resumes it from a checkpoint), refuses to train w
 :func:`trainer.model.selftest.mask_self_test` fails, then runs AdamW with linear warm-up and
 cosine decay, gradient clipping and bf16 autocast on CUDA. It evaluates on the fixed val set
 and writes an atomic checkpoint every ``eval_interval`` steps, and publishes
-:mod:`trainer.loop.numbers` to observers (:mod:`trainer.loop.observers`).
+:mod:`trainer.loop.numbers` to observers (:mod:`trainer.loop.observers`). SIGINT or SIGTERM
+stops it before the next step (or while it waits for data), with a checkpoint of the step
+reached (:mod:`trainer.loop.stopping`: at most ``STOP_CHECKPOINT_S`` seconds; else, or at a
+second signal, the previous checkpoint stands).
 
 Data-parallel (``ranks``, a :class:`trainer.loop.distributed.Ranks` from torchrun): every rank
 trains a ``DistributedDataParallel`` copy on its own source's batches; only rank 0 evaluates,
@@ -39,7 +42,8 @@ from trainer.loop.live_samples import LiveSampler
 from trainer.loop.numbers import EvalNumbers, RunSummary, StepNumbers
 from trainer.loop.observers import METRICS_NAME, ConsoleLog, MetricsFile, Observer
 from trainer.loop.schedule import learning_rate, make_optimizer, resolve_device
-from trainer.loop.startup import checkpoint_to_resume, model_config_for, wait_for
+from trainer.loop.startup import check_nothing_to_overwrite, checkpoint_to_resume, model_config_for, wait_for
+from trainer.loop.stopping import STOP_CHECKPOINT_S, STOP_POLL_S, StopSignals, deadline
 from trainer.model.evaluation import EvalResult, evaluate
 from trainer.model.losses import nll_bound_unavailable, token_losses, weighted_mean_loss
 from trainer.model.selftest import mask_self_test
@@ -78,6 +82,8 @@ class Trainer:
         self._sampler: LiveSampler | None = None
         self.checkpoint_path = os.path.join(config.out_dir, CHECKPOINT_NAME)
         self._resumed = False
+        self._saved_step = 0  # the step the checkpoint on disk holds (0: none, or nothing trained yet)
+        self._stop = StopSignals()
         self._interval = LogInterval(self.device, self.ranks)
 
     # ---- start-up ----------------------------------------------------------------------
@@ -88,9 +94,11 @@ class Trainer:
         Raises MaskSelfTestError when the self-test fails, ValueError when the model does
         not cover the stream or a resumed checkpoint is unusable or belongs to another
         vocabulary, FileNotFoundError for ``--resume`` without a checkpoint, and TimeoutError
-        when ``wait_timeout`` seconds pass without meta or val set.
+        when ``wait_timeout`` seconds pass without meta or val set; ValueError also when
+        ``out_dir`` holds an earlier run and ``resume`` is ``never`` (nothing is overwritten).
         """
         config = self.config
+        check_nothing_to_overwrite(config)
         os.makedirs(config.out_dir, exist_ok=True)
         torch.manual_seed(config.seed)
         self.meta = wait_for("stream meta", self._meta_within, wait_timeout)
@@ -103,7 +111,7 @@ class Trainer:
         if checkpoint is not None:
             self.model.load_state_dict(checkpoint["model"])
             self.optimizer.load_state_dict(checkpoint["optimizer"])
-            self.step = int(checkpoint["step"])
+            self.step = self._saved_step = int(checkpoint["step"])
             set_rng_state(checkpoint["rng"])
             self._resumed = True
             log.info("resumed from %s at step %d", self.checkpoint_path, self.step)
@@ -176,6 +184,23 @@ class Trainer:
                 raise
             log.warning("checkpoint of step %d skipped, training goes on (the next evaluation writes one): %s", self.step, error)
 
+    def _checkpoint_on_stop(self, stopped_by: str) -> None:
+        """On the way out after a signal: a checkpoint of the step reached, unless the one on disk
+        holds it already; bounded by STOP_CHECKPOINT_S seconds, and a second signal abandons it
+        (then the previous checkpoint stands, whole)."""
+        if self.step == self._saved_step:
+            return
+        started = time.perf_counter()
+        try:
+            with deadline(STOP_CHECKPOINT_S):
+                self._write_checkpoint()
+        except (CheckpointWriteError, TimeoutError, KeyboardInterrupt, SystemExit) as error:
+            log.warning("%s at step %d: its checkpoint was not written (%s: %s); the one of step %d stands", stopped_by,
+                        self.step, type(error).__name__, error, self._saved_step)
+            return
+        log.info("%s at step %d: checkpoint written to %s in %.2f s", stopped_by, self.step, self.checkpoint_path,
+                 time.perf_counter() - started)
+
     def _write_checkpoint(self) -> None:
         save_checkpoint(self.checkpoint_path, {
             "model": self.model.state_dict(),
@@ -188,6 +213,7 @@ class Trainer:
             "sample_length": self.typical_length,
             "cursor": self.consumer.cursor.to_dict(),
         })
+        self._saved_step = self.step
 
     # ---- the loop ----------------------------------------------------------------------
 
@@ -208,15 +234,22 @@ class Trainer:
         return loss.detach(), grad_norm
 
     def _next_batch(self) -> Batch:
-        """The source's next train batch; TimeoutError after ``data_timeout`` seconds without one."""
-        try:
-            return self.consumer.next_batch("train", timeout=self.config.data_timeout)
-        except TimeoutError as error:
-            raise TimeoutError(
-                f"rank {self.ranks.rank}: no train batch for {self.config.data_timeout:.0f} s (--data-timeout) "
-                f"on {getattr(self.consumer, 'endpoint', 'the stream')}: its producers stopped or never connected; "
-                f"stopping at step {self.step}"
-            ) from error
+        """The source's next train batch; TimeoutError after ``data_timeout`` seconds without one.
+        Waits in pieces of STOP_POLL_S seconds, acting on a stop signal between them."""
+        timeout = self.config.data_timeout
+        deadline_at = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self._stop.check()
+            wait = STOP_POLL_S if deadline_at is None else max(0.0, min(STOP_POLL_S, deadline_at - time.monotonic()))
+            try:
+                return self.consumer.next_batch("train", timeout=wait)
+            except TimeoutError as error:
+                if deadline_at is not None and time.monotonic() >= deadline_at:
+                    raise TimeoutError(
+                        f"rank {self.ranks.rank}: no train batch for {timeout:.0f} s (--data-timeout) "
+                        f"on {getattr(self.consumer, 'endpoint', 'the stream')}: its producers stopped or never connected; "
+                        f"stopping at step {self.step}"
+                    ) from error
 
     def _one_step(self, forward: Any) -> StepNumbers:
         """Trains one step; its numbers, with the log-step numbers when this is a log step."""
@@ -245,7 +278,7 @@ class Trainer:
     def _observers(self) -> list[Observer]:
         if not self.ranks.is_main:
             return []
-        metrics = MetricsFile(os.path.join(self.config.out_dir, METRICS_NAME), append=self._resumed)
+        metrics = MetricsFile(os.path.join(self.config.out_dir, METRICS_NAME))
         return [ConsoleLog(), metrics, *self.extra_observers]
 
     def run(self) -> RunSummary:
@@ -266,22 +299,15 @@ class Trainer:
         started = time.perf_counter()
         self._interval.restart()
         try:
-            while self.step < self.config.max_iters:
-                numbers = self._one_step(forward)
-                is_eval = self._is_eval_step() and ranks.is_main
-                eval_numbers = self._evaluate_and_checkpoint(before_training=False) if is_eval else None
-                if eval_numbers is not None:
-                    numbers = dataclasses.replace(numbers, val_loss=eval_numbers.val_loss,
-                                                  val_loss_by_stage=eval_numbers.val_loss_by_stage)
-                for observer in observers:
-                    observer.on_step(numbers)
-                if eval_numbers is not None:
-                    for observer in observers:
-                        observer.on_eval(eval_numbers)
+            with self._stop.installed():
+                self._loop(forward, observers)
         except (KeyboardInterrupt, SystemExit) as interruption:  # Ctrl-C, or SIGTERM via trainer.__main__
-            # No collectives here (stream_stats uses the last gathered numbers): under DDP the
-            # other ranks may be gone already.
-            summary = self._summary(started, stopped_by=type(interruption).__name__)
+            # The handlers are back: a second signal abandons the checkpoint. No collectives here
+            # (stream_stats uses the last gathered numbers): under DDP the other ranks may be gone already.
+            stopped_by = type(interruption).__name__
+            if ranks.is_main:
+                self._checkpoint_on_stop(stopped_by)
+            summary = self._summary(started, stopped_by=stopped_by)
             for observer in observers:
                 observer.on_end(summary)
             raise
@@ -291,6 +317,22 @@ class Trainer:
         for observer in observers:
             observer.on_end(summary)
         return summary
+
+    def _loop(self, forward: Any, observers: list[Observer]) -> None:
+        """The steps up to ``max_iters``; a stop signal acts where a step waits for its batch (:meth:`_next_batch`)."""
+        ranks = self.ranks
+        while self.step < self.config.max_iters:
+            numbers = self._one_step(forward)
+            is_eval = self._is_eval_step() and ranks.is_main
+            eval_numbers = self._evaluate_and_checkpoint(before_training=False) if is_eval else None
+            if eval_numbers is not None:
+                numbers = dataclasses.replace(numbers, val_loss=eval_numbers.val_loss,
+                                              val_loss_by_stage=eval_numbers.val_loss_by_stage)
+            for observer in observers:
+                observer.on_step(numbers)
+            if eval_numbers is not None:
+                for observer in observers:
+                    observer.on_eval(eval_numbers)
 
     def _summary(self, started: float, stopped_by: str | None = None, digests: list[str] | None = None) -> RunSummary:
         last_eval = self.last_eval

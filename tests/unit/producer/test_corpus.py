@@ -44,7 +44,7 @@ UNUSABLE = {
     "missing path": (lambda d: d / "missing.txt", "does not exist"),
     "empty file": (lambda d: _write(d / "e.txt", ""), "empty"),
     "line breaks only": (lambda d: _write(d / "n.txt", "\n\n"), "empty"),
-    "folder without .txt": (lambda d: _write(d / "x.md", "text").parent, "no .txt files"),
+    "folder without .txt": (lambda d: _write(d / "x.md", "text").parent, r"holds no text \(.txt\)"),
     "folder of empty files": (lambda d: _write(d / "e.txt", "").parent, "empty"),
 }
 
@@ -63,6 +63,28 @@ def test_undecodable_bytes_name_the_file_and_offset(tmp_path):
         load_corpus(str(tmp_path))
     assert "bad.txt" in str(info.value) and "byte offset 14" in str(info.value) and "0xff" in str(info.value)
     assert isinstance(info.value, ValueError)
+
+
+def test_text_corpora_are_read_as_prepare_reads_them(tmp_path):
+    """.jsonl by its --text-field (never as plain text with JSON braces), folders recursively, .gz."""
+    import gzip
+
+    from producer.prepare import PrepareSettings, prepare
+
+    (tmp_path / "src" / "sub").mkdir(parents=True)
+    (tmp_path / "src" / "a.jsonl").write_text('{"text": "first doc"}\n{"text": "second\\ndoc"}\n')
+    (tmp_path / "src" / "sub" / "b.txt.gz").write_bytes(gzip.compress(b"plain line"))
+    corpus = str(tmp_path / "src")
+    assert read_text(corpus, "text").text == "first doc\nsecond\ndoc\nplain line\n"
+    with pytest.raises(CorpusError, match="name the field that holds the text with --text-field"):
+        load_corpus(str(tmp_path / "src" / "a.jsonl"))
+    in_memory = load_corpus(corpus, "bytes", 0.25, text_field="text")
+    prepare(PrepareSettings(corpus=corpus, out=str(tmp_path / "P"), tokenizer="bytes", val_fraction=0.25, workers=1,
+                            text_field="text"))
+    prepared = load_corpus(str(tmp_path / "P"))
+    assert np.array_equal(np.asarray(prepared.tokens), in_memory.tokens)
+    assert np.array_equal(np.asarray(prepared.offsets), in_memory.offsets)
+    assert prepared.split_line == in_memory.split_line
 
 
 def _corpus(n, val_fraction=0.1, tokenizer="char"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 
 from producer import prepare as prepare_module
+from producer import prepared
 from producer.corpus import Corpus, load_corpus, tokenize
 from producer.lines import CorpusError
 from producer.prepare import PrepareSettings, prepare
@@ -226,6 +228,19 @@ def test_a_vocabulary_too_large_for_the_wire_is_refused(tmp_path, monkeypatch):
     assert not (tmp_path / "P").exists() and leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize(("umask", "folder_mode", "file_mode"), [(0o022, 0o755, 0o644), (0o077, 0o700, 0o600)])
+def test_a_prepared_folder_is_readable_as_the_umask_allows(tmp_path, bpe_file, umask, folder_mode, file_mode):
+    previous = os.umask(umask)
+    try:
+        prepare(options(write(tmp_path / "c.txt", TEXT), tmp_path / "p", tokenizer=str(bpe_file)))
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "p").stat().st_mode & 0o777 == folder_mode
+    assert {path.name: path.stat().st_mode & 0o777 for path in (tmp_path / "p").iterdir()} == {
+        name: file_mode for name in (prepared.TOKENS_NAME, prepared.OFFSETS_NAME, prepared.MANIFEST_NAME,
+                                     prepared.TOKENIZER_NAME)}
+
+
 def test_an_existing_folder_is_never_overwritten(tmp_path):
     (tmp_path / "P").mkdir()
     with pytest.raises(CorpusError, match="exists"):
@@ -254,6 +269,64 @@ def test_tokenizer_train_makes_a_byte_level_bpe_of_the_asked_size(tmp_path):
     ids, lengths = tokenizer.encode_text("héllo wörld [SEP] \u2603\n")
     assert tokenizer.decode(ids) == "héllo wörld [SEP] \u2603\n", "byte-level: any text round-trips"
     assert lengths.tolist() == [len(ids)] and int(ids.max()) < tokenizer.base_size, "corpus text never makes a special"
+
+
+def test_a_progress_line_every_few_seconds_when_stderr_is_not_a_terminal(tmp_path, monkeypatch, capsys):
+    from producer import sources
+    from producer.tokenizer_cli import TokenizerTrainSettings, train
+
+    times = iter(range(100))
+    lines = sources.ProgressLines(12_000_000, "prepare", every_s=5.0, clock=lambda: next(times))
+    for _ in range(12):
+        lines.update(1_000_000)
+        lines.set_postfix(lines="1,000")
+    assert capsys.readouterr().err.splitlines() == [
+        "prepare: 5.0 of 12.0 MB (42 %), 1.0 MB/s, ETA 7 s, lines 1,000",
+        "prepare: 10.0 of 12.0 MB (83 %), 1.0 MB/s, ETA 2 s, lines 1,000"]
+
+    monkeypatch.setattr(sources, "PROGRESS_EVERY_S", 0.0)  # capsys's stderr is no terminal: lines, not a bar
+    corpus = write(tmp_path / "c.txt", TEXT)
+    prepare(options(corpus, tmp_path / "P"))
+    assert re.search(r"^prepare: [\d.]+ of [\d.]+ MB \(\d+ %\), [\d.]+ MB/s, ETA \d+ s", capsys.readouterr().err, re.M)
+    train(TokenizerTrainSettings(corpus=str(corpus), vocab_size=260, out=str(tmp_path / "tok.json")))
+    assert re.search(r"^tokenizer train: [\d.]+ of [\d.]+ MB \(100 %\)", capsys.readouterr().err, re.M)
+
+
+BAD_BYTE_TEXT = b"good line\nbad \xb1 line\nkeeps " + "\ufffd".encode() + b" as it is\n"  # one bad byte, one real U+FFFD
+
+
+@pytest.mark.parametrize(("mode", "text", "replaced", "skipped"), [
+    ("replace", "good line\nbad \ufffd line\nkeeps \ufffd as it is\n", 1, 0),
+    ("skip-line", "good line\nkeeps \ufffd as it is\n", 0, 1),
+])
+def test_decode_errors_replace_or_skip_a_bad_byte_and_count_it(tmp_path, mode, text, replaced, skipped):
+    corpus = tmp_path / "c.txt"
+    corpus.write_bytes(BAD_BYTE_TEXT)
+    with pytest.raises(CorpusError, match=r"undecodable byte 0xb1 at byte offset 14 \(prepare and tokenizer train read on"):
+        prepare(options(corpus, tmp_path / "strict"))  # strict, the default
+    manifest = prepare(options(corpus, tmp_path / "P", tokenizer="bytes", decode_errors=mode, val_fraction=0.0))
+    assert manifest["decode_errors"] == {"mode": mode, "replaced": replaced, "skipped_lines": skipped}
+    loaded = load_corpus(str(tmp_path / "P"))
+    assert loaded.tokenizer.decode(np.asarray(loaded.tokens)) == text
+    documents = tmp_path / "d.jsonl"  # a skipped document keeps the line numbers of the ones after it
+    documents.write_bytes(b'{"t": "one"}\n{"t": "tw\xb1o"}\n{"t": "three"}\n{"x": 1}\n')
+    with pytest.raises(CorpusError, match=r"d.jsonl:4: no text field 't'"):
+        prepare(options(documents, tmp_path / "J", text_field="t", decode_errors=mode))
+
+    command = [sys.executable, "-m", "producer", "prepare", "--corpus", str(corpus), "--workers", "1",
+               "--decode-errors", mode, "--out", str(tmp_path / "cli")]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stderr.strip().splitlines()[-1].split(": ", 1)[1])
+    assert summary["decode_errors"] == {"mode": mode, "replaced": replaced, "skipped_lines": skipped}
+    command = [sys.executable, "-m", "producer", "tokenizer", "train", "--corpus", str(corpus), "--vocab-size", "260",
+               "--decode-errors", mode, "--out", str(tmp_path / "tok.json")]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f"decode errors ({mode}): {replaced} replaced, {skipped} lines skipped" in done.stderr
+    strict = subprocess.run(command[:-4] + ["--out", str(tmp_path / "strict.json")], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert strict.returncode == 2 and "undecodable byte 0xb1 at byte offset 14" in strict.stderr
 
 
 # VmHWM, not ru_maxrss: the latter survives exec, so a child of pytest would report pytest's own size.

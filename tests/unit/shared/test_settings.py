@@ -40,6 +40,8 @@ def sample(cls: type, field: dataclasses.Field) -> tuple[typing.Any, str]:
     kind = typing.get_type_hints(cls)[field.name]
     if field.name in TUPLE_SAMPLES and typing.get_origin(kind) is tuple:
         return TUPLE_SAMPLES[field.name]
+    if field.name in ("connect", "bind"):  # checked as ZeroMQ endpoints (shared.endpoints)
+        return "tcp://x:1", "tcp://x:1"
     if meta["choices"] is not None:
         value = next(choice for choice in reversed(meta["choices"]) if choice != field.default)
         return value, str(value)

@@ -8,11 +8,8 @@ import pytest
 from shared.tokenizer import CharTokenizer
 from trainer.diagnostics.floor import context_free_floor, corrupted_token_entropy, entropy, span_coverage, stage_floors
 
-from helpers import ROOT
+from helpers import SHAKESPEARE
 from helpers.wire import make_meta
-
-# In the shared/ folder next to the repository (the workspace's data), not in the repository itself.
-SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
 def text_meta(text: str, corruption: dict, block_size: int = 64, packing: str = "lines"):
@@ -162,7 +159,6 @@ def test_supervised_sep_is_one_more_class_with_the_given_share():
     assert context_free_floor(fixed) == pytest.approx(base)  # fixed windows have no [SEP]
 
 
-@pytest.mark.skipif(not SHAKESPEARE.exists(), reason=f"{SHAKESPEARE} is not there")
 def test_tinyshakespeare_at_80_10_10_is_about_3_07_nats():
     text = SHAKESPEARE.read_text(encoding="utf-8")
     lines = text.splitlines(keepends=True)

@@ -241,6 +241,17 @@ def test_the_cli_writes_json_and_a_trace(trained, tmp_path):
     assert json.loads(again.stdout)["samples"] == report["samples"]
     text = sample_cli("--run", tmp_path / "run", "--num-samples", 1, "--infill", "red [MASK:3], blue pen", "--device", "cpu")
     assert text.returncode == 0 and text.stdout.startswith("red ") and "blue pen" in text.stdout
+    assert f"sample: {tmp_path / 'run' / 'ckpt.pt'} (step 200)" in text.stderr and "--steps" not in text.stderr
+
+
+def test_more_steps_than_positions_to_write_says_so(trained, tmp_path, capsys):
+    meta, model = trained
+    save_run(tmp_path / "run", meta, model)
+    code = sample_main(["--run", str(tmp_path / "run"), "--num-samples", "1", "--infill", "red [MASK:3], blue pen",
+                        "--steps", "8", "--device", "cpu", "--json"])
+    captured = capsys.readouterr()
+    assert code == 0 and json.loads(captured.out)["settings"]["steps"] == 3
+    assert "--steps 8 is more than the 3 positions to write: 3 steps, one position each" in captured.err
 
 
 def test_the_corpus_word_benchmark_tells_a_trained_model_from_an_untrained_one(trained, tmp_path):
@@ -259,14 +270,19 @@ def test_the_corpus_word_benchmark_tells_a_trained_model_from_an_untrained_one(t
     assert trained_run["corpus_word_rate"] > max(3 * untrained_run["corpus_word_rate"], 0.05), report
 
 
-@pytest.mark.parametrize("case", ["no checkpoint", "damaged checkpoint", "prompt too long", "outside the vocabulary",
-                                  "both prompt and infill"])
+@pytest.mark.parametrize("case", ["no run directory", "no checkpoint", "no checkpoint file", "damaged checkpoint",
+                                  "prompt too long", "outside the vocabulary", "both prompt and infill"])
 def test_cli_errors_exit_2_with_a_clear_line(trained, tmp_path, case, capsys):
     meta, model = trained
     save_run(tmp_path / "run", meta, model)
     args = ["--run", tmp_path / "run", "--device", "cpu"]
-    if case == "no checkpoint":
-        args, expected = ["--run", tmp_path / "nowhere"], "no checkpoint"
+    if case == "no run directory":
+        args, expected = ["--run", tmp_path / "nowhere"], f"sample: no run directory {tmp_path / 'nowhere'}\n"
+    elif case == "no checkpoint":
+        (tmp_path / "empty").mkdir()
+        args, expected = ["--run", tmp_path / "empty"], f"run directory {tmp_path / 'empty'} holds no checkpoint (ckpt.pt) yet"
+    elif case == "no checkpoint file":
+        args, expected = ["--checkpoint", tmp_path / "x.pt"], f"sample: no checkpoint file {tmp_path / 'x.pt'}\n"
     elif case == "damaged checkpoint":
         data = bytearray((tmp_path / "run" / "ckpt.pt").read_bytes())
         data[len(data) // 2] ^= 0xFF
@@ -280,4 +296,4 @@ def test_cli_errors_exit_2_with_a_clear_line(trained, tmp_path, case, capsys):
         args, expected = [*args, "--prompt", "a", "--infill", "[MASK]"], "do not go together"
     code = sample_main([str(arg) for arg in args])
     stderr = capsys.readouterr().err
-    assert code == 2 and expected in stderr, stderr
+    assert code == 2 and expected in stderr and "nothing to resume" not in stderr, stderr

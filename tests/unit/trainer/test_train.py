@@ -112,6 +112,21 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path):
     assert steps[:2] == [0, 5] and steps[-3:] == [20, 20, 20]  # train, eval, summary; the curve goes on
 
 
+def test_a_run_without_resume_never_overwrites_an_earlier_one(tmp_path):
+    meta, batches, val = data(10, seed=3)
+    train(tmp_path, batches, meta, val)
+    before = {name: (tmp_path / name).read_bytes() for name in ("ckpt.pt", "metrics.jsonl")}
+    with pytest.raises(ValueError, match=r"holds an earlier run \(ckpt.pt and metrics.jsonl\) and --resume was not given"):
+        train(tmp_path, batches, meta, val)
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    (tmp_path / "ckpt.pt").unlink()  # a run stopped before its first checkpoint: its metrics are kept too
+    with pytest.raises(ValueError, match=r"holds an earlier run \(metrics.jsonl\)"):
+        train(tmp_path, batches, meta, val)
+    _, summary = train(tmp_path, batches, meta, val, resume="auto")  # no checkpoint: a new run, appended
+    lines = (tmp_path / "metrics.jsonl").read_bytes()
+    assert lines.startswith(before["metrics.jsonl"]) and summary["steps"] == 10
+
+
 def test_same_seed_and_stream_give_identical_losses_and_another_seed_does_not(tmp_path):
     meta, batches, val = data(10, seed=4)
     runs = []
