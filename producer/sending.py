@@ -32,6 +32,7 @@ import zmq
 
 from shared import settings
 from shared.curve import CurveClient, configure_client
+from shared.endpoints import check_endpoints
 from shared.limits import MAX_PRODUCER_ID_CHARS
 from shared.meta import StreamMeta
 from shared.settings import setting
@@ -59,8 +60,9 @@ class SenderSettings:
 
     connect: tuple[str, ...] = setting((), "trainer endpoints to connect to, e.g. tcp://trainer:5555; repeat it (or separate "
                                            "with commas) for the ranks of a data-parallel trainer: each rank orders the "
-                                           "messages it trains on", metavar="ADDR", many=True)
-    bind: str | None = setting(None, "bind here instead; trainers connect (e.g. tcp://*:5555)", metavar="ADDR")
+                                           "messages it trains on", metavar="ADDR", many=True, check=check_endpoints)
+    bind: str | None = setting(None, "bind here instead; trainers connect (e.g. tcp://*:5555)", metavar="ADDR",
+                               check=check_endpoints)
     status_every: float = setting(30.0, "seconds between status lines on stderr", metavar="S", check=_check_status_every)
     curve_secret_key: str | None = setting(None, "CurveZMQ: this producer's NAME.key_secret file (with --curve-server-key; "
                                                  "docs/SECURITY.md)", metavar="FILE")

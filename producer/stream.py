@@ -67,7 +67,8 @@ class BatchStream:
         self.producer_id = config.producer_id if config.producer_id is not None else DEFAULT_PRODUCER_ID
         if isinstance(corpus, Corpus):
             corpus = tokenize(corpus, config.tokenizer or "char", 0.1 if config.val_fraction is None else config.val_fraction)
-        self.corpus = corpus if corpus is not None else load_corpus(config.corpus, config.tokenizer, config.val_fraction)
+        self.corpus = corpus if corpus is not None else load_corpus(config.corpus, config.tokenizer, config.val_fraction,
+                                                                                config.text_field)
         self.tokenizer = self.corpus.tokenizer
         train, val = self.corpus.train_lines(), self.corpus.val_lines()
         self._rows_since_release = 0

@@ -115,8 +115,6 @@ def test_record_on_the_builtin_corpus(tmp_path):
     assert abs(report["supervised_per_token"] - 0.15) < 0.05
 
 
-@pytest.mark.xfail(strict=True, reason="producer/stream.py (rewritten on main) must pass config.text_field to load_corpus; "
-                                        "drop this mark when it does")
 def test_record_reads_jsonl_by_its_text_field_as_prepare_does(tmp_path):
     documents = [f"document {i} of a small jsonl corpus" for i in range(200)]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": document}) + "\n" for document in documents))

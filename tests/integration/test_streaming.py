@@ -235,4 +235,4 @@ def test_two_producers_on_the_real_corpus_account_for_every_message(producers):
 def test_a_bad_endpoint_is_a_usage_error_not_a_traceback():
     done = run_module("producer", "run", "--connect", "tcp://127.0.0.1:1,not-an-endpoint", "--max-messages", "1")
     assert done.returncode == 2
-    assert "cannot connect not-an-endpoint" in done.stderr and "Traceback" not in done.stderr
+    assert "not-an-endpoint" in done.stderr and "tcp://" in done.stderr and "Traceback" not in done.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from shared import settings
+from shared.endpoints import check_endpoints
 from shared.settings import setting
 
 
@@ -23,7 +24,7 @@ class StreamSettings:
 
     bind: str = setting("tcp://*:5555", "ZeroMQ endpoint the trainer binds; producers connect. Under torchrun each rank "
                                         "binds the port + its local rank, or its entry of a comma-separated list",
-                        metavar="ADDR")
+                        metavar="ADDR", check=check_endpoints)
     record: str | None = setting(None, "record every consumed message to FILE (replayable)", metavar="FILE")
     wait_timeout: float | None = setting(None, "give up (exit 2) after this many seconds without meta or val set "
                                                "(none: forever; 300 s under torchrun)", metavar="S", check=_check_non_negative)

@@ -41,8 +41,6 @@ def test_a_cli_says_what_an_endpoint_lacks():
     assert done.returncode == 2 and "did you mean tcp://127.0.0.1:5555?" in done.stderr, done.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="SenderSettings (producer/sending.py) and StreamSettings (trainer/data/config.py), "
-                                        "rewritten on main, must take check=check_endpoints; drop this mark when they do")
 @pytest.mark.parametrize("argv", [["producer", "run", "--connect", "127.0.0.1:5555"], ["producer", "run", "--bind", "*:5555"],
                                   ["trainer", "--bind", "*:5555", "--out-dir", "unused"]])
 def test_producer_and_trainer_say_what_an_endpoint_lacks(argv):
