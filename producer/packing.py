@@ -15,6 +15,7 @@ rows in corpus order: the epoch packs and the val set).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -123,21 +124,32 @@ class LinePacker:
     def greedy_starts(self, max_rows: int | None = None) -> np.ndarray:
         """Start lines of the greedy packs in corpus order: each pack starts at the line after
         the previous pack's last (possibly truncated) line, so every line is in exactly one pack.
+        Stops after ``max_rows`` packs (the val set)."""
+        packs: list[np.ndarray] = []
+        found = 0
+        for piece in self.greedy_pieces():
+            packs.append(piece)
+            found += len(piece)
+            if max_rows is not None and found >= max_rows:
+                break
+        starts = np.concatenate(packs) if packs else np.zeros(0, np.int64)
+        return starts if max_rows is None else starts[:max_rows]
 
-        Lines are looked at in pieces of :data:`GREEDY_CHUNK_LINES`, so memory stays bounded on a
-        large (memory-mapped) corpus, and it stops after ``max_rows`` packs."""
+    def greedy_pieces(self) -> Iterator[np.ndarray]:
+        """:meth:`greedy_starts` piece by piece: the packs that start in each run of
+        :data:`GREEDY_CHUNK_LINES` lines, so memory stays bounded on a large (memory-mapped) corpus."""
         n_lines = self.lines.n_lines
-        packs: list[int] = []
         line = 0
-        while line < n_lines and (max_rows is None or len(packs) < max_rows):
+        while line < n_lines:
             chunk = np.arange(line, min(n_lines, line + GREEDY_CHUNK_LINES), dtype=np.int64)
             # The next pack starts at the first line not wholly inside this one (an overlong line is consumed).
             following = np.searchsorted(self.lines.starts, self.content_end(chunk, look_ahead=0), side="left").tolist()
             end = int(chunk[-1]) + 1
-            while line < end and (max_rows is None or len(packs) < max_rows):
+            packs = []
+            while line < end:
                 packs.append(line)
                 line = following[line - int(chunk[0])]
-        return np.array(packs, dtype=np.int64)
+            yield np.array(packs, dtype=np.int64)
 
     def pack(self, start_lines: np.ndarray) -> Packed:
         first = self.lines.starts[start_lines]

@@ -33,6 +33,7 @@ from producer.corpus import Corpus, load_corpus, tokenize
 from producer.corruption import BertPolicy, UniformPolicy, corrupt, mask_ratio
 from producer.lines import Lines, TokenCorpus
 from producer.packing import FixedPacker, LinePacker
+from producer.packs import MappedPacks, epoch_packs
 from producer.permutation import ROUNDS, KeyedPermutation
 from producer.stages import EXAMPLE_STAGES, StagesPolicy, load_stage_plan
 from shared.data_config import DataConfig
@@ -78,7 +79,7 @@ class BatchStream:
         self._val_starts = (
             self._val_packer.greedy_starts(MAX_VAL_ROWS) if self._val_packer is not None else np.zeros(0, np.int64)
         )
-        self._epoch_packs = self._train_packer.greedy_starts() if config.sampling == "epoch" else None
+        self._epoch_packs = epoch_packs(self._train_packer, self.corpus.fingerprint) if config.sampling == "epoch" else None
         self._val_set: list[Batch] | None = None
         self._orders: dict[tuple[int, int], np.ndarray] = {}
         rows = config.rows_per_message
@@ -173,6 +174,8 @@ class BatchStream:
         self._rows_since_release += len(x)
         if self._rows_since_release >= RELEASE_EVERY_ROWS:
             self.corpus.release_pages()
+            if isinstance(self._epoch_packs, MappedPacks):
+                self._epoch_packs.release()
             self._rows_since_release = 0
         batch = {
             "x": x,

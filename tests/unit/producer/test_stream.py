@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from producer.corpus import Corpus, read_text
+from producer.packs import FixedPacks, MappedPacks
 from producer.permutation import ROUNDS, KeyedPermutation
 from producer.stages import EXAMPLE_STAGES, load_stage_plan
 from producer.stream import BatchStream, _policy
@@ -239,3 +240,25 @@ def test_random_rows_start_at_every_train_line_uniformly(corpus_path):
     chi2 = float(((counts - expected) ** 2 / expected).sum())
     # 270 degrees of freedom: mean 270, sd ~23; a biased sampler (e.g. by line length) lands far above.
     assert chi2 < 270 + 6 * 23, chi2
+
+
+def test_a_large_corpus_maps_its_epoch_packs_from_a_shared_cache_file(corpus_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("LINEPACK_CACHE_DIR", str(tmp_path / "cache"))
+    in_memory = stream(corpus_path, sampling="epoch")
+    monkeypatch.setattr("producer.packs.IN_MEMORY_PACKS_MAX_LINES", 10)  # "large": above 10 train lines
+    mapped = stream(corpus_path, sampling="epoch")
+    assert isinstance(mapped._epoch_packs, MappedPacks) and isinstance(in_memory._epoch_packs, np.ndarray)
+    np.testing.assert_array_equal(mapped._epoch_packs.array, in_memory._epoch_packs)
+    [cached] = (tmp_path / "cache").iterdir()
+    assert cached.name.startswith(f"packs-{in_memory.meta.corpus_fingerprint}-lines-64-") and cached.suffix == ".npy"
+    again = stream(corpus_path, sampling="epoch")  # a second producer maps the same file, not a new one
+    assert list((tmp_path / "cache").iterdir()) == [cached]
+    for k in (0, 7, 40):
+        assert all(np.array_equal(mapped.train_message(k)[n], in_memory.train_message(k)[n]) for n in mapped.train_message(k))
+        assert np.array_equal(again.train_message(k)["x"], in_memory.train_message(k)["x"])
+
+
+def test_fixed_packing_epochs_need_no_pack_table(corpus_path):
+    s = stream(corpus_path, sampling="epoch", packing="fixed")
+    assert isinstance(s._epoch_packs, FixedPacks) and len(s._epoch_packs) == s.meta.epoch_rows
+    np.testing.assert_array_equal(s._epoch_packs[np.array([0, 3])], [0, 3 * 64])

@@ -1,0 +1,102 @@
+"""The packs of an epoch (docs/SPEC.md §2.8): the greedy packs of the train lines, built once.
+
+Epoch sampling shuffles the greedy packs of the train lines (each pack starts at the line after the
+previous pack's last, so every line is in exactly one). Finding them is one pass over the lines: a
+Python step per pack over vectorized pieces of lines. A corpus of up to :data:`IN_MEMORY_PACKS_MAX_LINES`
+train lines keeps them in memory (a few MB at most). A larger one (a prepared, memory-mapped corpus
+of tens of millions of lines, whose pack table would be hundreds of MB in every producer) has them
+written once to a cache file named by the corpus fingerprint, the packing and the block size, and
+memory-mapped, so every producer on a host shares one copy through the page cache and a producer's
+own memory stays flat in the corpus size (as Megatron-LM caches its shuffle index). The cache
+folder is ``$LINEPACK_CACHE_DIR``, else ``$XDG_CACHE_HOME/linepack``, else ``~/.cache/linepack``;
+a file is written under a temporary name and renamed, so producers racing to build it agree.
+Fixed packing needs no table: pack i starts at token ``i * block_size``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from producer.packing import FixedPacker, LinePacker
+from producer.prepared import MappedArray
+
+IN_MEMORY_PACKS_MAX_LINES = 1 << 20
+CACHE_ENV = "LINEPACK_CACHE_DIR"
+PACK_DTYPE = np.dtype("<i8")
+
+
+class FixedPacks:
+    """The packs of fixed packing, computed: pack i starts at token ``i * block_size``."""
+
+    def __init__(self, n_tokens: int, block_size: int) -> None:
+        self.block_size = block_size
+        self.count = -(-n_tokens // block_size)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, positions: np.ndarray) -> np.ndarray:
+        return np.asarray(positions, dtype=np.int64) * self.block_size
+
+
+class MappedPacks:
+    """A pack table memory-mapped from the cache; :meth:`release` drops its resident pages."""
+
+    def __init__(self, path: Path) -> None:
+        with open(path, "rb") as file:
+            np.lib.format.read_magic(file)
+            (length,), _, _ = np.lib.format.read_array_header_1_0(file)
+        self._mapped = MappedArray(path, PACK_DTYPE.str, length)
+        self.array = self._mapped.array
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, positions: np.ndarray) -> np.ndarray:
+        return self.array[positions]
+
+    def release(self) -> None:
+        self._mapped.release()
+
+
+def cache_dir() -> Path:
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "linepack"
+
+
+def epoch_packs(packer: LinePacker | FixedPacker, fingerprint: str) -> np.ndarray | FixedPacks | MappedPacks:
+    """The start (line or token offset) of every pack of one epoch, in corpus order; indexable by
+    an int64 array of positions."""
+    if isinstance(packer, FixedPacker):
+        return FixedPacks(packer.n_tokens, packer.block_size)
+    if packer.lines.n_lines <= IN_MEMORY_PACKS_MAX_LINES:
+        return packer.greedy_starts()
+    path = cache_dir() / f"packs-{fingerprint}-lines-{packer.block_size}-{packer.lines.n_lines}.npy"
+    if not path.exists():
+        _write(path, packer)
+    return MappedPacks(path)
+
+
+def _write(path: Path, packer: LinePacker) -> None:
+    """Writes the pack table to ``path`` (a temporary file, then renamed), piece by piece."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw_fd, raw_name = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".raw")
+    count = 0
+    try:
+        with os.fdopen(raw_fd, "wb") as raw:
+            for piece in packer.greedy_pieces():
+                raw.write(piece.astype(PACK_DTYPE).tobytes())
+                count += len(piece)
+        final_fd, final_name = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        with os.fdopen(final_fd, "wb") as final, open(raw_name, "rb") as raw:
+            np.lib.format.write_array_header_1_0(final, {"descr": PACK_DTYPE.str, "fortran_order": False, "shape": (count,)})
+            while block := raw.read(1 << 24):
+                final.write(block)
+        os.replace(final_name, path)
+    finally:
+        os.unlink(raw_name)
