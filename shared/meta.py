@@ -10,6 +10,7 @@ accepts and rejects any message whose meta differs, naming the field
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
@@ -20,7 +21,7 @@ from functools import cached_property
 from typing import Any
 
 from shared.limits import MAX_BLOCK_SIZE, MAX_ROWS_PER_MESSAGE, MAX_STAGES, PACKINGS, POLICIES, SAMPLINGS
-from shared.tokenizer import TOKENIZER_KINDS, CharTokenizer, Tokenizer, sha256_hex, tokenizer_from_definition
+from shared.tokenizer import TOKENIZER_KINDS, CharTokenizer, HFTokenizer, Tokenizer, sha256_hex, tokenizer_from_definition
 from shared.vocab import IGNORE_INDEX, SpecialIds, VocabularyError
 
 FINGERPRINT = re.compile(r"[0-9a-f]{16}")
@@ -116,6 +117,10 @@ class StreamMeta:
             raise MetaError("an hf stream carries its tokenizer JSON in vocab")
         if self.tokenizer != "bytes" and self.tokenizer_digest != sha256_hex(self.vocab.encode("utf-8")):
             raise MetaError("meta field tokenizer_digest is not the SHA-256 of vocab")
+        if self.tokenizer == "hf":
+            base_size = _hf_base_size(self.vocab, self.tokenizer_digest)
+            if base_size != self.base_size:
+                raise MetaError(f"meta field vocab is a tokenizer of {base_size} base ids, mask_id says {self.base_size}")
 
     @classmethod
     def build(cls, tokenizer: Tokenizer, corruption: dict[str, Any], token_counts, **rest: Any) -> StreamMeta:
@@ -201,6 +206,27 @@ class StreamMeta:
             for f in fields(self)
             if getattr(self, f.name) != getattr(other, f.name)
         ]
+
+
+# tokenizer_digest -> V0 of the hf tokenizers that loaded: a meta repeating one is not loaded again.
+_HF_BASE_SIZES: collections.OrderedDict[str, int] = collections.OrderedDict()
+_HF_BASE_SIZES_KEPT = 64
+
+
+def _hf_base_size(definition: str, digest: str) -> int:
+    """V0 of the ``tokenizers`` JSON ``definition`` (whose SHA-256 is ``digest``, checked before);
+    raises MetaError when it does not load, so a forged hf meta is refused before it is pinned."""
+    if digest in _HF_BASE_SIZES:
+        _HF_BASE_SIZES.move_to_end(digest)
+        return _HF_BASE_SIZES[digest]
+    try:
+        base_size = HFTokenizer(definition).base_size
+    except VocabularyError as error:
+        raise MetaError(f"meta field vocab: {error}") from None
+    _HF_BASE_SIZES[digest] = base_size
+    while len(_HF_BASE_SIZES) > _HF_BASE_SIZES_KEPT:
+        _HF_BASE_SIZES.popitem(last=False)
+    return base_size
 
 
 def _within(name: str, value: int, low: int, high: int) -> None:

@@ -1,5 +1,6 @@
 """Wire format (docs/SPEC.md §3): encode/decode round trip and every rejection, with its reason."""
 
+import hashlib
 import time
 import tracemalloc
 
@@ -10,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared import wire
-from shared.meta import StreamMeta
+from shared.meta import StreamMeta, canonical_json
 from shared.wire import MAX_HEADER_BYTES, REASONS, MetaMessage, UnknownMeta, WireError, encode, encode_meta, frame_bytes
 
 from helpers.wire import INCARNATION, STAGES, assert_valid_message, make_meta, make_tensors, vocab_chars
@@ -653,3 +654,12 @@ def test_fixed_packing_needs_no_sep():
     tensors = make_tensors(FIXED_META, 4, np.random.default_rng(0))
     assert not (tensors["x"] == FIXED_META.sep_id).any()
     assert_valid_message(decode(encode(FIXED_META, "train", "p", 0, tensors)))
+
+
+def test_a_forged_hf_meta_is_rejected_at_decode():
+    """Issue 26 item 1: rejected with reason ``meta`` before anything could pin it."""
+    forged = '{"version": "1.0", "model": "nothing"}'
+    data = {**META.to_dict(), "tokenizer": "hf", "vocab": forged,
+            "tokenizer_digest": hashlib.sha256(forged.encode()).hexdigest()}
+    digest = hashlib.sha256(canonical_json(data).encode()).hexdigest()[:16]
+    rejected(meta_message(data, digest=digest), "meta")
