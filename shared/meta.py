@@ -16,9 +16,12 @@ import hashlib
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass, fields
 from functools import cached_property
 from typing import Any
+
+import numpy as np
 
 from shared.limits import MAX_BLOCK_SIZE, MAX_ROWS_PER_MESSAGE, MAX_STAGES, PACKINGS, POLICIES, SAMPLINGS
 from shared.tokenizer import TOKENIZER_KINDS, CharTokenizer, HFTokenizer, Tokenizer, sha256_hex, tokenizer_from_definition
@@ -27,6 +30,9 @@ from shared.vocab import IGNORE_INDEX, SpecialIds, VocabularyError
 FINGERPRINT = re.compile(r"[0-9a-f]{16}")
 SHA256 = re.compile(r"[0-9a-f]{64}")
 MAX_SEED = (1 << 63) - 1  # a msgpack int64: every common reader takes it
+MAX_COUNT = (1 << 64) - 1
+COUNT_DTYPE = np.dtype("<u8")  # token_counts: one little-endian uint64 per base id
+DIGEST_CHUNK = 1 << 16  # counts written at a time while hashing
 
 
 class MetaError(ValueError):
@@ -54,7 +60,8 @@ class StreamMeta:
         corpus_fingerprint: 16 hex digits naming the corpus (text or prepared folder).
         val_messages: number of messages in the fixed validation set.
         token_counts: occurrences of each base id over the content tokens of the train
-            split (length V0), for the context-free floor.
+            split, for the context-free floor: V0 little-endian uint64 (8 bytes per id), compact
+            whatever the vocabulary (:attr:`counts` reads it as an array).
     """
 
     block_size: int
@@ -73,7 +80,7 @@ class StreamMeta:
     seed: int
     corpus_fingerprint: str
     val_messages: int
-    token_counts: tuple[int, ...]
+    token_counts: bytes
 
     def __post_init__(self) -> None:
         self._check_ids()
@@ -86,8 +93,9 @@ class StreamMeta:
                 raise MetaError(f"meta field {name} {getattr(self, name)!r} is not one of {choices}")
         if not FINGERPRINT.fullmatch(self.corpus_fingerprint):
             raise MetaError("meta field corpus_fingerprint must be 16 lowercase hex digits")
-        if len(self.token_counts) != self.base_size:
-            raise MetaError(f"token_counts has {len(self.token_counts)} entries, expected {self.base_size}")
+        if type(self.token_counts) is not bytes or len(self.token_counts) != COUNT_DTYPE.itemsize * self.base_size:
+            raise MetaError(f"token_counts must be {self.base_size} little-endian uint64 ({COUNT_DTYPE.itemsize * self.base_size} "
+                            f"bytes), got {type(self.token_counts).__name__} of {len(self.token_counts)}")
         check_corruption(self.corruption)
 
     def _check_ids(self) -> None:
@@ -136,13 +144,26 @@ class StreamMeta:
             pad_id=tokenizer.pad_id,
             ignore_index=IGNORE_INDEX,
             corruption=canonical_json(corruption),
-            token_counts=tuple(int(c) for c in token_counts),
+            token_counts=_counts_bytes(token_counts),
             **rest,
         )
 
     @classmethod
     def from_dict(cls, data: Any) -> StreamMeta:
-        """Parse the wire form; raises :class:`MetaError` on any missing, extra or mistyped field."""
+        """Parse the plain form (:meth:`to_dict`: ``token_counts`` a list of integers, as protocol-2
+        meta messages and checkpoints hold it); raises :class:`MetaError` on any missing, extra or
+        mistyped field."""
+        cls._check_types(data, wire=False)
+        return cls(**{**data, "token_counts": _counts_bytes(data["token_counts"])})
+
+    @classmethod
+    def from_wire(cls, data: Any) -> StreamMeta:
+        """Parse the wire form of protocol 3 (:meth:`to_wire`: ``token_counts`` raw bytes)."""
+        cls._check_types(data, wire=True)
+        return cls(**data)
+
+    @classmethod
+    def _check_types(cls, data: Any, wire: bool) -> None:
         if not isinstance(data, dict):
             raise MetaError("meta is not a map")
         names = [f.name for f in fields(cls)]
@@ -152,12 +173,11 @@ class StreamMeta:
             raise MetaError(f"meta fields missing {missing} / unknown {extra}")
         for f in fields(cls):
             value = data[f.name]
-            if f.name == "token_counts":
-                if not isinstance(value, (list, tuple)) or not all(type(c) is int and c >= 0 for c in value):
-                    raise MetaError("meta field token_counts must be a list of non-negative integers")
-            elif type(value) is not {"int": int, "str": str}[f.type]:
+            if f.name == "token_counts" and not wire:
+                if not isinstance(value, (list, tuple)) or not all(type(c) is int and 0 <= c <= MAX_COUNT for c in value):
+                    raise MetaError("meta field token_counts must be a list of integers in 0..2^64-1")
+            elif type(value) is not {"int": int, "str": str, "bytes": bytes}[f.type]:
                 raise MetaError(f"meta field {f.name} must be {f.type}, got {type(value).__name__}")
-        return cls(**{**data, "token_counts": tuple(data["token_counts"])})
 
     @classmethod
     def from_v1_dict(cls, data: Any) -> StreamMeta:
@@ -168,15 +188,37 @@ class StreamMeta:
         return cls.from_dict(upgraded)
 
     def to_dict(self) -> dict[str, Any]:
-        """The wire form: a new dict of plain values (``token_counts`` as a list)."""
-        data = {f.name: getattr(self, f.name) for f in fields(self)}
-        data["token_counts"] = list(self.token_counts)
-        return data
+        """The plain form: a new dict of JSON values (``token_counts`` as a list of integers), what
+        the digest is computed over and checkpoints keep."""
+        return {**self.to_wire(), "token_counts": self.counts.tolist()}
+
+    def to_wire(self) -> dict[str, Any]:
+        """The wire form of protocol 3: a new dict of the fields (``token_counts`` as raw bytes)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @property
+    def counts(self) -> np.ndarray:
+        """``token_counts`` as a read-only uint64 array (V0,), a view of the bytes."""
+        return np.frombuffer(self.token_counts, dtype=COUNT_DTYPE)
+
+    @property
+    def nbytes(self) -> int:
+        """Approximate memory held by this meta, in bytes: its vocabulary, counts and corruption."""
+        return sys.getsizeof(self.vocab) + len(self.token_counts) + sys.getsizeof(self.corruption)
 
     @cached_property
     def digest(self) -> str:
-        """Stable hash: first 16 hex digits of SHA-256 over the canonical JSON of the meta."""
-        return hashlib.sha256(canonical_json(self.to_dict()).encode()).hexdigest()[:16]
+        """Stable hash: first 16 hex digits of SHA-256 over the canonical JSON of the meta
+        (:meth:`to_dict`), the counts written in chunks so that no list of V0 ints is made."""
+        text = canonical_json({**self.to_wire(), "token_counts": []})
+        # The key appears once: inside a string a quote would be escaped (\").
+        head, key, tail = text.partition('"token_counts":[]')
+        sha = hashlib.sha256(f'{head}"token_counts":['.encode())
+        counts = self.counts
+        for start in range(0, len(counts), DIGEST_CHUNK):
+            sha.update(("," if start else "").encode() + ",".join(map(str, counts[start:start + DIGEST_CHUNK].tolist())).encode())
+        sha.update(f"]{tail}".encode())
+        return sha.hexdigest()[:16]
 
     @property
     def base_size(self) -> int:
@@ -195,9 +237,9 @@ class StreamMeta:
 
     def summary(self) -> MetaSummary:
         """The meta without the per-id counts and the vocabulary itself (for diagnostics)."""
-        data = {name: value for name, value in self.to_dict().items() if name not in SUMMARY_OMITS}
+        data = {name: value for name, value in self.to_wire().items() if name not in SUMMARY_OMITS}
         data["corruption"] = self.corruption_config
-        return MetaSummary(**data, base_size=self.base_size, content_tokens=sum(self.token_counts), digest=self.digest)
+        return MetaSummary(**data, base_size=self.base_size, content_tokens=int(self.counts.sum()), digest=self.digest)
 
     def differences(self, other: StreamMeta) -> list[tuple[str, Any, Any]]:
         """``(field, self value, other value)`` for every field that differs, in field order."""
@@ -227,6 +269,14 @@ def _hf_base_size(definition: str, digest: str) -> int:
     while len(_HF_BASE_SIZES) > _HF_BASE_SIZES_KEPT:
         _HF_BASE_SIZES.popitem(last=False)
     return base_size
+
+
+def _counts_bytes(counts: Any) -> bytes:
+    """``counts`` (any sequence or array of integers in 0..2^64-1) as little-endian uint64 bytes."""
+    array = np.asarray(counts)
+    if array.ndim != 1 or (array.size and (array.dtype.kind not in "iu" or int(array.min()) < 0)):
+        raise MetaError("token_counts must be a sequence of non-negative integers")
+    return array.astype(COUNT_DTYPE).tobytes()
 
 
 def _within(name: str, value: int, low: int, high: int) -> None:

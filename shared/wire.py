@@ -36,14 +36,19 @@ from shared.meta import MetaError, StreamMeta, canonical_json
 from shared.vocab import id_dtype, label_dtype
 
 PROTOCOL_MAGIC = "linepack"
-PROTOCOL_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+PROTOCOL_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 KIND_BATCH = "batch"
 KIND_META = "meta"
 SPLITS = ("train", "val")
 
 MAX_HEADER_BYTES = 1 << 20
-MAX_META_BYTES = 64 << 20  # a meta frame: the tokenizer JSON and V0 counts of a large vocabulary
+# A meta frame: the tokenizer JSON and 8 bytes of counts per base id. A 1M-token BPE is about
+# 24 MiB of JSON and 8 MiB of counts (docs/SECURITY.md).
+MAX_META_BYTES = 48 << 20
+MAX_V2_META_COUNTS = 1 << 21  # token_counts entries of a protocol-2 meta frame (a msgpack array)
+META_CACHE_BYTES = 64 << 20  # the decoder's cache of metas, by StreamMeta.nbytes ...
+META_CACHE_SIZE = 16  # ... and by number
 MAX_HEADER_ENTRIES = 64  # msgpack maps and arrays in a header (shapes, the tensor list)
 INCARNATION_HEX = 16
 
@@ -55,6 +60,9 @@ HEADER_KEYS = MappingProxyType({
     (2, KIND_BATCH): frozenset({"magic", "version", "kind", "split", "producer", "incarnation", "seq", "val_index",
                                 "meta_hash", "tensors"}),
     (2, KIND_META): frozenset({"magic", "version", "kind", "producer", "incarnation", "seq", "meta_hash"}),
+    (3, KIND_BATCH): frozenset({"magic", "version", "kind", "split", "producer", "incarnation", "seq", "val_index",
+                                "meta_hash", "tensors"}),
+    (3, KIND_META): frozenset({"magic", "version", "kind", "producer", "incarnation", "seq", "meta_hash"}),
     (1, KIND_BATCH): frozenset({"magic", "version", "kind", "split", "producer", "seq", "val_index", "meta_hash", "meta",
                                 "tensors"}),
 })
@@ -163,10 +171,10 @@ def encode(meta: StreamMeta, split: str, producer_id: str, seq: int, tensors: Ma
 
 
 def encode_meta(meta: StreamMeta, producer_id: str, seq: int, incarnation: str = "0" * INCARNATION_HEX) -> list[bytes]:
-    """Frames of one meta message: ``[header, msgpack of meta.to_dict()]``."""
+    """Frames of one meta message: ``[header, msgpack of meta.to_wire()]`` (the counts as one bin value)."""
     header = {"magic": PROTOCOL_MAGIC, "version": PROTOCOL_VERSION, "kind": KIND_META, "producer": producer_id,
               "incarnation": incarnation, "seq": int(seq), "meta_hash": meta.digest}
-    return [msgpack.packb(header, use_bin_type=True), msgpack.packb(meta.to_dict(), use_bin_type=True)]
+    return [msgpack.packb(header, use_bin_type=True), msgpack.packb(meta.to_wire(), use_bin_type=True)]
 
 
 def _buffer(frame: Any) -> memoryview:
@@ -193,27 +201,30 @@ def _pairs(pairs: list[tuple[Any, Any]]) -> dict:
     return mapping
 
 
-def _no_binary(value: Any, depth: int = 0) -> None:
+def _no_binary(value: Any, depth: int = 0, allowed: frozenset[str] = frozenset()) -> None:
     """Raises ValueError on any bin or ext value (also empty ones, which the length limits let through)."""
     if isinstance(value, (bytes, msgpack.ExtType)) or depth > 32:
         raise ValueError("binary, ext or too deeply nested values are not allowed")
     if isinstance(value, dict):
-        for item in value.values():
-            _no_binary(item, depth + 1)
+        for key, item in value.items():
+            if key not in allowed:
+                _no_binary(item, depth + 1)
     elif isinstance(value, list):
         for item in value:
             _no_binary(item, depth + 1)
 
 
-def unpack_map(raw: memoryview, limit: int, max_entries: int, what: str) -> dict:
-    """A msgpack map of at most ``limit`` bytes: strings only as text, no bin or ext values, no
-    repeated keys, containers of at most ``max_entries`` (maps: :data:`MAX_HEADER_ENTRIES`)."""
+def unpack_map(raw: memoryview, limit: int, max_entries: int, what: str, binary: frozenset[str] = frozenset()) -> dict:
+    """A msgpack map of at most ``limit`` bytes: strings only as text, no bin or ext values (but
+    as the values of the top-level keys in ``binary``), no repeated keys, containers of at most
+    ``max_entries`` (maps: :data:`MAX_HEADER_ENTRIES`)."""
     if len(raw) > limit:
         raise WireError("header_size", f"{what} is {len(raw)} bytes, the limit is {limit}")
     try:
-        value = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_str_len=limit, max_bin_len=0, max_ext_len=0,
-                                max_array_len=max_entries, max_map_len=MAX_HEADER_ENTRIES, object_pairs_hook=_pairs)
-        _no_binary(value)
+        value = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_str_len=limit, max_bin_len=limit if binary else 0,
+                                max_ext_len=0, max_array_len=max_entries, max_map_len=MAX_HEADER_ENTRIES,
+                                object_pairs_hook=_pairs)
+        _no_binary(value, allowed=binary)
     except Exception as error:  # msgpack raises several unrelated types on bad input
         raise WireError("header_not_msgpack", f"{what} is not a msgpack map ({type(error).__name__}: {error})") from None
     if not isinstance(value, dict):
@@ -290,7 +301,7 @@ def _decode_rest(frames: Sequence[Any], header: dict, version: int, kind: str, p
     if kind == KIND_META:
         if len(frames) != 2:
             raise WireError("frame_count", f"a meta message has 2 frames, not {len(frames)}")
-        return MetaMessage(producer_id, incarnation, seq, _meta_frame(frames[1], digest), tuple(frames))
+        return MetaMessage(producer_id, incarnation, seq, _meta_frame(frames[1], digest, version), tuple(frames))
     if version == 1:
         meta = _meta_v1(header.get("meta"), digest)
     else:
@@ -300,26 +311,34 @@ def _decode_rest(frames: Sequence[Any], header: dict, version: int, kind: str, p
     return _decode_batch(frames, header, producer_id, incarnation, seq, meta)
 
 
-# digest -> (raw meta frame, meta): a meta message repeating a known meta is not parsed again.
-_META_CACHE: dict[str, tuple[bytes, StreamMeta]] = {}
-_META_CACHE_SIZE = 16
+# (digest, SHA-256 of the raw meta frame) -> meta: a meta message repeating a known meta is not
+# parsed again. At most META_CACHE_SIZE metas and META_CACHE_BYTES (StreamMeta.nbytes), the oldest
+# forgotten first.
+_META_CACHE: dict[tuple[str, bytes], StreamMeta] = {}
 
 
-def _meta_frame(frame: Any, digest: str) -> StreamMeta:
+def _meta_frame(frame: Any, digest: str, version: int) -> StreamMeta:
+    """The meta of a meta message's frame 1: protocol 3 carries ``token_counts`` as one bin value
+    of little-endian uint64, protocol 2 as a msgpack array (old recordings)."""
     raw = _buffer(frame)
-    cached = _META_CACHE.get(digest)
-    if cached is not None and cached[0] == raw:
-        return cached[1]
-    data = unpack_map(raw, MAX_META_BYTES, 1 << 25, "the meta frame")
+    key = (digest, hashlib.sha256(raw).digest())
+    cached = _META_CACHE.get(key)
+    if cached is not None:
+        return cached
     try:
-        meta = StreamMeta.from_dict(data)
+        if version >= 3:
+            meta = StreamMeta.from_wire(unpack_map(raw, MAX_META_BYTES, MAX_HEADER_ENTRIES, "the meta frame",
+                                                   binary=frozenset({"token_counts"})))
+        else:
+            meta = StreamMeta.from_dict(unpack_map(raw, MAX_META_BYTES, MAX_V2_META_COUNTS, "the meta frame"))
     except MetaError as error:
         raise WireError("meta", str(error)) from None
     if meta.digest != digest:
         raise WireError("meta", f"meta_hash {digest!r} does not match the meta ({meta.digest!r})")
-    if len(_META_CACHE) >= _META_CACHE_SIZE:
+    _META_CACHE[key] = meta
+    while len(_META_CACHE) > 1 and (len(_META_CACHE) > META_CACHE_SIZE
+                                    or sum(kept.nbytes for kept in _META_CACHE.values()) > META_CACHE_BYTES):
         _META_CACHE.pop(next(iter(_META_CACHE)))
-    _META_CACHE[digest] = (bytes(raw), meta)
     return meta
 
 

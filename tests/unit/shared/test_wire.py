@@ -135,7 +135,7 @@ def test_decoded_tensors_read_only_even_from_writable_frames():
 def test_header_carries_the_contract_fields():
     frames, _ = build()
     header = header_of(frames)
-    assert header["magic"] == "linepack" and header["version"] == 2 and header["kind"] == "batch"
+    assert header["magic"] == "linepack" and header["version"] == 3 and header["kind"] == "batch"
     assert "meta" not in header and header["meta_hash"] == META.digest and header["incarnation"] == INCARNATION
     assert [(d["name"], d["dtype"], d["shape"]) for d in header["tensors"]] == [
         ("x", "<u2", [4, 16]), ("y", "<i2", [4, 16]), ("attention_mask", "|u1", [4, 16]), ("mask_ratio", "<f4", [4])
@@ -282,7 +282,7 @@ def test_deeply_nested_header_value(field, depth):
     [
         ("magic", "linepak", "header_schema"),
         ("magic", None, "header_schema"),
-        ("version", 3, "version"),
+        ("version", 4, "version"),
         ("version", 0, "version"),
         ("version", True, "version"),
         ("version", 1.0, "version"),
@@ -301,7 +301,7 @@ def test_deeply_nested_header_value(field, depth):
         ("seq", 2**63, "header_schema"),
         ("meta_hash", "0" * 16, "meta_unknown"),  # a digest this receiver has no meta message for
         ("meta_hash", None, "header_schema"),
-        ("meta", META.to_dict(), "header_schema"),  # protocol 2 headers do not carry the meta
+        ("meta", META.to_dict(), "header_schema"),  # protocol 2 and 3 headers do not carry the meta
         ("incarnation", "0123", "header_schema"),
         ("incarnation", "0123456789ABCDEF", "header_schema"),
         ("incarnation", None, "header_schema"),
@@ -350,7 +350,7 @@ def test_a_meta_message_carries_the_meta():
     message = decode(encode_meta(META, "producer-0", 3, INCARNATION))
     assert isinstance(message, MetaMessage) and message.meta == META and message.seq == 3
     assert message.incarnation == INCARNATION and message.producer_id == "producer-0"
-    rejected([*meta_message(META.to_dict()), b""], "frame_count")
+    rejected([*meta_message(META.to_wire()), b""], "frame_count")
 
 
 @pytest.mark.parametrize(
@@ -362,7 +362,7 @@ def test_a_meta_message_carries_the_meta():
 def test_bad_or_tampered_meta(field, value, cold_cache):
     if cold_cache:
         wire._META_CACHE.clear()
-    rejected(meta_message({**META.to_dict(), field: value}), "meta")
+    rejected(meta_message({**META.to_wire(), field: value}), "meta")
 
 
 @pytest.mark.parametrize(
@@ -370,13 +370,13 @@ def test_bad_or_tampered_meta(field, value, cold_cache):
                      ("token_counts", [True] + list(range(2, 34)))],
 )
 def test_mistyped_meta_rejected_even_when_cached(field, value):
-    decode(meta_message(META.to_dict()))  # the meta is now cached
-    assert StreamMeta.from_dict(META.to_dict()) == META
-    rejected(meta_message({**META.to_dict(), field: value}), "meta")
+    decode(meta_message(META.to_wire()))  # the meta is now cached
+    assert StreamMeta.from_wire(META.to_wire()) == META
+    rejected(meta_message({**META.to_wire(), field: value}), "meta")
 
 
 def test_a_meta_under_another_digest_is_rejected():
-    rejected(meta_message(META.to_dict(), digest="0" * 16), "meta")
+    rejected(meta_message(META.to_wire(), digest="0" * 16), "meta")
 
 
 def test_a_protocol_one_batch_is_still_read():
@@ -662,4 +662,43 @@ def test_a_forged_hf_meta_is_rejected_at_decode():
     data = {**META.to_dict(), "tokenizer": "hf", "vocab": forged,
             "tokenizer_digest": hashlib.sha256(forged.encode()).hexdigest()}
     digest = hashlib.sha256(canonical_json(data).encode()).hexdigest()[:16]
-    rejected(meta_message(data, digest=digest), "meta")
+    rejected(meta_message({**data, "token_counts": META.token_counts}, digest=digest), "meta")
+
+
+def big_meta(base_size: int, seed: int = 0) -> StreamMeta:
+    """A char meta of ``base_size`` distinct characters (no surrogates), counts near 2^40."""
+    chars = "".join(chr(c) for c in range(0x10FFFF) if not 0xD800 <= c < 0xE000)[:base_size]
+    return make_meta(chars=chars, seed=seed, token_counts=np.full(base_size, 1 << 40, dtype=np.uint64))
+
+
+def test_a_large_meta_costs_little_more_than_its_frame():
+    """Issue 26 item 2: a meta of 1M base ids travels its counts as 8 bytes each in one bin value
+    and decodes without a Python object per id (before: a msgpack array, ~150 MiB for 17 MB)."""
+    meta = big_meta(1_000_000)
+    frames = encode_meta(meta, "producer-0", 0, INCARNATION)
+    assert len(frames[1]) < 13 << 20  # 4 MB of characters, 8 MB of counts
+    wire._META_CACHE.clear()
+    tracemalloc.start()
+    started = time.perf_counter()
+    message = decode(frames)
+    seconds = time.perf_counter() - started
+    kept, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert message.meta == meta and message.meta.counts[5] == 1 << 40
+    # Measured: kept 12 MB, peak 58 MB, 0.33 s (before: a 12.9 MB frame kept 57 MB, peak 112 MB, 0.64 s).
+    assert kept < 1.5 * len(frames[1]) and peak < 64 << 20, (kept, peak)
+    assert seconds < 10, seconds
+
+
+def test_a_protocol_two_meta_message_with_an_array_of_counts_still_decodes():
+    header = {**header_of(encode_meta(META, "producer-0", 0, INCARNATION)), "version": 2}
+    message = decode([msgpack.packb(header), msgpack.packb(META.to_dict())])
+    assert message.meta == META
+
+
+def test_the_decoders_meta_cache_is_bounded_in_bytes():
+    wire._META_CACHE.clear()
+    for seed in range(12):
+        decode(encode_meta(big_meta(600_000, seed), "producer-0", 0, INCARNATION))
+    assert sum(meta.nbytes for meta in wire._META_CACHE.values()) <= wire.META_CACHE_BYTES
+    assert len(wire._META_CACHE) < 12
