@@ -8,7 +8,9 @@
 ``.gz`` of either is read as it streams. The text is cut into chunks of whole lines that
 ``--workers`` processes tokenize (:meth:`shared.tokenizer.Tokenizer.encode_text`, every line on
 its own) while this process appends the ids and the line offsets to the folder, so memory stays
-bounded whatever the corpus size: at most two chunks per worker are in flight. The ``char``
+bounded whatever the corpus size and shape: at most two chunks per worker are in flight, and no
+line longer than ``--max-line-bytes`` (4 MB) is held whole (a text line is split into pieces of at
+most that many bytes, a JSON line refused with its file, line and byte offset). The ``char``
 tokenizer first reads the corpus once for its vocabulary. A progress bar (MB/s, lines, ETA)
 shows on a terminal.
 
@@ -46,7 +48,7 @@ from shared.settings import setting
 from shared.tokenizer import CharTokenizer, Tokenizer, load_tokenizer, tokenizer_from_definition
 from shared.vocab import VocabularyError, id_dtype
 
-COUNT_CHUNK = 1 << 24  # tokens per bincount pass over the written ids
+COUNT_CHUNK = 1 << 22  # tokens per bincount pass over the written ids (numpy widens them to int64)
 
 
 def _check_fraction(value: float) -> None:
@@ -67,6 +69,9 @@ class PrepareSettings:
     workers: int = setting(0, "tokenizing processes; 0 = one per core", metavar="N", check=_check_workers)
     text_field: str | None = setting(None, "the field of each .jsonl line that holds its text", metavar="NAME")
     chunk_mb: float = setting(4.0, "MB of text per chunk handed to a worker", metavar="MB", check=_check_workers)
+    max_line_bytes: int = setting(sources.DEFAULT_MAX_LINE_BYTES,
+                                  "the longest line held, in bytes: a longer text line is split into pieces of at most "
+                                  "this many bytes, a longer .jsonl line refused", metavar="BYTES", check=settings.at_least(16))
     out: str | None = setting(None, "the folder to create (it must not exist yet)", metavar="DIR")
 
 
@@ -122,7 +127,7 @@ def character_tokenizer(pool: ProcessPoolExecutor, options: PrepareSettings, fil
                         in_flight: int) -> CharTokenizer:
     """The char tokenizer of the whole corpus (a first pass over it)."""
     seen = np.zeros(0, dtype="<u4")
-    chunks = sources.chunks(files, int(options.chunk_mb * 1e6))
+    chunks = sources.chunks(files, int(options.chunk_mb * 1e6), options.max_line_bytes)
     for codepoints in _ordered(pool, _characters, chunks, in_flight, options.text_field):
         seen = np.union1d(seen, codepoints)
     if not np.any(seen != ord("\n")):
@@ -141,7 +146,7 @@ def write_ids(pool: ProcessPoolExecutor, options: PrepareSettings, files: list[s
     progress = sources.progress_bar(total)
     lines = 0
     try:
-        chunks = sources.chunks(files, int(options.chunk_mb * 1e6), progress)
+        chunks = sources.chunks(files, int(options.chunk_mb * 1e6), options.max_line_bytes, progress)
         for ids, lengths in _ordered(pool, _encode, chunks, in_flight, options.text_field, dtype.str):
             offsets.append(tokens.length + np.cumsum(lengths))
             tokens.append(ids)

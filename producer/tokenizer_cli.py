@@ -46,7 +46,8 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def corpus_lines(options: TokenizerTrainSettings) -> Iterator[str]:
-    for chunk in sources.chunks(sources.list_sources(options.corpus, options.text_field), 1 << 22):
+    for chunk in sources.chunks(sources.list_sources(options.corpus, options.text_field), 1 << 22,
+                                 sources.DEFAULT_MAX_LINE_BYTES):
         text = sources.chunk_text(chunk, options.text_field)
         yield from (line + "\n" for line in text.split("\n")[:-1])
 
