@@ -50,6 +50,8 @@ class TokenCorpus:
         train_counts: int64 (V0,) occurrences of each base id in the train lines.
         release_pages: drops this process's resident pages of a memory-mapped corpus (the page
             cache keeps them, shared by every producer); a no-op in memory.
+        check_files: raises CorpusError if a memory-mapped file shrank (before a read would
+            fault); a no-op in memory. The packers call it before each read of rows.
     """
 
     name: str
@@ -60,6 +62,7 @@ class TokenCorpus:
     split_line: int
     train_counts: np.ndarray
     release_pages: Callable[[], None] = lambda: None
+    check_files: Callable[[], None] = lambda: None
 
     @property
     def n_lines(self) -> int:

@@ -1,7 +1,8 @@
 """``python -m producer prepare``: tokenize a corpus once into a memory-mappable folder (docs/SPEC.md §2.7).
 
     python -m producer prepare --corpus PATH [--tokenizer char|bytes|FILE] [--val-fraction F]
-                               [--workers N] [--text-field NAME] --out DIR
+                               [--workers N] [--text-field NAME] [--max-line-bytes N] --out DIR
+    python -m producer prepare --verify DIR
 
 ``PATH`` is a file or a folder (read recursively, in sorted order) of ``.txt`` files and, with
 ``--text-field``, ``.jsonl`` files (one JSON object a line; that field's text is the document);
@@ -73,12 +74,15 @@ class PrepareSettings:
                                   "the longest line held, in bytes: a longer text line is split into pieces of at most "
                                   "this many bytes, a longer .jsonl line refused", metavar="BYTES", check=settings.at_least(16))
     out: str | None = setting(None, "the folder to create (it must not exist yet)", metavar="DIR")
+    verify: str | None = setting(None, "instead of preparing: check everything of the prepared folder DIR (manifest, "
+                                 "tokenizer, offsets, every id, file sizes and SHA-256, unigram counts); exit 2 naming "
+                                 "the first problem", metavar="DIR")
 
 
 def add_command(subparsers: argparse._SubParsersAction) -> None:
     command = subparsers.add_parser("prepare", help="tokenize a corpus once into a memory-mapped folder",
                                     description="Tokenize a corpus into token ids and line offsets that producers memory-map.")
-    settings.add_arguments(command, PrepareSettings, required=("corpus", "out"))
+    settings.add_arguments(command, PrepareSettings)
     command.set_defaults(handler=run_prepare, command_parser=command)
 
 
@@ -248,6 +252,16 @@ def run_prepare(args: argparse.Namespace) -> int:
         options = settings.from_namespace(PrepareSettings, args)
     except ValueError as error:
         args.command_parser.error(str(error))
+    if options.verify is not None:
+        try:
+            summary = prepared.verify(options.verify)
+        except CorpusError as error:
+            print(f"prepare --verify: {error}", file=sys.stderr)
+            return 2
+        print(f"verified {options.verify}: " + json.dumps(summary), file=sys.stderr)
+        return 0
+    if options.corpus is None or options.out is None:
+        args.command_parser.error("prepare needs --corpus PATH and --out DIR (or --verify DIR)")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # leave through SystemExit: the partial folder goes
     try:
         manifest = prepare(options)

@@ -341,3 +341,108 @@ def test_preparing_one_huge_line_keeps_memory_flat(tmp_path, kind):
     own, children = (int(v) for v in result.stdout.split()[1:3])
     assert max(own, children) < 500_000, (own, children)  # KiB
     assert "is longer than --max-line-bytes 1000000: split" in result.stderr
+
+
+def _tamper_manifest(folder, edit) -> None:
+    """Edits the manifest and re-signs it (a careless or hostile writer can do both)."""
+    from producer.prepared import fingerprint
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    edit(manifest)
+    manifest["fingerprint"] = fingerprint(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _poke(folder, name, index, value) -> None:
+    array = np.load(folder / name, mmap_mode="r+")
+    array[index] = value
+    array.flush()
+    del array
+
+
+@pytest.fixture
+def folder(tmp_path):
+    prepare(options(write(tmp_path / "c.txt", TEXT), tmp_path / "P", tokenizer="bytes"))
+    return tmp_path / "P"
+
+
+@pytest.mark.parametrize("special, name", [(256, r"\[MASK\]"), (257, r"\[SEP\]"), (258, r"\[PAD\]"),
+                                           (300, "beyond the vocabulary")])
+def test_special_ids_in_the_tokens_are_refused_at_open_with_their_position(folder, special, name):
+    """Issue 26 item 4: [MASK] / [SEP] / [PAD] written into tokens.npy were trained on as text."""
+    _poke(folder, "tokens.npy", 1234, special)
+    with pytest.raises(CorpusError, match=rf"tokens.npy: token 1,234 is id {special}, {name}"):
+        load_corpus(str(folder))
+
+
+@pytest.mark.parametrize("index, value, message", [
+    (5, 3, r"line offset 5 \(3\) is below the one before it"),
+    (7, -4, r"line offset 7 \(-4\) is below"),
+    (0, 1, "the first line offset is 1, not 0"),
+    (400, 10**9, "the last line offset is 1000000000"),
+])
+def test_offsets_that_go_back_or_out_of_range_are_refused_at_open(folder, index, value, message):
+    _poke(folder, "line_offsets.npy", index, value)
+    with pytest.raises(CorpusError, match=message):
+        load_corpus(str(folder))
+
+
+def _set_split_line(value):
+    def edit(manifest):
+        manifest["split"]["split_line"] = value
+    return edit
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_set_split_line(-1), "split_line -1 is outside 0..400"),
+    (_set_split_line(10**6), "split_line 1000000 is outside"),
+    (lambda m: m.pop("lines"), "has no 'lines'"),
+    (lambda m: m["files"].pop("tokens.npy"), r"files\['tokens.npy'\] must be a JSON object"),
+    (lambda m: m.update(tokenizer={"kind": "hf", "sha256": "0"}), "tokenizer has no 'file'"),
+    (lambda m: m.update(unigram_counts=[1, "2"]), "unigram_counts must be 256 non-negative integers"),
+    (lambda m: m.update(base_size="256"), "'base_size' has the wrong type"),
+    (lambda m: m["split"].update(train_tokens=3), "train_tokens 3 is not the offset of split_line 360"),
+    (lambda m: m.update(sources=[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]] * 2), None),
+])
+def test_a_damaged_manifest_is_a_clear_error_not_a_traceback(folder, edit, message):
+    _tamper_manifest(folder, edit)
+    if message is None:  # harmless
+        load_corpus(str(folder))
+        return
+    with pytest.raises(CorpusError, match=message):
+        load_corpus(str(folder))
+
+
+def test_deeply_nested_manifest_json_is_a_clear_error(folder):
+    (folder / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(CorpusError, match="unreadable manifest.json"):
+        load_corpus(str(folder))
+
+
+def test_verify_checks_every_id_and_the_digests(folder, monkeypatch):
+    def verify(*extra):
+        return subprocess.run([sys.executable, "-m", "producer", "prepare", "--verify", str(folder), *extra], cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)
+
+    done = verify()
+    assert done.returncode == 0 and "verified" in done.stderr and '"lines": 400' in done.stderr, done.stderr
+    original = np.load(folder / "tokens.npy")[10]
+    _poke(folder, "tokens.npy", 10, (original + 1) % 256)  # a valid id, but not the prepared one
+    load_corpus(str(folder))  # the cheap checks at open cannot see it
+    done = verify()
+    assert done.returncode == 2 and "tokens.npy: its size or SHA-256 is not the manifest's" in done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    _poke(folder, "tokens.npy", 10, 256)
+    assert "token 10 is id 256, [MASK]" in verify().stderr
+
+
+def test_the_id_scan_at_open_is_bounded_in_time(folder, monkeypatch, capsys):
+    from producer import prepared
+
+    monkeypatch.setattr(prepared, "OPEN_SCAN_SECONDS", 0.0)
+    monkeypatch.setattr(prepared, "SCAN_PIECE", 1000)
+    _poke(folder, "tokens.npy", 5000, 256)  # past the first piece: not seen at open
+    load_corpus(str(folder))
+    assert "the ids of the first 1,000 of" in capsys.readouterr().err
+    with pytest.raises(CorpusError, match="token 5,000 is id 256"):
+        prepared.verify(folder)
