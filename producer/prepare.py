@@ -16,19 +16,28 @@ tokenizer first reads the corpus once for its vocabulary. A progress bar (MB/s, 
 shows on a terminal.
 
 Everything is written into ``DIR.partial-*`` beside ``DIR`` and renamed to ``DIR`` at the end;
-an error or a signal removes the partial folder. Clear errors, nothing half-written: a file that
-is not UTF-8 (named with its byte offset), an empty corpus, a tokenizer file that does not load,
-a vocabulary too large for the wire, a jsonl line without the field.
+an error or a signal removes the partial folder, and one left by a prepare that was killed
+(its owner lock is free) is removed by the next prepare to the same ``DIR``. A second prepare
+to a ``DIR`` being written, or one that loses the race to the rename, exits 2 naming the other;
+pool workers die with this process (``PR_SET_PDEATHSIG``). Clear errors (one line, exit 2),
+nothing half-written: a file that is not UTF-8 (named with its byte offset), a truncated
+``.gz``, an empty corpus, a tokenizer file that does not load, a vocabulary too large for the
+wire, a jsonl line without the field, a full disk.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import ctypes
+import errno
+import fcntl
+import glob
 import json
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -49,6 +58,7 @@ from shared.settings import setting
 from shared.tokenizer import CharTokenizer, Tokenizer, load_tokenizer, tokenizer_from_definition
 from shared.vocab import VocabularyError, id_dtype
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # EFBIG: a file-size limit, as full as a full disk
 COUNT_CHUNK = 1 << 22  # tokens per bincount pass over the written ids (numpy widens them to int64)
 
 
@@ -89,10 +99,21 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
 # ---- the workers ------------------------------------------------------------------------------
 
 _worker_tokenizer: Tokenizer | None = None
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def _start_worker(kind: str, definition: str) -> None:
+def _die_with(parent: int) -> None:
+    """A pool worker's first act: the kernel kills it when its parent dies (SIGKILL included),
+    so that it never lingers, reparented to init (Linux; elsewhere the pool's pipes end it)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(1)
+
+
+def _start_worker(parent: int, kind: str, definition: str) -> None:
     global _worker_tokenizer
+    _die_with(parent)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # each worker is one of the processes that share the cores
     _worker_tokenizer = tokenizer_from_definition(kind, definition)
 
@@ -189,15 +210,18 @@ def prepare(options: PrepareSettings) -> dict[str, Any]:
     workers = options.workers or os.cpu_count() or 1
     in_flight = 2 * workers
     out.parent.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix=f"{out.name}.partial-", dir=out.parent))
+    remove_stale_partials(out)
+    folder = Path(tempfile.mkdtemp(prefix=f"{out.name}{PARTIAL}", dir=out.parent))
     try:
+        owner = _own(folder)
         tokenizer = None if options.tokenizer == "char" else _load(options.tokenizer)
-        with ProcessPoolExecutor(workers) as pool:
+        with ProcessPoolExecutor(workers, initializer=_die_with, initargs=(os.getpid(),)) as pool:
             if tokenizer is None:
                 tokenizer = character_tokenizer(pool, options, files, in_flight)
         if tokenizer.vocab_size > MAX_VOCAB_SIZE:
             raise CorpusError(f"the vocabulary has {tokenizer.vocab_size} ids with the specials: the wire carries at most {MAX_VOCAB_SIZE}")
-        with ProcessPoolExecutor(workers, initializer=_start_worker, initargs=(tokenizer.kind, tokenizer.definition)) as pool:
+        with ProcessPoolExecutor(workers, initializer=_start_worker,
+                                 initargs=(os.getpid(), tokenizer.kind, tokenizer.definition)) as pool:
             tokens, offsets, lines = write_ids(pool, options, files, tokenizer, folder, in_flight)
         manifest = build_manifest(folder, options, files, tokenizer, tokens, offsets, lines)
         for name in (prepared.TOKENS_NAME, prepared.OFFSETS_NAME):  # after the unigram counts read the ids back
@@ -205,12 +229,57 @@ def prepare(options: PrepareSettings) -> dict[str, Any]:
         if tokenizer.kind == "hf":
             shutil.copyfile(options.tokenizer, folder / prepared.TOKENIZER_NAME)
         (folder / prepared.MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-        os.rename(folder, out)
+        os.unlink(folder / OWNER_NAME)  # the lock itself stays held on the open file until the rename
+        try:
+            os.rename(folder, out)
+        except OSError:
+            if out.exists():
+                raise CorpusError(f"{out} was made by another prepare while this one ran (it lost the race; "
+                                  "the other folder is kept)") from None
+            raise
+        owner.close()
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
     manifest["seconds"] = round(time.monotonic() - started, 3)
     return manifest
+
+
+PARTIAL = ".partial-"  # DIR.partial-XXXX: a prepare in progress, or the remains of one that died
+OWNER_NAME = ".owner"  # in a partial folder: locked (flock) by the prepare writing it, and naming it
+STALE_UNLOCKED_S = 60.0  # a partial folder with no owner file is stale once unchanged this long
+
+
+def _own(folder: Path):
+    """Locks ``folder`` for this process (until the returned file is closed or the process ends)."""
+    owner = open(folder / OWNER_NAME, "w", encoding="utf-8")  # noqa: SIM115 - held open while preparing
+    fcntl.flock(owner.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    owner.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
+    owner.flush()
+    return owner
+
+
+def remove_stale_partials(out: Path) -> None:
+    """Removes the ``out.partial-*`` folders of prepares that died (their owner lock is free, or
+    an old one has none); raises CorpusError when a live prepare is writing ``out``."""
+    for partial in out.parent.glob(f"{glob.escape(out.name)}{PARTIAL}*"):
+        try:
+            with open(partial / OWNER_NAME, encoding="utf-8") as owner:
+                try:
+                    fcntl.flock(owner.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    raise CorpusError(f"another prepare ({owner.read(200).strip()}) is writing {out} "
+                                      f"(in {partial.name}): wait for it, or choose another --out") from None
+        except FileNotFoundError:  # being made or renamed this instant, or left by a prepare that had no lock
+            try:
+                if time.time() - partial.stat().st_mtime < STALE_UNLOCKED_S:
+                    continue
+            except FileNotFoundError:
+                continue
+        except NotADirectoryError:
+            continue
+        print(f"prepare: removing {partial}, left by a prepare that died", file=sys.stderr)
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def _load(spec: str) -> Tokenizer:
@@ -267,6 +336,12 @@ def run_prepare(args: argparse.Namespace) -> int:
         manifest = prepare(options)
     except CorpusError as error:
         print(f"prepare: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        if error.errno not in DISK_FULL:
+            raise
+        print(f"prepare: the disk is full writing {options.out} ({os.strerror(error.errno)}); nothing was left behind",
+              file=sys.stderr)
         return 2
     summary = {key: manifest[key] for key in ("lines", "tokens", "vocab_size", "fingerprint", "seconds")}
     source_bytes = sum(source["bytes"] for source in manifest["sources"])

@@ -446,3 +446,27 @@ def test_the_id_scan_at_open_is_bounded_in_time(folder, monkeypatch, capsys):
     assert "the ids of the first 1,000 of" in capsys.readouterr().err
     with pytest.raises(CorpusError, match="token 5,000 is id 256"):
         prepared.verify(folder)
+
+
+def test_a_truncated_gz_is_a_clear_error(tmp_path):
+    """Issue 26 item 9: an EOFError traceback before."""
+    data = gzip.compress(TEXT.encode() * 20)
+    (tmp_path / "c.txt.gz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorpusError, match=r"c.txt.gz is not a readable gzip file near byte offset"):
+        prepare(options(tmp_path / "c.txt.gz", tmp_path / "P"))
+    assert leftovers(tmp_path) == [] and not (tmp_path / "P").exists()
+
+
+def test_losing_the_race_to_the_rename_is_a_clear_error(tmp_path, monkeypatch):
+    """Issue 26 items 7, 9: two prepares to one --out; the loser died with OSError: Directory not empty."""
+    rename = os.rename
+
+    def the_other_one_won(source, target):
+        os.makedirs(target)
+        (target / "manifest.json").write_text("{}")
+        rename(source, target)
+
+    monkeypatch.setattr(prepare_module.os, "rename", the_other_one_won)
+    with pytest.raises(CorpusError, match="was made by another prepare while this one ran"):
+        prepare(options(write(tmp_path / "c.txt", TEXT), tmp_path / "P"))
+    assert leftovers(tmp_path) == [] and (tmp_path / "P" / "manifest.json").read_text() == "{}"
