@@ -123,13 +123,15 @@ def plan(options: SampleSettings) -> Plan:
 
 def batches(run: Plan, options: SampleSettings, trace: TextIO | None) -> Iterator[Sample]:
     """Every sample, ``--batch-size`` at a time, each yielded as its batch finishes (memory is
-    one batch whatever ``--num-samples``); batch ``b`` draws with seed ``seed + b``. With
+    one batch whatever ``--num-samples``); batch ``b`` draws with seed ``seed + b``; rows are
+    cut to the canvas (``sample``'s ``width``: the same samples for less compute). With
     ``trace``, each batch's steps are written to it (``sample`` numbered over all batches)."""
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if run.device.type == "cuda" else contextlib.nullcontext
     for first in range(0, options.num_samples, options.batch_size):
         count = min(options.batch_size, options.num_samples - first)
         samples = sample(run.model, run.meta, [run.canvas] * count, run.steps, options.strategy, options.temperature,
-                         options.seed + first // options.batch_size, autocast, trace=trace is not None)
+                         options.seed + first // options.batch_size, autocast, trace=trace is not None,
+                         width=len(run.canvas.ids))
         for index, item in enumerate(samples, start=first):
             if trace is not None:
                 for step, reveals in enumerate(item.steps):

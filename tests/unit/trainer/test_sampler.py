@@ -332,6 +332,6 @@ def test_batches_of_the_cli_give_the_samples_of_sample_with_each_batchs_seed(tra
     assert done.returncode == 0, done.stderr
     texts = [item["text"] for item in json.loads(done.stdout)["samples"]]
     canvas = prompt_canvas(meta, 12)
-    expected = [item.text for b, count in enumerate((2, 2, 1)) for item in sample(model, meta, [canvas] * count, 11, seed=3 + b)]
+    expected = [item.text for b, count in enumerate((2, 2, 1)) for item in sample(model, meta, [canvas] * count, 11, seed=3 + b, width=12)]
     assert texts == expected
     assert sorted({json.loads(line)["sample"] for line in trace.read_text().splitlines()}) == [0, 1, 2, 3, 4]
