@@ -41,7 +41,7 @@ FORMAT = "linepack-prepared"
 FORMAT_VERSION = 1
 NPY_HEADER_BYTES = 128  # a fixed-size .npy header, so the shape can be written once it is known
 SCAN_PIECE = 1 << 22  # values read at a time by the checks
-OPEN_SCAN_SECONDS = 2.0  # the id scan at open stops after this long; prepare --verify scans every id
+OPEN_SCAN_SECONDS = 1.0  # the id scan at open stops after this long; prepare --verify scans every id
 
 
 def is_prepared(path: str | os.PathLike) -> bool:
