@@ -23,6 +23,7 @@ import hashlib
 import math
 import reprlib
 import secrets
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -239,12 +240,16 @@ def _field(header: dict, name: str, kind: type) -> Any:
     return value
 
 
-def decode(frames: Sequence[Any], metas: Mapping[str, StreamMeta] = MappingProxyType({})) -> WireMessage | MetaMessage:
+def decode(frames: Sequence[Any], metas: Mapping[str, StreamMeta] = MappingProxyType({}),
+           budget: MetaBudget | None = None) -> WireMessage | MetaMessage:
     """Validate and decode the frames of one message; raises :class:`WireError`.
 
     ``metas``: digest -> meta of the streams the receiver knows (from their meta messages); a
-    protocol-2 batch must name one of them, else :class:`UnknownMeta`.
+    protocol-2 batch must name one of them, else :class:`UnknownMeta`. ``budget``: the time
+    that parsing metas not seen before may take (:data:`LIVE_META_BUDGET` by default, what a
+    live receiver wants; None for none, as when reading a recording).
     """
+    budget = LIVE_META_BUDGET if budget is None else budget
     if not 2 <= len(frames) <= 1 + len(TENSOR_RANKS):
         raise WireError("frame_count", f"{len(frames)} frames, expected 2 (meta) or 5 to {1 + len(TENSOR_RANKS)} (batch)")
     header = unpack_map(_buffer(frames[0]), MAX_HEADER_BYTES, 1 << 17, "frame 0")
@@ -264,7 +269,7 @@ def decode(frames: Sequence[Any], metas: Mapping[str, StreamMeta] = MappingProxy
     if not 0 < len(producer_id) <= MAX_PRODUCER_ID_CHARS:
         raise WireError("header_schema", f"producer id must have 1..{MAX_PRODUCER_ID_CHARS} characters")
     try:
-        return _decode_rest(frames, header, version, kind, producer_id, metas)
+        return _decode_rest(frames, header, version, kind, producer_id, metas, budget)
     except WireError as error:
         error.producer_id = producer_id
         raise
@@ -277,7 +282,7 @@ def decode_stream(records: Iterable[Sequence[Any]]) -> Iterator[WireMessage | Wi
     metas: dict[str, StreamMeta] = {}
     for frames in records:
         try:
-            message = decode(frames, metas)
+            message = decode(frames, metas, UNLIMITED_META_BUDGET)
         except WireError as error:
             yield error
             continue
@@ -288,7 +293,7 @@ def decode_stream(records: Iterable[Sequence[Any]]) -> Iterator[WireMessage | Wi
 
 
 def _decode_rest(frames: Sequence[Any], header: dict, version: int, kind: str, producer_id: str,
-                 metas: Mapping[str, StreamMeta]) -> WireMessage | MetaMessage:
+                 metas: Mapping[str, StreamMeta], budget: MetaBudget) -> WireMessage | MetaMessage:
     seq = _field(header, "seq", int)
     if not 0 <= seq < 1 << 63:
         raise WireError("header_schema", f"seq {seq} is outside 0..2^63-1")
@@ -301,7 +306,7 @@ def _decode_rest(frames: Sequence[Any], header: dict, version: int, kind: str, p
     if kind == KIND_META:
         if len(frames) != 2:
             raise WireError("frame_count", f"a meta message has 2 frames, not {len(frames)}")
-        return MetaMessage(producer_id, incarnation, seq, _meta_frame(frames[1], digest, version), tuple(frames))
+        return MetaMessage(producer_id, incarnation, seq, _meta_frame(frames[1], digest, version, budget), tuple(frames))
     if version == 1:
         meta = _meta_v1(header.get("meta"), digest)
     else:
@@ -317,7 +322,33 @@ def _decode_rest(frames: Sequence[Any], header: dict, version: int, kind: str, p
 _META_CACHE: dict[tuple[str, bytes], StreamMeta] = {}
 
 
-def _meta_frame(frame: Any, digest: str, version: int) -> StreamMeta:
+class MetaBudget:
+    """How much time parsing new metas may take: a bucket of seconds that fills at ``share``
+    seconds a second up to ``burst``; a meta not in the cache is parsed only while the bucket is
+    not empty, and what the parse took is taken out. So a flood of distinct large metas takes at
+    most ``share`` of the receiver's time (and one parse beyond), the rest goes to batches; a
+    producer's meta turned away this way comes again with its next meta message."""
+
+    def __init__(self, share: float, burst: float) -> None:
+        self.share, self.burst = share, burst
+        self._seconds, self._at = burst, time.monotonic()
+
+    def allows(self) -> bool:
+        now = time.monotonic()
+        self._seconds = min(self.burst, self._seconds + (now - self._at) * self.share)
+        self._at = now
+        return self._seconds > 0
+
+    def spend(self, seconds: float) -> None:
+        self._seconds -= seconds
+
+
+# A live receiver: a quarter of its time at most for new metas, in bursts of up to 1 s.
+LIVE_META_BUDGET = MetaBudget(share=0.25, burst=1.0)
+UNLIMITED_META_BUDGET = MetaBudget(share=math.inf, burst=math.inf)
+
+
+def _meta_frame(frame: Any, digest: str, version: int, budget: MetaBudget) -> StreamMeta:
     """The meta of a meta message's frame 1: protocol 3 carries ``token_counts`` as one bin value
     of little-endian uint64, protocol 2 as a msgpack array (old recordings)."""
     raw = _buffer(frame)
@@ -325,6 +356,16 @@ def _meta_frame(frame: Any, digest: str, version: int) -> StreamMeta:
     cached = _META_CACHE.get(key)
     if cached is not None:
         return cached
+    if not budget.allows():
+        raise WireError("meta", f"not parsed: new metas took their share ({budget.share:.0%}) of the receiver's time")
+    started = time.monotonic()
+    try:
+        return _parse_meta(raw, digest, version, key)
+    finally:
+        budget.spend(time.monotonic() - started)
+
+
+def _parse_meta(raw: memoryview, digest: str, version: int, key: tuple[str, bytes]) -> StreamMeta:
     try:
         if version >= 3:
             meta = StreamMeta.from_wire(unpack_map(raw, MAX_META_BYTES, MAX_HEADER_ENTRIES, "the meta frame",

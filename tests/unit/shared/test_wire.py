@@ -699,6 +699,28 @@ def test_a_protocol_two_meta_message_with_an_array_of_counts_still_decodes():
 def test_the_decoders_meta_cache_is_bounded_in_bytes():
     wire._META_CACHE.clear()
     for seed in range(12):
-        decode(encode_meta(big_meta(600_000, seed), "producer-0", 0, INCARNATION))
+        wire.decode(encode_meta(big_meta(600_000, seed), "producer-0", 0, INCARNATION), budget=wire.UNLIMITED_META_BUDGET)
     assert sum(meta.nbytes for meta in wire._META_CACHE.values()) <= wire.META_CACHE_BYTES
     assert len(wire._META_CACHE) < 12
+
+
+def test_new_metas_take_at_most_their_share_of_the_decoders_time(monkeypatch):
+    """Issue 26 item 2: 40 large distinct metas kept the receive thread busy for 13 s, starving
+    the pinned stream's batches. Past the budget a new meta is turned away unparsed (reason
+    ``meta``, cheap); a known meta and batches are never affected; the budget refills."""
+    budget = wire.MetaBudget(share=0.25, burst=0.05)
+    metas = [big_meta(300_000, seed) for seed in range(8)]
+    frames = [encode_meta(meta, "flood", 0, INCARNATION) for meta in metas]
+    wire._META_CACHE.clear()
+    refused = 0
+    for message in frames:
+        try:
+            wire.decode(message, budget=budget)
+        except WireError as error:
+            assert error.reason == "meta" and "took their share" in error.detail
+            refused += 1
+    assert refused >= 4, refused
+    assert wire.decode(frames[0], budget=budget).meta == metas[0], "a meta already parsed costs nothing"
+    assert isinstance(wire.decode(build()[0], {META.digest: META}, budget=budget), wire.WireMessage)  # batches: no meta parse
+    time.sleep(0.5)  # the bucket refills at 0.25 s a second
+    assert wire.decode(frames[-1], budget=budget).meta == metas[-1]
