@@ -246,8 +246,8 @@ def decode(frames: Sequence[Any], metas: Mapping[str, StreamMeta] = MappingProxy
 
     ``metas``: digest -> meta of the streams the receiver knows (from their meta messages); a
     protocol-2 batch must name one of them, else :class:`UnknownMeta`. ``budget``: the time
-    that parsing metas not seen before may take (:data:`LIVE_META_BUDGET` by default, what a
-    live receiver wants; None for none, as when reading a recording).
+    that parsing metas not seen before may take (by default :data:`LIVE_META_BUDGET`, what a
+    live receiver wants; :data:`UNLIMITED_META_BUDGET` when reading a recording).
     """
     budget = LIVE_META_BUDGET if budget is None else budget
     if not 2 <= len(frames) <= 1 + len(TENSOR_RANKS):
