@@ -27,10 +27,13 @@ class Lines:
         tokens: token ids (N,), uint16 or uint32 (possibly memory-mapped).
         starts: int64 (L + 1,), the offset of each line start, then N: line i is
             ``tokens[starts[i]:starts[i + 1]]``.
+        check: raises CorpusError if the files under a memory-mapped ``tokens`` shrank; called
+            before each read of rows (:attr:`TokenCorpus.check_files`).
     """
 
     tokens: np.ndarray
     starts: np.ndarray
+    check: Callable[[], None] = lambda: None
 
     @property
     def n_lines(self) -> int:
@@ -50,6 +53,8 @@ class TokenCorpus:
         train_counts: int64 (V0,) occurrences of each base id in the train lines.
         release_pages: drops this process's resident pages of a memory-mapped corpus (the page
             cache keeps them, shared by every producer); a no-op in memory.
+        check_files: raises CorpusError if a memory-mapped file shrank (before a read would
+            fault); a no-op in memory. The packers call it before each read of rows.
     """
 
     name: str
@@ -60,6 +65,7 @@ class TokenCorpus:
     split_line: int
     train_counts: np.ndarray
     release_pages: Callable[[], None] = lambda: None
+    check_files: Callable[[], None] = lambda: None
 
     @property
     def n_lines(self) -> int:
@@ -67,14 +73,14 @@ class TokenCorpus:
 
     def train_lines(self) -> Lines:
         end = int(self.offsets[self.split_line])
-        return Lines(self.tokens[:end], self.offsets[: self.split_line + 1])
+        return Lines(self.tokens[:end], self.offsets[: self.split_line + 1], self.check_files)
 
     def val_lines(self) -> Lines | None:
         """The val lines (their offsets rebased to 0), None without a val split."""
         if self.split_line == self.n_lines:
             return None
         start = int(self.offsets[self.split_line])
-        return Lines(self.tokens[start:], np.asarray(self.offsets[self.split_line :]) - start)
+        return Lines(self.tokens[start:], np.asarray(self.offsets[self.split_line :]) - start, self.check_files)
 
 
 def split_point(n_lines: int, val_fraction: float) -> int:

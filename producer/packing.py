@@ -152,6 +152,7 @@ class LinePacker:
             yield np.array(packs, dtype=np.int64)
 
     def pack(self, start_lines: np.ndarray) -> Packed:
+        self.lines.check()
         first = self.lines.starts[start_lines]
         content_len = self.content_end(start_lines) - first
         x = self._reader.rows(first)
@@ -167,6 +168,7 @@ class FixedPacker:
     def __init__(self, lines: Lines, block_size: int) -> None:
         self.n_tokens = len(lines.tokens)
         self.block_size = block_size
+        self._check = lines.check
         self._reader = RowReader(lines.tokens, block_size)
 
     def random_starts(self, rng: np.random.Generator, rows: int) -> np.ndarray:
@@ -179,6 +181,7 @@ class FixedPacker:
         return starts if max_rows is None else starts[:max_rows]
 
     def pack(self, starts: np.ndarray) -> Packed:
+        self._check()
         x = self._reader.rows(starts)
         rows = len(starts)
         return Packed(x, np.ones((rows, self.block_size), np.uint8), np.full(rows, self.block_size, np.int64))

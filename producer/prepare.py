@@ -2,14 +2,17 @@
 
     python -m producer prepare --corpus PATH [--tokenizer char|bytes|FILE] [--val-fraction F]
                                [--workers N] [--text-field NAME] [--decode-errors strict|replace|skip-line]
-                               --out DIR
+                               [--max-line-bytes N] --out DIR
+    python -m producer prepare --verify DIR
 
 ``PATH`` is a file or a folder (read recursively, in sorted order) of ``.txt`` files and, with
 ``--text-field``, ``.jsonl`` files (one JSON object a line; that field's text is the document);
 ``.gz`` of either is read as it streams. The text is cut into chunks of whole lines that
 ``--workers`` processes tokenize (:meth:`shared.tokenizer.Tokenizer.encode_text`, every line on
 its own) while this process appends the ids and the line offsets to the folder, so memory stays
-bounded whatever the corpus size: at most two chunks per worker are in flight. The ``char``
+bounded whatever the corpus size and shape: at most two chunks per worker are in flight, and no
+line longer than ``--max-line-bytes`` (4 MB) is held whole (a text line is split into pieces of at
+most that many bytes, a JSON line refused with its file, line and byte offset). The ``char``
 tokenizer first reads the corpus once for its vocabulary. A progress bar (MB/s, lines, ETA)
 shows on a terminal; elsewhere (a log) a progress line every few seconds. Bytes that are not
 UTF-8 stop it (the file and byte offset named) unless ``--decode-errors`` is ``replace`` or
@@ -17,22 +20,31 @@ UTF-8 stop it (the file and byte offset named) unless ``--decode-errors`` is ``r
 then say how many sequences were replaced, lines skipped.
 
 Everything is written into ``DIR.partial-*`` beside ``DIR`` and renamed to ``DIR`` at the end;
-an error or a signal removes the partial folder. The folder and its files get ordinary
+an error or a signal removes the partial folder, and one left by a prepare that was killed
+(its owner lock is free) is removed by the next prepare to the same ``DIR``. A second prepare
+to a ``DIR`` being written, or one that loses the race to the rename, exits 2 naming the other;
+pool workers die with this process (``PR_SET_PDEATHSIG``). The folder and its files get ordinary
 permissions (what the umask allows, 0755 and 0644 for the usual 022): a prepared corpus is data
-that other users and containers (the image runs as uid 1000) read. Clear errors, nothing half-written: a file that
-is not UTF-8 (named with its byte offset, under ``--decode-errors strict``), an empty corpus, a tokenizer file that does not load,
-a vocabulary too large for the wire, a jsonl line without the field.
+that other users and containers (the image runs as uid 1000) read. Clear errors (one line, exit 2),
+nothing half-written: a file that is not UTF-8 (named with its byte offset, under
+``--decode-errors strict``), a truncated ``.gz``, an empty corpus, a tokenizer file that does not
+load, a vocabulary too large for the wire, a jsonl line without the field, a full disk.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import ctypes
 import dataclasses
+import errno
+import fcntl
+import glob
 import json
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -53,7 +65,8 @@ from shared.settings import setting
 from shared.tokenizer import CharTokenizer, Tokenizer, load_tokenizer, tokenizer_from_definition
 from shared.vocab import VocabularyError, id_dtype
 
-COUNT_CHUNK = 1 << 24  # tokens per bincount pass over the written ids
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # EFBIG: a file-size limit, as full as a full disk
+COUNT_CHUNK = 1 << 22  # tokens per bincount pass over the written ids (numpy widens them to int64)
 
 
 def _check_fraction(value: float) -> None:
@@ -75,23 +88,40 @@ class PrepareSettings:
     text_field: str | None = setting(None, "the field of each .jsonl line that holds its text", metavar="NAME")
     chunk_mb: float = setting(4.0, "MB of text per chunk handed to a worker", metavar="MB", check=_check_workers)
     decode_errors: str = sources.decode_errors_setting()
+    max_line_bytes: int = setting(sources.DEFAULT_MAX_LINE_BYTES,
+                                  "the longest line held, in bytes: a longer text line is split into pieces of at most "
+                                  "this many bytes, a longer .jsonl line refused", metavar="BYTES", check=settings.at_least(16))
     out: str | None = setting(None, "the folder to create (it must not exist yet)", metavar="DIR")
+    verify: str | None = setting(None, "instead of preparing: check everything of the prepared folder DIR (manifest, "
+                                 "tokenizer, offsets, every id, file sizes and SHA-256, unigram counts); exit 2 naming "
+                                 "the first problem", metavar="DIR")
 
 
 def add_command(subparsers: argparse._SubParsersAction) -> None:
     command = subparsers.add_parser("prepare", help="tokenize a corpus once into a memory-mapped folder",
                                     description="Tokenize a corpus into token ids and line offsets that producers memory-map.")
-    settings.add_arguments(command, PrepareSettings, required=("corpus", "out"))
+    settings.add_arguments(command, PrepareSettings)
     command.set_defaults(handler=run_prepare, command_parser=command)
 
 
 # ---- the workers ------------------------------------------------------------------------------
 
 _worker_tokenizer: Tokenizer | None = None
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def _start_worker(kind: str, definition: str) -> None:
+def _die_with(parent: int) -> None:
+    """A pool worker's first act: the kernel kills it when its parent dies (SIGKILL included),
+    so that it never lingers, reparented to init (Linux; elsewhere the pool's pipes end it)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(1)
+
+
+def _start_worker(parent: int, kind: str, definition: str) -> None:
     global _worker_tokenizer
+    _die_with(parent)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # each worker is one of the processes that share the cores
     _worker_tokenizer = tokenizer_from_definition(kind, definition)
 
@@ -132,7 +162,7 @@ def character_tokenizer(pool: ProcessPoolExecutor, options: PrepareSettings, fil
                         in_flight: int) -> CharTokenizer:
     """The char tokenizer of the whole corpus (a first pass over it)."""
     seen = np.zeros(0, dtype="<u4")
-    chunks = sources.chunks(files, int(options.chunk_mb * 1e6))
+    chunks = sources.chunks(files, int(options.chunk_mb * 1e6), options.max_line_bytes)
     for codepoints in _ordered(pool, _characters, chunks, in_flight, options.text_field, options.decode_errors):
         seen = np.union1d(seen, codepoints)
     if not np.any(seen != ord("\n")):
@@ -152,7 +182,7 @@ def write_ids(pool: ProcessPoolExecutor, options: PrepareSettings, files: list[s
     progress = sources.progress_bar(total, "prepare")
     lines = replaced = skipped = 0
     try:
-        chunks = sources.chunks(files, int(options.chunk_mb * 1e6), progress)
+        chunks = sources.chunks(files, int(options.chunk_mb * 1e6), options.max_line_bytes, progress)
         for ids, lengths, decoded in _ordered(pool, _encode, chunks, in_flight, options.text_field, options.decode_errors,
                                               dtype.str):
             offsets.append(tokens.length + np.cumsum(lengths))
@@ -195,16 +225,19 @@ def prepare(options: PrepareSettings) -> dict[str, Any]:
     workers = options.workers or os.cpu_count() or 1
     in_flight = 2 * workers
     out.parent.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix=f"{out.name}.partial-", dir=out.parent))
+    remove_stale_partials(out)
+    folder = Path(tempfile.mkdtemp(prefix=f"{out.name}{PARTIAL}", dir=out.parent))
     folder.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700, private to this user
     try:
+        owner = _own(folder)
         tokenizer = None if options.tokenizer == "char" else _load(options.tokenizer)
-        with ProcessPoolExecutor(workers) as pool:
+        with ProcessPoolExecutor(workers, initializer=_die_with, initargs=(os.getpid(),)) as pool:
             if tokenizer is None:
                 tokenizer = character_tokenizer(pool, options, files, in_flight)
         if tokenizer.vocab_size > MAX_VOCAB_SIZE:
             raise CorpusError(f"the vocabulary has {tokenizer.vocab_size} ids with the specials: the wire carries at most {MAX_VOCAB_SIZE}")
-        with ProcessPoolExecutor(workers, initializer=_start_worker, initargs=(tokenizer.kind, tokenizer.definition)) as pool:
+        with ProcessPoolExecutor(workers, initializer=_start_worker,
+                                 initargs=(os.getpid(), tokenizer.kind, tokenizer.definition)) as pool:
             tokens, offsets, lines, decode_errors = write_ids(pool, options, files, tokenizer, folder, in_flight)
         manifest = build_manifest(folder, options, files, tokenizer, tokens, offsets, lines, decode_errors)
         for name in (prepared.TOKENS_NAME, prepared.OFFSETS_NAME):  # after the unigram counts read the ids back
@@ -212,7 +245,15 @@ def prepare(options: PrepareSettings) -> dict[str, Any]:
         if tokenizer.kind == "hf":
             shutil.copyfile(options.tokenizer, folder / prepared.TOKENIZER_NAME)
         (folder / prepared.MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-        os.rename(folder, out)
+        os.unlink(folder / OWNER_NAME)  # the lock itself stays held on the open file until the rename
+        try:
+            os.rename(folder, out)
+        except OSError:
+            if out.exists():
+                raise CorpusError(f"{out} was made by another prepare while this one ran (it lost the race; "
+                                  "the other folder is kept)") from None
+            raise
+        owner.close()
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
@@ -225,6 +266,43 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+PARTIAL = ".partial-"  # DIR.partial-XXXX: a prepare in progress, or the remains of one that died
+OWNER_NAME = ".owner"  # in a partial folder: locked (flock) by the prepare writing it, and naming it
+STALE_UNLOCKED_S = 60.0  # a partial folder with no owner file is stale once unchanged this long
+
+
+def _own(folder: Path):
+    """Locks ``folder`` for this process (until the returned file is closed or the process ends)."""
+    owner = open(folder / OWNER_NAME, "w", encoding="utf-8")  # noqa: SIM115 - held open while preparing
+    fcntl.flock(owner.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    owner.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
+    owner.flush()
+    return owner
+
+
+def remove_stale_partials(out: Path) -> None:
+    """Removes the ``out.partial-*`` folders of prepares that died (their owner lock is free, or
+    an old one has none); raises CorpusError when a live prepare is writing ``out``."""
+    for partial in out.parent.glob(f"{glob.escape(out.name)}{PARTIAL}*"):
+        try:
+            with open(partial / OWNER_NAME, encoding="utf-8") as owner:
+                try:
+                    fcntl.flock(owner.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    raise CorpusError(f"another prepare ({owner.read(200).strip()}) is writing {out} "
+                                      f"(in {partial.name}): wait for it, or choose another --out") from None
+        except FileNotFoundError:  # being made or renamed this instant, or left by a prepare that had no lock
+            try:
+                if time.time() - partial.stat().st_mtime < STALE_UNLOCKED_S:
+                    continue
+            except FileNotFoundError:
+                continue
+        except NotADirectoryError:
+            continue
+        print(f"prepare: removing {partial}, left by a prepare that died", file=sys.stderr)
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def _load(spec: str) -> Tokenizer:
@@ -267,11 +345,27 @@ def run_prepare(args: argparse.Namespace) -> int:
         options = settings.from_namespace(PrepareSettings, args)
     except ValueError as error:
         args.command_parser.error(str(error))
+    if options.verify is not None:
+        try:
+            summary = prepared.verify(options.verify)
+        except CorpusError as error:
+            print(f"prepare --verify: {error}", file=sys.stderr)
+            return 2
+        print(f"verified {options.verify}: " + json.dumps(summary), file=sys.stderr)
+        return 0
+    if options.corpus is None or options.out is None:
+        args.command_parser.error("prepare needs --corpus PATH and --out DIR (or --verify DIR)")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # leave through SystemExit: the partial folder goes
     try:
         manifest = prepare(options)
     except CorpusError as error:
         print(f"prepare: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        if error.errno not in DISK_FULL:
+            raise
+        print(f"prepare: the disk is full writing {options.out} ({os.strerror(error.errno)}); nothing was left behind",
+              file=sys.stderr)
         return 2
     summary = {key: manifest[key] for key in ("lines", "tokens", "vocab_size", "fingerprint", "seconds", "decode_errors")}
     source_bytes = sum(source["bytes"] for source in manifest["sources"])

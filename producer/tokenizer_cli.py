@@ -4,11 +4,12 @@
                                        [--text-field NAME] [--decode-errors strict|replace|skip-line]
 
 The corpus is read as ``prepare`` reads it (files, folders, ``.jsonl`` with ``--text-field``,
-``.gz``, ``--decode-errors``), line by line; the summary line counts what was replaced or
-skipped. Progress: tokenizers' own bar on a terminal, else a line every few seconds. The
-tokenizer has no special tokens of its own (Linepack appends ``[MASK]``, ``[SEP]``, ``[PAD]``
-after its vocabulary), its 256 byte tokens cover any text, and ``--vocab-size`` is its
-vocabulary size exactly when the corpus offers that many merges.
+``.gz``, ``--decode-errors``, a line longer than prepare's default ``--max-line-bytes`` split),
+line by line; the summary line counts what was replaced or skipped. Progress: tokenizers' own
+bar on a terminal, else a line every few seconds. The tokenizer has no special tokens of its own
+(Linepack appends ``[MASK]``, ``[SEP]``, ``[PAD]`` after its vocabulary), its 256 byte tokens
+cover any text, and ``--vocab-size`` is its vocabulary size exactly when the corpus offers that
+many merges.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def corpus_lines(options: TokenizerTrainSettings, counts: DecodeCounts) -> Itera
     files = sources.list_sources(options.corpus, options.text_field)
     # On a terminal, tokenizers shows its own bar; in a log, a line every few seconds.
     progress = sources.progress_bar(sum(source.bytes for source in files), "tokenizer train", terminal_bar=False)
-    for chunk in sources.chunks(files, sources.READ_CHUNK_BYTES, progress):
+    for chunk in sources.chunks(files, sources.READ_CHUNK_BYTES, sources.DEFAULT_MAX_LINE_BYTES, progress):
         decoded = sources.chunk_text(chunk, options.text_field, options.decode_errors)
         counts.replaced += decoded.replaced
         counts.skipped_lines += decoded.skipped_lines

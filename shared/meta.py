@@ -10,22 +10,29 @@ accepts and rejects any message whose meta differs, naming the field
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass, fields
 from functools import cached_property
 from typing import Any
 
+import numpy as np
+
 from shared.limits import MAX_BLOCK_SIZE, MAX_ROWS_PER_MESSAGE, MAX_STAGES, PACKINGS, POLICIES, SAMPLINGS
-from shared.tokenizer import TOKENIZER_KINDS, CharTokenizer, Tokenizer, sha256_hex, tokenizer_from_definition
+from shared.tokenizer import TOKENIZER_KINDS, CharTokenizer, HFTokenizer, Tokenizer, sha256_hex, tokenizer_from_definition
 from shared.vocab import IGNORE_INDEX, SpecialIds, VocabularyError
 
 FINGERPRINT = re.compile(r"[0-9a-f]{16}")
 SHA256 = re.compile(r"[0-9a-f]{64}")
 MAX_SEED = (1 << 63) - 1  # a msgpack int64: every common reader takes it
+MAX_COUNT = (1 << 64) - 1
+COUNT_DTYPE = np.dtype("<u8")  # token_counts: one little-endian uint64 per base id
+DIGEST_CHUNK = 1 << 16  # counts written at a time while hashing
 
 
 class MetaError(ValueError):
@@ -53,7 +60,8 @@ class StreamMeta:
         corpus_fingerprint: 16 hex digits naming the corpus (text or prepared folder).
         val_messages: number of messages in the fixed validation set.
         token_counts: occurrences of each base id over the content tokens of the train
-            split (length V0), for the context-free floor.
+            split, for the context-free floor: V0 little-endian uint64 (8 bytes per id), compact
+            whatever the vocabulary (:attr:`counts` reads it as an array).
         epoch_rows: rows in one epoch of the train schedule with epoch sampling (the greedy packs
             of the train lines), 0 with random sampling; the wire form omits it when 0, so a
             random-sampling meta is the same map as in protocol 2.
@@ -75,7 +83,7 @@ class StreamMeta:
     seed: int
     corpus_fingerprint: str
     val_messages: int
-    token_counts: tuple[int, ...]
+    token_counts: bytes
     epoch_rows: int = 0
 
     def __post_init__(self) -> None:
@@ -92,8 +100,9 @@ class StreamMeta:
                 raise MetaError(f"meta field {name} {getattr(self, name)!r} is not one of {choices}")
         if not FINGERPRINT.fullmatch(self.corpus_fingerprint):
             raise MetaError("meta field corpus_fingerprint must be 16 lowercase hex digits")
-        if len(self.token_counts) != self.base_size:
-            raise MetaError(f"token_counts has {len(self.token_counts)} entries, expected {self.base_size}")
+        if type(self.token_counts) is not bytes or len(self.token_counts) != COUNT_DTYPE.itemsize * self.base_size:
+            raise MetaError(f"token_counts must be {self.base_size} little-endian uint64 ({COUNT_DTYPE.itemsize * self.base_size} "
+                            f"bytes), got {type(self.token_counts).__name__} of {len(self.token_counts)}")
         check_corruption(self.corruption)
 
     def _check_ids(self) -> None:
@@ -123,6 +132,10 @@ class StreamMeta:
             raise MetaError("an hf stream carries its tokenizer JSON in vocab")
         if self.tokenizer != "bytes" and self.tokenizer_digest != sha256_hex(self.vocab.encode("utf-8")):
             raise MetaError("meta field tokenizer_digest is not the SHA-256 of vocab")
+        if self.tokenizer == "hf":
+            base_size = _hf_base_size(self.vocab, self.tokenizer_digest)
+            if base_size != self.base_size:
+                raise MetaError(f"meta field vocab is a tokenizer of {base_size} base ids, mask_id says {self.base_size}")
 
     @classmethod
     def build(cls, tokenizer: Tokenizer, corruption: dict[str, Any], token_counts, **rest: Any) -> StreamMeta:
@@ -138,13 +151,26 @@ class StreamMeta:
             pad_id=tokenizer.pad_id,
             ignore_index=IGNORE_INDEX,
             corruption=canonical_json(corruption),
-            token_counts=tuple(int(c) for c in token_counts),
+            token_counts=_counts_bytes(token_counts),
             **rest,
         )
 
     @classmethod
     def from_dict(cls, data: Any) -> StreamMeta:
-        """Parse the wire form; raises :class:`MetaError` on any missing, extra or mistyped field."""
+        """Parse the plain form (:meth:`to_dict`: ``token_counts`` a list of integers, as protocol-2
+        meta messages and checkpoints hold it); raises :class:`MetaError` on any missing, extra or
+        mistyped field."""
+        cls._check_types(data, wire=False)
+        return cls(**{**data, "token_counts": _counts_bytes(data["token_counts"])})
+
+    @classmethod
+    def from_wire(cls, data: Any) -> StreamMeta:
+        """Parse the wire form of protocol 3 (:meth:`to_wire`: ``token_counts`` raw bytes)."""
+        cls._check_types(data, wire=True)
+        return cls(**data)
+
+    @classmethod
+    def _check_types(cls, data: Any, wire: bool) -> None:
         if not isinstance(data, dict):
             raise MetaError("meta is not a map")
         names = [f.name for f in fields(cls)]
@@ -156,12 +182,11 @@ class StreamMeta:
             if f.name not in data:
                 continue
             value = data[f.name]
-            if f.name == "token_counts":
-                if not isinstance(value, (list, tuple)) or not all(type(c) is int and c >= 0 for c in value):
-                    raise MetaError("meta field token_counts must be a list of non-negative integers")
-            elif type(value) is not {"int": int, "str": str}[f.type]:
+            if f.name == "token_counts" and not wire:
+                if not isinstance(value, (list, tuple)) or not all(type(c) is int and 0 <= c <= MAX_COUNT for c in value):
+                    raise MetaError("meta field token_counts must be a list of integers in 0..2^64-1")
+            elif type(value) is not {"int": int, "str": str, "bytes": bytes}[f.type]:
                 raise MetaError(f"meta field {f.name} must be {f.type}, got {type(value).__name__}")
-        return cls(**{**data, "token_counts": tuple(data["token_counts"])})
 
     @classmethod
     def from_v1_dict(cls, data: Any) -> StreamMeta:
@@ -172,17 +197,40 @@ class StreamMeta:
         return cls.from_dict(upgraded)
 
     def to_dict(self) -> dict[str, Any]:
-        """The wire form: a new dict of plain values (``token_counts`` as a list)."""
+        """The plain form: a new dict of JSON values (``token_counts`` as a list of integers), what
+        the digest is computed over and checkpoints keep."""
+        return {**self.to_wire(), "token_counts": self.counts.tolist()}
+
+    def to_wire(self) -> dict[str, Any]:
+        """The wire form of protocol 3: a new dict of the fields (``token_counts`` as raw bytes)."""
         data = {f.name: getattr(self, f.name) for f in fields(self)}
-        data["token_counts"] = list(self.token_counts)
         if not self.epoch_rows:
             del data["epoch_rows"]
         return data
 
+    @property
+    def counts(self) -> np.ndarray:
+        """``token_counts`` as a read-only uint64 array (V0,), a view of the bytes."""
+        return np.frombuffer(self.token_counts, dtype=COUNT_DTYPE)
+
+    @property
+    def nbytes(self) -> int:
+        """Approximate memory held by this meta, in bytes: its vocabulary, counts and corruption."""
+        return sys.getsizeof(self.vocab) + len(self.token_counts) + sys.getsizeof(self.corruption)
+
     @cached_property
     def digest(self) -> str:
-        """Stable hash: first 16 hex digits of SHA-256 over the canonical JSON of the meta."""
-        return hashlib.sha256(canonical_json(self.to_dict()).encode()).hexdigest()[:16]
+        """Stable hash: first 16 hex digits of SHA-256 over the canonical JSON of the meta
+        (:meth:`to_dict`), the counts written in chunks so that no list of V0 ints is made."""
+        text = canonical_json({**self.to_wire(), "token_counts": []})
+        # The key appears once: inside a string a quote would be escaped (\").
+        head, key, tail = text.partition('"token_counts":[]')
+        sha = hashlib.sha256(f'{head}"token_counts":['.encode())
+        counts = self.counts
+        for start in range(0, len(counts), DIGEST_CHUNK):
+            sha.update(("," if start else "").encode() + ",".join(map(str, counts[start:start + DIGEST_CHUNK].tolist())).encode())
+        sha.update(f"]{tail}".encode())
+        return sha.hexdigest()[:16]
 
     @property
     def base_size(self) -> int:
@@ -203,7 +251,7 @@ class StreamMeta:
         """The meta without the per-id counts and the vocabulary itself (for diagnostics)."""
         data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in SUMMARY_OMITS}
         data["corruption"] = self.corruption_config
-        return MetaSummary(**data, base_size=self.base_size, content_tokens=sum(self.token_counts), digest=self.digest)
+        return MetaSummary(**data, base_size=self.base_size, content_tokens=int(self.counts.sum()), digest=self.digest)
 
     def differences(self, other: StreamMeta) -> list[tuple[str, Any, Any]]:
         """``(field, self value, other value)`` for every field that differs, in field order."""
@@ -212,6 +260,35 @@ class StreamMeta:
             for f in fields(self)
             if getattr(self, f.name) != getattr(other, f.name)
         ]
+
+
+# tokenizer_digest -> V0 of the hf tokenizers that loaded: a meta repeating one is not loaded again.
+_HF_BASE_SIZES: collections.OrderedDict[str, int] = collections.OrderedDict()
+_HF_BASE_SIZES_KEPT = 64
+
+
+def _hf_base_size(definition: str, digest: str) -> int:
+    """V0 of the ``tokenizers`` JSON ``definition`` (whose SHA-256 is ``digest``, checked before);
+    raises MetaError when it does not load, so a forged hf meta is refused before it is pinned."""
+    if digest in _HF_BASE_SIZES:
+        _HF_BASE_SIZES.move_to_end(digest)
+        return _HF_BASE_SIZES[digest]
+    try:
+        base_size = HFTokenizer(definition).base_size
+    except VocabularyError as error:
+        raise MetaError(f"meta field vocab: {error}") from None
+    _HF_BASE_SIZES[digest] = base_size
+    while len(_HF_BASE_SIZES) > _HF_BASE_SIZES_KEPT:
+        _HF_BASE_SIZES.popitem(last=False)
+    return base_size
+
+
+def _counts_bytes(counts: Any) -> bytes:
+    """``counts`` (any sequence or array of integers in 0..2^64-1) as little-endian uint64 bytes."""
+    array = np.asarray(counts)
+    if array.ndim != 1 or (array.size and (array.dtype.kind not in "iu" or int(array.min()) < 0)):
+        raise MetaError("token_counts must be a sequence of non-negative integers")
+    return array.astype(COUNT_DTYPE).tobytes()
 
 
 def _within(name: str, value: int, low: int, high: int) -> None:

@@ -1,20 +1,24 @@
 """The wire format (docs/SPEC.md §3, docs/PROTOCOL.md): one msgpack header frame, then raw frames.
 
-Two kinds of message travel on a stream (protocol version 2):
+Four kinds of message travel on a stream's connection (protocol version 3):
 
-- ``meta``: the stream meta (frame 1, a msgpack map), sent by a producer first on every
-  connection and again every few seconds, so a trainer that starts mid-stream pins it soon;
-- ``batch``: rows of ``x`` / ``y`` / ``attention_mask`` / ``mask_ratio`` (/ ``stage``), one raw
-  frame per tensor; its header names the meta by digest only (``meta_hash``), so a large
-  vocabulary never rides in every header.
+- ``meta`` (producer to trainer): the stream meta (frame 1, a msgpack map; the unigram counts one
+  binary of uint64), sent by a producer first on every connection and again every few seconds,
+  which announces it to the trainer and keeps it known;
+- ``batch`` (producer to trainer): message ``index`` of its split (train: k of the schedule; val:
+  the val index), rows of ``x`` / ``y`` / ``attention_mask`` / ``mask_ratio`` (/ ``stage``), one
+  raw frame per tensor; its header names the meta by digest only (``meta_hash``);
+- ``order`` and ``refuse`` (trainer to producer, :class:`Order`, :class:`Refusal`): what to compute
+  and send, and why a producer's stream is turned away (:func:`encode_order`,
+  :func:`encode_refusal`, :func:`decode_control`).
 
 ``encode`` / ``encode_meta`` build the frames without copying tensor data. ``decode(frames,
 metas)`` checks everything (frame count, header schema, dtypes, shapes, buffer sizes, id
 ranges, row layout) before it returns a :class:`WireMessage` (whose arrays are read-only views
 of the received frames) or a :class:`MetaMessage`, and raises :class:`WireError` with a short
 ``reason`` code otherwise; a batch whose digest is not in ``metas`` raises :class:`UnknownMeta`.
-Protocol version 1 messages (the meta inline in every header, characters only), as old
-recordings hold them, are still decoded. Nothing received is ever unpickled or evaluated.
+Protocol version 1 and 2 messages (1: the meta inline in every header, characters only; 2: no
+schedule index, the counts a list), as old recordings hold them, are still decoded. Nothing received is ever unpickled or evaluated.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import hashlib
 import math
 import reprlib
 import secrets
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -47,7 +52,12 @@ MAX_ORDER_COUNT = 1 << 16  # messages one order may ask for
 MAX_REFUSAL_CHARS = 1024
 
 MAX_HEADER_BYTES = 1 << 20
-MAX_META_BYTES = 64 << 20  # a meta frame: the tokenizer JSON and V0 counts of a large vocabulary
+# A meta frame: the tokenizer JSON and 8 bytes of counts per base id. A 1M-token BPE is about
+# 24 MiB of JSON and 8 MiB of counts (docs/SECURITY.md).
+MAX_META_BYTES = 48 << 20
+MAX_V2_META_COUNTS = 1 << 21  # token_counts entries of a protocol-2 meta frame (a msgpack array)
+META_CACHE_BYTES = 64 << 20  # the decoder's cache of metas, by StreamMeta.nbytes ...
+META_CACHE_SIZE = 16  # ... and by number
 MAX_HEADER_ENTRIES = 64  # msgpack maps and arrays in a header (shapes, the tensor list)
 INCARNATION_HEX = 16
 
@@ -178,10 +188,10 @@ def encode(meta: StreamMeta, split: str, producer_id: str, seq: int, tensors: Ma
 
 
 def encode_meta(meta: StreamMeta, producer_id: str, seq: int, incarnation: str = "0" * INCARNATION_HEX) -> list[bytes]:
-    """Frames of one meta message: ``[header, msgpack of meta.to_dict()]``."""
+    """Frames of one meta message: ``[header, msgpack of meta.to_wire()]`` (the counts as one bin value)."""
     header = {"magic": PROTOCOL_MAGIC, "version": PROTOCOL_VERSION, "kind": KIND_META, "producer": producer_id,
               "incarnation": incarnation, "seq": int(seq), "meta_hash": meta.digest}
-    return [msgpack.packb(header, use_bin_type=True), msgpack.packb(meta.to_dict(), use_bin_type=True)]
+    return [msgpack.packb(header, use_bin_type=True), msgpack.packb(meta.to_wire(), use_bin_type=True)]
 
 
 @dataclass(frozen=True)
@@ -274,27 +284,30 @@ def _pairs(pairs: list[tuple[Any, Any]]) -> dict:
     return mapping
 
 
-def _no_binary(value: Any, depth: int = 0) -> None:
+def _no_binary(value: Any, depth: int = 0, allowed: frozenset[str] = frozenset()) -> None:
     """Raises ValueError on any bin or ext value (also empty ones, which the length limits let through)."""
     if isinstance(value, (bytes, msgpack.ExtType)) or depth > 32:
         raise ValueError("binary, ext or too deeply nested values are not allowed")
     if isinstance(value, dict):
-        for item in value.values():
-            _no_binary(item, depth + 1)
+        for key, item in value.items():
+            if key not in allowed:
+                _no_binary(item, depth + 1)
     elif isinstance(value, list):
         for item in value:
             _no_binary(item, depth + 1)
 
 
-def unpack_map(raw: memoryview, limit: int, max_entries: int, what: str) -> dict:
-    """A msgpack map of at most ``limit`` bytes: strings only as text, no bin or ext values, no
-    repeated keys, containers of at most ``max_entries`` (maps: :data:`MAX_HEADER_ENTRIES`)."""
+def unpack_map(raw: memoryview, limit: int, max_entries: int, what: str, binary: frozenset[str] = frozenset()) -> dict:
+    """A msgpack map of at most ``limit`` bytes: strings only as text, no bin or ext values (but
+    as the values of the top-level keys in ``binary``), no repeated keys, containers of at most
+    ``max_entries`` (maps: :data:`MAX_HEADER_ENTRIES`)."""
     if len(raw) > limit:
         raise WireError("header_size", f"{what} is {len(raw)} bytes, the limit is {limit}")
     try:
-        value = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_str_len=limit, max_bin_len=0, max_ext_len=0,
-                                max_array_len=max_entries, max_map_len=MAX_HEADER_ENTRIES, object_pairs_hook=_pairs)
-        _no_binary(value)
+        value = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_str_len=limit, max_bin_len=limit if binary else 0,
+                                max_ext_len=0, max_array_len=max_entries, max_map_len=MAX_HEADER_ENTRIES,
+                                object_pairs_hook=_pairs)
+        _no_binary(value, allowed=binary)
     except Exception as error:  # msgpack raises several unrelated types on bad input
         raise WireError("header_not_msgpack", f"{what} is not a msgpack map ({type(error).__name__}: {error})") from None
     if not isinstance(value, dict):
@@ -309,12 +322,16 @@ def _field(header: dict, name: str, kind: type) -> Any:
     return value
 
 
-def decode(frames: Sequence[Any], metas: Mapping[str, StreamMeta] = MappingProxyType({})) -> WireMessage | MetaMessage:
+def decode(frames: Sequence[Any], metas: Mapping[str, StreamMeta] = MappingProxyType({}),
+           budget: MetaBudget | None = None) -> WireMessage | MetaMessage:
     """Validate and decode the frames of one message; raises :class:`WireError`.
 
     ``metas``: digest -> meta of the streams the receiver knows (from their meta messages); a
-    protocol-2 batch must name one of them, else :class:`UnknownMeta`.
+    protocol-2 batch must name one of them, else :class:`UnknownMeta`. ``budget``: the time
+    that parsing metas not seen before may take (by default :data:`LIVE_META_BUDGET`, what a
+    live receiver wants; :data:`UNLIMITED_META_BUDGET` when reading a recording).
     """
+    budget = LIVE_META_BUDGET if budget is None else budget
     if not 2 <= len(frames) <= 1 + len(TENSOR_RANKS):
         raise WireError("frame_count", f"{len(frames)} frames, expected 2 (meta) or 5 to {1 + len(TENSOR_RANKS)} (batch)")
     header = unpack_map(_buffer(frames[0]), MAX_HEADER_BYTES, 1 << 17, "frame 0")
@@ -334,7 +351,7 @@ def decode(frames: Sequence[Any], metas: Mapping[str, StreamMeta] = MappingProxy
     if not 0 < len(producer_id) <= MAX_PRODUCER_ID_CHARS:
         raise WireError("header_schema", f"producer id must have 1..{MAX_PRODUCER_ID_CHARS} characters")
     try:
-        return _decode_rest(frames, header, version, kind, producer_id, metas)
+        return _decode_rest(frames, header, version, kind, producer_id, metas, budget)
     except WireError as error:
         error.producer_id = producer_id
         raise
@@ -347,7 +364,7 @@ def decode_stream(records: Iterable[Sequence[Any]]) -> Iterator[WireMessage | Wi
     metas: dict[str, StreamMeta] = {}
     for frames in records:
         try:
-            message = decode(frames, metas)
+            message = decode(frames, metas, UNLIMITED_META_BUDGET)
         except WireError as error:
             yield error
             continue
@@ -358,7 +375,7 @@ def decode_stream(records: Iterable[Sequence[Any]]) -> Iterator[WireMessage | Wi
 
 
 def _decode_rest(frames: Sequence[Any], header: dict, version: int, kind: str, producer_id: str,
-                 metas: Mapping[str, StreamMeta]) -> WireMessage | MetaMessage:
+                 metas: Mapping[str, StreamMeta], budget: MetaBudget) -> WireMessage | MetaMessage:
     seq = _field(header, "seq", int)
     if not 0 <= seq < 1 << 63:
         raise WireError("header_schema", f"seq {seq} is outside 0..2^63-1")
@@ -371,7 +388,7 @@ def _decode_rest(frames: Sequence[Any], header: dict, version: int, kind: str, p
     if kind == KIND_META:
         if len(frames) != 2:
             raise WireError("frame_count", f"a meta message has 2 frames, not {len(frames)}")
-        return MetaMessage(producer_id, incarnation, seq, _meta_frame(frames[1], digest), tuple(frames))
+        return MetaMessage(producer_id, incarnation, seq, _meta_frame(frames[1], digest, version, budget), tuple(frames))
     if version == 1:
         meta = _meta_v1(header.get("meta"), digest)
     else:
@@ -381,26 +398,70 @@ def _decode_rest(frames: Sequence[Any], header: dict, version: int, kind: str, p
     return _decode_batch(frames, header, producer_id, incarnation, seq, meta)
 
 
-# digest -> (raw meta frame, meta): a meta message repeating a known meta is not parsed again.
-_META_CACHE: dict[str, tuple[bytes, StreamMeta]] = {}
-_META_CACHE_SIZE = 16
+# (digest, SHA-256 of the raw meta frame) -> meta: a meta message repeating a known meta is not
+# parsed again. At most META_CACHE_SIZE metas and META_CACHE_BYTES (StreamMeta.nbytes), the oldest
+# forgotten first.
+_META_CACHE: dict[tuple[str, bytes], StreamMeta] = {}
 
 
-def _meta_frame(frame: Any, digest: str) -> StreamMeta:
+class MetaBudget:
+    """How much time parsing new metas may take: a bucket of seconds that fills at ``share``
+    seconds a second up to ``burst``; a meta not in the cache is parsed only while the bucket is
+    not empty, and what the parse took is taken out. So a flood of distinct large metas takes at
+    most ``share`` of the receiver's time (and one parse beyond), the rest goes to batches; a
+    producer's meta turned away this way comes again with its next meta message."""
+
+    def __init__(self, share: float, burst: float) -> None:
+        self.share, self.burst = share, burst
+        self._seconds, self._at = burst, time.monotonic()
+
+    def allows(self) -> bool:
+        now = time.monotonic()
+        self._seconds = min(self.burst, self._seconds + (now - self._at) * self.share)
+        self._at = now
+        return self._seconds > 0
+
+    def spend(self, seconds: float) -> None:
+        self._seconds -= seconds
+
+
+# A live receiver: a quarter of its time at most for new metas, in bursts of up to 1 s.
+LIVE_META_BUDGET = MetaBudget(share=0.25, burst=1.0)
+UNLIMITED_META_BUDGET = MetaBudget(share=math.inf, burst=math.inf)
+
+
+def _meta_frame(frame: Any, digest: str, version: int, budget: MetaBudget) -> StreamMeta:
+    """The meta of a meta message's frame 1: protocol 3 carries ``token_counts`` as one bin value
+    of little-endian uint64, protocol 2 as a msgpack array (old recordings)."""
     raw = _buffer(frame)
-    cached = _META_CACHE.get(digest)
-    if cached is not None and cached[0] == raw:
-        return cached[1]
-    data = unpack_map(raw, MAX_META_BYTES, 1 << 25, "the meta frame")
+    key = (digest, hashlib.sha256(raw).digest())
+    cached = _META_CACHE.get(key)
+    if cached is not None:
+        return cached
+    if not budget.allows():
+        raise WireError("meta", f"not parsed: new metas took their share ({budget.share:.0%}) of the receiver's time")
+    started = time.monotonic()
     try:
-        meta = StreamMeta.from_dict(data)
+        return _parse_meta(raw, digest, version, key)
+    finally:
+        budget.spend(time.monotonic() - started)
+
+
+def _parse_meta(raw: memoryview, digest: str, version: int, key: tuple[str, bytes]) -> StreamMeta:
+    try:
+        if version >= 3:
+            meta = StreamMeta.from_wire(unpack_map(raw, MAX_META_BYTES, MAX_HEADER_ENTRIES, "the meta frame",
+                                                   binary=frozenset({"token_counts"})))
+        else:
+            meta = StreamMeta.from_dict(unpack_map(raw, MAX_META_BYTES, MAX_V2_META_COUNTS, "the meta frame"))
     except MetaError as error:
         raise WireError("meta", str(error)) from None
     if meta.digest != digest:
         raise WireError("meta", f"meta_hash {digest!r} does not match the meta ({meta.digest!r})")
-    if len(_META_CACHE) >= _META_CACHE_SIZE:
+    _META_CACHE[key] = meta
+    while len(_META_CACHE) > 1 and (len(_META_CACHE) > META_CACHE_SIZE
+                                    or sum(kept.nbytes for kept in _META_CACHE.values()) > META_CACHE_BYTES):
         _META_CACHE.pop(next(iter(_META_CACHE)))
-    _META_CACHE[digest] = (bytes(raw), meta)
     return meta
 
 

@@ -13,3 +13,13 @@ def one_torch_thread():
     import torch
 
     torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def a_full_meta_budget(monkeypatch):
+    """Each test starts with the live decoder's meta-parsing budget full (shared.wire.MetaBudget),
+    whatever the tests before it parsed."""
+    from shared import wire
+
+    monkeypatch.setattr(wire, "LIVE_META_BUDGET", wire.MetaBudget(share=wire.LIVE_META_BUDGET.share,
+                                                                   burst=wire.LIVE_META_BUDGET.burst))

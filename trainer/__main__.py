@@ -49,6 +49,7 @@ from trainer.loop.schedule import resolve_device
 from trainer.loop.train import Trainer, log
 from trainer.model.selftest import MaskSelfTestError
 from trainer.model.transformer import ModelConfig
+from trainer.run_lock import lock_run_folder
 
 SETTINGS = ((StreamSettings, "stream"), (OrderSettings, "schedule"), (TrainConfig, "training loop"), (ModelConfig, "model"),
             (DiagnosticsSettings, "diagnostics"))
@@ -112,6 +113,12 @@ def main(argv: list[str] | None = None) -> int:
         endpoint = rank_endpoint(options.stream.bind, ranks.local_rank)
     except ValueError as error:
         build_parser().error(str(error))
+    if ranks.is_main:  # the main rank writes the run folder
+        try:
+            lock_run_folder(config.out_dir)
+        except OSError as error:  # in use by another trainer, or a folder that cannot be made
+            log.error("refusing to train: %s", error)
+            return 2
     record = rank_path(options.stream.record, ranks)
     consumer = DatasetConsumer(endpoint, config.batch_size, device=device, record_path=record, curve=options.curve,
                                orders=options.orders, rank=ranks.rank, world=ranks.world_size)

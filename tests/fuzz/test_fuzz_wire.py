@@ -27,8 +27,8 @@ from shared.wire import HEADER_KEYS, KIND_BATCH, KIND_META, MAX_HEADER_BYTES, RE
 from helpers.wire import INCARNATION, STAGES, assert_valid_message, make_meta, make_tensors, meta_frames, mutate_bytes, vocab_chars
 
 FUZZ = dict(deadline=None, derandomize=True, database=None)
-TOP_FIELDS = sorted(HEADER_KEYS[(2, KIND_BATCH)] | HEADER_KEYS[(2, KIND_META)])
-META_FIELDS = list(make_meta().to_dict())
+TOP_FIELDS = sorted(HEADER_KEYS[(3, KIND_BATCH)] | HEADER_KEYS[(3, KIND_META)])
+META_FIELDS = list(make_meta().to_wire())
 DESCRIPTOR_FIELDS = ["name", "dtype", "shape"]
 
 
@@ -77,7 +77,7 @@ def check(frames):
     if isinstance(message, MetaMessage):
         header = msgpack.unpackb(frames[0], raw=False)
         assert header["kind"] == KIND_META and message.meta.digest == header["meta_hash"]
-        assert msgpack.unpackb(frames[1], raw=False) == message.meta.to_dict()
+        assert msgpack.unpackb(frames[1], raw=False) == message.meta.to_wire()
         return "accepted"
     assert isinstance(message, WireMessage)
     assert_valid_message(message)

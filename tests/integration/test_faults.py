@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import resource
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,7 +26,7 @@ import zmq
 from shared.recording import RecordingReader
 
 from helpers import ROOT
-from helpers.processes import last_status_count
+from helpers.processes import TINY_MODEL, free_port, last_status_count
 from helpers.wire import make_frames, make_meta, meta_frames, recorded_batches
 
 pytestmark = pytest.mark.slow
@@ -201,6 +202,29 @@ def test_run_directory_that_cannot_be_created(cluster, tmp_path):
     assert "refusing to train" in text and str(blocker / "run") in text and "Not a directory" in text
     assert "Traceback" not in text
     assert blocker.read_text() == "not a directory"
+
+
+def test_a_second_trainer_on_the_same_run_folder_is_refused_naming_the_first(cluster, tmp_path):
+    """Issue 26 item 6: both used to run, interleaving metrics.jsonl into invalid JSON."""
+    run = tmp_path / "run"
+    first, diagnostics = cluster.trainer(run)
+    cluster.producer("p")
+    diagnostics.wait_for_step(5)
+    second = cluster.start("trainer", "--bind", f"tcp://127.0.0.1:{free_port()}", "--out-dir", run, "--http-port",
+                           free_port(), *TINY_MODEL, name="second")
+    assert second.wait(START_TIMEOUT) == 2
+    line = second.wait_for_line("refusing to train")
+    assert f"{run} is in use by another trainer (pid {first.pid} on host {socket.gethostname()}, started 20" in line
+    assert "Traceback" not in second.text()
+    step = diagnostics.get()["step"]
+    diagnostics.wait_for(lambda s: s["step"] >= step + 5 and (run / "ckpt.pt").exists(), "more steps and a checkpoint")
+    first.kill()  # SIGKILL: the kernel releases the lock; the file it leaves names a dead process
+    first.popen.wait(10)
+    again, diagnostics = cluster.trainer(run, "--resume")
+    diagnostics.wait_for_step(step + 6)
+    assert f"pid {again.pid} on host" in (run / "trainer.lock").read_text()
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        json.loads(line)
 
 
 def test_disk_full_mid_run_leaves_the_last_checkpoint_intact(cluster, tmp_path):

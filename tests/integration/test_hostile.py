@@ -191,3 +191,72 @@ def test_a_second_trainer_on_the_same_recording_is_refused(cluster, tmp_path):
                            "0", "--record", recording, *TINY_MODEL, name="second trainer")
     assert second.wait(60) == 2 and "is being written by another process" in second.text()
     assert first.alive() and first.stop() == 143
+
+
+# ---- issue 26: forged and large metas -------------------------------------------------------
+
+LARGE_METAS = int(os.environ.get("LINEPACK_TEST_LARGE_METAS", "40"))
+
+
+def steps_per_second(diagnostics, seconds: float) -> float:
+    start = diagnostics.get()["step"]
+    time.sleep(seconds)
+    return (diagnostics.get()["step"] - start) / seconds
+
+
+def test_a_forged_hf_meta_is_rejected_at_decode_and_large_metas_cost_little(cluster, tmp_path, push):
+    """Issue 26 items 1, 2: a forged hf meta (tokenizer text that does not load, its SHA-256
+    matching) used to be pinned and crash the trainer at its first live sample; 40 large valid
+    metas (16.8 MB each) left it at 2.9 GiB and 0-0.2 steps/s."""
+    import dataclasses
+    import hashlib
+
+    import msgpack
+    import numpy as np
+
+    from shared.meta import StreamMeta, canonical_json
+    from shared.tokenizer import CharTokenizer, sha256_hex
+
+    trainer, diagnostics = cluster.trainer(tmp_path / "run", "--eval-samples", "1")
+    cluster.producer("real")
+    stream = stream_like_the_cluster()
+    diagnostics.wait_for_step(30)
+    attacker = push(cluster.endpoint)
+    forged = '{"version": "1.0", "model": "forged"}'
+    forgery = {"tokenizer": "hf", "vocab": forged, "tokenizer_digest": sha256_hex(forged.encode())}
+    data = {**stream.meta.to_wire(), **forgery}
+    digest = hashlib.sha256(canonical_json({**stream.meta.to_dict(), **forgery}).encode()).hexdigest()[:16]
+    header = msgpack.unpackb(encode_meta(stream.meta, "forger", 0, incarnation=INCARNATION)[0])
+    attacker.send_multipart([msgpack.packb({**header, "meta_hash": digest}), msgpack.packb(data, use_bin_type=True)])
+    diagnostics.wait_for(lambda s: s["stream"]["rejected"].get("meta") == 1, "the forged meta rejected (reason meta)")
+    normal = steps_per_second(diagnostics, 5)
+    rss_before = rss_mib(trainer.pid)
+    chars = "".join(chr(c) for c in range(0x10FFFF) if not 0xD800 <= c < 0xE000)[:1_000_000]
+    large = StreamMeta.build(CharTokenizer(chars), corruption=stream.meta.corruption_config, token_counts=np.full(len(chars), 1 << 40),
+                             block_size=32, rows_per_message=8, packing="lines", sampling="random", seed=0,
+                             corpus_fingerprint="f" * 16, val_messages=1)
+    frames = [encode_meta(dataclasses.replace(large, seed=seed), f"flood-{seed}", 0, incarnation=INCARNATION)
+              for seed in range(LARGE_METAS)]
+    started = diagnostics.get()["step"]
+    clock = time.monotonic()
+    for message in frames:
+        attacker.send_multipart(message)
+
+    def all_rejected(snapshot) -> bool:  # parsed and foreign (meta_mismatch), or turned away unparsed (meta)
+        rejected = snapshot["stream"]["rejected"]
+        return rejected.get("meta_mismatch", 0) + rejected.get("meta", 0) - 1 >= LARGE_METAS
+
+    final = diagnostics.wait_for(all_rejected, "the large metas rejected", timeout=300)
+    time.sleep(max(0.0, 10 - (time.monotonic() - clock)))
+    during = (diagnostics.get()["step"] - started) / (time.monotonic() - clock)  # the 10 s from the first one
+    grown = rss_mib(trainer.pid) - rss_before
+    after = steps_per_second(diagnostics, 5)
+    parsed = final["stream"]["rejected"].get("meta_mismatch", 0)
+    print(f"attack metas: forged hf meta rejected (meta); {LARGE_METAS} metas of {len(frames[0][1]) / 1e6:.1f} MB "
+          f"({parsed} parsed, the rest turned away unparsed): RSS +{grown:.0f} MiB, {normal:.0f} steps/s before, "
+          f"{during:.0f} over the 10 s from the first, {after:.0f} after")
+    assert trainer.alive()
+    assert grown < 200
+    assert during > normal / 2 and after > normal / 2
+    code = trainer.stop()
+    assert code == 143, trainer.output(80)

@@ -10,7 +10,7 @@ import torch
 from shared.recording import RecordingReader, RecordingWriter
 from trainer.data.consumer import DatasetConsumer
 
-from helpers.processes import Process, run_module
+from helpers.processes import TINY_MODEL, Process, free_port, run_module
 from helpers.wire import make_frames, make_meta, meta_frames, recorded_batches
 
 pytestmark = pytest.mark.slow
@@ -145,3 +145,19 @@ def test_trainer_consume_records_and_reports(tmp_path, children):
         splits = [message.split for message in recorded_batches(reader)]
     assert splits.count("val") == final["val_messages_total"]
     assert splits.count("train") == final["consumed_messages"]
+
+
+def test_a_recording_made_by_producer_record_replays_into_a_trainer_that_trains(tmp_path, children):
+    """The README's chain: ``producer record`` writes the val set too, so a fresh trainer fed by
+    ``producer replay`` gets its val set, trains to --max-iters on the recorded train messages and exits 0."""
+    recording = tmp_path / "s.lps"
+    made = run_module("producer", "record", "--out", recording, "--messages", 40, *FLAGS, timeout=60)
+    assert made.returncode == 0, made.stderr
+    port = free_port()
+    trainer = children.start("trainer", "--bind", f"tcp://127.0.0.1:{port}", "--out-dir", tmp_path / "run", "--http-port", "0",
+                             *TINY_MODEL, "--max-iters", "40", "--eval-interval", "20", "--wait-timeout", "30",
+                             "--data-timeout", "30")
+    replay = children.start("producer", "replay", recording, "--connect", f"tcp://127.0.0.1:{port}")
+    assert trainer.wait(120) == 0, trainer.output()
+    assert trainer.json_line("done: ")["steps"] == 40
+    replay.wait(30)

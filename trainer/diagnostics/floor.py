@@ -3,7 +3,7 @@
 A predictor that sees only its own, possibly corrupted, input token ``i`` at a supervised
 position can do no better than the Bayes posterior ``q(c | i)`` of the original token ``c``.
 Its expected cross-entropy is the conditional entropy ``H(C | I)`` in nats, computed here
-exactly from the train unigram distribution (``meta.token_counts``) and the corruption policy
+exactly from the train unigram distribution (``meta.counts``) and the corruption policy
 (``meta.corruption_config``).
 
 Corruption model (docs/SPEC.md §2.5, as ``producer.corruption.corrupt`` does it), per supervised
@@ -119,7 +119,7 @@ def stage_floors(meta: StreamMeta, split: str = "train", sep_share: float | None
     """``(weight, floor)`` per stage of ``split`` (one entry for non-stage policies); weights sum to 1."""
     config = meta.corruption_config
     class_probs = class_distribution(meta, sep_share)
-    base_size = len(meta.token_counts)
+    base_size = len(meta.counts)
     fractions = tuple(config.get("mask_fractions", DEFAULT_MASK_FRACTIONS))
     with_fractions = corrupted_token_entropy(class_probs, base_size, fractions)
     if config["policy"] != "stages":
@@ -141,7 +141,7 @@ def context_free_floor(meta: StreamMeta, split: str = "train", sep_share: float 
 
 def class_distribution(meta: StreamMeta, sep_share: float | None = None) -> np.ndarray:
     """Distribution of the original token at a supervised position: base ids (+ [SEP] last)."""
-    counts = np.asarray(meta.token_counts, dtype=np.float64)
+    counts = meta.counts.astype(np.float64)
     if counts.sum() <= 0:
         raise ValueError("meta.token_counts is empty: no train content tokens to build the floor from")
     base = counts / counts.sum()

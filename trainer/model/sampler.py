@@ -16,6 +16,7 @@ seeded by ``seed``: the same seed gives the same samples.
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -97,6 +98,9 @@ def infill_canvas(meta: StreamMeta, template: str) -> Canvas:
     for hole in HOLE.finditer(template):
         text = encode_text(meta.tokens, template[position : hole.start()])
         count = int(hole.group(1) or 1)
+        if not 1 <= count <= meta.block_size:
+            raise SamplingError(f"{hole.group(0)[:40]} asks for {str(count)[:20]} positions: 1..{meta.block_size} "
+                                "(the block size) fit")
         ids += text + [meta.mask_id] * count
         fixed += [True] * len(text) + [False] * count
         position = hole.end()
@@ -139,8 +143,8 @@ def sample(model: nn.Module, meta: StreamMeta, canvases: list[Canvas], steps: in
     (up to float rounding) for less compute."""
     if strategy not in STRATEGIES:
         raise SamplingError(f"strategy {strategy!r} is not one of {STRATEGIES}")
-    if temperature < 0:
-        raise SamplingError(f"temperature {temperature} is negative")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise SamplingError(f"temperature {temperature} is not a finite number >= 0")
     device = next(model.parameters()).device
     x, attention_mask = (tensor.to(device) for tensor in _rows(canvases, meta, width))
     masked = torch.zeros_like(x, dtype=torch.bool)

@@ -369,3 +369,179 @@ def test_a_producer_on_a_prepared_corpus_stays_flat_while_it_reads_all_of_it(tmp
     at_start, after_200, after_2000 = map(float, done.stdout.split())
     window_mib = RELEASE_EVERY_ROWS * 96 / 1024  # what one release window may map: ~2 faults of <= 64 KB a row, and slack
     assert after_2000 - at_start < min(window_mib, 0.6 * mapped_mib), (at_start, after_200, after_2000, mapped_mib)
+
+
+# ---- issue 26: bounded lines, verification, races, orphans -----------------------------------
+
+
+@pytest.mark.parametrize("kind", ["char", "bytes"])
+def test_a_line_over_the_limit_is_split_into_pieces_never_held_whole(tmp_path, kind):
+    """Issue 26 item 3: one 5,000-byte line with no newline, limit 700, chunks of 1,000 bytes."""
+    long = "é" + "abcdefghé" * 555  # 2-byte characters: cuts must land between characters
+    corpus = write(tmp_path / "c.txt", "short\n" + long)
+    manifest = prepare(options(corpus, tmp_path / "P", tokenizer=kind, max_line_bytes=700))
+    mapped = load_corpus(str(tmp_path / "P"))
+    text = mapped.tokenizer.decode(mapped.tokens)
+    pieces = text.split("\n")[:-1]
+    assert pieces[0] == "short" and "".join(pieces[1:]) == long
+    assert max(len(piece.encode()) for piece in pieces) <= 700 and len(pieces) == 1 + -(-len(long.encode()) // 700)
+    assert manifest["lines"] == len(pieces)
+
+
+def test_a_jsonl_line_over_the_limit_is_refused_with_file_line_and_offset(tmp_path):
+    corpus = write(tmp_path / "c.jsonl", '{"text": "ok"}\n' + json.dumps({"text": "x" * 3000}) + "\n")
+    with pytest.raises(CorpusError, match=r"c\.jsonl:2: the line at byte offset 15 is longer than --max-line-bytes 500"):
+        prepare(options(corpus, tmp_path / "P", tokenizer="bytes", text_field="text", max_line_bytes=500))
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("kind", ["char", "bytes"])
+def test_preparing_one_huge_line_keeps_memory_flat(tmp_path, kind):
+    """A 100 MB file that is one line: peak RSS well below what holding it whole takes (before:
+    1.0 GB with bytes, 3.2 GB with char for 100 MB, growing with the line; now about 96 MB,
+    whatever the line)."""
+    corpus = tmp_path / "one-line.txt"
+    with open(corpus, "wb") as file:
+        for _ in range(100):
+            file.write(b"abcdefghij" * 100_000)
+    # VmHWM, not RUSAGE_SELF: Linux carries ru_maxrss over an exec, so a child of this (large)
+    # test process would report at least the test's own size. The workers fork from prepare.
+    script = ("import resource, sys; from producer.__main__ import main; code = main(sys.argv[1:]); "
+              "hwm = next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM:')); "
+              "print('maxrss', hwm, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)")
+    result = subprocess.run([sys.executable, "-c", script, "prepare", "--corpus", str(corpus), "--out", str(tmp_path / "P"),
+                             "--tokenizer", kind, "--workers", "1", "--max-line-bytes", "1000000", "--chunk-mb", "1"],
+                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr
+    own, children = (int(v) for v in result.stdout.split()[1:3])
+    assert max(own, children) < 300_000, (own, children)  # KiB
+    assert "is longer than --max-line-bytes 1000000: split" in result.stderr
+
+
+def _tamper_manifest(folder, edit) -> None:
+    """Edits the manifest and re-signs it (a careless or hostile writer can do both)."""
+    from producer.prepared import fingerprint
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    edit(manifest)
+    manifest["fingerprint"] = fingerprint(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _poke(folder, name, index, value) -> None:
+    array = np.load(folder / name, mmap_mode="r+")
+    array[index] = value
+    array.flush()
+    del array
+
+
+@pytest.fixture
+def folder(tmp_path):
+    prepare(options(write(tmp_path / "c.txt", TEXT), tmp_path / "P", tokenizer="bytes"))
+    return tmp_path / "P"
+
+
+@pytest.mark.parametrize("special, name", [(256, r"\[MASK\]"), (257, r"\[SEP\]"), (258, r"\[PAD\]"),
+                                           (300, "beyond the vocabulary")])
+def test_special_ids_in_the_tokens_are_refused_at_open_with_their_position(folder, special, name):
+    """Issue 26 item 4: [MASK] / [SEP] / [PAD] written into tokens.npy were trained on as text."""
+    _poke(folder, "tokens.npy", 1234, special)
+    with pytest.raises(CorpusError, match=rf"tokens.npy: token 1,234 is id {special}, {name}"):
+        load_corpus(str(folder))
+
+
+@pytest.mark.parametrize("index, value, message", [
+    (5, 3, r"line offset 5 \(3\) is below the one before it"),
+    (7, -4, r"line offset 7 \(-4\) is below"),
+    (0, 1, "the first line offset is 1, not 0"),
+    (400, 10**9, "the last line offset is 1000000000"),
+])
+def test_offsets_that_go_back_or_out_of_range_are_refused_at_open(folder, index, value, message):
+    _poke(folder, "line_offsets.npy", index, value)
+    with pytest.raises(CorpusError, match=message):
+        load_corpus(str(folder))
+
+
+def _set_split_line(value):
+    def edit(manifest):
+        manifest["split"]["split_line"] = value
+    return edit
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_set_split_line(-1), "split_line -1 is outside 0..400"),
+    (_set_split_line(10**6), "split_line 1000000 is outside"),
+    (lambda m: m.pop("lines"), "has no 'lines'"),
+    (lambda m: m["files"].pop("tokens.npy"), r"files\['tokens.npy'\] must be a JSON object"),
+    (lambda m: m.update(tokenizer={"kind": "hf", "sha256": "0"}), "tokenizer has no 'file'"),
+    (lambda m: m.update(unigram_counts=[1, "2"]), "unigram_counts must be 256 non-negative integers"),
+    (lambda m: m.update(base_size="256"), "'base_size' has the wrong type"),
+    (lambda m: m["split"].update(train_tokens=3), "train_tokens 3 is not the offset of split_line 360"),
+    (lambda m: m.update(sources=[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]] * 2), None),
+])
+def test_a_damaged_manifest_is_a_clear_error_not_a_traceback(folder, edit, message):
+    _tamper_manifest(folder, edit)
+    if message is None:  # harmless
+        load_corpus(str(folder))
+        return
+    with pytest.raises(CorpusError, match=message):
+        load_corpus(str(folder))
+
+
+def test_deeply_nested_manifest_json_is_a_clear_error(folder):
+    (folder / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(CorpusError, match="unreadable manifest.json"):
+        load_corpus(str(folder))
+
+
+def test_verify_checks_every_id_and_the_digests(folder, monkeypatch):
+    def verify(*extra):
+        return subprocess.run([sys.executable, "-m", "producer", "prepare", "--verify", str(folder), *extra], cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)
+
+    done = verify()
+    assert done.returncode == 0 and "verified" in done.stderr and '"lines": 400' in done.stderr, done.stderr
+    original = np.load(folder / "tokens.npy")[10]
+    _poke(folder, "tokens.npy", 10, (original + 1) % 256)  # a valid id, but not the prepared one
+    load_corpus(str(folder))  # the cheap checks at open cannot see it
+    done = verify()
+    assert done.returncode == 2 and "tokens.npy: its size or SHA-256 is not the manifest's" in done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    _poke(folder, "tokens.npy", 10, 256)
+    assert "token 10 is id 256, [MASK]" in verify().stderr
+
+
+def test_the_id_scan_at_open_is_bounded_in_time(folder, monkeypatch, capsys):
+    from producer import prepared
+
+    monkeypatch.setattr(prepared, "OPEN_SCAN_SECONDS", 0.0)
+    monkeypatch.setattr(prepared, "SCAN_PIECE", 1000)
+    _poke(folder, "tokens.npy", 5000, 256)  # past the first piece: not seen at open
+    load_corpus(str(folder))
+    assert "the ids of the first 1,000 of" in capsys.readouterr().err
+    with pytest.raises(CorpusError, match="token 5,000 is id 256"):
+        prepared.verify(folder)
+
+
+def test_a_truncated_gz_is_a_clear_error(tmp_path):
+    """Issue 26 item 9: an EOFError traceback before."""
+    data = gzip.compress(TEXT.encode() * 20)
+    (tmp_path / "c.txt.gz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorpusError, match=r"c.txt.gz is not a readable gzip file near byte offset"):
+        prepare(options(tmp_path / "c.txt.gz", tmp_path / "P"))
+    assert leftovers(tmp_path) == [] and not (tmp_path / "P").exists()
+
+
+def test_losing_the_race_to_the_rename_is_a_clear_error(tmp_path, monkeypatch):
+    """Issue 26 items 7, 9: two prepares to one --out; the loser died with OSError: Directory not empty."""
+    rename = os.rename
+
+    def the_other_one_won(source, target):
+        os.makedirs(target)
+        (target / "manifest.json").write_text("{}")
+        rename(source, target)
+
+    monkeypatch.setattr(prepare_module.os, "rename", the_other_one_won)
+    with pytest.raises(CorpusError, match="was made by another prepare while this one ran"):
+        prepare(options(write(tmp_path / "c.txt", TEXT), tmp_path / "P"))
+    assert leftovers(tmp_path) == [] and (tmp_path / "P" / "manifest.json").read_text() == "{}"

@@ -60,7 +60,7 @@ def test_meta_vocabulary_counts_and_corruption_description(corpus_path):
     meta = s.meta
     assert "Z" in meta.vocab  # only in the val lines: the vocabulary covers the whole corpus
     train_text = TEXT[: TEXT.index("line 271 ")]  # 301 lines: 271 train (0..270), 30 val
-    counts = dict(zip(meta.vocab, meta.token_counts))
+    counts = dict(zip(meta.vocab, meta.counts.tolist()))
     assert counts["Z"] == 0 and all(counts[c] == train_text.count(c) for c in meta.vocab)
     assert meta.corpus_fingerprint == read_text(corpus_path).fingerprint
     corruption = json.loads(meta.corruption)

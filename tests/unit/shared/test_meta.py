@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared.meta import MetaError, StreamMeta, canonical_json
-from shared.tokenizer import ByteTokenizer, CharTokenizer, sha256_hex
+from shared.tokenizer import ByteTokenizer, CharTokenizer, sha256_hex, tokenizer_from_definition
 
 from helpers import ROOT
 from helpers.wire import make_meta
@@ -186,7 +186,7 @@ def test_build_canonicalises_corruption():
     a = build(corruption={"mask_prob": 0.5, "policy": "bert", "mask_fractions": [1, 0, 0]}, counts=[3, 4])
     assert a.corruption == '{"mask_fractions":[1,0,0],"mask_prob":0.5,"policy":"bert"}'
     assert a.corruption_config == {"mask_fractions": [1, 0, 0], "mask_prob": 0.5, "policy": "bert"}
-    assert a.token_counts == (3, 4)
+    assert a.counts.tolist() == [3, 4]
 
 
 @pytest.mark.parametrize("corruption", [
@@ -233,3 +233,24 @@ def test_a_protocol_one_meta_reads_as_a_char_stream():
     meta = make_meta()
     old = {name: value for name, value in meta.to_dict().items() if name not in ("tokenizer", "tokenizer_digest")}
     assert StreamMeta.from_v1_dict(old) == meta
+
+
+@pytest.mark.parametrize("definition", ['{"not": "a tokenizer"}', "not json at all", '{"model": {"type": "BPE"}}'])
+def test_a_forged_hf_meta_is_refused_when_parsed_not_when_first_sampled(definition):
+    """Issue 26 item 1: an hf meta whose tokenizer text does not load (its SHA-256 matching) is a
+    MetaError at parse time, so it can never be pinned and crash the live sampler later."""
+    data = {**make_meta().to_dict(), "tokenizer": "hf", "vocab": definition,
+            "tokenizer_digest": sha256_hex(definition.encode("utf-8"))}
+    with pytest.raises(MetaError, match="vocab.*tokenizers"):
+        StreamMeta.from_dict(data)
+
+
+def test_an_hf_meta_whose_size_disagrees_with_its_tokenizer_is_refused(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    definition = Tokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]")).to_str()
+    good = build(tokenizer_from_definition("hf", definition), counts=[1, 1, 1])
+    assert good.tokens.base_size == 3
+    data = {**good.to_dict(), "mask_id": 33, "sep_id": 34, "pad_id": 35, "vocab_size": 36, "token_counts": [1] * 33}
+    with pytest.raises(MetaError, match="3 base ids"):
+        StreamMeta.from_dict(data)

@@ -1,5 +1,6 @@
 """Wire format (docs/SPEC.md §3): encode/decode round trip and every rejection, with its reason."""
 
+import hashlib
 import time
 import tracemalloc
 
@@ -10,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared import wire
-from shared.meta import StreamMeta
+from shared.meta import StreamMeta, canonical_json
 from shared.wire import MAX_HEADER_BYTES, REASONS, MetaMessage, UnknownMeta, WireError, encode, encode_meta, frame_bytes
 
 from helpers.wire import INCARNATION, STAGES, assert_valid_message, make_meta, make_tensors, vocab_chars
@@ -380,7 +381,7 @@ def test_a_meta_message_carries_the_meta():
     message = decode(encode_meta(META, "producer-0", 3, INCARNATION))
     assert isinstance(message, MetaMessage) and message.meta == META and message.seq == 3
     assert message.incarnation == INCARNATION and message.producer_id == "producer-0"
-    rejected([*meta_message(META.to_dict()), b""], "frame_count")
+    rejected([*meta_message(META.to_wire()), b""], "frame_count")
 
 
 @pytest.mark.parametrize(
@@ -392,7 +393,7 @@ def test_a_meta_message_carries_the_meta():
 def test_bad_or_tampered_meta(field, value, cold_cache):
     if cold_cache:
         wire._META_CACHE.clear()
-    rejected(meta_message({**META.to_dict(), field: value}), "meta")
+    rejected(meta_message({**META.to_wire(), field: value}), "meta")
 
 
 @pytest.mark.parametrize(
@@ -400,13 +401,13 @@ def test_bad_or_tampered_meta(field, value, cold_cache):
                      ("token_counts", [True] + list(range(2, 34)))],
 )
 def test_mistyped_meta_rejected_even_when_cached(field, value):
-    decode(meta_message(META.to_dict()))  # the meta is now cached
-    assert StreamMeta.from_dict(META.to_dict()) == META
-    rejected(meta_message({**META.to_dict(), field: value}), "meta")
+    decode(meta_message(META.to_wire()))  # the meta is now cached
+    assert StreamMeta.from_wire(META.to_wire()) == META
+    rejected(meta_message({**META.to_wire(), field: value}), "meta")
 
 
 def test_a_meta_under_another_digest_is_rejected():
-    rejected(meta_message(META.to_dict(), digest="0" * 16), "meta")
+    rejected(meta_message(META.to_wire(), digest="0" * 16), "meta")
 
 
 def test_a_protocol_one_batch_is_still_read():
@@ -684,3 +685,73 @@ def test_fixed_packing_needs_no_sep():
     tensors = make_tensors(FIXED_META, 4, np.random.default_rng(0))
     assert not (tensors["x"] == FIXED_META.sep_id).any()
     assert_valid_message(decode(encode(FIXED_META, "train", "p", 0, tensors, 0)))
+
+
+def test_a_forged_hf_meta_is_rejected_at_decode():
+    """Issue 26 item 1: rejected with reason ``meta`` before anything could pin it."""
+    forged = '{"version": "1.0", "model": "nothing"}'
+    data = {**META.to_dict(), "tokenizer": "hf", "vocab": forged,
+            "tokenizer_digest": hashlib.sha256(forged.encode()).hexdigest()}
+    digest = hashlib.sha256(canonical_json(data).encode()).hexdigest()[:16]
+    rejected(meta_message({**data, "token_counts": META.token_counts}, digest=digest), "meta")
+
+
+def big_meta(base_size: int, seed: int = 0) -> StreamMeta:
+    """A char meta of ``base_size`` distinct characters (no surrogates), counts near 2^40."""
+    chars = "".join(chr(c) for c in range(0x10FFFF) if not 0xD800 <= c < 0xE000)[:base_size]
+    return make_meta(chars=chars, seed=seed, token_counts=np.full(base_size, 1 << 40, dtype=np.uint64))
+
+
+def test_a_large_meta_costs_little_more_than_its_frame():
+    """Issue 26 item 2: a meta of 1M base ids travels its counts as 8 bytes each in one bin value
+    and decodes without a Python object per id (before: a msgpack array, ~150 MiB for 17 MB)."""
+    meta = big_meta(1_000_000)
+    frames = encode_meta(meta, "producer-0", 0, INCARNATION)
+    assert len(frames[1]) < 13 << 20  # 4 MB of characters, 8 MB of counts
+    wire._META_CACHE.clear()
+    tracemalloc.start()
+    started = time.perf_counter()
+    message = decode(frames)
+    seconds = time.perf_counter() - started
+    kept, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert message.meta == meta and message.meta.counts[5] == 1 << 40
+    # Measured: kept 12 MB, peak 58 MB, 0.33 s (before: a 12.9 MB frame kept 57 MB, peak 112 MB, 0.64 s).
+    assert kept < 1.5 * len(frames[1]) and peak < 64 << 20, (kept, peak)
+    assert seconds < 10, seconds
+
+
+def test_a_protocol_two_meta_message_with_an_array_of_counts_still_decodes():
+    header = {**header_of(encode_meta(META, "producer-0", 0, INCARNATION)), "version": 2}
+    message = decode([msgpack.packb(header), msgpack.packb(META.to_dict())])
+    assert message.meta == META
+
+
+def test_the_decoders_meta_cache_is_bounded_in_bytes():
+    wire._META_CACHE.clear()
+    for seed in range(12):
+        wire.decode(encode_meta(big_meta(600_000, seed), "producer-0", 0, INCARNATION), budget=wire.UNLIMITED_META_BUDGET)
+    assert sum(meta.nbytes for meta in wire._META_CACHE.values()) <= wire.META_CACHE_BYTES
+    assert len(wire._META_CACHE) < 12
+
+
+def test_new_metas_take_at_most_their_share_of_the_decoders_time(monkeypatch):
+    """Issue 26 item 2: 40 large distinct metas kept the receive thread busy for 13 s, starving
+    the pinned stream's batches. Past the budget a new meta is turned away unparsed (reason
+    ``meta``, cheap); a known meta and batches are never affected; the budget refills."""
+    budget = wire.MetaBudget(share=0.25, burst=0.05)
+    metas = [big_meta(300_000, seed) for seed in range(8)]
+    frames = [encode_meta(meta, "flood", 0, INCARNATION) for meta in metas]
+    wire._META_CACHE.clear()
+    refused = 0
+    for message in frames:
+        try:
+            wire.decode(message, budget=budget)
+        except WireError as error:
+            assert error.reason == "meta" and "took their share" in error.detail
+            refused += 1
+    assert refused >= 4, refused
+    assert wire.decode(frames[0], budget=budget).meta == metas[0], "a meta already parsed costs nothing"
+    assert isinstance(wire.decode(build()[0], {META.digest: META}, budget=budget), wire.WireMessage)  # batches: no meta parse
+    time.sleep(0.5)  # the bucket refills at 0.25 s a second
+    assert wire.decode(frames[-1], budget=budget).meta == metas[-1]

@@ -136,7 +136,7 @@ def test_floor_matches_the_real_producer_stream():
 
 def test_limits_all_mask_is_unigram_entropy_and_all_unchanged_is_zero():
     meta = text_meta(SMALL_TEXT, {"policy": "uniform", "ratio_range": [0, 1], "mask_fractions": [1, 0, 0]})
-    counts = np.asarray(meta.token_counts, dtype=float)
+    counts = np.asarray(meta.counts, dtype=float)
     assert context_free_floor(meta) == pytest.approx(entropy(counts / counts.sum()))
     unchanged = text_meta(SMALL_TEXT, {"policy": "bert", "mask_prob": 0.15, "mask_fractions": [0, 0, 1]})
     assert context_free_floor(unchanged) == pytest.approx(0.0, abs=1e-12)
@@ -147,7 +147,7 @@ def test_supervised_sep_is_one_more_class_with_the_given_share():
     with_sep = text_meta(
         SMALL_TEXT, {"policy": "bert", "mask_prob": 0.15, "mask_fractions": [1, 0, 0], "supervise_sep": True}
     )
-    base = entropy(np.asarray(plain.token_counts, dtype=float) / sum(plain.token_counts))
+    base = entropy(np.asarray(plain.counts, dtype=float) / plain.counts.sum())
     share = 0.1
     mixed = -share * np.log(share) - (1 - share) * np.log(1 - share) + (1 - share) * base
     assert context_free_floor(with_sep, sep_share=share) == pytest.approx(mixed)

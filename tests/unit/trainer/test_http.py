@@ -44,7 +44,7 @@ def test_every_key_is_present_with_sane_values(finished_run):
     body = httpx.get(f"{url}/diagnostics", timeout=TIMEOUT).json()
     assert body["status"] == "finished" and body["step"] == 30
     assert body["meta"]["vocab_size"] == consumer.meta.vocab_size and "token_counts" not in body["meta"]
-    assert body["meta"]["content_tokens"] == sum(consumer.meta.token_counts)
+    assert body["meta"]["content_tokens"] == int(consumer.meta.counts.sum())
     loss = body["loss"]
     assert 0 < loss["train"] < 6 and 0 < loss["val"] < 6 and loss["train_step"] == 30 and loss["val_step"] == 30
     assert loss["train_by_stage"] == {} and loss["val_by_stage"] == {}  # this stream has no stages

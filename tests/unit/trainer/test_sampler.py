@@ -271,18 +271,19 @@ def test_the_corpus_word_benchmark_tells_a_trained_model_from_an_untrained_one(t
 
 
 @pytest.mark.parametrize("case", ["no run directory", "no checkpoint", "no checkpoint file", "damaged checkpoint",
-                                  "prompt too long", "outside the vocabulary", "both prompt and infill"])
+                                  "prompt too long", "outside the vocabulary", "both prompt and infill",
+                                  "temperature nan", "temperature inf", "huge hole", "trace is a folder"])
 def test_cli_errors_exit_2_with_a_clear_line(trained, tmp_path, case, capsys):
     meta, model = trained
     save_run(tmp_path / "run", meta, model)
     args = ["--run", tmp_path / "run", "--device", "cpu"]
     if case == "no run directory":
-        args, expected = ["--run", tmp_path / "nowhere"], f"sample: no run directory {tmp_path / 'nowhere'}\n"
+        args, expected = ["--run", tmp_path / "nowhere"], f"sample: no run directory {tmp_path / 'nowhere'}"
     elif case == "no checkpoint":
         (tmp_path / "empty").mkdir()
         args, expected = ["--run", tmp_path / "empty"], f"run directory {tmp_path / 'empty'} holds no checkpoint (ckpt.pt) yet"
     elif case == "no checkpoint file":
-        args, expected = ["--checkpoint", tmp_path / "x.pt"], f"sample: no checkpoint file {tmp_path / 'x.pt'}\n"
+        args, expected = ["--checkpoint", tmp_path / "x.pt"], f"sample: no checkpoint file {tmp_path / 'x.pt'}"
     elif case == "damaged checkpoint":
         data = bytearray((tmp_path / "run" / "ckpt.pt").read_bytes())
         data[len(data) // 2] ^= 0xFF
@@ -292,8 +293,61 @@ def test_cli_errors_exit_2_with_a_clear_line(trained, tmp_path, case, capsys):
         args, expected = [*args, "--length", 5, "--prompt", "the cat sat"], "does not fit"
     elif case == "outside the vocabulary":
         args, expected = [*args, "--prompt", "ZZZ"], "vocabulary"
-    else:
+    elif case == "both prompt and infill":
         args, expected = [*args, "--prompt", "a", "--infill", "[MASK]"], "do not go together"
-    code = sample_main([str(arg) for arg in args])
-    stderr = capsys.readouterr().err
-    assert code == 2 and expected in stderr and "nothing to resume" not in stderr, stderr
+    elif case.startswith("temperature"):  # issue 26 item 9: a traceback (exit 1) before
+        args, expected = [*args, "--temperature", case.split()[1]], "is not a finite number"
+    elif case == "huge hole":
+        args, expected = [*args, "--infill", "a [MASK:99999999999999999999] b"], "asks for 99999999999999999999 positions"
+    else:
+        (tmp_path / "folder").mkdir()
+        args, expected = [*args, "--trace", tmp_path / "folder"], f"cannot write the trace {tmp_path / 'folder'}"
+    try:
+        code = sample_main([str(arg) for arg in args])
+    except SystemExit as usage:  # a bad flag value is a usage error: exit 2 from argparse
+        code = usage.code
+    output = capsys.readouterr()
+    assert code == 2 and expected in output.err.strip().splitlines()[-1], output.err  # the last line says why
+    assert output.out == "" and "Traceback" not in output.err and "nothing to resume" not in output.err
+
+
+def test_samples_come_in_batches_and_stream_out_with_bounded_memory(trained, tmp_path):
+    """Issue 26 item 8: --num-samples 10000000 --length 8 reached 10.9 GB in one batch. Now the
+    first samples are out within seconds, and RSS stays flat while batches go by."""
+    import os
+
+    meta, model = trained
+    save_run(tmp_path / "run", meta, model)
+    command = [sys.executable, "-m", "trainer.sample", "--run", tmp_path / "run", "--num-samples", 10_000_000,
+               "--length", 8, "--batch-size", 256, "--device", "cpu", "--json"]
+    process = subprocess.Popen(list(map(str, command)), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    def peak_kib() -> int:
+        with open(f"/proc/{process.pid}/status") as status:
+            return int(next(line.split()[1] for line in status if line.startswith("VmHWM:")))
+
+    try:
+        first = process.stdout.read(4000)  # arrives long before 10M samples could be done
+        assert first.startswith(b'{"samples": [{"text": ') and first.count(b'"ids"') >= 10
+        peaks = []
+        for _ in range(5):
+            process.stdout.read(40_000)  # keep it writing: a few batches each time
+            peaks.append(peak_kib())
+        assert peaks[-1] - peaks[0] < 32 * 1024 and peaks[-1] < 2 * 1024 * 1024, peaks
+    finally:
+        process.kill()
+        process.wait(10)
+
+
+def test_batches_of_the_cli_give_the_samples_of_sample_with_each_batchs_seed(trained, tmp_path):
+    meta, model = trained
+    save_run(tmp_path / "run", meta, model)
+    trace = tmp_path / "trace.jsonl"
+    done = sample_cli("--run", tmp_path / "run", "--num-samples", 5, "--batch-size", 2, "--length", 12, "--seed", 3,
+                      "--json", "--trace", trace, "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    texts = [item["text"] for item in json.loads(done.stdout)["samples"]]
+    canvas = prompt_canvas(meta, 12)
+    expected = [item.text for b, count in enumerate((2, 2, 1)) for item in sample(model, meta, [canvas] * count, 11, seed=3 + b, width=12)]
+    assert texts == expected
+    assert sorted({json.loads(line)["sample"] for line in trace.read_text().splitlines()}) == [0, 1, 2, 3, 4]
