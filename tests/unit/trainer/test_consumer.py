@@ -461,3 +461,19 @@ def test_the_only_producer_is_ordered_again_what_it_did_not_deliver(context):
     np.testing.assert_array_equal(rows_of(batches, "x"), np.concatenate([make_tensors(meta, 4, np.random.default_rng(k))["x"]
                                                                          for k in range(4)]))
     assert stats["orders_reassigned"] >= 2 and [o.start for o in producer.orders].count(0) == 2
+
+
+def test_a_peer_that_takes_orders_but_never_reads_or_delivers_stalls_nothing_beyond_the_timeout(context):
+    meta = make_meta(block_size=32, rows_per_message=4, val_messages=0)
+    with consumer(4, orders=OrderSettings(reassign_s=0.3, credit=2)) as c:
+        deaf = dealer(context, c.endpoint)
+        deaf.setsockopt(zmq.RCVHWM, 1)
+        deaf.send_multipart(meta_frames(meta, "deaf"))  # known, ordered from, never reads a thing
+        c.seek(Cursor())
+        wait_until(lambda: c.stats().to_dict()["orders_outstanding"] >= 2)
+        with OrderServer(c.endpoint, meta, generated(meta), producer_id="good"):
+            batches = [c.next_batch(timeout=10) for _ in range(10)]
+            stats = c.stats().to_dict()
+    np.testing.assert_array_equal(rows_of(batches, "x"),
+                                  np.concatenate([make_tensors(meta, 4, np.random.default_rng(k))["x"] for k in range(10)]))
+    assert stats["orders_reassigned"] >= 2
