@@ -1,6 +1,6 @@
 """Optional CurveZMQ authentication and encryption for the producer -> trainer link.
 
-The trainer's PULL socket is always the Curve *server* (whichever side binds) and every
+The trainer's ROUTER socket is always the Curve *server* (whichever side binds) and every
 producer is a Curve *client*. The server accepts a client only when its public key is in an
 authorized list, checked by a ZAP handler (pyzmq's ``ThreadAuthenticator``) in the socket's
 context. A client without Curve, with an unknown key, or with the wrong server key never

@@ -204,7 +204,7 @@ def steps_per_second(diagnostics, seconds: float) -> float:
     return (diagnostics.get()["step"] - start) / seconds
 
 
-def test_a_forged_hf_meta_is_rejected_at_decode_and_large_metas_cost_little(cluster, tmp_path, push):
+def test_a_forged_hf_meta_is_rejected_at_decode_and_large_metas_cost_little(cluster, tmp_path, peer):
     """Issue 26 items 1, 2: a forged hf meta (tokenizer text that does not load, its SHA-256
     matching) used to be pinned and crash the trainer at its first live sample; 40 large valid
     metas (16.8 MB each) left it at 2.9 GiB and 0-0.2 steps/s."""
@@ -221,7 +221,7 @@ def test_a_forged_hf_meta_is_rejected_at_decode_and_large_metas_cost_little(clus
     cluster.producer("real")
     stream = stream_like_the_cluster()
     diagnostics.wait_for_step(30)
-    attacker = push(cluster.endpoint)
+    attacker = peer(cluster.endpoint)
     forged = '{"version": "1.0", "model": "forged"}'
     forgery = {"tokenizer": "hf", "vocab": forged, "tokenizer_digest": sha256_hex(forged.encode())}
     data = {**stream.meta.to_wire(), **forgery}

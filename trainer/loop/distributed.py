@@ -7,7 +7,7 @@
   ``cuda:LOCAL_RANK``), gloo on CPU;
 - binds its own consumer endpoint (:func:`rank_endpoint`: the base port + the local rank, or the
   local rank's entry of a comma-separated list), so producers spread messages over the ranks
-  and no message reaches two of them (see ``producer.sending.Routes``);
+  and each orders its own share of the schedule (``trainer.data.orders``: k = rank, rank + W, ...);
 - trains a ``DistributedDataParallel`` copy of the model (:meth:`Ranks.wrap`): gradients are
   averaged over the ranks in ``backward``, so the parameters stay identical on every rank.
 
