@@ -37,7 +37,7 @@ MAX_RECENT_EVENTS = 64
 class OrderSettings:
     """How the trainer hands out work (``python -m trainer``'s ``stream`` flags)."""
 
-    credit: int = setting(4, "messages ordered from one producer and not yet delivered, at most", metavar="N",
+    credit: int = setting(8, "messages ordered from one producer and not yet delivered, at most", metavar="N",
                           check=settings.at_least(1))
     ahead: int = setting(64, "train messages ordered beyond the oldest one not yet received, at most (bounds the "
                              "reorder buffer)", metavar="N", check=settings.at_least(1))
