@@ -36,7 +36,7 @@ from shared import settings
 from shared.curve import CurveKeyError, CurveServer
 from shared.recording import RecordingError
 from trainer import logs
-from trainer.data.config import StreamSettings
+from trainer.data.config import DEFAULT_WAIT_TIMEOUT_S, StreamSettings
 from trainer.data.consumer import DatasetConsumer
 from trainer.data.orders import OrderSettings
 from trainer.diagnostics.config import DiagnosticsSettings
@@ -94,8 +94,10 @@ def parse_options(argv: list[str] | None = None) -> Options:
     if data_timeout is None and distributed:
         data_timeout = DEFAULT_DDP_DATA_TIMEOUT_S
     train = dataclasses.replace(train, data_timeout=data_timeout or None)  # 0 = wait forever
-    if stream.wait_timeout is None and distributed:
-        stream = dataclasses.replace(stream, wait_timeout=DEFAULT_DDP_DATA_TIMEOUT_S)
+    wait_timeout = stream.wait_timeout
+    if wait_timeout is None:
+        wait_timeout = DEFAULT_DDP_DATA_TIMEOUT_S if distributed else DEFAULT_WAIT_TIMEOUT_S
+    stream = dataclasses.replace(stream, wait_timeout=wait_timeout or None)  # 0 = wait forever
     return Options(stream, orders, train, model, diagnostics, curve)
 
 

@@ -161,3 +161,26 @@ def test_a_recording_made_by_producer_record_replays_into_a_trainer_that_trains(
     assert trainer.wait(120) == 0, trainer.output()
     assert trainer.json_line("done: ")["steps"] == 40
     replay.wait(30)
+
+
+def test_a_trainer_waiting_for_a_val_set_that_never_comes_says_why_and_gives_up(tmp_path, children):
+    """A recording without the val set (as protocol-2 `producer record` made them): the trainer
+    says what it waits for and why it may never come, then exits 2 after --wait-timeout."""
+    from producer.stream import BatchStream
+    from shared.data_config import DataConfig
+    from shared.wire import encode, encode_meta
+
+    stream = BatchStream(DataConfig(block_size=128, rows_per_message=8))
+    recording = tmp_path / "no-val.lps"
+    with RecordingWriter(recording) as writer:
+        writer.write(encode_meta(stream.meta, "old", 0))
+        for k in range(5):
+            writer.write(encode(stream.meta, "train", "old", k + 1, stream.train_message(k), k))
+    port = free_port()
+    trainer = children.start("trainer", "--bind", f"tcp://127.0.0.1:{port}", "--out-dir", tmp_path / "run", "--http-port", "0",
+                             *TINY_MODEL, "--wait-timeout", "12")
+    children.start("producer", "replay", recording, "--connect", f"tcp://127.0.0.1:{port}")
+    assert trainer.wait(60) == 2
+    text = trainer.text()
+    assert "waiting for the val set: 0 of" in text and "a replay only if its recording holds them" in text
+    assert "no val set arrived within 12 s (--wait-timeout)" in text and "Traceback" not in text

@@ -193,7 +193,6 @@ class DatasetConsumer:
         if not self._seeked:
             self.seek(self.cursor)
         ready = self._take(timeout)
-        self.receiver.wake()
         for _, frames in ready.new_messages:
             self._record(frames)
         self.cursor = ready.cursor

@@ -143,19 +143,17 @@ class Intake:
         poller = self.receiver.poller()
         try:
             while not self.stopping.is_set():
-                self._move_ready_to_queue()
+                waiting = self._move_ready_to_queue()
                 self._schedule()
-                events = dict(poller.poll(POLL_SECONDS * 1000))
-                if not events:
-                    self._check_starved()
+                if not poller.poll(0 if waiting else POLL_SECONDS * 1000):
+                    if not waiting:
+                        self._check_starved()
                     continue
-                self.receiver.woken()
                 for _ in range(64):  # a burst; every delivery frees credit, so orders follow each message
-                    if not self.receiver.readable(events):
-                        break
                     self._handle(*self.receiver.receive())
                     self._schedule()
-                    events = dict(poller.poll(0))
+                    if not poller.poll(0):
+                        break
         except BaseException as error:  # reported to the training thread by next_batch
             self.error = error
             log.exception("the consumer's receive thread failed")
@@ -170,19 +168,24 @@ class Intake:
                 self._rows_handed = self._seek.position * book.rows_per_message + self._seek.rows_used
         now = time.monotonic()
         with self.ledger.lock:
-            orders = book.expire(now) + book.issue(now, room=not self._ready)
+            orders = book.expire(now) + book.issue(now)
         for peer, split, index in orders:
             self.receiver.send(peer, encode_order(Order(self.trainer_id, split, index, 1)))
 
-    def _move_ready_to_queue(self) -> None:
-        """Queues assembled batches while the queue has room, then assembles more."""
-        while self._ready:
+    def _move_ready_to_queue(self) -> bool:
+        """Assembles batches and queues them while the queue has room; True while a batch waits
+        for room. A full queue is waited on for up to :data:`POLL_SECONDS` (the training thread's
+        ``get`` wakes the wait at once), then the loop goes on reading the socket."""
+        while True:
+            if not self._ready:
+                self._drain()
+                if not self._ready:
+                    return False
             try:
-                self._queue.put_nowait(self._ready[0])
+                self._queue.put(self._ready[0], timeout=POLL_SECONDS)
             except queue.Full:
-                return
+                return True
             self._ready.popleft()
-        self._drain()
 
     def _check_starved(self) -> None:
         ledger = self.ledger

@@ -253,14 +253,15 @@ class OrderBook:
             self.counts.reassigned += 1
             self._again.append(key)
 
-    def issue(self, now: float, room: bool) -> list[tuple[bytes, str, int]]:
-        """New orders, as ``(peer, split, index)`` (train: the global k), for every producer with credit left: reassignments
-        first, then val indices never ordered, then train positions (only while ``room``: the
-        consumer has space for what they make)."""
+    def issue(self, now: float) -> list[tuple[bytes, str, int]]:
+        """New orders, as ``(peer, split, index)`` (train: the global k), for every producer with
+        credit left: reassignments first, then val indices never ordered, then train positions up
+        to :attr:`OrderSettings.ahead` beyond the head (what bounds the reorder buffer and, since a
+        delivered message is assembled only while the ready queue has room, all that waits)."""
         orders: list[tuple[bytes, str, int]] = []
         for peer_id, peer in sorted(self.peers.items(), key=lambda item: len(item[1].outstanding)):
             while len(peer.outstanding) < self.settings.credit:
-                key = self._next_order(peer, room)
+                key = self._next_order(peer)
                 if key is None:
                     break
                 peer.outstanding[key] = now
@@ -271,7 +272,7 @@ class OrderBook:
                 orders.append((peer_id, split, index if split == "val" else self.k_of(index)))
         return orders
 
-    def _next_order(self, peer: Peer, room: bool) -> tuple[str, int] | None:
+    def _next_order(self, peer: Peer) -> tuple[str, int] | None:
         for _ in range(len(self._again)):
             key = self._again.popleft()
             if key not in self._holders:
@@ -282,7 +283,7 @@ class OrderBook:
             return key
         if self._val_unordered:
             return "val", self._val_unordered.popleft()
-        if self.train_started and room and self._next_position < self.head + self.settings.ahead:
+        if self.train_started and self._next_position < self.head + self.settings.ahead:
             self._next_position += 1
             return "train", self._next_position - 1
         return None

@@ -42,10 +42,6 @@ class Receiver:
         self.curve_guard: CurveGuard | None = None  # counts accepted / refused Curve clients
         self._context: zmq.Context | None = None
         self.socket: zmq.Socket | None = None
-        # The training thread wakes the receive thread (waiting in poll) when it takes a batch,
-        # so the freed queue slot is filled and ordering resumes at once.
-        self._wake_in: zmq.Socket | None = None
-        self._wake_out: zmq.Socket | None = None
 
     def open(self) -> None:
         """Creates, configures and binds (or connects) the socket; closes everything on failure."""
@@ -56,13 +52,6 @@ class Receiver:
         self.socket.setsockopt(zmq.MAXMSGSIZE, self.max_frame_bytes)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
-        self._wake_in = self._context.socket(zmq.PULL)
-        self._wake_out = self._context.socket(zmq.PUSH)
-        for wake in (self._wake_in, self._wake_out):
-            wake.setsockopt(zmq.LINGER, 0)
-        address = f"inproc://linepack-wake-{id(self)}"
-        self._wake_in.bind(address)
-        self._wake_out.connect(address)
         try:
             if self.curve is not None:
                 self.curve_guard = configure_server(self.socket, self.curve)
@@ -78,27 +67,7 @@ class Receiver:
     def poller(self) -> zmq.Poller:
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
-        poller.register(self._wake_in, zmq.POLLIN)
         return poller
-
-    def wake(self) -> None:
-        """From the training thread: makes the receive thread's poll return."""
-        try:
-            self._wake_out.send(b"", flags=zmq.NOBLOCK)
-        except zmq.ZMQError:  # queue full (it is awake anyway) or closed
-            pass
-
-    def woken(self) -> None:
-        """From the receive thread: empties the wake queue."""
-        while True:
-            try:
-                self._wake_in.recv(flags=zmq.NOBLOCK)
-            except zmq.Again:
-                return
-
-    def readable(self, events: dict) -> bool:
-        """Whether a :meth:`poller` result says a message is waiting on the data socket."""
-        return self.socket in events
     def receive(self) -> tuple[bytes, list[zmq.Frame]]:
         """The sender's routing id and the frames of the next message (call after the poller says
         one is there)."""
@@ -117,10 +86,6 @@ class Receiver:
         if self.socket is not None:
             self.socket.close(linger=0)
             self.socket = None
-        for wake in (self._wake_in, self._wake_out):
-            if wake is not None:
-                wake.close(linger=0)
-        self._wake_in = self._wake_out = None
         if self.curve_guard is not None:
             self.curve_guard.stop()
         if self._context is not None:

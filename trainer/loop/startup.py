@@ -21,9 +21,10 @@ log = logging.getLogger("trainer")
 WAIT_LOG_SECONDS = 10.0
 
 
-def wait_for(what: str, wait: Callable[[float], Any], timeout: float | None) -> Any:
-    """Calls ``wait(seconds)`` until it returns something, logging every :data:`WAIT_LOG_SECONDS`;
-    TimeoutError after ``timeout`` seconds (None: forever)."""
+def wait_for(what: str, wait: Callable[[float], Any], timeout: float | None, why: Callable[[], str]) -> Any:
+    """Calls ``wait(seconds)`` until it returns something, logging every :data:`WAIT_LOG_SECONDS`
+    what it waits for and ``why()`` it has not come (and might never); TimeoutError after
+    ``timeout`` seconds (None: forever)."""
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         chunk = WAIT_LOG_SECONDS if deadline is None else max(0.0, min(WAIT_LOG_SECONDS, deadline - time.monotonic()))
@@ -31,8 +32,9 @@ def wait_for(what: str, wait: Callable[[float], Any], timeout: float | None) -> 
         if result is not None:
             return result
         if deadline is not None and time.monotonic() >= deadline:
-            raise TimeoutError(f"no {what} arrived within {timeout:.0f} s")
-        log.info("waiting for the %s: no producer has sent it yet", what)
+            raise TimeoutError(f"no {what} arrived within {timeout:.0f} s (--wait-timeout): {why()}")
+        left = "" if deadline is None else f"; giving up in {deadline - time.monotonic():.0f} s (--wait-timeout)"
+        log.info("waiting for the %s: %s%s", what, why(), left)
 
 
 def earlier_run(out_dir: str) -> str | None:

@@ -101,7 +101,7 @@ class Trainer:
         check_nothing_to_overwrite(config)
         os.makedirs(config.out_dir, exist_ok=True)
         torch.manual_seed(config.seed)
-        self.meta = wait_for("stream meta", self._meta_within, wait_timeout)
+        self.meta = wait_for("stream meta", self._meta_within, wait_timeout, self._why_no_meta)
         log.info("stream: vocab_size %d, block_size %d, packing %s, corruption %s, corpus %s", self.meta.vocab_size,
                  self.meta.block_size, self.meta.packing, self.meta.corruption, self.meta.corpus_fingerprint)
         checkpoint = checkpoint_to_resume(config, self.checkpoint_path, self.device)
@@ -124,7 +124,7 @@ class Trainer:
                      self.ranks.rank + cursor.position * cursor.world, cursor.rows_used, self.step)
         log.info("model: %s, %.2fM parameters, device %s", self.model_config.to_dict(), self.model.num_parameters() / 1e6,
                  self.device)
-        wait_for("val set", lambda seconds: self.consumer.wait_for_val_set(seconds) or None, wait_timeout)
+        wait_for("val set", lambda seconds: self.consumer.wait_for_val_set(seconds) or None, wait_timeout, self._why_no_val_set)
         self.val_batches = self.consumer.val_batches()[: config.eval_batches or None]
         if not self.val_batches:
             raise ValueError("the stream's val set is empty: nothing to evaluate or self-test on")
@@ -135,6 +135,16 @@ class Trainer:
                                         config.eval_sample_budget)
         self.self_test = mask_self_test(self.model, self._to_device(self.val_batches[0]), self.meta)
         log.info("mask self-test passed: %s", json.dumps(self.self_test))
+
+    def _why_no_meta(self) -> str:
+        return (f"no producer has announced a stream on {getattr(self.consumer, 'endpoint', 'the endpoint')} yet (start one: "
+                f"python -m producer run --connect tcp://HOST:PORT; one of another stream is refused and named in this log)")
+
+    def _why_no_val_set(self) -> str:
+        stats = self.consumer.stats()
+        return (f"{stats.val_messages_seen} of {stats.val_messages_total} val messages so far; the trainer orders them from "
+                f"its producers ({len(stats.producers)} seen): a live producer sends them at once, a replay only if its "
+                f"recording holds them (python -m producer record writes them; an old recording may not)")
 
     def _meta_within(self, seconds: float) -> StreamMeta | None:
         try:
