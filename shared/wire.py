@@ -97,7 +97,9 @@ def new_incarnation() -> str:
 class WireError(ValueError):
     """A message was rejected. ``reason`` is one of :data:`REASONS`; ``detail`` says why;
     ``producer_id`` is the header's producer id when the header got far enough to have a valid
-    one (else None), so that rejects can be counted per producer."""
+    one (else None), so that rejects can be counted per producer; ``incarnation`` and ``seq``
+    likewise (else None), so that a rejected message still advances its producer's sequence
+    accounting (it was sent and received: it is no gap)."""
 
     def __init__(self, reason: str, detail: str) -> None:
         assert reason in REASONS, reason
@@ -105,6 +107,8 @@ class WireError(ValueError):
         self.reason = reason
         self.detail = detail
         self.producer_id: str | None = None
+        self.incarnation: str | None = None
+        self.seq: int | None = None
 
 
 class UnknownMeta(WireError):
@@ -384,18 +388,22 @@ def _decode_rest(frames: Sequence[Any], header: dict, version: int, kind: str, p
         incarnation = _field(header, "incarnation", str)
         if len(incarnation) != INCARNATION_HEX or not all(c in "0123456789abcdef" for c in incarnation):
             raise WireError("header_schema", f"incarnation must be {INCARNATION_HEX} lowercase hex digits")
-    digest = _field(header, "meta_hash", str)
-    if kind == KIND_META:
-        if len(frames) != 2:
-            raise WireError("frame_count", f"a meta message has 2 frames, not {len(frames)}")
-        return MetaMessage(producer_id, incarnation, seq, _meta_frame(frames[1], digest, version, budget), tuple(frames))
-    if version == 1:
-        meta = _meta_v1(header.get("meta"), digest)
-    else:
-        meta = metas.get(digest)
-        if meta is None:
-            raise UnknownMeta(digest)
-    return _decode_batch(frames, header, producer_id, incarnation, seq, meta)
+    try:
+        digest = _field(header, "meta_hash", str)
+        if kind == KIND_META:
+            if len(frames) != 2:
+                raise WireError("frame_count", f"a meta message has 2 frames, not {len(frames)}")
+            return MetaMessage(producer_id, incarnation, seq, _meta_frame(frames[1], digest, version, budget), tuple(frames))
+        if version == 1:
+            meta = _meta_v1(header.get("meta"), digest)
+        else:
+            meta = metas.get(digest)
+            if meta is None:
+                raise UnknownMeta(digest)
+        return _decode_batch(frames, header, producer_id, incarnation, seq, meta)
+    except WireError as error:
+        error.incarnation, error.seq = incarnation, seq
+        raise
 
 
 # (digest, SHA-256 of the raw meta frame) -> meta: a meta message repeating a known meta is not

@@ -35,6 +35,7 @@ class _ProducerState:
     meta: int = 0
     train: int = 0
     val: int = 0
+    rejected: int = 0
     gaps: int = 0
     duplicates: int = 0
     out_of_order: int = 0
@@ -104,7 +105,8 @@ class ProducerTable:
         return state, True
 
     def record(self, producer_id: str, incarnation: str, seq: int, split: str, now: float) -> None:
-        """One accepted message of ``producer_id``: ``split`` is train, val or meta."""
+        """One message of ``producer_id``: ``split`` is train, val or meta (accepted), or
+        ``rejected`` (see :meth:`record_rejected`)."""
         state, new = self._state(producer_id, incarnation, seq, now)
         state.messages += 1
         state.last_seen = now
@@ -129,6 +131,13 @@ class ProducerTable:
         else:
             state.duplicates += 1
 
+    def record_rejected(self, producer_id: str, incarnation: str, seq: int, now: float) -> None:
+        """A rejected message whose header named a producer already in the table: it counts in
+        that producer's sequence (sent and received, so no gap), as ``rejected``. Ids the table
+        does not know (forgers, a stream never accepted) get no row."""
+        if producer_id in self._states:
+            self.record(producer_id, incarnation, seq, "rejected", now)
+
     def _row_state(self, producer_id: str) -> _ProducerState:
         return self._states.get(producer_id) or self._states[OTHER]
 
@@ -142,7 +151,7 @@ class ProducerTable:
     def rows(self, now: float) -> dict[str, ProducerRow]:
         return {
             producer_id: ProducerRow(
-                messages=s.messages, meta=s.meta, train=s.train, val=s.val, first_seq=s.first_seq, last_seq=s.last_seq,
+                messages=s.messages, meta=s.meta, train=s.train, val=s.val, rejected=s.rejected, first_seq=s.first_seq, last_seq=s.last_seq,
                 gaps=s.gaps, duplicates=s.duplicates, out_of_order=s.out_of_order, seq_anomalies=s.seq_anomalies,
                 restarts=s.restarts, incarnation=s.incarnation, consumed=s.consumed,
                 seconds_since_last=round(now - s.last_seen, 3),

@@ -210,6 +210,9 @@ class Intake:
             self._awaiting_meta(unknown)
             return
         except WireError as error:
+            if error.seq is not None:  # a message its producer sent and we received: no gap
+                with ledger.lock:
+                    ledger.table.record_rejected(error.producer_id, error.incarnation, error.seq, now)
             self._reject(error.reason, error.detail, error.producer_id)
             return
         if self.meta is None:

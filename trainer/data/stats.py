@@ -26,7 +26,7 @@ def _number(default: Any, merge: str, help: str, metric: str | None = None, labe
 class ProducerRow:
     """One producer's message accounting (``trainer.data.accounting.ProducerTable``)."""
 
-    messages: int  # accepted messages: meta, train and val
+    messages: int  # messages whose header named this producer: meta, train and val accepted, and rejected
     meta: int
     train: int
     val: int
@@ -36,6 +36,7 @@ class ProducerRow:
     duplicates: int
     out_of_order: int
     seq_anomalies: int = 0  # sequence numbers implausibly far from the window: ignored, counted
+    rejected: int = 0  # its messages that were rejected after their header was read (counted in messages, not gaps)
     restarts: int = 0  # new incarnations seen: the producer process restarted with the same id
     incarnation: str = ""
     consumed: int = 0  # train messages whose rows went into handed-out batches

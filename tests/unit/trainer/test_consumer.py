@@ -477,3 +477,25 @@ def test_a_peer_that_takes_orders_but_never_reads_or_delivers_stalls_nothing_bey
     np.testing.assert_array_equal(rows_of(batches, "x"),
                                   np.concatenate([make_tensors(meta, 4, np.random.default_rng(k))["x"] for k in range(10)]))
     assert stats["orders_reassigned"] >= 2
+
+
+def test_a_known_producers_rejected_messages_still_count_in_its_sequence(context):
+    """Issue 26 item 5: rejected messages must advance their producer's accounting, else they
+    show as gaps (received + gaps = sent); a forger's id gets no row."""
+    meta = make_meta(block_size=32, rows_per_message=4, val_messages=0)
+    rng = np.random.default_rng(20)
+    with consumer(4) as c:
+        socket = dealer(context, c.endpoint)
+        socket.send_multipart(meta_frames(meta, "p", 0))  # accepted: p is known
+        bad = make_tensors(meta, 4, rng)
+        bad["x"] = bad["x"].copy()
+        bad["x"][0, 0] = meta.vocab_size
+        for seq in (1, 2, 3):
+            socket.send_multipart(batch_frames(meta, "p", seq, bad))  # value_range rejects of a known producer
+        socket.send_multipart(batch_frames(meta, "forger", 1, bad))  # and of an id never accepted
+        socket.send_multipart(meta_frames(meta, "p", 4))
+        wait_until(lambda: c.stats().to_dict()["received"] == 6)
+        stats = c.stats().to_dict()
+    row = stats["producers"]["p"]
+    assert row["gaps"] == 0 and row["rejected"] == 3 and row["messages"] == 5 and row["last_seq"] == 4
+    assert set(stats["producers"]) == {"p"} and stats["rejected"] == {"value_range": 4}
