@@ -15,7 +15,7 @@ from helpers import ROOT
 
 pytestmark = pytest.mark.slow
 BASE_IMAGE = os.environ.get("BASE_IMAGE", "local/python:3.11-slim")
-PHASES = ["build", "up", "scale", "resume", "remote", "prom", "curve"]
+PHASES = ["build", "up", "scale", "restart", "resume", "remote", "prom", "curve"]
 
 
 def docker_missing() -> str | None:
