@@ -65,6 +65,9 @@ cleanup() {
     compose down -v --remove-orphans >/dev/null 2>&1 || true
     timeout 60 docker rm -f "$PROJECT-stranger" >/dev/null 2>&1 || true
     timeout 120 docker image rm -f "$LINEPACK_IMAGE" >/dev/null 2>&1 && say "removed the image $LINEPACK_IMAGE" || true
+    # A rebuild of the tag (each compose file builds it) leaves the previous image untagged: those too.
+    timeout 120 docker image prune -f --filter "label=com.docker.compose.project=$PROJECT" >/dev/null 2>&1 || true
+    timeout 120 docker image prune -f --filter "label=com.docker.compose.project=$PROJECT-remote" >/dev/null 2>&1 || true
     rm -rf "$WORK"
     say "cleaned up (exit $code)"
 }
