@@ -4,7 +4,7 @@
         --block-size 256 --batch-size 16 --max-iters 600 --eval-interval 50 [any data, training or model flag]
         [--out DIR] [--quick]
 
-The real ``Trainer`` on the batches of the real producer ``BatchStream`` (producer id 0), with no
+The real ``Trainer`` on the batches of the real producer ``BatchStream``, with no
 processes or sockets: the same batches, model, seed and steps as that arm of
 ``python -m trainer.compare`` with the same flags (its val curve matches the compare arm's), at
 half the cost of a compare run and none of its start-up. The flags are the producer's and the
@@ -28,12 +28,14 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # helpers: the tests' in-process consumer base
 
 from producer.stream import BatchStream  # noqa: E402
 from shared import settings  # noqa: E402
 from shared.batch_stats import MaskRatioHistogram  # noqa: E402
 from shared.data_config import DataConfig  # noqa: E402
+from trainer.data.assembly import BatchAssembler, val_set_batches  # noqa: E402
+from trainer.data.device import to_device  # noqa: E402
+from trainer.data.orders import Cursor  # noqa: E402
 from trainer.data.stats import StreamStats  # noqa: E402
 from trainer.diagnostics.floor import context_free_floor  # noqa: E402
 from trainer.loop.config import TrainConfig  # noqa: E402
@@ -41,40 +43,53 @@ from trainer.loop.observers import METRICS_NAME  # noqa: E402
 from trainer.loop.train import Trainer  # noqa: E402
 from trainer.model.transformer import ModelConfig  # noqa: E402
 
-from helpers.streams import ReadyStream  # noqa: E402
 
-
-class InProcessSource(ReadyStream):
-    """The BatchSource methods the Trainer uses, over a producer BatchStream: train batches of
-    ``batch_size`` rows cut from its messages in order (as the consumer cuts them), the val set."""
+class InProcessSource:
+    """The BatchSource methods the Trainer uses, over a producer BatchStream: train messages in
+    k order cut into batches of ``batch_size`` rows by the consumer's own BatchAssembler, the val
+    set by its ``val_set_batches``, tensors widened by ``to_device`` (every tensor the stream
+    carries, ``stage`` included)."""
 
     def __init__(self, stream: BatchStream, batch_size: int) -> None:
         self.meta = stream.meta
         self.batch_size = batch_size
         self.last_batch_stats = None
         self.cumulative_mask_ratio = MaskRatioHistogram()
+        self.cursor = Cursor()
         self._messages = stream.train_batches()
-        self._val = [self._tensors(message) for message in stream.val_set()]
-        self._rows: dict[str, torch.Tensor] | None = None
+        val = dict(enumerate(stream.val_set()))
+        self._val = [to_device(CPU, batch) for batch in val_set_batches(val, tuple(val[0]), batch_size)]
+        self._assembler: BatchAssembler | None = None
+        self._ready: list[dict[str, np.ndarray]] = []
         self.consumed = 0
 
-    @staticmethod
-    def _tensors(message: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        batch = {name: torch.from_numpy(message[name].astype(np.int64)) for name in ("x", "y", "attention_mask")}
-        return {**batch, "mask_ratio": torch.from_numpy(message["mask_ratio"].astype(np.float32))}
+    def seek(self, cursor: Cursor) -> None:
+        self.cursor = cursor  # the arm always starts at k = 0
+
+    def wait_for_meta(self, timeout=None):
+        return self.meta
+
+    def wait_for_val_set(self, timeout=None):
+        return True
+
+    def val_batches(self):
+        return self._val
 
     def next_batch(self, split="train", timeout=None):
-        while self._rows is None or len(self._rows["x"]) < self.batch_size:
-            message = self._tensors(next(self._messages))
-            self._rows = message if self._rows is None else {n: torch.cat([self._rows[n], message[n]]) for n in message}
-        batch = {name: rows[: self.batch_size] for name, rows in self._rows.items()}
-        self._rows = {name: rows[self.batch_size:] for name, rows in self._rows.items()}
+        while not self._ready:
+            message = next(self._messages)
+            if self._assembler is None:
+                self._assembler = BatchAssembler(self.batch_size, message)
+            self._ready.extend(arrays for arrays, _ in self._assembler.add(message, None))
         self.consumed += 1
-        return batch
+        return to_device(CPU, self._ready.pop(0))
 
     def stats(self) -> StreamStats:
         return StreamStats(consumed_batches=self.consumed, seconds_since_last_message=0.0, val_messages_seen=len(self._val),
                            val_messages_total=self.meta.val_messages, meta_digest=self.meta.digest)
+
+
+CPU = torch.device("cpu")
 
 
 def main(argv: list[str] | None = None) -> int:

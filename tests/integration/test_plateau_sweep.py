@@ -45,3 +45,15 @@ def test_plateau_arm_quick():
     assert (run["packing"], run["block_size"], run["batch_size"]) == ("lines", 32, 8)
     assert [step for step, _ in run["val"]] == [3, 6] and run["final_val"] == run["val"][-1][1]
     assert run["leave_step"] in ("never", 3, 6) and math.isfinite(run["floor"])
+
+
+def test_plateau_arm_keeps_the_stage_tensor(tmp_path):
+    """Under ``--policy stages`` the in-process source hands the trainer each row's stage, so the
+    per-stage losses are logged (they vanished when the source dropped the tensor)."""
+    completed = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plateau_arm.py"), "--quick", "--policy", "stages",
+                                "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [record for record in records if record["kind"] == "eval" and not record["before_training"]]
+    assert evals and all(record["val_loss_by_stage"] for record in evals)
+    assert any(record.get("train_loss_by_stage") for record in records if record["kind"] == "train")
