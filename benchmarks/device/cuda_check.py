@@ -1,6 +1,9 @@
 """CUDA path checks for a GPU machine; prints one JSON line.
 
-    python benchmarks/device/cuda_check.py
+    python benchmarks/device/cuda_check.py [--device cpu]
+
+``--device cpu`` runs the same checks on the CPU (no pinning; bf16 autocast on the CPU): the
+test suite's smoke test of this script, so it cannot rot between GPU loans.
 
 1. ``DatasetConsumer(device="cuda")`` fed by a real ``python -m producer run`` process: host
    buffers are pinned, batches arrive as int64 on the GPU, and their rows equal the recorded
@@ -12,6 +15,7 @@ A training run on CUDA (bf16 autocast, the start-up mask self-test) is ``python 
 --device cuda ...`` itself; docs/BENCHMARKS.md lists the commands and results.
 """
 
+import argparse
 import json
 import math
 import os
@@ -31,14 +35,16 @@ from trainer.data.device import host_tensor  # noqa: E402
 from trainer.model.transformer import key_padding_mask  # noqa: E402
 
 
-def check_consumer(record_path: str) -> dict:
-    with DatasetConsumer("tcp://127.0.0.1:*", 24, device="cuda", record_path=record_path) as consumer:
+def check_consumer(record_path: str, device: torch.device) -> dict:
+    with DatasetConsumer("tcp://127.0.0.1:*", 24, device=device, record_path=record_path) as consumer:
         producer = subprocess.Popen([sys.executable, "-m", "producer", "run", "--connect", consumer.endpoint, "--block-size", "256",
                                      "--rows-per-message", "16", "--policy", "uniform"])
         consumer.wait_for_val_set(timeout=30)
         batches = [consumer.next_batch(timeout=30) for _ in range(8)]
-        torch.cuda.synchronize()
-        pinned = bool(host_tensor(torch.device("cuda"), np.zeros((2, 3), np.uint16), consumer.meta.vocab_size).is_pinned())
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        host = host_tensor(device, np.zeros((2, 3), np.uint16), consumer.meta.vocab_size)
+        pinned = bool(host.is_pinned()) if device.type == "cuda" else None
         producer.terminate()
         producer.wait(timeout=30)
     with RecordingReader(record_path) as reader:
@@ -53,18 +59,18 @@ def check_consumer(record_path: str) -> dict:
     }
 
 
-def check_sdpa() -> dict:
+def check_sdpa(device: torch.device) -> dict:
     torch.manual_seed(0)
     B, H, T, D = 3, 2, 37, 16
-    q, k, v = (torch.randn(B, H, T, D, device="cuda") for _ in range(3))
-    attention_mask = torch.ones(B, T, dtype=torch.int64, device="cuda")
+    q, k, v = (torch.randn(B, H, T, D, device=device) for _ in range(3))
+    attention_mask = torch.ones(B, T, dtype=torch.int64, device=device)
     attention_mask[0, 20:] = 0
     attention_mask[2, 5:] = 0
     attend = key_padding_mask(attention_mask)
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(D)
     reference = scores.masked_fill(attention_mask[:, None, None, :] == 0, float("-inf")).softmax(-1) @ v
     fp32 = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attend)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         bf16 = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attend)
     return {
         "sdpa_vs_hand_max_abs": float((fp32 - reference).abs().max()),
@@ -72,11 +78,15 @@ def check_sdpa() -> dict:
     }
 
 
-def main() -> None:
-    result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda", help="cuda (the check) or cpu (its smoke test)")
+    device = torch.device(parser.parse_args(argv).device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    result = {"device": name, "torch": torch.__version__}
     with tempfile.TemporaryDirectory() as folder:
-        result.update(check_consumer(os.path.join(folder, "stream.lps")))
-    result.update(check_sdpa())
+        result.update(check_consumer(os.path.join(folder, "stream.lps"), device))
+    result.update(check_sdpa(device))
     print(json.dumps(result), flush=True)
 
 

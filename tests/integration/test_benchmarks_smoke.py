@@ -72,3 +72,16 @@ def test_prepare_quick():
     assert report["four_producers"]["producers"] == 4 and report["four_producers"]["messages"] > 0
     rates = {row["vocabulary"]: row for row in report["token_rates"]}
     assert rates["synthetic char 70,000"]["id_dtype"] == "uint32" and rates["char"]["id_dtype"] == "uint16"
+
+
+def test_device_check_runs_on_the_cpu():
+    """The GPU check runs between loans only here: on the CPU, with the same code paths (a real
+    producer into DatasetConsumer, SDPA against the hand-written softmax), so it cannot rot."""
+    completed = subprocess.run([sys.executable, str(BENCHMARKS / "device" / "cuda_check.py"), "--device", "cpu"],
+                               capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    report = json.loads(completed.stdout)
+    assert report["device"] == "cpu" and report["devices"] == ["cpu"]
+    assert report["consumer_rows_equal_recording"] is True
+    assert report["dtypes"]["x"] == "torch.int64" and report["dtypes"]["mask_ratio"] == "torch.float32"
+    assert report["sdpa_vs_hand_max_abs"] < 1e-5 and report["sdpa_bf16_vs_hand_max_abs"] < 0.05
