@@ -34,7 +34,7 @@ def read_metrics(arm_dir: str) -> dict[str, Any]:
         "throughput": {
             "ms_per_step": statistics.median(r["ms_per_step"] for r in timed),
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
-            "data_wait_pct": statistics.median(r["data_wait_pct"] for r in timed),
+            "data_wait_fraction": statistics.median(r["data_wait_fraction"] for r in timed),
         },
         "summary": {key: summary.get(key) for key in ("steps", "train_loss", "val_loss", "wall_s")},
         "stream": {key: summary["stream"].get(key)
@@ -126,7 +126,8 @@ def markdown(report: dict[str, Any]) -> str:
         final = arm["final"]
         lines.append(
             f"| {name} | {final['train_loss']:.4f} | {final['val_loss']:.4f} | **{final['val_loss_common']:.4f}** | "
-            f"{final['below_floor_common']:.3f} | {final['ms_per_step']:.1f} | {final['tokens_per_s']:.0f} | {final['data_wait_pct']:.1f} |"
+            f"{final['below_floor_common']:.3f} | {final['ms_per_step']:.1f} | {final['tokens_per_s']:.0f} | "
+            f"{100 * final['data_wait_fraction']:.1f} |"
         )
     comparison = report["comparison"]
     lines += [

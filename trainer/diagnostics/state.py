@@ -122,11 +122,10 @@ class Diagnostics:
             self._waits.add(self.clock(), numbers.step_ms / 1000, numbers.data_wait_ms / 1000)
         if not numbers.log:
             return
-        data_wait_pct = finite_or_none(numbers.data_wait_pct)
         throughput = Throughput(
             ms_per_step=finite_or_none(numbers.ms_per_step),
             tokens_per_s=finite_or_none(numbers.tokens_per_s),
-            data_wait_fraction=None if data_wait_pct is None else data_wait_pct / 100.0,
+            data_wait_fraction=finite_or_none(numbers.data_wait_fraction),
         )
         batch = self._batch_numbers()
         cumulative = self._cumulative_numbers()

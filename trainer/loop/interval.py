@@ -72,7 +72,7 @@ class LogInterval:
             grad_norm=None if grad_norm is None else grad_norm.item(),
             ms_per_step=1000 * elapsed / self._steps,
             tokens_per_s=numbers.tokens * self._steps / elapsed,
-            data_wait_pct=100 * self._wait / elapsed,
+            data_wait_fraction=self._wait / elapsed,
         )
         self.last_train_loss = train_loss
         self.restart()

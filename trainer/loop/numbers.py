@@ -29,7 +29,7 @@ class StepNumbers:
     At log steps (``log``) also: ``train_loss`` (the optimised loss, mean over the steps since the
     last log and over ranks; 1/t-weighted under ``inverse-t``), ``train_loss_by_stage``
     (unweighted), ``grad_norm`` (before clipping), ``ms_per_step``, ``tokens_per_s``,
-    ``data_wait_pct`` (time blocked in ``next_batch`` / wall time), and ``val_loss`` /
+    ``data_wait_fraction`` (time blocked in ``next_batch`` / wall time, 0..1), and ``val_loss`` /
     ``val_loss_by_stage`` when the step also evaluated (plain mean cross-entropy).
     """
 
@@ -45,7 +45,7 @@ class StepNumbers:
     grad_norm: float | None = None
     ms_per_step: float | None = None
     tokens_per_s: float | None = None
-    data_wait_pct: float | None = None
+    data_wait_fraction: float | None = None
     val_loss: float | None = None
     val_loss_by_stage: dict[str, float] | None = None
 

@@ -48,7 +48,7 @@ class ConsoleLog:
         val = f" | val {_format_val(numbers.val_loss, numbers.val_loss_by_stage)}" if numbers.val_loss is not None else ""
         log.info(
             "step %d | train %.4f%s | lr %.2e | %.1f ms/step | %.0f tok/s | data wait %.1f%%",
-            numbers.step, numbers.train_loss, val, numbers.lr, numbers.ms_per_step, numbers.tokens_per_s, numbers.data_wait_pct,
+            numbers.step, numbers.train_loss, val, numbers.lr, numbers.ms_per_step, numbers.tokens_per_s, 100 * numbers.data_wait_fraction,
         )
 
     def on_eval(self, numbers: EvalNumbers) -> None:

@@ -31,7 +31,7 @@ def test_every_step_and_eval_line_is_logged_however_fast_they_come(configured_lo
     for step in range(10, 310, 10):  # 30 log steps within a second: the default 2,000-step run logs 200
         val_loss = 3.0 if step % 100 == 0 else None
         console.on_step(StepNumbers(step=step, log=True, lr=1e-3, step_ms=1.0, data_wait_ms=0.0, tokens=4096,
-                                    train_loss=3.5, ms_per_step=1.0, tokens_per_s=4096.0, data_wait_pct=0.0,
+                                    train_loss=3.5, ms_per_step=1.0, tokens_per_s=4096.0, data_wait_fraction=0.0,
                                     val_loss=val_loss))
     out = configured_log.getvalue()
     steps = [line for line in out.splitlines() if " trainer step " in line]

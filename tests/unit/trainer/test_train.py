@@ -88,7 +88,7 @@ def test_loss_decreases_and_metrics_are_written(tmp_path):
     train_records = [r for r in records if r["kind"] == "train"]
     assert [r["step"] for r in train_records] == [5, 10, 15, 20, 25, 30, 35, 40]
     assert train_records[-1]["train_loss"] < train_records[0]["train_loss"]
-    assert {"lr", "ms_per_step", "tokens_per_s", "data_wait_pct", "grad_norm"} <= set(train_records[0])
+    assert {"lr", "ms_per_step", "tokens_per_s", "data_wait_fraction", "grad_norm"} <= set(train_records[0])
     assert [r["step"] for r in records if r["kind"] == "eval"] == [0, 10, 20, 30, 40]
     assert records[-1]["kind"] == "summary"
     assert run.self_test["padding_check"] == "passed"
