@@ -30,7 +30,7 @@ from trainer.diagnostics.history import HISTORY_LENGTH, History
 from trainer.diagnostics.probe import ProbeResult, ProbeRunner
 from trainer.diagnostics.schema import CumulativeNumbers, DiagnosticsResponse, LossNumbers, Throughput
 from trainer.loop.live_samples import LiveSample
-from trainer.loop.numbers import EvalNumbers, RunSummary, StepNumbers
+from trainer.loop.numbers import EvalNumbers, RunStart, RunSummary, StepNumbers
 from trainer.model.losses import nll_bound_unavailable
 
 PROBE_HISTORY_KEYS = ("loss_attn", "loss_noattn", "loss_no_context", "loss_attn_sampled")
@@ -95,15 +95,15 @@ class Diagnostics:
 
     # ---- observer interface (training thread) -------------------------------------------
 
-    def on_start(self, trainer: Any) -> None:
-        """Attach to ``trainer.consumer``, ``trainer.model`` and ``trainer.val_batches``; pin the floors."""
+    def on_start(self, start: RunStart) -> None:
+        """Attach to the run's consumer, model and val batches; pin the floors."""
         with self._lock:
-            self._consumer = trainer.consumer
-            self._model = trainer.model
-            self._val_batches = trainer.val_batches
+            self._consumer = start.consumer
+            self._model = start.model
+            self._val_batches = start.val_batches
             self._status = "training"
-            self._step = int(trainer.step)
-        self.set_meta(trainer.meta)
+            self._step = start.step
+        self.set_meta(start.meta)
 
     def set_meta(self, meta: StreamMeta) -> None:
         floor_train, floor_val = context_free_floor(meta, "train"), context_free_floor(meta, "val")

@@ -1,5 +1,6 @@
 """The numbers the training loop publishes to its observers, made where they are computed.
 
+:class:`RunStart` once before the first step (what an observer may hold on to),
 :class:`StepNumbers` after every optimizer step (the train loss and throughput only at log
 steps), :class:`EvalNumbers` after every evaluation, :class:`RunSummary` once at the end.
 Their ``record()`` is the JSON form written to ``metrics.jsonl`` and the final log line
@@ -12,12 +13,30 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from shared.meta import StreamMeta
+from trainer.data.source import Batch, BatchSource
 from trainer.data.stats import StreamStats
 from trainer.loop.live_samples import LiveSample
 
 
 def _record(instance: Any) -> dict[str, Any]:
     return {name: value for name, value in dataclasses.asdict(instance).items() if value is not None}
+
+
+@dataclass(frozen=True)
+class RunStart:
+    """What the loop hands its observers before the first step: the pinned ``meta``, the step
+    it starts from (``step``: steps already done, > 0 on resume), the ``consumer`` it trains
+    from (read-only use: its stats, cursor and histograms), the ``model`` (``eval()`` and
+    forward only, under the caller's lock) and the fixed ``val_batches``."""
+
+    meta: StreamMeta
+    step: int
+    consumer: BatchSource
+    model: torch.nn.Module
+    val_batches: list[Batch]
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 The loop calls, on rank 0 only::
 
-    on_start(trainer)      once, after the self-test, before the first step
+    on_start(start)        once, after the self-test, before the first step
     on_step(numbers)       after every optimizer step (StepNumbers)
     on_eval(numbers)       after every evaluation (EvalNumbers)
     on_end(summary)        once, after the last step or an interruption (RunSummary)
@@ -15,7 +15,7 @@ import logging
 import time
 from typing import Any, Protocol
 
-from trainer.loop.numbers import EvalNumbers, RunSummary, StepNumbers
+from trainer.loop.numbers import EvalNumbers, RunStart, RunSummary, StepNumbers
 
 log = logging.getLogger("trainer")
 
@@ -23,7 +23,7 @@ METRICS_NAME = "metrics.jsonl"
 
 
 class Observer(Protocol):
-    def on_start(self, trainer: Any) -> None: ...
+    def on_start(self, start: RunStart) -> None: ...
     def on_step(self, numbers: StepNumbers) -> None: ...
     def on_eval(self, numbers: EvalNumbers) -> None: ...
     def on_end(self, summary: RunSummary) -> None: ...
@@ -39,7 +39,7 @@ def _format_val(loss: float, by_stage: dict[str, float] | None) -> str:
 class ConsoleLog:
     """One log line per log step (and one for the evaluation before the first step)."""
 
-    def on_start(self, trainer: Any) -> None:
+    def on_start(self, start: RunStart) -> None:
         pass
 
     def on_step(self, numbers: StepNumbers) -> None:
@@ -73,7 +73,7 @@ class MetricsFile:
         self._file.write(json.dumps(record, default=str) + "\n")
         self._file.flush()
 
-    def on_start(self, trainer: Any) -> None:
+    def on_start(self, start: RunStart) -> None:
         pass
 
     def on_step(self, numbers: StepNumbers) -> None:

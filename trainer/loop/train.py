@@ -39,7 +39,7 @@ from trainer.loop.config import TrainConfig
 from trainer.loop.distributed import Ranks, parameter_digest
 from trainer.loop.interval import LogInterval
 from trainer.loop.live_samples import LiveSampler
-from trainer.loop.numbers import EvalNumbers, RunSummary, StepNumbers
+from trainer.loop.numbers import EvalNumbers, RunStart, RunSummary, StepNumbers
 from trainer.loop.observers import METRICS_NAME, ConsoleLog, MetricsFile, Observer
 from trainer.loop.schedule import learning_rate, make_optimizer, resolve_device
 from trainer.loop.startup import check_nothing_to_overwrite, checkpoint_to_resume, model_config_for, wait_for
@@ -300,8 +300,9 @@ class Trainer:
             forward = torch.compile(forward)
         self.model.train()
         ranks.gather_stream_stats(self.consumer, self.step)
+        start = RunStart(meta=self.meta, step=self.step, consumer=self.consumer, model=self.model, val_batches=self.val_batches)
         for observer in observers:
-            observer.on_start(self)
+            observer.on_start(start)
         if not self._resumed and ranks.is_main:
             numbers = self._evaluate_and_checkpoint(before_training=True)
             for observer in observers:

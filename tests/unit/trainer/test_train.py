@@ -48,8 +48,8 @@ class StepLosses:
         self.evals = {}
         self.summary = None
 
-    def on_start(self, trainer):
-        self.trainer = trainer
+    def on_start(self, start):
+        self.start = start
 
     def on_step(self, numbers):
         self.losses[numbers.step] = numbers.step_loss
