@@ -35,7 +35,7 @@ from shared.batch_stats import MaskRatioHistogram  # noqa: E402
 from shared.data_config import DataConfig  # noqa: E402
 from trainer.data.assembly import BatchAssembler, val_set_batches  # noqa: E402
 from trainer.data.device import to_device  # noqa: E402
-from trainer.data.orders import Cursor  # noqa: E402
+from trainer.data.source import KnownStream  # noqa: E402
 from trainer.data.stats import StreamStats  # noqa: E402
 from trainer.diagnostics.floor import context_free_floor  # noqa: E402
 from trainer.loop.config import TrainConfig  # noqa: E402
@@ -44,7 +44,7 @@ from trainer.loop.train import Trainer  # noqa: E402
 from trainer.model.transformer import ModelConfig  # noqa: E402
 
 
-class InProcessSource:
+class InProcessSource(KnownStream):
     """The BatchSource methods the Trainer uses, over a producer BatchStream: train messages in
     k order cut into batches of ``batch_size`` rows by the consumer's own BatchAssembler, the val
     set by its ``val_set_batches``, tensors widened by ``to_device`` (every tensor the stream
@@ -55,25 +55,12 @@ class InProcessSource:
         self.batch_size = batch_size
         self.last_batch_stats = None
         self.cumulative_mask_ratio = MaskRatioHistogram()
-        self.cursor = Cursor()
         self._messages = stream.train_batches()
         val = dict(enumerate(stream.val_set()))
         self._val = [to_device(CPU, batch) for batch in val_set_batches(val, tuple(val[0]), batch_size)]
         self._assembler: BatchAssembler | None = None
         self._ready: list[dict[str, np.ndarray]] = []
         self.consumed = 0
-
-    def seek(self, cursor: Cursor) -> None:
-        self.cursor = cursor  # the arm always starts at k = 0
-
-    def wait_for_meta(self, timeout=None):
-        return self.meta
-
-    def wait_for_val_set(self, timeout=None):
-        return True
-
-    def val_batches(self):
-        return self._val
 
     def next_batch(self, split="train", timeout=None):
         while not self._ready:

@@ -5,7 +5,7 @@ docs/SPEC.md §2.3 says ([SEP] after the content, [PAD] after it, attention_mask
 corrupts them with the ``uniform`` policy at 80/10/10, as torch tensors in the consumer's
 dtypes. It is plain Python: fine for a few thousand rows, not a producer.
 
-``ReadyStream`` and ``FakeConsumer`` stand in for a DatasetConsumer in process (no sockets);
+``FakeConsumer`` (a ``trainer.data.source.KnownStream``) stands in for a DatasetConsumer in process (no sockets);
 ``make_trainer`` builds a tiny Trainer over one; ``invert_key_padding_mask`` injects the
 inverted-mask bug of docs/SPEC.md §9.1.
 """
@@ -20,9 +20,8 @@ import torch
 
 import trainer.model.transformer
 from shared.batch_stats import MaskRatioHistogram, batch_statistics, mask_ratio_counts, valid_lengths
-from shared.meta import StreamMeta
 from shared.vocab import IGNORE_INDEX
-from trainer.data.orders import Cursor
+from trainer.data.source import KnownStream
 from trainer.data.stats import ProducerRow, StreamStats
 from trainer.loop.config import TrainConfig
 from trainer.loop.train import Trainer
@@ -88,29 +87,9 @@ class SyntheticStream:
         return [self.batch() for _ in range(n)]
 
 
-class ReadyStream:
-    """The DatasetConsumer methods the Trainer calls before training, for in-process fakes whose
-    meta and val batches are known up front: ``self.meta`` and ``self._val`` set by the subclass.
-    ``seek`` keeps the cursor it is given (the fakes' batches do not depend on it)."""
-
-    meta: StreamMeta
-    _val: list[dict[str, torch.Tensor]]
-    cursor: Cursor = Cursor()
-
-    def seek(self, cursor: Cursor) -> None:
-        self.cursor = cursor
-
-    def wait_for_meta(self, timeout=None):
-        return self.meta
-
-    def wait_for_val_set(self, timeout=None):
-        return True
-
-    def val_batches(self):
-        return self._val
 
 
-class FakeConsumer(ReadyStream):
+class FakeConsumer(KnownStream):
     """The DatasetConsumer interface over a SyntheticStream, with the real batch statistics and
     histogram, StreamStats as the consumer makes them, and a gate that can block next_batch."""
 

@@ -20,6 +20,7 @@ import trainer.loop.train
 from producer.corpus import Corpus
 from producer.stream import BatchStream
 from shared.data_config import DataConfig
+from trainer.data.source import KnownStream
 from trainer.data.stats import StreamStats
 from trainer.diagnostics.alarms import AlarmSettings
 from trainer.diagnostics.floor import context_free_floor
@@ -30,7 +31,7 @@ from trainer.loop.train import Trainer
 from trainer.model.selftest import MaskSelfTestError
 from trainer.model.transformer import ModelConfig
 
-from helpers.streams import WORDS, ReadyStream, invert_key_padding_mask
+from helpers.streams import WORDS, invert_key_padding_mask
 
 BATCH_SIZE = 16
 STEPS = 300
@@ -39,7 +40,7 @@ MODEL = ModelConfig(n_layer=2, n_head=2, n_embd=64)
 DATA = DataConfig(block_size=64, rows_per_message=8, packing="lines", policy="bert", seed=0)
 
 
-class StreamConsumer(ReadyStream):
+class StreamConsumer(KnownStream):
     """The DatasetConsumer methods the Trainer and Diagnostics use, over a producer BatchStream
     in this process (no sockets): batches of BATCH_SIZE rows in the consumer's dtypes."""
 

@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 
+from trainer.data.source import KnownStream
 from trainer.data.stats import StreamStats
 from trainer.loop.checkpoint import load_checkpoint
 from trainer.loop.config import TrainConfig
@@ -17,14 +18,14 @@ from trainer.loop.train import Trainer
 from trainer.model.selftest import MaskSelfTestError
 from trainer.model.transformer import ModelConfig
 
-from helpers.streams import ReadyStream, SyntheticStream, invert_key_padding_mask
+from helpers.streams import SyntheticStream, invert_key_padding_mask
 
 # Learned positions: the synthetic stream's 64 short lines are learnt fastest by absolute position, which
 # keeps the 40-step loss check below sharp; rotary (the default) is trained in test_model.py and the compare runs.
 MODEL = ModelConfig(n_layer=2, n_head=2, n_embd=32, dropout=0.1, positions="learned")
 
 
-class MemoryConsumer(ReadyStream):
+class MemoryConsumer(KnownStream):
     """The DatasetConsumer methods the Trainer uses, over lists of batches."""
 
     def __init__(self, meta, train_batches, val_batches):
