@@ -56,10 +56,11 @@ from typing import Any
 
 import numpy as np
 
-from producer import prepared, sources
+from producer import formats, prepared, sources
 from producer.lines import CorpusError, split_point
 from producer.sources import Chunk
 from shared import settings
+from shared.data_config import DEFAULT_VAL_FRACTION
 from shared.limits import MAX_VOCAB_SIZE
 from shared.settings import setting
 from shared.tokenizer import CharTokenizer, Tokenizer, load_tokenizer, tokenizer_from_definition
@@ -69,24 +70,15 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # EFBIG: a file-size limi
 COUNT_CHUNK = 1 << 22  # tokens per bincount pass over the written ids (numpy widens them to int64)
 
 
-def _check_fraction(value: float) -> None:
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"val fraction {value} is outside [0, 1)")
-
-
-def _check_workers(value: int) -> None:
-    if value < 0:
-        raise ValueError(f"{value} is negative")
-
-
 @dataclass(frozen=True)
 class PrepareSettings:
-    corpus: str | None = setting(None, "a text file, a .jsonl file, or a folder of them (also .gz)", metavar="PATH")
+    corpus: str | None = setting(None, formats.CORPUS_HELP, metavar="PATH")
     tokenizer: str = setting("char", "char, bytes, or the path of a Hugging Face tokenizers JSON file", metavar="KIND|FILE")
-    val_fraction: float = setting(0.1, "fraction of lines (the last ones) held out for validation", check=_check_fraction)
-    workers: int = setting(0, "tokenizing processes; 0 = one per core", metavar="N", check=_check_workers)
-    text_field: str | None = setting(None, "the field of each .jsonl line that holds its text", metavar="NAME")
-    chunk_mb: float = setting(4.0, "MB of text per chunk handed to a worker", metavar="MB", check=_check_workers)
+    val_fraction: float = setting(DEFAULT_VAL_FRACTION, "fraction of lines (the last ones) held out for validation",
+                                  check=settings.in_range(0.0, 1.0, name="val fraction", high_open=True))
+    workers: int = setting(0, "tokenizing processes; 0 = one per core", metavar="N", check=settings.at_least(0))
+    text_field: str | None = setting(None, formats.TEXT_FIELD_HELP, metavar="NAME")
+    chunk_mb: float = setting(4.0, "MB of text per chunk handed to a worker", metavar="MB", check=settings.above(0))
     decode_errors: str = sources.decode_errors_setting()
     max_line_bytes: int = setting(sources.DEFAULT_MAX_LINE_BYTES,
                                   "the longest line held, in bytes: a longer text line is split into pieces of at most "
