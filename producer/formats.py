@@ -32,6 +32,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar
 
+import numpy as np
+
 from producer.lines import CorpusError
 
 EXTRA = "formats"  # the optional dependencies of pyproject.toml that hold pyarrow and zstandard
@@ -205,8 +207,15 @@ class _ParquetLines(Readable):
             raise CorpusError(f"{self.path}: row {row:,}: no text in column {self.text_field!r} (null)")
         values = column.cast(pa.large_binary())
         values = values.filter(pc.greater(pc.binary_length(values), 0))
-        ended = pc.if_else(pc.ends_with(values, pattern="\n"), values, pc.binary_join_element_wise(values, b"\n", b""))
-        return pc.binary_join(pa.LargeListArray.from_arrays([0, len(ended)], ended), b"").as_py() if len(ended) else b""
+        break_ = pa.scalar(b"\n", pa.large_binary())
+        ended = pc.if_else(pc.ends_with(values, pattern="\n"), values,
+                           pc.binary_join_element_wise(values, break_, pa.scalar(b"", pa.large_binary())))
+        if not len(ended):
+            return b""
+        # The values of a large_binary array lie one after another in its data buffer, between two offsets.
+        _, offsets, data = ended.buffers()
+        bounds = np.frombuffer(offsets, dtype=np.int64)[[ended.offset, ended.offset + len(ended)]]
+        return data[int(bounds[0]):int(bounds[1])].to_pybytes()
 
 
 # The registries: a file is NAME + a format's suffix (+ a compression's suffix, if the format is compressible).
