@@ -9,7 +9,8 @@ written once under ``--work`` as ``.txt``, as Parquet with small row groups (``-
 documents each), as Parquet in one row group (pyarrow's default size holds the whole file), and
 as ``.jsonl.zst``. Each is prepared by ``python -m producer prepare --workers N`` in a child
 process; the table gives its seconds, MB of text per second, and the peak RSS of the child and
-its workers (polled every 50 ms), each as a ratio to the ``.txt`` run of the same invocation,
+its workers (polled every 50 ms; and, in a second run, their PSS, which counts a page the
+workers share with it once), each as a ratio to the ``.txt`` run of the same invocation,
 and checks that every run wrote the ``.txt`` run's ``tokens.npy`` and ``line_offsets.npy`` (their
 SHA-256 in the manifests). Prints the table as Markdown and, last, one JSON line.
 """
@@ -29,7 +30,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import zstandard  # noqa: E402
-from prepare import make_corpus, run_measured  # noqa: E402  (benchmarks/prepare.py)
+from prepare import make_corpus, pss_kib, run_measured  # noqa: E402  (benchmarks/prepare.py)
 
 LINES_PER_DOCUMENT = 40
 WRITE_DOCUMENTS = 5000  # documents converted at a time while writing the files
@@ -84,8 +85,11 @@ def measure(corpus: Path, args: argparse.Namespace, work: Path, text_mb: float) 
     seconds, peak_mib = run_measured(argv)
     manifest = json.loads((out / "manifest.json").read_text())
     shutil.rmtree(out)
+    _, peak_pss_mib = run_measured(argv, per_process=pss_kib)  # again, for the PSS: a page shared by the workers once
+    shutil.rmtree(out)
     return {"file": corpus.name, "mb_on_disk": round(corpus.stat().st_size / 1e6, 1), "seconds": round(seconds, 2),
             "text_mb_per_s": round(text_mb / seconds, 2), "peak_rss_mib": peak_mib,
+            "peak_pss_mib": peak_pss_mib,
             "files_sha256": {name: entry["sha256"] for name, entry in manifest["files"].items()}}
 
 
@@ -107,14 +111,17 @@ def main(argv: list[str] | None = None) -> int:
     base = rows[0]
     print(f"prepare --tokenizer {args.tokenizer} --workers {args.workers}, {text_mb:.0f} MB of text "
           f"({LINES_PER_DOCUMENT} lines a document)\n")
-    print("| file | MB on disk | s | MB of text/s | peak RSS MiB | RSS / .txt | time / .txt | same tokens and offsets |")
-    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    print("| file | MB on disk | s | MB of text/s | peak RSS MiB | RSS / .txt | peak PSS MiB | PSS / .txt | time / .txt "
+          "| same tokens and offsets |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for row in rows:
         row["rss_ratio"] = round(row["peak_rss_mib"] / base["peak_rss_mib"], 2)
+        row["pss_ratio"] = round(row["peak_pss_mib"] / base["peak_pss_mib"], 2)
         row["time_ratio"] = round(row["seconds"] / base["seconds"], 2)
         row["same_files"] = row["files_sha256"] == base["files_sha256"]
-        print(f"| {row['file']} | {row['mb_on_disk']} | {row['seconds']} | {row['text_mb_per_s']} | {row['peak_rss_mib']} | "
-              f"{row['rss_ratio']} | {row['time_ratio']} | {'yes' if row['same_files'] else '**no**'} |")
+        cells = [row["file"], row["mb_on_disk"], row["seconds"], row["text_mb_per_s"], row["peak_rss_mib"], row["rss_ratio"],
+                 row["peak_pss_mib"], row["pss_ratio"], row["time_ratio"], "yes" if row["same_files"] else "**no**"]
+        print("| " + " | ".join(map(str, cells)) + " |")
     print(json.dumps({"size_mb": args.size_mb, "workers": args.workers, "tokenizer": args.tokenizer, "rows": rows}))
     return 0 if all(row["same_files"] for row in rows) else 1
 

@@ -136,6 +136,13 @@ def _characters(chunk: Chunk, text_field: str | None, decode_errors: str) -> np.
     return np.unique(np.frombuffer(text.encode("utf-32-le"), dtype="<u4"))
 
 
+def _started(pool: ProcessPoolExecutor) -> ProcessPoolExecutor:
+    """``pool`` with its workers forked now, not at the first chunk: before this process reads a
+    file (a Parquet reader's pyarrow, its buffers) that each worker would otherwise inherit."""
+    pool.submit(int).result()
+    return pool
+
+
 def _ordered(pool: ProcessPoolExecutor, function, chunks: Iterator[Chunk], in_flight: int, *args: Any) -> Iterator[Any]:
     """``function(chunk, *args)`` in ``pool`` for every chunk, results in order, at most
     ``in_flight`` chunks submitted and not yet consumed (the memory bound)."""
@@ -223,13 +230,13 @@ def prepare(options: PrepareSettings) -> dict[str, Any]:
     try:
         owner = _own(folder)
         tokenizer = None if options.tokenizer == "char" else _load(options.tokenizer)
-        with ProcessPoolExecutor(workers, initializer=_die_with, initargs=(os.getpid(),)) as pool:
+        with _started(ProcessPoolExecutor(workers, initializer=_die_with, initargs=(os.getpid(),))) as pool:
             if tokenizer is None:
                 tokenizer = character_tokenizer(pool, options, files, in_flight)
         if tokenizer.vocab_size > MAX_VOCAB_SIZE:
             raise CorpusError(f"the vocabulary has {tokenizer.vocab_size} ids with the specials: the wire carries at most {MAX_VOCAB_SIZE}")
-        with ProcessPoolExecutor(workers, initializer=_start_worker,
-                                 initargs=(os.getpid(), tokenizer.kind, tokenizer.definition)) as pool:
+        with _started(ProcessPoolExecutor(workers, initializer=_start_worker,
+                                          initargs=(os.getpid(), tokenizer.kind, tokenizer.definition))) as pool:
             tokens, offsets, lines, decode_errors = write_ids(pool, options, files, tokenizer, folder, in_flight)
         manifest = build_manifest(folder, options, files, tokenizer, tokens, offsets, lines, decode_errors)
         for name in (prepared.TOKENS_NAME, prepared.OFFSETS_NAME):  # after the unigram counts read the ids back
