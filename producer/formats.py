@@ -52,9 +52,12 @@ class Readable:
         raise NotImplementedError
 
 
-class Needs:
-    """A format or compression that needs a package of the ``formats`` extra (``module``)."""
+class Entry:
+    """A line of a registry: the name ending ``suffix``, the ``name`` errors use, and the package
+    of the ``formats`` extra it needs (``module``; None: the standard library's)."""
 
+    suffix: ClassVar[str]
+    name: ClassVar[str]
     module: ClassVar[str | None] = None
 
     @classmethod
@@ -64,18 +67,15 @@ class Needs:
             raise CorpusError(f"{path}: reading {cls.suffix} files needs the {cls.module} package "
                               f"(pip install 'linepack[{EXTRA}]')")
 
+    def errors(self) -> tuple[type[BaseException], ...]:
+        """What reading a damaged or truncated file raises (besides CorpusError)."""
+        return ()
 
-class Compression(Needs):
+
+class Compression(Entry):
     """A compression around a format's file, undone as the file streams."""
 
-    suffix: ClassVar[str]
-    name: ClassVar[str]
-
     def open(self, raw: BinaryIO) -> BinaryIO:
-        raise NotImplementedError
-
-    def errors(self) -> tuple[type[BaseException], ...]:
-        """What reading a damaged or truncated file raises."""
         raise NotImplementedError
 
 
@@ -105,11 +105,9 @@ class Zstd(Compression):
         return (zstandard.ZstdError, EOFError, ValueError)  # FrameCheck raises EOFError and ValueError
 
 
-class Format(Needs):
-    """A file format: its name ending, what it needs, and how it reads."""
+class Format(Entry):
+    """A file format: how it reads, and what its text is."""
 
-    suffix: ClassVar[str]
-    name: ClassVar[str]
     field: ClassVar[bool] = False  # its text is a field of each record, named by --text-field
     compressible: ClassVar[bool] = True  # read front to back, so it may come as .gz or .zst
     # A line is one record: a line longer than --max-line-bytes is refused (not split), and one
@@ -119,10 +117,6 @@ class Format(Needs):
     def open(self, stream: BinaryIO, path: Path, text_field: str | None) -> BinaryIO | Readable:
         """The file (``stream``, decompressed) as a stream of lines."""
         return stream
-
-    def errors(self) -> tuple[type[BaseException], ...]:
-        """What reading a damaged file raises (besides CorpusError)."""
-        return ()
 
     def text(self, text: str, path: Path, first_line: int, text_field: str | None) -> str:
         """The text of decoded lines (line ``first_line`` on of ``path``), as lines."""

@@ -140,7 +140,7 @@ def chunks(files: list[Source], chunk_bytes: int, max_line_bytes: int = DEFAULT_
             while True:
                 block = _call(stream.read, source, offset + len(carry), chunk_bytes)
                 if progress is not None:
-                    position = min(raw.tell(), source.bytes) if block else source.bytes
+                    position = max(on_disk, min(raw.tell(), source.bytes)) if block else source.bytes
                     progress.update(position - on_disk)
                     on_disk = position
                 if not block:
