@@ -64,8 +64,8 @@ class Entry:
     def check_installed(cls, path: Path) -> None:
         """Raises CorpusError naming ``path`` and the extra when ``module`` is not installed."""
         if cls.module is not None and importlib.util.find_spec(cls.module) is None:
-            raise CorpusError(f"{path}: reading {cls.suffix} files needs the {cls.module} package "
-                              f"(pip install 'linepack[{EXTRA}]')")
+            raise CorpusError(f"{path}: reading {cls.suffix} files needs the {cls.module} package of Linepack's "
+                              f"{EXTRA!r} extra (pip install -e '.[{EXTRA}]' in the checkout, or pip install {cls.module})")
 
     def errors(self) -> tuple[type[BaseException], ...]:
         """What reading a damaged or truncated file raises (besides CorpusError)."""

@@ -6,8 +6,9 @@
     python -m producer prepare --verify DIR
 
 ``PATH`` is a file or a folder (read recursively, in sorted order) of ``.txt`` files and, with
-``--text-field``, ``.jsonl`` files (one JSON object a line; that field's text is the document);
-``.gz`` of either is read as it streams. The text is cut into chunks of whole lines that
+``--text-field``, ``.jsonl`` files (one JSON object a line; that field's text is the document)
+and ``.parquet`` files (that column's values are the documents); ``.gz`` and ``.zst`` of ``.txt``
+and ``.jsonl`` are read as they stream (:mod:`producer.formats`). The text is cut into chunks of whole lines that
 ``--workers`` processes tokenize (:meth:`shared.tokenizer.Tokenizer.encode_text`, every line on
 its own) while this process appends the ids and the line offsets to the folder, so memory stays
 bounded whatever the corpus size and shape: at most two chunks per worker are in flight, and no
@@ -27,7 +28,7 @@ pool workers die with this process (``PR_SET_PDEATHSIG``). The folder and its fi
 permissions (what the umask allows, 0755 and 0644 for the usual 022): a prepared corpus is data
 that other users and containers (the image runs as uid 1000) read. Clear errors (one line, exit 2),
 nothing half-written: a file that is not UTF-8 (named with its byte offset, under
-``--decode-errors strict``), a truncated ``.gz``, an empty corpus, a tokenizer file that does not
+``--decode-errors strict``), a truncated ``.gz`` or ``.zst``, a damaged ``.parquet``, an empty corpus, a tokenizer file that does not
 load, a vocabulary too large for the wire, a jsonl line without the field, a full disk.
 """
 

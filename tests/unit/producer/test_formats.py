@@ -186,8 +186,8 @@ def test_a_missing_package_is_an_error_naming_the_extra(tmp_path, monkeypatch, m
     (tmp_path / file_name).write_bytes(b"")
     found = formats.importlib.util.find_spec
     monkeypatch.setattr(formats.importlib.util, "find_spec", lambda name: None if name == module else found(name))
-    with pytest.raises(CorpusError, match=rf"{file_name}: reading \.\w+ files needs the {module} package "
-                                          rf"\(pip install 'linepack\[formats\]'\)"):
+    with pytest.raises(CorpusError, match=rf"{file_name}: reading \.\w+ files needs the {module} package of Linepack's "
+                                          rf"'formats' extra \(pip install -e '\.\[formats\]' in the checkout"):
         sources.list_sources(str(tmp_path / file_name), "text")
 
 
