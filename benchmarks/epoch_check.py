@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from producer.corpus import load_corpus  # noqa: E402
+from shared.endpoints import free_port  # noqa: E402
 from shared.recording import RecordingReader  # noqa: E402
 from shared.wire import WireError, WireMessage, decode_stream  # noqa: E402
 
@@ -59,14 +60,6 @@ def record_one_epoch(args: argparse.Namespace, path: Path) -> None:
             producer.send_signal(signal.SIGTERM)
         for producer in producers:
             producer.wait(30)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def check(path: Path, corpus_path: str) -> dict:

@@ -25,7 +25,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -33,15 +32,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from shared.endpoints import free_port  # noqa: E402
+
 TINY_MODEL = ["--batch-size", "8", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--warmup-iters", "5",
               "--eval-batches", "2", "--probe-interval", "0"]
 TINY_DATA = ["--block-size", "32", "--rows-per-message", "8"]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class Child:

@@ -81,8 +81,9 @@ def make_corpus(work: Path, size_mb: float) -> Path:
     return path
 
 
-def tree_rss_kib(pid: int) -> int:
-    """VmRSS of ``pid`` and all its descendants, KiB."""
+def tree_rss_kib(pid: int, per_process=None) -> int:
+    """VmRSS (or ``per_process(pid)``: :func:`pss_kib` counts a shared page once) of ``pid`` and
+    all its descendants, KiB."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -94,7 +95,7 @@ def tree_rss_kib(pid: int) -> int:
     total, frontier = 0, [pid]
     while frontier:
         current = frontier.pop()
-        total += status_kib(current, "VmRSS")
+        total += status_kib(current, "VmRSS") if per_process is None else per_process(current)
         frontier += children.get(current, [])
     return total
 
@@ -119,13 +120,14 @@ def pss_kib(pid: int) -> int:
     return 0
 
 
-def run_measured(argv: list[str]) -> tuple[float, int]:
-    """Runs ``argv``; its wall seconds and the peak RSS (MiB) of its process tree, polled every 50 ms."""
+def run_measured(argv: list[str], per_process=None) -> tuple[float, int]:
+    """Runs ``argv``; its wall seconds and the peak RSS (or ``per_process``, see :func:`tree_rss_kib`)
+    of its process tree (MiB), polled every 50 ms."""
     started = time.perf_counter()
     process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     peak = 0
     while process.poll() is None:
-        peak = max(peak, tree_rss_kib(process.pid))
+        peak = max(peak, tree_rss_kib(process.pid, per_process))
         time.sleep(0.05)
     seconds = time.perf_counter() - started
     if process.returncode != 0:

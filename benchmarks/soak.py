@@ -26,7 +26,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,17 +35,15 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from shared.endpoints import free_port  # noqa: E402
+
 PRODUCER_ARGS = "--block-size 64 --rows-per-message 8"
 TRAINER_ARGS = ("--batch-size 16 --n-layer 2 --n-head 2 --n-embd 64 --eval-interval 200 --eval-batches 2 "
                 "--log-interval 100 --warmup-iters 20 --device cpu --probe-interval 0")
 START_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 15.0
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def rss_kib(pid: int) -> int | None:

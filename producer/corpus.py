@@ -12,7 +12,6 @@ every producer (:mod:`producer.prepared`): no full-text copy, start-up and memor
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,11 +20,12 @@ import numpy as np
 from producer import sources
 from producer.lines import CorpusError, TokenCorpus, split_point
 from producer.prepared import is_prepared, open_prepared
+from shared.data_config import DEFAULT_VAL_FRACTION
+from shared.digest import short_sha256
 from shared.tokenizer import Tokenizer, load_tokenizer
 from shared.vocab import VocabularyError, id_dtype
 
 BUILTIN_NAME = "builtin:pydoc_data.topics"
-DEFAULT_VAL_FRACTION = 0.1
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ def read_text(path: str | None, text_field: str | None = None) -> Corpus:
     text = "".join(piece if piece.endswith("\n") else piece + "\n" for piece in pieces if piece)
     if not text.strip("\n"):
         raise CorpusError(f"corpus {name} is empty (it has no characters besides line breaks)")
-    return Corpus(text, name, hashlib.sha256(text.encode("utf-8")).hexdigest()[:16])
+    return Corpus(text, name, short_sha256(text.encode("utf-8")))
 
 
 def tokenize(corpus: Corpus, tokenizer: str | Tokenizer = "char", val_fraction: float = DEFAULT_VAL_FRACTION) -> TokenCorpus:

@@ -6,8 +6,9 @@
     python -m producer prepare --verify DIR
 
 ``PATH`` is a file or a folder (read recursively, in sorted order) of ``.txt`` files and, with
-``--text-field``, ``.jsonl`` files (one JSON object a line; that field's text is the document);
-``.gz`` of either is read as it streams. The text is cut into chunks of whole lines that
+``--text-field``, ``.jsonl`` files (one JSON object a line; that field's text is the document)
+and ``.parquet`` files (that column's values are the documents); ``.gz`` and ``.zst`` of ``.txt``
+and ``.jsonl`` are read as they stream (:mod:`producer.formats`). The text is cut into chunks of whole lines that
 ``--workers`` processes tokenize (:meth:`shared.tokenizer.Tokenizer.encode_text`, every line on
 its own) while this process appends the ids and the line offsets to the folder, so memory stays
 bounded whatever the corpus size and shape: at most two chunks per worker are in flight, and no
@@ -27,7 +28,7 @@ pool workers die with this process (``PR_SET_PDEATHSIG``). The folder and its fi
 permissions (what the umask allows, 0755 and 0644 for the usual 022): a prepared corpus is data
 that other users and containers (the image runs as uid 1000) read. Clear errors (one line, exit 2),
 nothing half-written: a file that is not UTF-8 (named with its byte offset, under
-``--decode-errors strict``), a truncated ``.gz``, an empty corpus, a tokenizer file that does not
+``--decode-errors strict``), a truncated ``.gz`` or ``.zst``, a damaged ``.parquet``, an empty corpus, a tokenizer file that does not
 load, a vocabulary too large for the wire, a jsonl line without the field, a full disk.
 """
 
@@ -56,10 +57,11 @@ from typing import Any
 
 import numpy as np
 
-from producer import prepared, sources
+from producer import formats, prepared, sources
 from producer.lines import CorpusError, split_point
 from producer.sources import Chunk
 from shared import settings
+from shared.data_config import DEFAULT_VAL_FRACTION
 from shared.limits import MAX_VOCAB_SIZE
 from shared.settings import setting
 from shared.tokenizer import CharTokenizer, Tokenizer, load_tokenizer, tokenizer_from_definition
@@ -69,24 +71,15 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # EFBIG: a file-size limi
 COUNT_CHUNK = 1 << 22  # tokens per bincount pass over the written ids (numpy widens them to int64)
 
 
-def _check_fraction(value: float) -> None:
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"val fraction {value} is outside [0, 1)")
-
-
-def _check_workers(value: int) -> None:
-    if value < 0:
-        raise ValueError(f"{value} is negative")
-
-
 @dataclass(frozen=True)
 class PrepareSettings:
-    corpus: str | None = setting(None, "a text file, a .jsonl file, or a folder of them (also .gz)", metavar="PATH")
+    corpus: str | None = setting(None, formats.CORPUS_HELP, metavar="PATH")
     tokenizer: str = setting("char", "char, bytes, or the path of a Hugging Face tokenizers JSON file", metavar="KIND|FILE")
-    val_fraction: float = setting(0.1, "fraction of lines (the last ones) held out for validation", check=_check_fraction)
-    workers: int = setting(0, "tokenizing processes; 0 = one per core", metavar="N", check=_check_workers)
-    text_field: str | None = setting(None, "the field of each .jsonl line that holds its text", metavar="NAME")
-    chunk_mb: float = setting(4.0, "MB of text per chunk handed to a worker", metavar="MB", check=_check_workers)
+    val_fraction: float = setting(DEFAULT_VAL_FRACTION, "fraction of lines (the last ones) held out for validation",
+                                  check=settings.in_range(0.0, 1.0, name="val fraction", high_open=True))
+    workers: int = setting(0, "tokenizing processes; 0 = one per core", metavar="N", check=settings.at_least(0))
+    text_field: str | None = setting(None, formats.TEXT_FIELD_HELP, metavar="NAME")
+    chunk_mb: float = setting(4.0, "MB of text per chunk handed to a worker", metavar="MB", check=settings.above(0))
     decode_errors: str = sources.decode_errors_setting()
     max_line_bytes: int = setting(sources.DEFAULT_MAX_LINE_BYTES,
                                   "the longest line held, in bytes: a longer text line is split into pieces of at most "
@@ -142,6 +135,13 @@ def _characters(chunk: Chunk, text_field: str | None, decode_errors: str) -> np.
     """A worker's job of the vocabulary pass: the distinct code points of one chunk."""
     text = sources.chunk_text(chunk, text_field, decode_errors).text
     return np.unique(np.frombuffer(text.encode("utf-32-le"), dtype="<u4"))
+
+
+def _started(pool: ProcessPoolExecutor) -> ProcessPoolExecutor:
+    """``pool`` with its workers forked now, not at the first chunk: before this process reads a
+    file (a Parquet reader's pyarrow, its buffers) that each worker would otherwise inherit."""
+    pool.submit(int).result()
+    return pool
 
 
 def _ordered(pool: ProcessPoolExecutor, function, chunks: Iterator[Chunk], in_flight: int, *args: Any) -> Iterator[Any]:
@@ -231,13 +231,13 @@ def prepare(options: PrepareSettings) -> dict[str, Any]:
     try:
         owner = _own(folder)
         tokenizer = None if options.tokenizer == "char" else _load(options.tokenizer)
-        with ProcessPoolExecutor(workers, initializer=_die_with, initargs=(os.getpid(),)) as pool:
+        with _started(ProcessPoolExecutor(workers, initializer=_die_with, initargs=(os.getpid(),))) as pool:
             if tokenizer is None:
                 tokenizer = character_tokenizer(pool, options, files, in_flight)
         if tokenizer.vocab_size > MAX_VOCAB_SIZE:
             raise CorpusError(f"the vocabulary has {tokenizer.vocab_size} ids with the specials: the wire carries at most {MAX_VOCAB_SIZE}")
-        with ProcessPoolExecutor(workers, initializer=_start_worker,
-                                 initargs=(os.getpid(), tokenizer.kind, tokenizer.definition)) as pool:
+        with _started(ProcessPoolExecutor(workers, initializer=_start_worker,
+                                          initargs=(os.getpid(), tokenizer.kind, tokenizer.definition))) as pool:
             tokens, offsets, lines, decode_errors = write_ids(pool, options, files, tokenizer, folder, in_flight)
         manifest = build_manifest(folder, options, files, tokenizer, tokens, offsets, lines, decode_errors)
         for name in (prepared.TOKENS_NAME, prepared.OFFSETS_NAME):  # after the unigram counts read the ids back

@@ -18,6 +18,7 @@ only when everything is in it, so an interrupted prepare never leaves a folder t
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import mmap
 import os
@@ -30,6 +31,8 @@ from typing import Any
 import numpy as np
 
 from producer.lines import CorpusError, TokenCorpus
+from shared.digest import short_sha256
+from shared.meta import canonical_json
 from shared.tokenizer import ByteTokenizer, CharTokenizer, HFTokenizer, Tokenizer, sha256_hex
 from shared.vocab import SPECIAL_TOKENS, VocabularyError, id_dtype
 
@@ -52,14 +55,16 @@ def is_prepared(path: str | os.PathLike) -> bool:
 def fingerprint(manifest: dict[str, Any]) -> str:
     """16 hex digits of SHA-256 over the canonical JSON of the manifest without its fingerprint."""
     body = {key: value for key, value in manifest.items() if key != "fingerprint"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+    return short_sha256(canonical_json(body).encode())
 
 
 def npy_header(dtype: np.dtype, length: int) -> bytes:
-    """A NumPy format 1.0 header of exactly :data:`NPY_HEADER_BYTES` bytes for a 1-D array."""
-    header = f"{{'descr': '{np.dtype(dtype).str}', 'fortran_order': False, 'shape': ({length},), }}"
-    padding = NPY_HEADER_BYTES - 10 - len(header) - 1
-    return b"\x93NUMPY\x01\x00" + (NPY_HEADER_BYTES - 10).to_bytes(2, "little") + header.encode() + b" " * padding + b"\n"
+    """NumPy's own format 1.0 header for a 1-D array of ``length`` values: :data:`NPY_HEADER_BYTES`
+    bytes for every length up to 10**18 (numpy pads the header to a multiple of 64 bytes)."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                  "fortran_order": False, "shape": (length,)})
+    return header.getvalue()
 
 
 class NpyAppender:

@@ -31,7 +31,7 @@ from shared import settings
 from shared.curve import CurveKeyError
 from shared.meta import StreamMeta
 from shared.recording import RecordingError, RecordingReader, RecordingReport
-from shared.settings import setting
+from shared.settings import above, setting
 from shared.wire import MetaMessage, WireError, decode
 
 
@@ -44,16 +44,11 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
     replay.set_defaults(handler=run_replay, command_parser=replay)
 
 
-def _check_rate(value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"{value} is not a positive number")
-
-
 @dataclass(frozen=True)
 class ReplaySettings:
     loop: bool = setting(False, "serve train message k from the file's (k mod n)-th, for ever")
     rate: float | None = setting(None, "send at most this many messages per second (none: as fast as the trainer orders them)",
-                                 metavar="MSG_PER_S", check=_check_rate)
+                                 metavar="MSG_PER_S", check=above(0))
 
 
 class RecordingSource:

@@ -35,7 +35,7 @@ from shared.curve import CurveClient, configure_client
 from shared.endpoints import check_endpoints
 from shared.limits import MAX_PRODUCER_ID_CHARS
 from shared.meta import StreamMeta
-from shared.settings import setting
+from shared.settings import above, setting
 from shared.wire import Order, Refusal, WireError, decode_control, encode, encode_meta, new_incarnation
 
 SEND_HWM = 16  # messages queued per link before send blocks (orders bound what is in flight; this is a backstop)
@@ -48,11 +48,6 @@ MAX_PENDING_ORDERS = 4096  # ordered messages kept per link; a trainer never gra
 NO_ORDERS_WARNING_S = 10.0  # after this long without an order, the worker says that nothing is ordering
 
 
-def _check_status_every(value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"{value} is not a positive number of seconds")
-
-
 @dataclass(frozen=True)
 class SenderSettings:
     """Where a producer sends: ``connect`` (the default topology; several endpoints for the ranks
@@ -63,7 +58,7 @@ class SenderSettings:
                                            "messages it trains on", metavar="ADDR", many=True, check=check_endpoints)
     bind: str | None = setting(None, "bind here instead; trainers connect (e.g. tcp://*:5555)", metavar="ADDR",
                                check=check_endpoints)
-    status_every: float = setting(30.0, "seconds between status lines on stderr", metavar="S", check=_check_status_every)
+    status_every: float = setting(30.0, "seconds between status lines on stderr", metavar="S", check=above(0))
     curve_secret_key: str | None = setting(None, "CurveZMQ: this producer's NAME.key_secret file (with --curve-server-key; "
                                                  "docs/SECURITY.md)", metavar="FILE")
     curve_server_key: str | None = setting(None, "CurveZMQ: the trainer's public NAME.key file", metavar="FILE")

@@ -33,17 +33,7 @@ from producer.stream import BatchStream
 from shared import settings
 from shared.curve import CurveKeyError
 from shared.data_config import DataConfig
-from shared.settings import setting
-
-
-def _check_positive(value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"{value} is not positive")
-
-
-def _check_non_negative(value: int) -> None:
-    if value < 0:
-        raise ValueError(f"{value} is negative")
+from shared.settings import above, at_least, setting
 
 
 @dataclass(frozen=True)
@@ -51,9 +41,9 @@ class RunSettings:
     """What ``producer run`` does besides the data: an optional message limit and the meta cadence."""
 
     max_messages: int | None = setting(None, "stop after sending M train and val messages (none: run until SIGTERM/SIGINT)",
-                                       metavar="M", check=_check_non_negative)
+                                       metavar="M", check=at_least(0))
     meta_every: float = setting(2.0, "seconds between meta messages (the full stream meta) on each endpoint: the trainer "
-                                     "learns of a producer, and that it is alive, by them", metavar="S", check=_check_positive)
+                                     "learns of a producer, and that it is alive, by them", metavar="S", check=above(0))
 
     def __post_init__(self) -> None:
         settings.check_fields(self)

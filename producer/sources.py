@@ -1,11 +1,11 @@
 """The files of a corpus, read as a stream of chunks of whole lines: by ``prepare``,
 ``tokenizer train`` and (for a text corpus tokenized in memory) ``run`` and ``record`` alike.
 
-``.txt`` files hold text; ``.jsonl`` files one JSON object a line, whose ``--text-field`` is a
-document (its text, ending in a line break, becomes that many lines); ``.gz`` of either is
-decompressed as it streams. :func:`chunks` cuts the stream into pieces of about ``chunk_bytes``
-that end at a line break, so a worker tokenizes whole lines and no file is ever read whole; no
-line longer than ``--max-line-bytes`` is ever held (a text line is split, a JSON line refused).
+Each file is read by its format (:mod:`producer.formats`: ``.txt``, ``.jsonl`` and ``.parquet``,
+whose ``--text-field`` holds the documents; ``.gz`` and ``.zst`` of the first two) as a stream of
+lines. :func:`chunks` cuts the stream into pieces of about ``chunk_bytes`` that end at a line
+break, so a worker tokenizes whole lines and no file is ever read whole; no line longer than
+``--max-line-bytes`` is ever held (a text line is split, a JSON line refused).
 
 Text must be UTF-8. ``--decode-errors`` (:data:`DECODE_ERRORS`) says what to do with bytes that
 are not: ``strict`` (the default) stops with the file and byte offset; ``replace`` writes each
@@ -16,11 +16,8 @@ holds one. :func:`chunk_text` counts what it replaced or skipped.
 from __future__ import annotations
 
 import dataclasses
-import gzip
-import json
 import sys
 import time
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,11 +25,10 @@ from typing import Any
 
 import numpy as np
 
+from producer.formats import FORMATS, Compression, Format, format_of
 from producer.lines import CorpusError
 from shared.settings import setting
 
-TEXT_SUFFIXES = (".txt", ".txt.gz")
-JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 READ_CHUNK_BYTES = 1 << 22  # bytes per chunk when one process reads the whole corpus
 PROGRESS_EVERY_S = 5.0  # seconds between progress lines when stderr is not a terminal
 DEFAULT_MAX_LINE_BYTES = 4_000_000  # the longest line prepare holds (and tokenizer train reads), in bytes
@@ -58,32 +54,54 @@ class Text:
 
 @dataclass(frozen=True)
 class Source:
+    """One file of the corpus: ``bytes`` on disk (compressed, for a compressed file), read by
+    ``format`` after ``compression`` (None: none); ``text_field`` is ``--text-field``."""
+
     path: Path
-    bytes: int  # on disk (compressed for .gz)
+    bytes: int
+    format: Format
+    compression: Compression | None = None
+    text_field: str | None = None
 
-    @property
-    def jsonl(self) -> bool:
-        return self.path.name.endswith(JSONL_SUFFIXES)
+    def open(self, raw) -> Any:
+        """The file (``raw``, opened for reading bytes) as a stream of lines: ``read(size)``."""
+        stream = raw if self.compression is None else self.compression.open(raw)
+        return self.format.open(stream, self.path, self.text_field)
 
-    @property
-    def gzipped(self) -> bool:
-        return self.path.name.endswith(".gz")
+    def errors(self) -> tuple[type[BaseException], ...]:
+        """What reading a damaged file raises (its format's and its compression's)."""
+        return self.format.errors() + (() if self.compression is None else self.compression.errors())
 
 
 @dataclass(frozen=True)
 class Chunk:
-    """Whole lines of one source: ``data`` starts at byte ``offset`` of its (decompressed)
-    content, at line ``line`` (1-based)."""
+    """Whole lines of one source, read by ``format``: ``data`` starts at byte ``offset`` of its
+    (decompressed) content, at line ``line`` (1-based)."""
 
     source: Path
-    jsonl: bool
+    format: Format
     offset: int
     line: int
     data: bytes
 
 
-def _suffix_ok(path: Path, text_field: str | None) -> bool:
-    return path.name.endswith(TEXT_SUFFIXES) or (text_field is not None and path.name.endswith(JSONL_SUFFIXES))
+def _source(path: Path, text_field: str | None, named: bool) -> Source | None:
+    """The source at ``path``; None when no format's name ends it or its format needs a
+    ``--text-field`` that is not given. A file given by name (``named``) is text unless its name
+    says otherwise, and is never passed over."""
+    fmt, compression = format_of(path)
+    if fmt is None:
+        if not named:
+            return None
+        fmt = FORMATS[".txt"]
+    if fmt.field and text_field is None:
+        if named:
+            raise CorpusError(f"{path} is {fmt.name}: name the field that holds the text with --text-field")
+        return None
+    for needs in (fmt, compression):
+        if needs is not None:
+            needs.check_installed(path)
+    return Source(path, path.stat().st_size, fmt, compression, text_field)
 
 
 def list_sources(path: str | None, text_field: str | None) -> list[Source]:
@@ -92,17 +110,15 @@ def list_sources(path: str | None, text_field: str | None) -> list[Source]:
         raise CorpusError("no --corpus PATH given")
     root = Path(path)
     if root.is_file():
-        files = [root]
-        if root.name.endswith(JSONL_SUFFIXES) and text_field is None:
-            raise CorpusError(f"{root} is JSON lines: name the field that holds the text with --text-field")
-    elif root.is_dir():
-        files = sorted(p for p in root.rglob("*") if p.is_file() and _suffix_ok(p, text_field))
-        if not files:
-            kinds = "text (.txt) or JSON lines (.jsonl, with --text-field)"
-            raise CorpusError(f"corpus folder {root} holds no {kinds} files (.gz too)")
-    else:
+        return [_source(root, text_field, named=True)]
+    if not root.is_dir():
         raise CorpusError(f"corpus {root} does not exist")
-    return [Source(file, file.stat().st_size) for file in files]
+    files = [_source(file, text_field, named=False) for file in sorted(root.rglob("*")) if file.is_file()]
+    found = [source for source in files if source is not None]
+    if not found:
+        kinds = "text (.txt), JSON lines (.jsonl) or Parquet (.parquet) files (the last two with --text-field)"
+        raise CorpusError(f"corpus folder {root} holds no {kinds}; .gz and .zst of .txt and .jsonl too")
+    return found
 
 
 def chunks(files: list[Source], chunk_bytes: int, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
@@ -114,16 +130,17 @@ def chunks(files: list[Source], chunk_bytes: int, max_line_bytes: int = DEFAULT_
     most that many bytes (at UTF-8 character starts; the first split of each file is reported on
     stderr), a JSON line that long is refused (CorpusError naming the file, line and byte offset).
     So a chunk is at most ``chunk_bytes + max_line_bytes`` bytes (and a line break per piece)
-    whatever the shape of the input. A truncated or damaged ``.gz`` is a CorpusError too."""
+    whatever the shape of the input. A truncated or damaged compressed file or Parquet file is a
+    CorpusError too."""
     for source in files:
         with open(source.path, "rb") as raw:
-            stream = gzip.GzipFile(fileobj=raw) if source.gzipped else raw
             carry, offset, line, on_disk = b"", 0, 1, 0
+            stream = _call(source.open, source, 0, raw)
             cutter = _LineCutter(source, max_line_bytes)
             while True:
-                block = _read(stream, chunk_bytes, source, offset + len(carry))
+                block = _call(stream.read, source, offset + len(carry), chunk_bytes)
                 if progress is not None:
-                    position = raw.tell()
+                    position = max(on_disk, min(raw.tell(), source.bytes)) if block else source.bytes
                     progress.update(position - on_disk)
                     on_disk = position
                 if not block:
@@ -134,18 +151,22 @@ def chunks(files: list[Source], chunk_bytes: int, max_line_bytes: int = DEFAULT_
                 whole, carry = cutter.cut(data[:end], carry, offset, line)
                 if not whole:
                     continue
-                yield Chunk(source.path, source.jsonl, offset, line, whole)
+                yield Chunk(source.path, source.format, offset, line, whole)
                 offset += end + cutter.consumed
                 line += data.count(b"\n", 0, end)
             if carry:
-                yield Chunk(source.path, source.jsonl, offset, line, carry + b"\n")
+                yield Chunk(source.path, source.format, offset, line, carry + b"\n")
 
 
-def _read(stream, size: int, source: Source, offset: int) -> bytes:
+def _call(read, source: Source, offset: int, *args: Any) -> Any:
+    """``read(*args)``; a damaged file's error as a CorpusError naming it and the ``offset`` of its content."""
     try:
-        return stream.read(size)
-    except (OSError, EOFError, zlib.error) as error:  # gzip: BadGzipFile, EOFError on a truncated member
-        raise CorpusError(f"{source.path} is not a readable gzip file near byte offset {offset} of its content "
+        return read(*args)
+    except CorpusError:
+        raise
+    except source.errors() as error:
+        kind = source.format.name if source.compression is None else source.compression.name
+        raise CorpusError(f"{source.path} is not a readable {kind} file near byte offset {offset} of its content "
                           f"({type(error).__name__}: {error})") from None
 
 
@@ -185,7 +206,7 @@ class _LineCutter:
         return whole, carry
 
     def _too_long(self, offset: int, line: int) -> None:
-        if self.source.jsonl:
+        if self.source.format.line_records:
             raise CorpusError(f"{self.source.path}:{line}: the line at byte offset {offset} is longer than "
                               f"--max-line-bytes {self.limit}: a JSON line is never split")
         if not self.reported:
@@ -237,25 +258,10 @@ def decode(data: bytes, source: Path, offset: int, decode_errors: str, keep_line
 
 
 def chunk_text(chunk: Chunk, text_field: str | None, decode_errors: str = "strict") -> Text:
-    """The text of a chunk as whole lines (each ending in ``\\n``): the text itself, or for JSON
-    lines each document's field (blank lines are skipped); decoded by ``decode_errors``."""
-    decoded = decode(chunk.data, chunk.source, chunk.offset, decode_errors, keep_line_numbers=chunk.jsonl)
-    if not chunk.jsonl:
-        return decoded
-    documents = []
-    for number, line in enumerate(decoded.text.split("\n")[:-1], start=chunk.line):
-        if not line.strip():
-            continue
-        try:
-            document = json.loads(line)
-        except ValueError as error:
-            raise CorpusError(f"{chunk.source}:{number}: not JSON ({error})") from None
-        value = document.get(text_field) if isinstance(document, dict) else None
-        if not isinstance(value, str):
-            raise CorpusError(f"{chunk.source}:{number}: no text field {text_field!r}")
-        if value:
-            documents.append(value if value.endswith("\n") else value + "\n")
-    return dataclasses.replace(decoded, text="".join(documents))
+    """The text of a chunk as whole lines (each ending in ``\\n``), by its format (a ``.jsonl``
+    chunk: each document's field); decoded by ``decode_errors``."""
+    decoded = decode(chunk.data, chunk.source, chunk.offset, decode_errors, keep_line_numbers=chunk.format.line_records)
+    return dataclasses.replace(decoded, text=chunk.format.text(decoded.text, chunk.source, chunk.line, text_field))
 
 
 class ProgressLines:

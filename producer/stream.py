@@ -36,7 +36,7 @@ from producer.packing import FixedPacker, LinePacker
 from producer.packs import MappedPacks, epoch_packs
 from producer.permutation import ROUNDS, KeyedPermutation
 from producer.stages import EXAMPLE_STAGES, StagesPolicy, load_stage_plan
-from shared.data_config import DataConfig
+from shared.data_config import DEFAULT_VAL_FRACTION, DataConfig
 from shared.limits import MAX_VAL_ROWS
 from shared.meta import StreamMeta
 
@@ -67,7 +67,8 @@ class BatchStream:
         self.config = config
         self.producer_id = config.producer_id if config.producer_id is not None else DEFAULT_PRODUCER_ID
         if isinstance(corpus, Corpus):
-            corpus = tokenize(corpus, config.tokenizer or "char", 0.1 if config.val_fraction is None else config.val_fraction)
+            corpus = tokenize(corpus, config.tokenizer or "char", DEFAULT_VAL_FRACTION if config.val_fraction is None
+                              else config.val_fraction)
         self.corpus = corpus if corpus is not None else load_corpus(config.corpus, config.tokenizer, config.val_fraction,
                                                                                 config.text_field)
         self.tokenizer = self.corpus.tokenizer

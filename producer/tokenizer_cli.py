@@ -3,8 +3,8 @@
     python -m producer tokenizer train --corpus PATH --vocab-size N --out tokenizer.json
                                        [--text-field NAME] [--decode-errors strict|replace|skip-line]
 
-The corpus is read as ``prepare`` reads it (files, folders, ``.jsonl`` with ``--text-field``,
-``.gz``, ``--decode-errors``, a line longer than prepare's default ``--max-line-bytes`` split),
+The corpus is read as ``prepare`` reads it (files, folders, ``.jsonl`` and ``.parquet`` with ``--text-field``,
+``.gz``, ``.zst``, ``--decode-errors``, a line longer than prepare's default ``--max-line-bytes`` split),
 line by line; the summary line counts what was replaced or skipped. Progress: tokenizers' own
 bar on a terminal, else a line every few seconds. The tokenizer has no special tokens of its own
 (Linepack appends ``[MASK]``, ``[SEP]``, ``[PAD]`` after its vocabulary), its 256 byte tokens
@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from producer import sources
+from producer import formats, sources
 from producer.lines import CorpusError
 from shared import settings
 from shared.settings import setting
@@ -34,9 +34,9 @@ def _check_vocab_size(value: int) -> None:
 
 @dataclass(frozen=True)
 class TokenizerTrainSettings:
-    corpus: str | None = setting(None, "a text file, a .jsonl file, or a folder of them (also .gz)", metavar="PATH")
+    corpus: str | None = setting(None, formats.CORPUS_HELP, metavar="PATH")
     vocab_size: int = setting(8192, "tokens in the vocabulary", metavar="N", check=_check_vocab_size)
-    text_field: str | None = setting(None, "the field of each .jsonl line that holds its text", metavar="NAME")
+    text_field: str | None = setting(None, formats.TEXT_FIELD_HELP, metavar="NAME")
     out: str | None = setting(None, "the tokenizers JSON file to write", metavar="FILE")
     decode_errors: str = sources.decode_errors_setting()
 

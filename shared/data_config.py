@@ -23,7 +23,9 @@ from shared.limits import (
     POLICIES,
     SAMPLINGS,
 )
-from shared.settings import setting
+from shared.settings import at_least, in_range, setting
+
+DEFAULT_VAL_FRACTION = 0.1  # the val split of a text corpus (prepare's default too): the last tenth of the lines
 
 
 def floats(text: str) -> tuple[float, ...]:
@@ -36,16 +38,6 @@ def floats(text: str) -> tuple[float, ...]:
 
 def show_floats(values: tuple[float, ...]) -> str:
     return ",".join(f"{value:g}" for value in values)
-
-
-def _in_range(name: str, low: float, high: float, *, low_open: bool = False, high_open: bool = False):
-    def check(value: float) -> None:
-        below = value <= low if low_open else value < low
-        above = value >= high if high_open else value > high
-        if below or above:
-            raise ValueError(f"{name} {value} is outside {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}")
-
-    return check
 
 
 def _check_ratio_range(value: tuple[float, ...]) -> None:
@@ -63,33 +55,28 @@ def check_producer_id(value: str) -> None:
         raise ValueError(f"producer id must be 1..{MAX_PRODUCER_ID_CHARS} printable characters")
 
 
-def _check_seed(value: int) -> None:
-    if value < 0:
-        raise ValueError(f"seed {value} is negative")
-
-
 @dataclass(frozen=True)
 class DataConfig:
     """What a producer makes. ``producer_id=None`` lets the caller pick (``BatchStream`` uses "0");
     ``stages=None`` with the stages policy means the shipped baseline mix
     (``producer.stages.EXAMPLE_STAGES``)."""
 
-    corpus: str | None = setting(None, "a prepared folder (python -m producer prepare), or a UTF-8 text file or folder of "
-                                       ".txt (and, with --text-field, .jsonl; .gz of either) files tokenized in memory "
-                                       "(none: CPython's built-in help text)", metavar="PATH")
-    text_field: str | None = setting(None, "the field of each .jsonl line that holds its text (a text corpus)",
-                                     metavar="NAME")
+    corpus: str | None = setting(None, "a prepared folder (python -m producer prepare), or a .txt file or a folder of .txt "
+                                       "(and, with --text-field, .jsonl and .parquet; .gz or .zst of .txt and .jsonl) "
+                                       "files tokenized in memory (none: CPython's built-in help text)", metavar="PATH")
+    text_field: str | None = setting(None, "the field of each .jsonl line, or the .parquet column, that holds the text "
+                                           "(a text corpus)", metavar="NAME")
     tokenizer: str | None = setting(None, "char, bytes, or a Hugging Face tokenizers JSON file (none: char for text, "
                                           "the prepared folder's own)", metavar="KIND|FILE")
-    block_size: int = setting(128, "tokens per row, T", check=_in_range("block size", 2, MAX_BLOCK_SIZE))
-    rows_per_message: int = setting(16, "rows per wire message", check=_in_range("rows per message", 1, MAX_ROWS_PER_MESSAGE))
+    block_size: int = setting(128, "tokens per row, T", check=in_range(2, MAX_BLOCK_SIZE, name="block size"))
+    rows_per_message: int = setting(16, "rows per wire message", check=in_range(1, MAX_ROWS_PER_MESSAGE, name="rows per message"))
     packing: str = setting("lines", "lines: line-aligned rows ending in [SEP]; fixed: the fixed-window baseline",
                            choices=PACKINGS)
     sampling: str = setting("random", "random: uniform row starts; epoch: every line once per epoch, shuffled",
                             choices=SAMPLINGS)
     policy: str = setting("bert", "corruption policy", choices=POLICIES)
     mask_prob: float = setting(0.15, "bert: probability that a candidate is supervised",
-                               check=_in_range("mask probability", 0.0, 1.0, low_open=True))
+                               check=in_range(0.0, 1.0, name="mask probability", low_open=True))
     ratio_range: tuple[float, float] = setting((0.0, 1.0), "uniform: per-row ratio r ~ U(LO, HI)", metavar="LO,HI",
                                                parse=floats, show=show_floats, check=_check_ratio_range)
     stages: str | None = setting(None, "stages: TOML stage file (none: the shipped baseline mix)", metavar="FILE")
@@ -97,10 +84,10 @@ class DataConfig:
         DEFAULT_MASK_FRACTIONS, "supervised inputs: [MASK], random, unchanged", metavar="M,R,U",
         parse=floats, show=show_floats, check=_check_mask_fractions)
     supervise_sep: bool = setting(False, "make [SEP] a corruption candidate too")
-    val_fraction: float | None = setting(None, "fraction of lines (the last ones) held out for validation (none: 0.1 "
-                                               "for text, the prepared folder's own)",
-                                         check=_in_range("val fraction", 0.0, 1.0, high_open=True))
-    seed: int = setting(0, "base seed", check=_check_seed)
+    val_fraction: float | None = setting(None, "fraction of lines (the last ones) held out for validation (none: "
+                                               f"{DEFAULT_VAL_FRACTION} for text, the prepared folder's own)",
+                                         check=in_range(0.0, 1.0, name="val fraction", high_open=True))
+    seed: int = setting(0, "base seed", check=at_least(0))
     producer_id: str | None = setting(None, "this producer's id; its train stream differs from every other id's",
                                       metavar="ID", check=check_producer_id)
 

@@ -4,11 +4,13 @@ ZeroMQ refuses an endpoint without its transport (``127.0.0.1:5555``) or a tcp e
 without a port with a bare ``Invalid argument``. :func:`check_endpoints` is a ``check`` for
 :func:`shared.settings.setting` fields that hold endpoints (``--connect``, ``--bind``): a usage
 error that names the value and what it should look like, before any socket is made.
+:func:`free_port` picks a port for a process about to bind one.
 """
 
 from __future__ import annotations
 
 import re
+import socket
 
 TRANSPORTS = ("tcp", "ipc", "inproc", "pgm", "epgm", "vmci")
 _TCP = re.compile(r"tcp://.+:(?:\d+|\*)")  # HOST:PORT; ZeroMQ itself checks the host
@@ -34,3 +36,11 @@ def check_endpoints(value: str | tuple[str, ...]) -> None:
         for endpoint in item.split(","):
             if endpoint.strip():
                 check_endpoint(endpoint.strip())
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` this instant (the kernel's pick for port 0): for launchers,
+    benchmarks and tests that start a process which binds it."""
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]

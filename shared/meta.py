@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from shared.digest import short_hex
 from shared.limits import MAX_BLOCK_SIZE, MAX_ROWS_PER_MESSAGE, MAX_STAGES, PACKINGS, POLICIES, SAMPLINGS
 from shared.tokenizer import TOKENIZER_KINDS, CharTokenizer, HFTokenizer, Tokenizer, sha256_hex, tokenizer_from_definition
 from shared.vocab import IGNORE_INDEX, SpecialIds, VocabularyError
@@ -230,7 +231,7 @@ class StreamMeta:
         for start in range(0, len(counts), DIGEST_CHUNK):
             sha.update(("," if start else "").encode() + ",".join(map(str, counts[start:start + DIGEST_CHUNK].tolist())).encode())
         sha.update(f"]{tail}".encode())
-        return sha.hexdigest()[:16]
+        return short_hex(sha)
 
     @property
     def base_size(self) -> int:

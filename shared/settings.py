@@ -65,10 +65,33 @@ def setting(
 
 
 def at_least(low: float) -> Callable[[float], None]:
-    """A ``check`` for :func:`setting`: ValueError for a value below ``low``."""
+    """A ``check`` for :func:`setting`: ValueError for a value below ``low`` (``at_least(0)``: not negative)."""
     def check(value: float) -> None:
         if value < low:
             raise ValueError(f"{value} is below {low:g}")
+
+    return check
+
+
+def above(low: float) -> Callable[[float], None]:
+    """A ``check`` for :func:`setting`: ValueError unless the value is above ``low`` (``above(0)``: positive)."""
+    def check(value: float) -> None:
+        if not value > low:
+            raise ValueError(f"{value} is not above {low:g}")
+
+    return check
+
+
+def in_range(low: float, high: float, *, name: str = "", low_open: bool = False,
+             high_open: bool = False) -> Callable[[float], None]:
+    """A ``check`` for :func:`setting`: ValueError naming ``name`` for a value outside ``[low, high]``
+    (an open end excludes its bound: ``in_range(0, 1, high_open=True)`` is [0, 1))."""
+    def check(value: float) -> None:
+        below = value <= low if low_open else value < low
+        over = value >= high if high_open else value > high
+        if below or over:
+            interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            raise ValueError(f"{name + ' ' if name else ''}{value} is outside {interval}")
 
     return check
 

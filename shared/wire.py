@@ -36,6 +36,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from shared.digest import short_sha256
 from shared.limits import MAX_PRODUCER_ID_CHARS
 from shared.meta import MetaError, StreamMeta, canonical_json
 from shared.vocab import id_dtype, label_dtype
@@ -479,7 +480,7 @@ def _meta_v1(data: Any, digest: str) -> StreamMeta:
         meta = StreamMeta.from_v1_dict(data)
     except MetaError as error:
         raise WireError("meta", str(error)) from None
-    v1_digest = hashlib.sha256(canonical_json(data).encode()).hexdigest()[:16]
+    v1_digest = short_sha256(canonical_json(data).encode())
     if v1_digest != digest:
         raise WireError("meta", f"meta_hash {digest!r} does not match the meta ({v1_digest!r})")
     return meta

@@ -39,7 +39,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -49,6 +48,7 @@ from typing import Any
 
 from shared import settings
 from shared.data_config import DataConfig
+from shared.endpoints import free_port
 from shared.limits import MAX_VAL_ROWS
 from shared.settings import setting
 from trainer.analysis.common_set import load_val_recording
@@ -147,12 +147,6 @@ def record_command(plan: Plan, path: str) -> list[str]:
 
 
 # ---- one arm ------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
 
 def get_diagnostics(port: int) -> dict[str, Any] | None:
     """The trainer's ``GET /diagnostics`` answer, or None while it is not reachable."""

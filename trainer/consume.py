@@ -22,15 +22,10 @@ from dataclasses import dataclass
 
 from shared import settings
 from shared.endpoints import check_endpoints
-from shared.settings import setting
+from shared.settings import above, setting
 from trainer.data.config import StreamSettings
 from trainer.data.consumer import DatasetConsumer
 from trainer.loop.config import TrainConfig
-
-
-def _positive(value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"{value} is not positive")
 
 
 @dataclass(frozen=True)
@@ -39,10 +34,10 @@ class ConsumeSettings:
 
     connect: str | None = setting(None, "connect to a producer that binds, instead of binding", metavar="ADDR",
                                   check=check_endpoints)
-    batches: int | None = setting(None, "stop after N batches", metavar="N", check=_positive)
+    batches: int | None = setting(None, "stop after N batches", metavar="N", check=above(0))
     val: bool = setting(False, "wait for the whole val set before the first batch")
     starved_after: float = setting(5.0, "seconds of silence before it reports waiting for producers", metavar="S",
-                                   check=_positive)
+                                   check=above(0))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

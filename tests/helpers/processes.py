@@ -24,6 +24,8 @@ import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
 
+from shared.endpoints import free_port
+
 from helpers import ROOT
 
 # Short rows and a one-layer model: a CPU step takes milliseconds, a checkpoint every 10 steps.
@@ -35,12 +37,6 @@ START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
 SUMMARY = "summary "  # a producer's last line: ``summary {json}``
 DONE = "done: "  # the trainer's last log line: ``... done: {json}``
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def free_ports(count: int) -> list[int]:

@@ -6,13 +6,7 @@ from dataclasses import dataclass
 
 from shared import settings
 from shared.endpoints import check_endpoints
-from shared.settings import setting
-
-
-def _check_non_negative(value: float) -> None:
-    if value < 0:
-        raise ValueError(f"{value} is negative")
-
+from shared.settings import at_least, setting
 
 DEFAULT_WAIT_TIMEOUT_S = 600.0  # a trainer with no producer, or no val set, for this long gives up (exit 2)
 
@@ -32,9 +26,9 @@ class StreamSettings:
     record: str | None = setting(None, "record every consumed message to FILE (replayable)", metavar="FILE")
     wait_timeout: float | None = setting(None, "give up (exit 2) after this many seconds without the stream meta or the "
                                                "whole val set; 0 = forever (none: 600 s; 300 s under torchrun)", metavar="S",
-                                         check=_check_non_negative)
+                                         check=at_least(0))
     data_timeout: float | None = setting(None, "stop (exit 3) after this many seconds without a train batch; 0 = forever "
-                                               "(none: forever; 300 s under torchrun)", metavar="S", check=_check_non_negative)
+                                               "(none: forever; 300 s under torchrun)", metavar="S", check=at_least(0))
     curve_secret_key: str | None = setting(None, "CurveZMQ: the trainer's NAME.key_secret file (with "
                                                  "--curve-authorized-keys; docs/SECURITY.md)", metavar="FILE")
     curve_authorized_keys: str | None = setting(None, "CurveZMQ: a producer's public .key file, or a directory of them: "

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from shared import settings
 from shared.meta import StreamMeta
-from shared.settings import setting
+from shared.settings import above, at_least, in_range, setting
 from trainer.model.losses import supervised_loss
 
 POSITION_KINDS = ("learned", "rotary")
@@ -42,21 +42,6 @@ def key_padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask == 1)[:, None, None, :]
 
 
-def _positive(value: int) -> None:
-    if value < 1:
-        raise ValueError(f"{value} is not positive")
-
-
-def _positive_float(value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"{value} is not positive")
-
-
-def _dropout(value: float) -> None:
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"dropout {value} is outside [0, 1)")
-
-
 @dataclass(frozen=True)
 class ModelConfig:
     """Model hyper-parameters. ``vocab_size`` and ``block_size`` come from the stream
@@ -64,17 +49,17 @@ class ModelConfig:
 
     vocab_size: int = 0
     block_size: int = 0
-    n_layer: int = setting(4, "transformer blocks", metavar="N", check=_positive)
-    n_head: int = setting(4, "attention heads per block", metavar="N", check=_positive)
-    n_embd: int = setting(128, "embedding width C", metavar="C", check=_positive)
-    dropout: float = setting(0.0, "dropout probability", check=_dropout)
+    n_layer: int = setting(4, "transformer blocks", metavar="N", check=at_least(1))
+    n_head: int = setting(4, "attention heads per block", metavar="N", check=at_least(1))
+    n_embd: int = setting(128, "embedding width C", metavar="C", check=at_least(1))
+    dropout: float = setting(0.0, "dropout probability", check=in_range(0.0, 1.0, name="dropout", high_open=True))
     positions: str = setting("rotary", "position embedding: rotary, or learned absolute (with learned positions the model "
                                        "can stay on the context-free plateau for over 1000 steps; docs/PLATEAU.md)",
                              choices=POSITION_KINDS)
     bias: bool = setting(True, "biases in Linear and LayerNorm")
     qk_norm: bool = setting(False, "RMSNorm on each head's queries and keys before attention")
     init_std: float = setting(0.02, "std of the normal initialization of weights and embeddings (residual projections: "
-                                    "this / sqrt(2 n_layer))", check=_positive_float)
+                                    "this / sqrt(2 n_layer))", check=above(0))
 
     def __post_init__(self) -> None:
         settings.check_fields(self)

@@ -545,3 +545,15 @@ def test_losing_the_race_to_the_rename_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(CorpusError, match="was made by another prepare while this one ran"):
         prepare(options(write(tmp_path / "c.txt", TEXT), tmp_path / "P"))
     assert leftovers(tmp_path) == [] and (tmp_path / "P" / "manifest.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("dtype", ["<u2", "<u4", "<i8"])
+def test_npy_headers_are_numpys_own_and_one_size_for_every_length(tmp_path, dtype):
+    """The header is written before the length is known and rewritten after: both must be
+    NPY_HEADER_BYTES long, and numpy must read what follows them."""
+    for length in (0, 5, 10**18):
+        assert len(prepared.npy_header(np.dtype(dtype), length)) == prepared.NPY_HEADER_BYTES
+    appender = prepared.NpyAppender(tmp_path / "a.npy", np.dtype(dtype))
+    appender.append(np.arange(7))
+    appender.finish()
+    assert np.load(tmp_path / "a.npy").tolist() == list(range(7)) and np.load(tmp_path / "a.npy").dtype == np.dtype(dtype)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 
 import pytest
 
-from shared.endpoints import check_endpoint, check_endpoints
+from shared.endpoints import check_endpoint, check_endpoints, free_port
 
 from helpers import ROOT
 
@@ -46,3 +47,10 @@ def test_a_cli_says_what_an_endpoint_lacks():
 def test_producer_and_trainer_say_what_an_endpoint_lacks(argv):
     done = subprocess.run([sys.executable, "-m", *argv], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "names no transport: did you mean tcp://" in done.stderr, done.stderr
+
+
+def test_free_port_names_a_port_that_can_be_bound():
+    port = free_port()
+    assert 0 < port < 65536
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", port))

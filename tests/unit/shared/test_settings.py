@@ -137,3 +137,17 @@ def test_a_setting_declares_what_it_needs():
 
     help_text = parser_for(Example).format_help()
     assert "--count N" in help_text and "how many (default: 2; env LINEPACK_COUNT)" in help_text
+
+
+@pytest.mark.parametrize(("check", "good", "bad", "message"), [
+    (settings.at_least(0), [0, 3], -1, "-1 is below 0"),
+    (settings.above(0), [1e-9, 2], 0.0, "0.0 is not above 0"),
+    (settings.in_range(0.0, 1.0, name="val fraction", high_open=True), [0.0, 0.5], 1.0, r"val fraction 1.0 is outside \[0, 1\)"),
+    (settings.in_range(0.0, 1.0, low_open=True), [1.0], 0.0, r"^0.0 is outside \(0, 1\]"),
+    (settings.in_range(0, 65535, name="port"), [0, 65535], 65536, r"port 65536 is outside \[0, 65535\]"),
+])
+def test_the_range_checks_accept_their_range_and_name_the_bound(check, good, bad, message):
+    for value in good:
+        check(value)
+    with pytest.raises(ValueError, match=message):
+        check(bad)
