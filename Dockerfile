@@ -31,7 +31,7 @@ COPY pyproject.toml README.md ./
 COPY shared ./shared
 COPY producer ./producer
 COPY trainer ./trainer
-RUN pip install .
+RUN pip install ".[formats]"  # Parquet and .zst corpora too (producer/formats.py)
 
 COPY docker/entrypoint.sh /usr/local/bin/linepack-entrypoint
 
