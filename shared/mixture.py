@@ -294,6 +294,11 @@ class Mixture:
         if self.end is not None and stop > self.end:
             raise MixtureExhausted(f"the mixture ends after row {self.end} (every source reached its max_epochs)")
         rows = np.arange(start, stop, dtype=np.int64)
+        if len(self.segments) == 1:  # no source has a limit: the common case, without masks
+            period = self.period
+            q, r = np.divmod(rows, period.size)
+            source = period.order[r]
+            return source, q * period.parts[source] + period.prefix[r, source]
         source = np.zeros(len(rows), dtype=SOURCE_DTYPE)
         index = np.zeros(len(rows), dtype=np.int64)
         for segment in self.segments:
