@@ -56,16 +56,16 @@ def read_text(path: str | None, text_field: str | None = None) -> Corpus:
     return Corpus(text, name, short_sha256(text.encode("utf-8")))
 
 
-def tokenize(corpus: Corpus, tokenizer: str | Tokenizer = "char", val_fraction: float = DEFAULT_VAL_FRACTION) -> TokenCorpus:
+def tokenize(corpus: Corpus, tokenizer: str | Tokenizer = "char", val_fraction: float | None = None) -> TokenCorpus:
     """A text corpus tokenized in memory, line by line (``tokenizer``: ``char``, ``bytes``, a
-    ``tokenizers`` file, or a :class:`Tokenizer`)."""
+    ``tokenizers`` file, or a :class:`Tokenizer`; ``val_fraction`` None: :data:`DEFAULT_VAL_FRACTION`)."""
     try:
         tokens = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer, corpus.text)
         ids, lengths = tokens.encode_text(corpus.text)
     except VocabularyError as error:
         raise CorpusError(f"corpus {corpus.name}: {error}") from None
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    split = split_point(len(lengths), val_fraction)
+    split = split_point(len(lengths), DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction)
     train_ids = ids[: offsets[split]]
     return TokenCorpus(
         name=corpus.name,
@@ -86,5 +86,4 @@ def load_corpus(path: str | None, tokenizer: str | None = None, val_fraction: fl
     0.1). Raises :class:`CorpusError`."""
     if path is not None and is_prepared(path):
         return open_prepared(path, tokenizer, val_fraction)
-    fraction = DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction
-    return tokenize(read_text(path, text_field), tokenizer or "char", fraction)
+    return tokenize(read_text(path, text_field), tokenizer or "char", val_fraction)

@@ -85,3 +85,15 @@ def test_device_check_runs_on_the_cpu():
     assert report["consumer_rows_equal_recording"] is True
     assert report["dtypes"]["x"] == "torch.int64" and report["dtypes"]["mask_ratio"] == "torch.float32"
     assert report["sdpa_vs_hand_max_abs"] < 1e-5 and report["sdpa_bf16_vs_hand_max_abs"] < 0.05
+def test_producer_mixture_table_runs(tmp_path):
+    """``benchmarks/producer.py --mix``: a row per policy, every rate and the ratio positive."""
+    (tmp_path / "a.txt").write_text("".join(f"line {i} of a\n" for i in range(400)))
+    (tmp_path / "b.txt").write_text("".join(f"another line {i} of b\n" for i in range(400)))
+    completed = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "producer.py"), "--messages", "10", "--mix", f"a={tmp_path / 'a.txt'}:0.2",
+         "--mix", f"b={tmp_path / 'b.txt'}:0.8"], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    table = [line for line in completed.stdout.splitlines() if line.startswith("| ")][2:]  # after the head and its rule
+    rows = [line.split("|")[1:-1] for line in table]
+    assert [row[0].strip() for row in rows] == ["bert", "uniform", "stages"]
+    assert all(float(cell) > 0 for row in rows for cell in row[1:])

@@ -22,7 +22,7 @@ from producer import prepared
 from producer.corpus import Corpus, load_corpus, tokenize
 from producer.lines import CorpusError
 from producer.prepare import PrepareSettings, prepare
-from producer.stream import RELEASE_EVERY_ROWS
+from producer.source_rows import RELEASE_EVERY_ROWS
 from shared.tokenizer import HFTokenizer
 
 from helpers import ROOT
