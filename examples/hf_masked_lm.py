@@ -4,7 +4,7 @@
     python examples/hf_masked_lm.py --corpus data/tinyshakespeare.txt --max-steps 300 --http-port 8000
 
 Starts its own producer (``python -m producer run --connect ...``, its log in a temporary file),
-builds a ``transformers`` masked LM from a config (no hub download: the vocabulary size, the
+builds a ``transformers`` masked LM (ModernBERT, or ``--model bert``) from a config (no hub download: the vocabulary size, the
 block size and ``[PAD]`` come from the stream), trains it with a plain loop (``--loop plain``)
 or Hugging Face's ``Trainer`` (``--loop hf``), evaluates it on the stream's fixed val set every
 ``--eval-every`` steps and at the end, and reports both losses to the diagnostics server
@@ -42,7 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--http-port", type=int, default=8000, help="diagnostics port (0: any free port)")
     parser.add_argument("--port", type=int, default=0, help="the stream's ZeroMQ port (0: any free port)")
     parser.add_argument("--loop", choices=("plain", "hf"), default="plain", help="a plain PyTorch loop or HF Trainer")
-    parser.add_argument("--model", choices=("bert", "modernbert"), default="bert")
+    parser.add_argument("--model", choices=("modernbert", "bert"), default="modernbert",
+                        help="ModernBertForMaskedLM (rotary positions) or BertForMaskedLM (learned absolute positions: "
+                             "slow to leave the context-free plateau, docs/PLATEAU.md)")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--width", type=int, default=128, help="hidden size (4 heads; feed-forward 4x)")
     parser.add_argument("--block-size", type=int, default=128)

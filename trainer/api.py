@@ -101,7 +101,9 @@ class Stream:
                  curve_authorized_keys: str | None = None, wait_timeout: float | None = 600.0,
                  record_path: str | None = None) -> None:
         curve = None
-        if curve_secret_key is not None or curve_authorized_keys is not None:
+        if (curve_secret_key is None) != (curve_authorized_keys is None):
+            raise ValueError("CurveZMQ needs both curve_secret_key and curve_authorized_keys")
+        if curve_secret_key is not None:
             curve = CurveServer.from_files(curve_secret_key, curve_authorized_keys)
         self.consumer = DatasetConsumer(endpoint, batch_size, device=device, bind=bind, curve=curve, record_path=record_path)
         self.hf_names = hf_names

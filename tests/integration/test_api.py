@@ -139,5 +139,10 @@ def test_the_hugging_face_example_trains_and_reports(loop):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["steps"] == 4 and result["loop"] == loop and result["model"] == "bert"
+    assert result["steps"] == 4 and result["loop"] == loop and result["model"] == "modernbert"
     assert 0 < result["context_free_floor"] < result["val_loss"] < 6, "4 steps: still above the floor"
+
+
+def test_curve_needs_both_key_files():
+    with pytest.raises(ValueError, match="needs both curve_secret_key and curve_authorized_keys"):
+        Stream("tcp://127.0.0.1:*", curve_secret_key="server.key_secret")
