@@ -104,7 +104,7 @@ def train_plain(model, stream: Stream, val, reporter, options: argparse.Namespac
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        evaluated = val_loss(model, val) if step % options.eval_every == 0 or step == options.max_steps else None
+        evaluated = val_loss(model, val) if step % options.eval_every == 0 and step < options.max_steps else None
         reporter.report(step, loss=loss.item(), val_loss=evaluated, lr=optimizer.param_groups[0]["lr"])
         if step == options.max_steps:
             return

@@ -36,8 +36,9 @@ from trainer.data.stats import StreamStats
 from trainer.diagnostics.floor import context_free_floor
 from trainer.diagnostics.reporter import Reporter
 from trainer.loop.checkpoint import load_model
+from trainer.model.exported import TrainedModel
 
-__all__ = ["Stream", "StreamInfo", "StreamDataset", "Reporter", "load_model", "hf_batch", "HF_IGNORE_INDEX"]
+__all__ = ["Stream", "StreamInfo", "StreamDataset", "Reporter", "load_model", "TrainedModel", "hf_batch", "HF_IGNORE_INDEX"]
 
 HF_IGNORE_INDEX = -100  # what Hugging Face's losses skip
 
