@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from shared.meta import StreamMeta
 from trainer.data.source import BatchSource
@@ -23,6 +24,18 @@ from trainer.loop.numbers import EvalNumbers, RunSummary, StepNumbers
 
 # () -> (tokens handed out so far, seconds spent waiting for them): the stream's own counters.
 Meter = Callable[[], "tuple[int, float]"]
+
+
+@dataclass(frozen=True)
+class ForeignStart:
+    """What ``Diagnostics.on_start`` reads of a run: no Linepack ``model`` (so no attention probe:
+    ``context_blind`` judges the val loss against the floor alone) and no val batches of its own."""
+
+    meta: StreamMeta
+    step: int
+    consumer: BatchSource
+    model: None = None
+    val_batches: tuple = ()
 
 
 class Reporter:
@@ -37,7 +50,7 @@ class Reporter:
     def __init__(self, consumer: BatchSource, meter: Meter, meta: StreamMeta, port: int = 8000, host: str = "127.0.0.1",
                  warmup_steps: int = 500) -> None:
         self.diagnostics = Diagnostics(consumer, probe_interval=0, alarm_settings=AlarmSettings(warmup_steps=warmup_steps))
-        self.diagnostics.attach(consumer, meta)
+        self.diagnostics.on_start(ForeignStart(meta=meta, step=0, consumer=consumer))
         self._meter = meter
         self._server = serve_in_thread(create_app(self.diagnostics), host, port)
         self._started = self._last_time = time.perf_counter()

@@ -97,20 +97,13 @@ class Diagnostics:
 
     def on_start(self, trainer: Any) -> None:
         """Attach to ``trainer.consumer``, ``trainer.model`` and ``trainer.val_batches``; pin the floors."""
-        self.attach(trainer.consumer, trainer.meta, int(trainer.step), trainer.model, trainer.val_batches)
-
-    def attach(self, consumer: BatchSource, meta: StreamMeta, step: int = 0, model: Any = None,
-               val_batches: list[dict[str, Any]] | None = None) -> None:
-        """Show a run training from ``consumer`` on ``meta`` from ``step`` on. Without ``model`` (a
-        model that is not Linepack's: ``trainer.diagnostics.reporter``) there is no attention probe;
-        ``context_blind`` then judges the val loss against the floor alone."""
         with self._lock:
-            self._consumer = consumer
-            self._model = model
-            self._val_batches = val_batches or []
+            self._consumer = trainer.consumer
+            self._model = trainer.model
+            self._val_batches = trainer.val_batches
             self._status = "training"
-            self._step = step
-        self.set_meta(meta)
+            self._step = int(trainer.step)
+        self.set_meta(trainer.meta)
 
     def set_meta(self, meta: StreamMeta) -> None:
         floor_train, floor_val = context_free_floor(meta, "train"), context_free_floor(meta, "val")
