@@ -15,6 +15,7 @@ samples, then one JSON line with every number (``ratio`` null when the untrained
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -26,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainer.loop.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint  # noqa: E402
-from trainer.model.transformer import BidirectionalTransformer, ModelConfig  # noqa: E402
+from trainer.model.transformer import BidirectionalTransformer  # noqa: E402
 
 
 def corpus_word_rate(texts: list[str], corpus_words: set[str]) -> tuple[float, int]:
@@ -46,8 +47,8 @@ def untrained_run(trained_run: str, folder: str, seed: int) -> str:
     """A run folder holding the trained checkpoint with its weights replaced by a fresh initialisation."""
     checkpoint = load_checkpoint(Path(trained_run) / CHECKPOINT_NAME)
     torch.manual_seed(seed)
-    model = BidirectionalTransformer(ModelConfig(**checkpoint["model_config"]))
-    save_checkpoint(Path(folder) / CHECKPOINT_NAME, {**checkpoint, "model": model.state_dict(), "step": 0})
+    model = BidirectionalTransformer(checkpoint.model_config)
+    save_checkpoint(Path(folder) / CHECKPOINT_NAME, dataclasses.replace(checkpoint, model=model.state_dict(), step=0))
     return folder
 
 

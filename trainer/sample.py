@@ -4,8 +4,9 @@
                              [--strategy confidence|random] [--temperature 1] [--seed 0]
                              [--prompt TEXT | --infill TEMPLATE] [--json] [--trace FILE]
 
-The model is the run's checkpoint (``DIR/ckpt.pt``, or ``--checkpoint FILE``); it decodes with
-the stream meta saved in it (characters, bytes or its tokenizers file), so no corpus is needed.
+The model is the run's checkpoint (``DIR/ckpt.pt``, or ``--checkpoint FILE``), or ``DIR`` is a
+folder written by ``python -m trainer.export``; it decodes with the stream meta saved in it
+(characters, bytes or its tokenizers file), so no corpus is needed.
 A canvas of ``L`` tokens (``[SEP]`` included; default: the typical row of the stream it trained
 on) starts as ``[MASK]`` everywhere it is to be written, ``--prompt`` fixes a prefix, and
 ``--infill`` gives a template in which ``[MASK]`` marks one position to write and ``[MASK:N]``
@@ -47,12 +48,12 @@ import torch
 from shared import settings
 from shared.meta import StreamMeta
 from shared.settings import at_least, setting
-from trainer.loop.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from trainer.loop.checkpoint import CHECKPOINT_NAME, load_model
 from trainer.loop.config import DEVICES
 from trainer.loop.schedule import resolve_device
-from trainer.loop.startup import checkpoint_meta
+from trainer.model.exported import is_export
 from trainer.model.sampler import STRATEGIES, Canvas, Sample, SamplingError, infill_canvas, prompt_canvas, sample
-from trainer.model.transformer import BidirectionalTransformer, ModelConfig
+from trainer.model.transformer import BidirectionalTransformer
 
 
 def _finite_non_negative(value: float) -> None:
@@ -82,14 +83,6 @@ class SampleSettings:
     device: str = setting("auto", "where to run the model", choices=DEVICES)
 
 
-def load_model(path: str, device: torch.device) -> tuple[BidirectionalTransformer, dict]:
-    """The checkpoint's model (eval mode) on ``device``, and the checkpoint. ValueError when unusable."""
-    checkpoint = load_checkpoint(path, device)
-    model = BidirectionalTransformer(ModelConfig(**checkpoint["model_config"]))
-    model.load_state_dict(checkpoint["model"])
-    return model.to(device).eval(), checkpoint
-
-
 @dataclass(frozen=True)
 class Plan:
     """What :func:`plan` checked and loaded before anything is sampled."""
@@ -111,6 +104,8 @@ def checkpoint_path(options: SampleSettings) -> str:
         return options.checkpoint
     if not os.path.isdir(options.run):
         raise FileNotFoundError(f"no run directory {options.run}")
+    if is_export(options.run):
+        return options.run
     path = os.path.join(options.run, CHECKPOINT_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"run directory {options.run} holds no checkpoint ({CHECKPOINT_NAME}) yet: a run writes one "
@@ -127,9 +122,9 @@ def plan(options: SampleSettings) -> Plan:
         raise SamplingError("--prompt and --infill do not go together")
     path = checkpoint_path(options)
     device = resolve_device(options.device)
-    model, checkpoint = load_model(path, device)
-    meta = checkpoint_meta(checkpoint["meta"])
-    length = options.length or int(checkpoint.get("sample_length") or meta.block_size)
+    trained = load_model(path, device)
+    model, meta = trained.model, trained.meta
+    length = options.length or trained.sample_length or meta.block_size
     if options.infill is not None:
         canvas = infill_canvas(meta, options.infill)
     else:
@@ -137,7 +132,7 @@ def plan(options: SampleSettings) -> Plan:
     masked = int((~canvas.fixed).sum())
     steps = options.steps or masked
     report = {**dataclasses.asdict(options), "checkpoint": path, "length": len(canvas.ids), "steps": min(steps, masked),
-              "positions_to_write": masked, "step_of_checkpoint": int(checkpoint["step"]), "device": str(device)}
+              "positions_to_write": masked, "step_of_checkpoint": trained.step, "device": str(device)}
     return Plan(model, meta, canvas, steps, device, report)
 
 

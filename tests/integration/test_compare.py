@@ -14,14 +14,12 @@ import math
 import pytest
 import torch
 
-from shared.meta import StreamMeta
 from shared.recording import RecordingReader
 from shared.vocab import IGNORE_INDEX
 from trainer import compare
 from trainer.diagnostics.floor import context_free_floor
 from trainer.loop.checkpoint import load_checkpoint
 from trainer.model.losses import token_losses
-from trainer.model.transformer import BidirectionalTransformer, ModelConfig
 
 from helpers.wire import recorded_batches
 
@@ -63,8 +61,7 @@ def common_set(out):
 def loss_on_common(out, arm):
     """The arm's final checkpoint on the common set: mean cross-entropy over supervised positions."""
     checkpoint = load_checkpoint(out / arm / "ckpt.pt")
-    model = BidirectionalTransformer(ModelConfig(**checkpoint["model_config"])).eval()
-    model.load_state_dict(checkpoint["model"])
+    model = checkpoint.build_model()
     _, messages = common_set(out)
     total, count = 0.0, 0
     with torch.no_grad():
@@ -111,9 +108,9 @@ def test_the_arms_differ_only_in_packing_and_the_common_losses_are_real(uniform)
         loss, checkpoint = loss_on_common(out, name)
         assert arm["final"]["val_loss_common"] == pytest.approx(loss, rel=1e-5)
         assert arm["final"]["below_floor_common"] == pytest.approx(report["context_free_floor"] - loss, rel=1e-5)
-        assert checkpoint["step"] == STEPS and checkpoint["train_config"]["loss_weighting"] == "inverse-t"
-        metas[name] = StreamMeta.from_dict(checkpoint["meta"])
-        model_configs[name] = checkpoint["model_config"]
+        assert checkpoint.step == STEPS and checkpoint.train_config["loss_weighting"] == "inverse-t"
+        metas[name] = checkpoint.meta
+        model_configs[name] = checkpoint.model_config
     assert metas["fixed"].packing == "fixed" and metas["lines"].packing == "lines"
     assert {field for field, _, _ in metas["fixed"].differences(metas["lines"])} <= {"packing", "val_messages"}
     assert metas["lines"].corruption_config["policy"] == "uniform"
@@ -134,8 +131,8 @@ def test_the_bert_policy_reaches_both_arms_and_its_floor(bert):
     assert report["context_free_floor"] == pytest.approx(context_free_floor(meta, "val"))
     for name in ("fixed", "lines"):
         loss, checkpoint = loss_on_common(out, name)
-        assert checkpoint["meta"]["corruption"] == meta.to_dict()["corruption"]
-        assert checkpoint["train_config"]["loss_weighting"] == "none"
+        assert checkpoint.meta.corruption == meta.corruption
+        assert checkpoint.train_config["loss_weighting"] == "none"
         assert report["arms"][name]["final"]["val_loss_common"] == pytest.approx(loss, rel=1e-5)
     assert "policy `bert` (15%)" in (out / "report.md").read_text()
 

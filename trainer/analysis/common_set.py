@@ -3,7 +3,6 @@ every arm's final checkpoint is evaluated with the same loss, attention probe an
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -15,9 +14,8 @@ from trainer.data.assembly import val_set_batches
 from trainer.data.device import to_device
 from trainer.diagnostics.alarms import AlarmInputs, AlarmSettings, context_blind
 from trainer.diagnostics.probe import attention_probe, build_probe_set
-from trainer.loop.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from trainer.loop.checkpoint import load_model
 from trainer.model.evaluation import evaluate
-from trainer.model.transformer import BidirectionalTransformer, ModelConfig
 
 NAMES = ("x", "y", "attention_mask")
 
@@ -42,19 +40,12 @@ def load_val_recording(path: str, batch_size: int) -> tuple[StreamMeta, list[dic
     return meta, [to_device(device, batch) for batch in val_set_batches(messages, NAMES, batch_size)]
 
 
-def load_model(arm_dir: str) -> tuple[BidirectionalTransformer, StreamMeta, int]:
-    """The arm's final model (eval mode, CPU), the stream meta it trained on, and its step."""
-    checkpoint = load_checkpoint(os.path.join(arm_dir, CHECKPOINT_NAME), "cpu")
-    model = BidirectionalTransformer(ModelConfig(**checkpoint["model_config"]))
-    model.load_state_dict(checkpoint["model"])
-    return model.eval(), StreamMeta.from_dict(checkpoint["meta"]), int(checkpoint["step"])
-
-
 def evaluate_on_common(arm_dir: str, common_meta: StreamMeta, common: list[dict[str, torch.Tensor]], floor: float,
                        alarm_warmup_steps: int) -> dict[str, Any]:
     """Loss, attention probe and context_blind of the arm's final model on the common set, and
     the stream meta it trained on."""
-    model, meta, step = load_model(arm_dir)
+    trained = load_model(arm_dir)  # the arm's final model (eval mode, CPU)
+    model, meta, step = trained.model, trained.meta, trained.step
     if meta.tokenizer_digest != common_meta.tokenizer_digest or meta.block_size < common_meta.block_size:
         raise ValueError(f"{arm_dir} was trained on another vocabulary or a shorter block than the common set")
     result = evaluate(model, common)

@@ -1,7 +1,9 @@
 """Checkpoints: written atomically, verified by a digest, read back with ``torch.load(weights_only=True)``.
 
-A checkpoint is a dict of tensors and plain Python values only (no pickled classes), so
-it loads with ``weights_only=True``:
+Between modules a checkpoint is a :class:`Checkpoint` (typed fields); :func:`load_model` is the
+one way to get a trained model back, from a run's checkpoint or an exported folder
+(``trainer.model.exported``). On disk it is a dict of tensors and plain Python values only (no
+pickled classes), so it loads with ``weights_only=True``:
 
     model         the model's state_dict
     optimizer     the optimizer's state_dict
@@ -26,11 +28,17 @@ import contextlib
 import hashlib
 import json
 import os
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from shared.meta import StreamMeta
+from trainer.data.orders import Cursor
 from trainer.fds import retry_out_of_descriptors
+from trainer.model import exported
+from trainer.model.exported import TrainedModel
+from trainer.model.transformer import BidirectionalTransformer, ModelConfig
 
 CHECKPOINT_NAME = "ckpt.pt"
 
@@ -66,7 +74,69 @@ def state_digest(state: dict[str, Any]) -> str:
     return digest.hexdigest()
 
 
-def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
+@dataclass(frozen=True)
+class Checkpoint:
+    """What a checkpoint holds (the module docstring lists the on-disk keys).
+
+    ``model`` and ``optimizer`` are the state_dicts; ``train_config`` is the ``TrainConfig`` it
+    trained with as a plain record (``dataclasses.asdict``: read, never rebuilt, so a checkpoint
+    outlives a renamed flag); ``rng`` is :func:`rng_state`; ``sample_length`` the median real
+    length of the val rows (None in old checkpoints); ``cursor`` the data schedule's cursor after
+    the batch of ``step`` (None in checkpoints written before the schedule existed).
+    """
+
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    step: int
+    model_config: ModelConfig
+    meta: StreamMeta
+    train_config: dict[str, Any] = field(default_factory=dict)
+    rng: dict[str, Any] = field(default_factory=dict)
+    sample_length: int | None = None
+    cursor: Cursor | None = None
+
+    def to_state(self) -> dict[str, Any]:
+        """The plain dict written to disk (no digest)."""
+        state = {"model": self.model, "optimizer": self.optimizer, "step": self.step,
+                 "model_config": self.model_config.to_dict(), "train_config": self.train_config,
+                 "meta": self.meta.to_dict(), "rng": self.rng}
+        if self.sample_length is not None:
+            state["sample_length"] = self.sample_length
+        if self.cursor is not None:
+            state["cursor"] = self.cursor.to_dict()
+        return state
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], path: str | os.PathLike = "the checkpoint") -> Checkpoint:
+        """The typed form of a loaded dict; ValueError naming ``path`` when a field does not parse.
+        A protocol-1 meta (characters only, before the tokenizer fields) is upgraded."""
+        try:
+            return cls(model=state["model"], optimizer=state["optimizer"], step=int(state["step"]),
+                       model_config=ModelConfig(**state["model_config"]), meta=checkpoint_meta(state["meta"]),
+                       train_config=dict(state["train_config"]), rng=state["rng"],
+                       sample_length=None if state.get("sample_length") is None else int(state["sample_length"]),
+                       cursor=Cursor.from_dict(state["cursor"]) if "cursor" in state else None)
+        except (TypeError, ValueError, KeyError) as error:
+            raise ValueError(f"unusable checkpoint {path}: {type(error).__name__}: {str(error)[:300]}") from None
+
+    def build_model(self, device: torch.device | str = "cpu") -> BidirectionalTransformer:
+        """The model with these weights, on ``device``, in eval mode."""
+        model = BidirectionalTransformer(self.model_config)
+        model.load_state_dict(self.model)
+        return model.to(device).eval()
+
+
+def checkpoint_meta(data: dict[str, Any]) -> StreamMeta:
+    """The stream meta a checkpoint was trained on (one written before the tokenizer fields too)."""
+    return StreamMeta.from_v1_dict(data) if "tokenizer" not in data else StreamMeta.from_dict(data)
+
+
+def save_checkpoint(path: str | os.PathLike, checkpoint: Checkpoint) -> None:
+    """Write ``checkpoint`` atomically (:func:`save_state`)."""
+    save_state(path, checkpoint.to_state())
+
+
+def save_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
     """Write ``state`` and its digest to ``path`` atomically: a temporary file, fsync, then ``os.replace``.
 
     A reader (or a crash) sees either the previous checkpoint or the new one, never a torn file.
@@ -103,13 +173,18 @@ def _write(path: str, state: dict[str, Any]) -> None:
 CHECKPOINT_KEYS = ("model", "optimizer", "step", "model_config", "train_config", "meta", "rng", "digest")
 
 
-def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> Checkpoint:
     """Read a checkpoint written by :func:`save_checkpoint`; tensors land on ``device``.
 
     Raises FileNotFoundError when there is none, ValueError when the file is not a readable
     checkpoint of this format (garbage, truncated, pickled objects, missing keys, a digest that
-    does not match).
+    does not match, a field that does not parse).
     """
+    return Checkpoint.from_state(load_state(path, device), path)
+
+
+def load_state(path: str | os.PathLike, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """The dict :func:`save_state` wrote, its keys and digest checked (see :func:`load_checkpoint`)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}: nothing to resume")
     try:
@@ -138,3 +213,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
         # A checkpoint from a host with more GPUs has more states than there are devices here.
         for device, generator_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
             torch.cuda.set_rng_state(generator_state.cpu(), device)
+
+
+def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> TrainedModel:
+    """The model at ``path``: a checkpoint file, a run directory (its ``ckpt.pt``) or a folder
+    written by ``python -m trainer.export``. FileNotFoundError / ValueError when there is none or
+    it is unusable."""
+    path = os.fspath(path)
+    if exported.is_export(path):
+        return exported.read_export(path, device)
+    if os.path.isdir(path):
+        path = os.path.join(path, CHECKPOINT_NAME)
+    checkpoint = load_checkpoint(path, device)
+    return TrainedModel(checkpoint.build_model(device), checkpoint.meta, checkpoint.step, checkpoint.sample_length, path)

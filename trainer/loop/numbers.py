@@ -30,13 +30,14 @@ class RunStart:
     """What the loop hands its observers before the first step: the pinned ``meta``, the step
     it starts from (``step``: steps already done, > 0 on resume), the ``consumer`` it trains
     from (read-only use: its stats, cursor and histograms), the ``model`` (``eval()`` and
-    forward only, under the caller's lock) and the fixed ``val_batches``."""
+    forward only, under the caller's lock; None for a loop that is not Linepack's: no attention
+    probe) and the fixed ``val_batches`` (the probe's inputs)."""
 
     meta: StreamMeta
     step: int
     consumer: BatchSource
-    model: torch.nn.Module
-    val_batches: list[Batch]
+    model: torch.nn.Module | None = None
+    val_batches: list[Batch] = dataclasses.field(default_factory=list)
 
 
 @dataclass(frozen=True)

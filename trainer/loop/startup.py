@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from shared.meta import StreamMeta
-from trainer.loop.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from trainer.loop.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint
 from trainer.loop.config import TrainConfig
 from trainer.loop.observers import METRICS_NAME
 from trainer.model.transformer import ModelConfig
@@ -54,7 +54,7 @@ def check_nothing_to_overwrite(config: TrainConfig) -> None:
                          f"overwritten: pass --resume to continue that run, or choose another --out-dir")
 
 
-def checkpoint_to_resume(config: TrainConfig, path: str, device: torch.device) -> dict[str, Any] | None:
+def checkpoint_to_resume(config: TrainConfig, path: str, device: torch.device) -> Checkpoint | None:
     """The checkpoint ``--resume`` asks for: None for ``never`` (and for ``auto`` without one);
     FileNotFoundError for ``always`` without one; ValueError for one that is unusable."""
     if config.resume == "never" or (config.resume == "auto" and not os.path.exists(path)):
@@ -62,13 +62,13 @@ def checkpoint_to_resume(config: TrainConfig, path: str, device: torch.device) -
     return load_checkpoint(path, device)
 
 
-def model_config_for(checkpoint: dict[str, Any] | None, requested: ModelConfig, meta: StreamMeta) -> ModelConfig:
+def model_config_for(checkpoint: Checkpoint | None, requested: ModelConfig, meta: StreamMeta) -> ModelConfig:
     """The model to build: the checkpoint's (it wins over the flags) or the requested one for this stream."""
     if checkpoint is None:
         config = requested.for_stream(meta)
     else:
-        check_resumable(checkpoint_meta(checkpoint["meta"]), meta)
-        config = ModelConfig(**checkpoint["model_config"])
+        check_resumable(checkpoint.meta, meta)
+        config = checkpoint.model_config
         differs = [f"{name} {getattr(config, name)} (flags: {getattr(requested, name)})"
                    for name in ("n_layer", "n_head", "n_embd", "dropout", "positions", "bias", "qk_norm", "init_std")
                    if getattr(config, name) != getattr(requested, name)]
@@ -76,11 +76,6 @@ def model_config_for(checkpoint: dict[str, Any] | None, requested: ModelConfig, 
             log.warning("--resume: the checkpoint's model is used, not the flags': %s", ", ".join(differs))
     config.check_covers(meta)
     return config
-
-
-def checkpoint_meta(data: dict[str, Any]) -> StreamMeta:
-    """The stream meta a checkpoint was trained on (one written before the tokenizer fields too)."""
-    return StreamMeta.from_v1_dict(data) if "tokenizer" not in data else StreamMeta.from_dict(data)
 
 
 def check_resumable(trained_on: StreamMeta, stream: StreamMeta) -> None:

@@ -34,7 +34,7 @@ from shared.meta import StreamMeta
 from trainer.data.orders import Cursor
 from trainer.data.source import Batch, BatchSource
 from trainer.fds import out_of_descriptors
-from trainer.loop.checkpoint import CHECKPOINT_NAME, CheckpointWriteError, rng_state, save_checkpoint, set_rng_state
+from trainer.loop.checkpoint import CHECKPOINT_NAME, Checkpoint, CheckpointWriteError, rng_state, save_checkpoint, set_rng_state
 from trainer.loop.config import TrainConfig
 from trainer.loop.distributed import Ranks, parameter_digest
 from trainer.loop.interval import LogInterval
@@ -109,13 +109,13 @@ class Trainer:
         self.model = BidirectionalTransformer(self.model_config).to(self.device)
         self.optimizer = make_optimizer(self.model, config, self.device)
         if checkpoint is not None:
-            self.model.load_state_dict(checkpoint["model"])
-            self.optimizer.load_state_dict(checkpoint["optimizer"])
-            self.step = self._saved_step = int(checkpoint["step"])
-            set_rng_state(checkpoint["rng"])
+            self.model.load_state_dict(checkpoint.model)
+            self.optimizer.load_state_dict(checkpoint.optimizer)
+            self.step = self._saved_step = checkpoint.step
+            set_rng_state(checkpoint.rng)
             self._resumed = True
             log.info("resumed from %s at step %d", self.checkpoint_path, self.step)
-        cursor = Cursor.from_dict(checkpoint["cursor"]) if checkpoint is not None and "cursor" in checkpoint else None
+        cursor = checkpoint.cursor if checkpoint is not None else None
         if cursor is None and checkpoint is not None:
             log.warning("the checkpoint holds no data cursor (written before the schedule existed): the data starts over")
         self.consumer.seek(cursor or Cursor(world=self.ranks.world_size))
@@ -212,17 +212,10 @@ class Trainer:
                  time.perf_counter() - started)
 
     def _write_checkpoint(self) -> None:
-        save_checkpoint(self.checkpoint_path, {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "step": self.step,
-            "model_config": self.model_config.to_dict(),
-            "train_config": dataclasses.asdict(self.config),
-            "meta": self.meta.to_dict(),
-            "rng": rng_state(),
-            "sample_length": self.typical_length,
-            "cursor": self.consumer.cursor.to_dict(),
-        })
+        save_checkpoint(self.checkpoint_path, Checkpoint(
+            model=self.model.state_dict(), optimizer=self.optimizer.state_dict(), step=self.step,
+            model_config=self.model_config, meta=self.meta, train_config=dataclasses.asdict(self.config),
+            rng=rng_state(), sample_length=self.typical_length, cursor=self.consumer.cursor))
         self._saved_step = self.step
 
     # ---- the loop ----------------------------------------------------------------------

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from producer.corpus import Corpus
 from producer.stream import BatchStream
 from shared.data_config import DataConfig
-from trainer.loop.checkpoint import save_checkpoint
+from trainer.loop.checkpoint import Checkpoint, save_checkpoint
 from trainer.loop.live_samples import PROMPT_TOKENS, LiveSampler
 from trainer.model import sampler
 from trainer.model.sampler import SamplingError, infill_canvas, prompt_canvas, reveal_schedule, sample
@@ -213,9 +213,8 @@ def test_live_samples_keep_their_canvases_and_bound_their_steps(trained):
 
 def save_run(directory, meta, model) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(directory / "ckpt.pt", {"model": model.state_dict(), "optimizer": {}, "step": 200,
-                                            "model_config": model.config.to_dict(), "train_config": {},
-                                            "meta": meta.to_dict(), "rng": {}, "sample_length": 30})
+    save_checkpoint(directory / "ckpt.pt", Checkpoint(model=model.state_dict(), optimizer={}, step=200,
+                                                      model_config=model.config, meta=meta, sample_length=30))
 
 
 def sample_cli(*args):

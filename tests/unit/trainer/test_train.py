@@ -104,7 +104,7 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path):
     first = StepLosses()
     train(tmp_path / "split", batches[:10], meta, val, [first], lr_decay_iters=20)
     checkpoint = load_checkpoint(tmp_path / "split" / "ckpt.pt")
-    assert checkpoint["step"] == 10 and checkpoint["meta"] == meta.to_dict()
+    assert checkpoint.step == 10 and checkpoint.meta == meta
     second = StepLosses()
     run, _ = train(tmp_path / "split", batches[10:], meta, val, [second], lr_decay_iters=20, max_iters=20, resume="always")
     assert run.step == 20
