@@ -24,7 +24,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from producer.corpus import read_text  # noqa: E402
-from producer.stages import EXAMPLE_STAGES, load_stage_plan  # noqa: E402
 from producer.stream import BatchStream  # noqa: E402
 from shared.data_config import DataConfig  # noqa: E402
 from shared.vocab import IGNORE_INDEX  # noqa: E402
@@ -49,7 +48,7 @@ class ReferenceProducer:
             offset += len(line)
         self.line_starts.append(offset)
         self.random = random.Random(seed)
-        self.plan = load_stage_plan(self.config.stages or EXAMPLE_STAGES) if self.config.policy == "stages" else None
+        self.plan = stream.corruption.policy if stream.corruption.carries_stage else None
 
     def message(self) -> dict[str, np.ndarray]:
         rows = [self.row() for _ in range(ROWS)]

@@ -16,10 +16,8 @@ message from any producer (the schedule, docs/SPEC.md §2.8):
   ``rows_per_message`` rows (the last may be shorter), corrupted by the val stages for the
   stages policy and by the train policy otherwise.
 
-``meta.corruption`` describes the policy completely (the context-free floor is computed from
-it): ``policy`` and its parameters (``mask_prob``; ``ratio_range``; or ``stages`` with the
-``train`` and ``val`` stage lists, each stage its ``type`` and parameters; span stages use
-``[MASK]`` only), ``mask_fractions``, ``supervise_sep`` and ``random_token``.
+``meta.corruption`` (``shared.corruption.Corruption``) describes the corruption completely
+(the context-free floor is computed from it).
 """
 
 from __future__ import annotations
@@ -30,18 +28,16 @@ from itertools import count
 import numpy as np
 
 from producer.corpus import Corpus, load_corpus, tokenize
-from producer.corruption import BertPolicy, UniformPolicy, corrupt, mask_ratio
+from producer.corruption import corrupt, mask_ratio
 from producer.lines import Lines, TokenCorpus
 from producer.packing import FixedPacker, LinePacker
 from producer.packs import MappedPacks, epoch_packs
 from producer.permutation import ROUNDS, KeyedPermutation
-from producer.stages import EXAMPLE_STAGES, StagesPolicy, load_stage_plan
+from producer.selection import select
 from shared.data_config import DataConfig
 from shared.limits import MAX_VAL_ROWS
 from shared.meta import StreamMeta
 
-# How a "random" replacement is drawn, as the corruption description states it.
-RANDOM_TOKEN = "uniform over the base ids other than the original"
 DEFAULT_PRODUCER_ID = "0"
 # A memory-mapped corpus is read a few rows at a time; every so many rows the producer drops its
 # resident pages (the page cache keeps them), so its memory stays flat however long it runs and
@@ -75,7 +71,7 @@ class BatchStream:
         self._rows_since_release = 0
         self._train_packer = self._packer(train)
         self._val_packer = self._packer(val) if val is not None else None
-        self._policy = _policy(config)
+        self.corruption = config.corruption()
         self._val_starts = (
             self._val_packer.greedy_starts(MAX_VAL_ROWS) if self._val_packer is not None else np.zeros(0, np.int64)
         )
@@ -83,15 +79,9 @@ class BatchStream:
         self._val_set: list[Batch] | None = None
         self._orders: dict[tuple[int, int], np.ndarray] = {}
         rows = config.rows_per_message
-        corruption = {
-            **self._policy.describe(),
-            "mask_fractions": list(config.mask_fractions),
-            "supervise_sep": config.supervise_sep,
-            "random_token": RANDOM_TOKEN,
-        }
         self.meta = StreamMeta.build(
             self.tokenizer,
-            corruption,
+            self.corruption,
             self.corpus.train_counts,
             block_size=config.block_size,
             rows_per_message=rows,
@@ -164,11 +154,9 @@ class BatchStream:
 
     def _batch(self, rng: np.random.Generator, packer: LinePacker | FixedPacker, starts: np.ndarray, split: str) -> Batch:
         packed = packer.pack(starts)
-        n_candidates = packed.content_len
-        if self.config.supervise_sep and self.config.packing == "lines":
-            n_candidates = n_candidates + 1
+        n_candidates = self.corruption.candidates(packed.content_len, self.config.packing)
         block_size = self.config.block_size
-        selection = self._policy.select(rng, n_candidates, block_size, split)
+        selection = select(self.corruption.policy, rng, n_candidates, block_size, split)
         x = packed.x
         y = corrupt(rng, x, selection, self.config.mask_fractions, self.tokenizer.base_size, self.tokenizer.mask_id)
         self._rows_since_release += len(x)
@@ -187,10 +175,3 @@ class BatchStream:
             batch["stage"] = selection.stage
         return batch
 
-
-def _policy(config: DataConfig):
-    if config.policy == "bert":
-        return BertPolicy(config.mask_prob)
-    if config.policy == "uniform":
-        return UniformPolicy(config.ratio_range)
-    return StagesPolicy(load_stage_plan(config.stages if config.stages is not None else EXAMPLE_STAGES))

@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 
+from shared.corruption import BertPolicy
 from shared.meta import StreamMeta
 from shared.recording import RecordingReader
 from shared.vocab import IGNORE_INDEX
@@ -116,7 +117,7 @@ def test_the_arms_differ_only_in_packing_and_the_common_losses_are_real(uniform)
         model_configs[name] = checkpoint["model_config"]
     assert metas["fixed"].packing == "fixed" and metas["lines"].packing == "lines"
     assert {field for field, _, _ in metas["fixed"].differences(metas["lines"])} <= {"packing", "val_messages"}
-    assert metas["lines"].corruption_config["policy"] == "uniform"
+    assert metas["lines"].corruption.policy.name == "uniform"
     assert model_configs["fixed"] == model_configs["lines"]
 
     comparison = report["comparison"]
@@ -130,7 +131,7 @@ def test_the_arms_differ_only_in_packing_and_the_common_losses_are_real(uniform)
 def test_the_bert_policy_reaches_both_arms_and_its_floor(bert):
     out, report = bert
     meta, _ = common_set(out)
-    assert meta.corruption_config["policy"] == "bert" and meta.corruption_config["mask_prob"] == 0.15
+    assert meta.corruption.policy == BertPolicy(0.15)
     assert report["context_free_floor"] == pytest.approx(context_free_floor(meta, "val"))
     for name in ("fixed", "lines"):
         loss, checkpoint = loss_on_common(out, name)

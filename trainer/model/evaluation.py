@@ -37,7 +37,7 @@ class EvalResult:
     """Mean cross-entropy in nats over ``supervised`` positions; ``by_stage``: stage id (as a
     string) -> its mean, for the stage ids present (empty when the batches carry no ``stage``);
     ``weighted``: the ``inverse-t`` weighted mean (rows weighted by ``1 / mask_ratio``), which is
-    the NLL bound per token for mask-only streams with a uniform ratio (``losses.nll_bound_unavailable``)."""
+    the NLL bound per token for mask-only streams with a uniform ratio (``shared.corruption.Corruption.nll_bound_unavailable``)."""
 
     loss: float
     supervised: int

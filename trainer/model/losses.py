@@ -64,22 +64,3 @@ def weighted_mean_loss(
     weights = supervised / mask_ratio.float().clamp(min=MIN_MASK_RATIO)[:, None]
     return (weights * losses).sum() / weights.sum().clamp(min=torch.finfo(torch.float32).tiny)
 
-
-def nll_bound_unavailable(corruption: dict) -> str | None:
-    """None when the ``inverse-t`` weighted loss of a stream is an upper bound on its negative
-    log-likelihood per token (the MDLM / LLaDA bound), else why not.
-
-    The bound needs the absorbing (mask-only) corruption, ``mask_fractions`` 1,0,0, at a per-row
-    ratio drawn uniformly over [0, 1] (``--policy uniform --ratio-range 0,1``): then a row's
-    ``1/t``-weighted masked cross-entropy estimates ``E_t[(1/t) sum_masked -log p]``, and
-    the weighted mean over rows is that estimate per token. (The ratio is ``round(t n) / n``,
-    so it is the bound up to that rounding.)
-    """
-    fractions = [float(v) for v in corruption.get("mask_fractions", ())]
-    if corruption.get("policy") != "uniform":
-        return f"the policy is {corruption.get('policy')}, the bound needs uniform"
-    if [float(v) for v in corruption.get("ratio_range", ())] != [0.0, 1.0]:
-        return "the bound needs a mask ratio drawn over the whole of [0, 1] (--ratio-range 0,1)"
-    if fractions != [1.0, 0.0, 0.0]:
-        return "the bound needs mask-only corruption (--mask-fractions 1,0,0)"
-    return None

@@ -7,18 +7,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from producer.corruption import BertPolicy, Selection, UniformPolicy, choose_k, corrupt, mask_ratio
-from producer.stages import (
-    EXAMPLE_STAGES,
+from producer.corruption import Selection, choose_k, corrupt, mask_ratio
+from producer.selection import select
+from producer.stages import span_select, sticky_select
+from shared.corruption import (
+    BASELINE_STAGES,
+    BertPolicy,
+    CorruptionError,
     RandomStage,
     SpanStage,
-    StageError,
-    StagePlan,
     StagesPolicy,
     StickyStage,
-    load_stage_plan,
-    span_select,
-    sticky_select,
+    UniformPolicy,
+    load_stage_file,
 )
 
 BASE = 60  # base ids 0..59
@@ -70,7 +71,7 @@ def test_choose_k_is_uniform_over_the_candidates():
 POLICIES = {
     "bert": BertPolicy(0.15),
     "uniform": UniformPolicy((0.2, 0.7)),
-    "stages": StagesPolicy(load_stage_plan(EXAMPLE_STAGES)),
+    "stages": load_stage_file(BASELINE_STAGES),
 }
 
 
@@ -81,7 +82,7 @@ def test_policies_supervise_only_candidates_and_corrupt_by_the_rules(name, split
     rng = np.random.default_rng(seed)
     x, n_candidates = packed_rows(rng, rows, block_size, supervise_sep)
     original = x.copy()
-    selection = POLICIES[name].select(rng, n_candidates, block_size, split)
+    selection = select(POLICIES[name], rng, n_candidates, block_size, split)
     supervised = selection.supervised
     positions = np.arange(block_size)
     assert not (supervised & (positions >= n_candidates[:, None])).any()
@@ -98,7 +99,7 @@ def test_policies_supervise_only_candidates_and_corrupt_by_the_rules(name, split
     if name == "uniform":
         assert (count >= np.rint(0.2 * n_candidates)).all() and (count <= np.rint(0.7 * n_candidates)).all()
     if name == "stages":
-        stages = getattr(POLICIES["stages"].plan, split)
+        stages = getattr(POLICIES["stages"], split)
         assert selection.stage.dtype == np.uint8
         shares = np.bincount(selection.stage, minlength=len(stages))
         assert shares.max() - shares.min() <= 1
@@ -117,19 +118,19 @@ def test_bert_rate_and_exact_uniform_counts():
     rng = np.random.default_rng(2)
     rows, block_size = 400, 256
     n_candidates = rng.integers(0, block_size + 1, rows)
-    supervised = BertPolicy(0.15).select(rng, n_candidates, block_size, "train").supervised
+    supervised = select(BertPolicy(0.15), rng, n_candidates, block_size, "train").supervised
     assert abs(supervised.sum() / n_candidates.sum() - 0.15) < sigma5(0.15, n_candidates.sum())
-    supervised = UniformPolicy((0.3, 0.3)).select(rng, n_candidates, block_size, "train").supervised
+    supervised = select(UniformPolicy((0.3, 0.3)), rng, n_candidates, block_size, "train").supervised
     assert (supervised.sum(axis=1) == np.rint(0.3 * n_candidates)).all()
-    ratios = mask_ratio(UniformPolicy((0.0, 1.0)).select(rng, np.full(4000, 500), 500, "train").supervised, np.full(4000, 500))
+    ratios = mask_ratio(select(UniformPolicy((0.0, 1.0)), rng, np.full(4000, 500), 500, "train").supervised, np.full(4000, 500))
     assert abs(ratios.mean() - 0.5) < 5 * math.sqrt(1 / 12 / 4000)
 
 
 def test_a_random_stage_draws_its_ratio_uniformly_up_to_its_maximum():
     rng = np.random.default_rng(7)
-    policy = StagesPolicy(StagePlan(train=(RandomStage(0.6),), val=(RandomStage(0.6),)))
+    policy = StagesPolicy(train=(RandomStage(0.6),), val=(RandomStage(0.6),))
     rows, n = 4000, 500
-    ratios = mask_ratio(policy.select(rng, np.full(rows, n), n, "train").supervised, np.full(rows, n))
+    ratios = mask_ratio(select(policy, rng, np.full(rows, n), n, "train").supervised, np.full(rows, n))
     # U(0, 0.6): mean 0.3, sd 0.6 / sqrt(12); a stage stuck at 0 or at its maximum fails here.
     assert abs(ratios.mean() - 0.3) < 5 * 0.6 / math.sqrt(12 * rows)
     assert ratios.min() < 0.01 and 0.59 < ratios.max() <= 0.6
@@ -204,13 +205,13 @@ def test_spans_are_at_most_k_runs_inside_the_candidates(seed, k, block_size):
 
 
 def test_baseline_stage_file_parses():
-    plan = load_stage_plan(EXAMPLE_STAGES)
+    plan = load_stage_file(BASELINE_STAGES)
     assert len(plan.train) == 9 and len(plan.val) == 14
     assert plan.train[0] == StickyStage(0.4, 0.15, 0.3)
     assert plan.train[2] == RandomStage(0.5) and plan.train[3] == SpanStage(20)
-    described = plan.describe()
+    described = plan.to_dict()["stages"]
     assert described["train"][3] == {"type": "span", "spans_count": 20}
-    assert isinstance(plan, StagePlan)
+    assert isinstance(plan, StagesPolicy)
 
 
 @pytest.mark.parametrize(
@@ -229,7 +230,7 @@ def test_baseline_stage_file_parses():
 def test_invalid_stage_files_are_rejected(tmp_path, text, message):
     path = tmp_path / "stages.toml"
     path.write_text(text)
-    with pytest.raises(StageError, match=message):
-        load_stage_plan(path)
-    with pytest.raises(StageError, match="stage file"):
-        load_stage_plan(tmp_path / "missing.toml")
+    with pytest.raises(CorruptionError, match=message):
+        load_stage_file(path)
+    with pytest.raises(CorruptionError, match="stage file"):
+        load_stage_file(tmp_path / "missing.toml")
