@@ -198,7 +198,7 @@ class _Policy:
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
-    def _check(self) -> None:
+    def __post_init__(self) -> None:
         """Each setting's own ``check``, as a :class:`CorruptionError` naming the field."""
         for f in settings_fields(type(self)):
             try:
@@ -221,7 +221,7 @@ class _Policy:
 
 def _probability(value: Any) -> None:
     if not (_is_number(value) and 0 < value <= 1):
-        raise ValueError(f"mask probability {value} is outside (0, 1]")
+        raise ValueError(f"{value} is outside (0, 1]")
 
 
 def _ratio_range(value: Any) -> None:
@@ -235,9 +235,6 @@ class BertPolicy(_Policy):
 
     mask_prob: float = setting(0.15, "bert: probability that a candidate is supervised", check=_probability)
     name: ClassVar[str] = "bert"
-
-    def __post_init__(self) -> None:
-        self._check()
 
     def floor_parts(self, split: str, candidates: int) -> tuple[FloorPart, ...]:
         return (FloorPart(self.mask_prob),)
@@ -253,9 +250,6 @@ class UniformPolicy(_Policy):
     ratio_range: tuple[float, float] = setting((0.0, 1.0), "uniform: per-row ratio r ~ U(LO, HI)", metavar="LO,HI",
                                                parse=floats, show=show_floats, check=_ratio_range)
     name: ClassVar[str] = "uniform"
-
-    def __post_init__(self) -> None:
-        self._check()
 
     @classmethod
     def from_flags(cls, values: Any) -> UniformPolicy:
@@ -318,6 +312,29 @@ class StagesPolicy(_Policy):
         return tuple(FloorPart(stage.expected_ratio(candidates), stage.mask_only) for stage in getattr(self, split))
 
 
+def _span_mean(value: Any) -> None:
+    if not (_is_number(value) and 1 <= value <= MAX_SPANS):
+        raise ValueError(f"mean span length {value} is outside [1, {MAX_SPANS}]")
+
+
+@dataclass(frozen=True)
+class SpanPolicy(_Policy):
+    """Span masking (SpanBERT / T5 style): per row, ``round(span_ratio * n)`` candidates in
+    non-overlapping spans whose lengths are geometric with mean ``span_mean`` (the last one
+    cut to the count), placed uniformly at random and apart where the row has room. Each
+    supervised input then follows the mask fractions, as with bert."""
+
+    span_ratio: float = setting(0.15, "span: fraction of a row's candidates supervised, in spans", check=_probability)
+    span_mean: float = setting(3.0, "span: mean span length (geometric lengths, >= 1)", check=_span_mean)
+    name: ClassVar[str] = "span"
+
+    def floor_parts(self, split: str, candidates: int) -> tuple[FloorPart, ...]:
+        return (FloorPart(self.span_ratio),)
+
+    def label(self) -> str:
+        return f"span ({self.span_ratio:.0%}, mean length {self.span_mean:g})"
+
+
 def load_stage_file(path: str | Path) -> StagesPolicy:
     """Parse and validate a TOML stage file (``[[train]]`` and ``[[val]]`` tables, each a stage);
     raises :class:`CorruptionError` naming the file and the stage. Ratios become floats."""
@@ -344,8 +361,8 @@ def load_stage_file(path: str | Path) -> StagesPolicy:
     return StagesPolicy(**lists)
 
 
-Policy = BertPolicy | UniformPolicy | StagesPolicy
-POLICY_TYPES: dict[str, type[Policy]] = {cls.name: cls for cls in (BertPolicy, UniformPolicy, StagesPolicy)}
+Policy = BertPolicy | UniformPolicy | StagesPolicy | SpanPolicy
+POLICY_TYPES: dict[str, type[Policy]] = {cls.name: cls for cls in (BertPolicy, UniformPolicy, StagesPolicy, SpanPolicy)}
 
 
 def policy_flags() -> dict[str, tuple[Any, dataclasses.Field]]:

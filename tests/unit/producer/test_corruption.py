@@ -15,6 +15,7 @@ from shared.corruption import (
     BertPolicy,
     CorruptionError,
     RandomStage,
+    SpanPolicy,
     SpanStage,
     StagesPolicy,
     StickyStage,
@@ -72,6 +73,7 @@ POLICIES = {
     "bert": BertPolicy(0.15),
     "uniform": UniformPolicy((0.2, 0.7)),
     "stages": load_stage_file(BASELINE_STAGES),
+    "span": SpanPolicy(0.3, 3.0),
 }
 
 
@@ -234,3 +236,58 @@ def test_invalid_stage_files_are_rejected(tmp_path, text, message):
         load_stage_file(path)
     with pytest.raises(CorruptionError, match="stage file"):
         load_stage_file(tmp_path / "missing.toml")
+
+
+def span_runs(row: np.ndarray) -> np.ndarray:
+    """Lengths of the maximal runs of True in a bool row."""
+    edges = np.diff(np.concatenate([[0], row.astype(np.int8), [0]]))
+    return np.flatnonzero(edges == -1) - np.flatnonzero(edges == 1)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 30), st.integers(2, 200), st.floats(0.01, 1.0), st.floats(1.0, 12.0))
+def test_span_masking_reaches_the_ratio_inside_the_content(seed, rows, block_size, ratio, mean):
+    rng = np.random.default_rng(seed)
+    n_candidates = rng.integers(0, block_size + 1, rows)
+    policy = SpanPolicy(ratio, mean)
+    supervised = select(policy, rng, n_candidates, block_size, "train").supervised
+    assert supervised.shape == (rows, block_size) and supervised.dtype == bool
+    # Spans lie inside the candidates.
+    assert not (supervised & (np.arange(block_size) >= n_candidates[:, None])).any()
+    # The ratio is reached, within one span: exactly round(ratio * n), the last span cut to fit.
+    target = np.minimum(np.rint(ratio * n_candidates).astype(np.int64), n_candidates)
+    assert (supervised.sum(axis=1) == target).all()
+    # Spans are kept apart where the row has room even for single-position spans: then no run
+    # is longer than a span can be, and a row of length-1 spans (mean 1) is all runs of 1.
+    if mean == 1.0:
+        roomy = n_candidates - target >= target - 1
+        assert all((span_runs(row) == 1).all() for row in supervised[roomy])
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 20), st.integers(2, 128))
+def test_span_masking_is_a_function_of_the_seed(seed, rows, block_size):
+    n_candidates = np.random.default_rng(seed).integers(0, block_size + 1, rows)
+    policy = SpanPolicy(0.4, 2.5)
+    first = select(policy, np.random.default_rng(seed), n_candidates, block_size, "train").supervised
+    again = select(policy, np.random.default_rng(seed), n_candidates, block_size, "val").supervised
+    other = select(policy, np.random.default_rng(seed + 1), n_candidates, block_size, "train").supervised
+    assert (first == again).all()
+    assert (first != other).any() or n_candidates.max() < 4
+
+
+@pytest.mark.parametrize("mean", [1.0, 3.0, 8.0])
+def test_span_lengths_are_geometric_with_the_mean(mean):
+    """Long rows at a low ratio: the spans are kept apart and in order, so a row's first run is
+    its first span, a plain draw (the later ones are conditioned on fitting the count).
+    Geometric(1/mean): mean ``mean``, P(L = 1) = 1/mean."""
+    rng = np.random.default_rng(11)
+    rows, n = 4000, 1000
+    supervised = select(SpanPolicy(0.1, mean), rng, np.full(rows, n), n, "train").supervised
+    lengths = np.array([span_runs(row)[0] for row in supervised])
+    sd = math.sqrt(mean * (mean - 1)) if mean > 1 else 0.0
+    assert abs(lengths.mean() - mean) < 5 * sd / math.sqrt(len(lengths)) + 1e-9
+    assert abs(np.mean(lengths == 1) - 1 / mean) < sigma5(1 / mean, len(lengths)) + 1e-9
+    # Placement is uniform: the supervised positions cover the row evenly.
+    coverage = supervised.mean(axis=0)
+    assert abs(coverage[: n // 2].mean() - coverage[n // 2 :].mean()) < 0.01

@@ -37,7 +37,7 @@ def frames_of(s: BatchStream, messages: int):
 
 
 @pytest.mark.parametrize("packing", ["lines", "fixed"])
-@pytest.mark.parametrize("policy", ["bert", "uniform", "stages"])
+@pytest.mark.parametrize("policy", ["bert", "uniform", "stages", "span"])
 @pytest.mark.parametrize("sampling", ["random", "epoch"])
 def test_every_message_passes_the_wire_decoder(corpus_path, packing, policy, sampling):
     for supervise_sep in (False, True):

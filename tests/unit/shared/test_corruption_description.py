@@ -14,6 +14,7 @@ from shared.corruption import (
     Corruption,
     CorruptionError,
     RandomStage,
+    SpanPolicy,
     SpanStage,
     StagesPolicy,
     StickyStage,
@@ -25,7 +26,8 @@ from shared.data_config import DataConfig
 STAGES = StagesPolicy(train=(RandomStage(0.5), StickyStage(0.4, 0.15, 0.3), SpanStage(3)), val=(RandomStage(1),))
 
 
-@pytest.mark.parametrize("policy", [BertPolicy(0.15), BertPolicy(1), UniformPolicy((0, 1)), UniformPolicy((0.25, 0.5)), STAGES])
+@pytest.mark.parametrize("policy", [BertPolicy(0.15), BertPolicy(1), UniformPolicy((0, 1)), UniformPolicy((0.25, 0.5)), STAGES,
+                                    SpanPolicy(0.15, 3.0), SpanPolicy(1, 1)])
 @pytest.mark.parametrize("supervise_sep, random_token", [(None, None), (False, RANDOM_TOKEN), (True, None)])
 def test_the_json_form_round_trips_byte_for_byte(policy, supervise_sep, random_token):
     corruption = Corruption(policy, (1, 0, 0), supervise_sep, random_token)
@@ -55,6 +57,8 @@ def test_numbers_keep_their_json_type():
     ('{"mask_fractions":[0.8,0.1,0.1],"mask_prob":0.1,"policy":"bert","random_token":3}', "random_token"),
     ('{"mask_fractions":[0.8,0.1,0.1],"mask_prob":0.1,"policy":"zigzag"}', "policy"),
     ("[" * 100_000, "not JSON"),
+    ('{"mask_fractions":[0.8,0.1,0.1],"policy":"span","span_mean":0.5,"span_ratio":0.15}', "span_mean"),
+    ('{"mask_fractions":[0.8,0.1,0.1],"policy":"span","span_ratio":0.15}', "missing"),
 ])
 def test_invalid_descriptions_name_the_field(text, message):
     with pytest.raises(CorruptionError, match=message):

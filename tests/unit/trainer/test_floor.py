@@ -119,7 +119,7 @@ def test_floor_matches_the_real_producer_stream():
     corpus_module = pytest.importorskip("producer.corpus")
     text = "".join(f"{'ab' * (i % 5)}{'c' * (i % 3)}d{'ee' * (i % 2)}\n" for i in range(400))
     corpus = corpus_module.Corpus(text=text, name="test", fingerprint="0" * 16)
-    for policy in ("bert", "stages"):
+    for policy in ("bert", "stages", "span"):
         config = config_module.DataConfig(block_size=48, rows_per_message=64, policy=policy, mask_prob=0.4, mask_fractions=(0.5, 0.3, 0.2))
         stream = stream_module.BatchStream(config, corpus)
         batches = stream.train_batches()
