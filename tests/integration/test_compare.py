@@ -71,7 +71,7 @@ def loss_on_common(out, arm):
     with torch.no_grad():
         for message in messages.values():
             x, y, mask = (torch.from_numpy(message.tensors[n].astype("int64")) for n in ("x", "y", "attention_mask"))
-            logits, _ = model(x, mask)
+            logits = model(x, mask)
             total += float(token_losses(logits, y).sum())
             count += int((y != IGNORE_INDEX).sum())
     return total / count, checkpoint

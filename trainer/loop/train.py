@@ -45,7 +45,7 @@ from trainer.loop.schedule import learning_rate, make_optimizer, resolve_device
 from trainer.loop.startup import check_nothing_to_overwrite, checkpoint_to_resume, model_config_for, wait_for
 from trainer.loop.stopping import STOP_CHECKPOINT_S, STOP_POLL_S, StopSignals, deadline
 from trainer.model.evaluation import EvalResult, evaluate
-from trainer.model.losses import token_losses, weighted_mean_loss
+from trainer.model.losses import supervised_loss
 from trainer.model.selftest import mask_self_test
 from trainer.model.transformer import BidirectionalTransformer, ModelConfig
 
@@ -230,9 +230,8 @@ class Trainer:
     def _train_step(self, forward: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One optimizer step; the loss and the pre-clipping gradient norm, still on the device."""
         with self._autocast():
-            logits, _ = forward(batch["x"], batch["attention_mask"])
-            losses = token_losses(logits, batch["y"])
-            loss = weighted_mean_loss(losses, batch["y"], batch["mask_ratio"], self.config.loss_weighting)
+            logits = forward(batch["x"], batch["attention_mask"])
+            loss, losses = supervised_loss(logits, batch["y"], batch["mask_ratio"], self.config.loss_weighting)
         if "stage" in batch:
             self._interval.add_stage_losses(losses.detach(), batch)
         loss.backward()

@@ -59,7 +59,7 @@ def evaluate(
     with eval_mode(model), autocast():
         for batch in batches:
             batch = {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
-            logits, _ = model(batch["x"], batch["attention_mask"])
+            logits = model(batch["x"], batch["attention_mask"])
             row_loss = token_losses(logits, batch["y"]).double().sum(dim=1)
             row_count = (batch["y"] != IGNORE_INDEX).double().sum(dim=1)
             stage = batch.get("stage")

@@ -1,7 +1,8 @@
 """The losses (docs/SPEC.md §7): cross-entropy over supervised positions, optionally 1/t-weighted.
 
 :func:`token_losses` is the one place cross-entropy is computed; every mean, sum and per-stage
-number (training, evaluation, the attention probe, the A/B report) is built from it.
+number (training, evaluation, the attention probe, the A/B report) is built from it, and
+:func:`supervised_loss` is the training loss (the model returns logits only).
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ def supervised_loss(
     targets: torch.Tensor,
     mask_ratio: torch.Tensor | None = None,
     loss_weighting: str = "none",
-) -> torch.Tensor:
-    """The training loss of ``logits`` (B, T, V): :func:`weighted_mean_loss` of :func:`token_losses`."""
-    return weighted_mean_loss(token_losses(logits, targets), targets, mask_ratio, loss_weighting)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training loss of ``logits`` (B, T, V) and what it is made of: (:func:`weighted_mean_loss`,
+    a scalar; the per-position :func:`token_losses`, (B, T), for per-stage numbers)."""
+    losses = token_losses(logits, targets)
+    return weighted_mean_loss(losses, targets, mask_ratio, loss_weighting), losses
 
 
 def weighted_mean_loss(
