@@ -1,6 +1,6 @@
 """Producer throughput: packing + corruption + wire encoding, in one process.
 
-For each packing (lines, fixed) and policy (bert, uniform, stages) at block 1024 and 64 rows
+For each packing (lines, fixed) and policy (bert, uniform, stages, span) at block 1024 and 64 rows
 per message, it times the product's vectorized ``BatchStream`` and a straightforward per-row
 Python reference (below, not part of the product) on the same corpus, and prints tokens/s
 (rows x block_size per second) and the speed-up.
@@ -95,6 +95,8 @@ class ReferenceProducer:
             return [t for t in range(n) if rnd.random() < config.mask_prob], False, 0
         if config.policy == "uniform":
             return rnd.sample(range(n), round(rnd.uniform(*config.ratio_range) * n)), False, 0
+        if config.policy == "span":
+            return self.spans(n), False, 0
         stage_index = rnd.randrange(len(self.plan.train))
         stage = self.plan.train[stage_index]
         if stage.type == "random":
@@ -111,17 +113,35 @@ class ReferenceProducer:
         return sorted(chosen), False, stage_index
 
 
+    def spans(self, n):
+        """Span masking, one span at a time: geometric lengths up to the count, each span after a
+        uniform share of the row's free candidates (a gap of one between spans where there is room)."""
+        rnd, target = self.random, min(round(self.config.span_ratio * n), n)
+        lengths = []
+        while sum(lengths) < target:
+            length = 1 + int(math.log(1.0 - rnd.random()) / math.log1p(-1.0 / self.config.span_mean)) \
+                if self.config.span_mean > 1 else 1
+            lengths.append(min(length, target - sum(lengths)))
+        gap = 1 if n - target >= len(lengths) - 1 else 0
+        free = n - target - max(len(lengths) - 1, 0) * gap
+        chosen = []
+        for j, before in enumerate(sorted(rnd.randint(0, free) for _ in lengths)):
+            start = before + sum(lengths[:j]) + j * gap
+            chosen += range(start, start + lengths[j])
+        return chosen
+
+
 def tokens_per_second(make_message, meta, messages: int, chunks: int) -> float:
     """Best rate over ``chunks`` timed runs of ``messages // chunks`` messages each, timed in CPU
     seconds of this (single-threaded) process: other load on a shared machine then barely
     matters, and the best run is the closest to the true cost."""
-    encode(meta, "train", "0", 0, make_message())  # warm-up
+    encode(meta, "train", "0", 0, make_message(), 0)  # warm-up
     per_chunk = max(messages // chunks, 1)
     best = math.inf
     for _ in range(chunks):
         start = time.process_time()
         for seq in range(per_chunk):
-            encode(meta, "train", "0", seq, make_message())
+            encode(meta, "train", "0", seq, make_message(), seq)
         best = min(best, time.process_time() - start)
     return per_chunk * ROWS * BLOCK_SIZE / best
 
@@ -139,7 +159,7 @@ def main() -> None:
     print("| packing | policy | vectorized M tokens/s | reference M tokens/s | speed-up |")
     print("| --- | --- | ---: | ---: | ---: |")
     for packing in ("lines", "fixed"):
-        for policy in ("bert", "uniform", "stages"):
+        for policy in ("bert", "uniform", "stages", "span"):
             config = DataConfig(corpus=args.corpus, block_size=BLOCK_SIZE, rows_per_message=ROWS, packing=packing, policy=policy)
             stream = BatchStream(config, corpus=corpus)
             batches = stream.train_batches()
