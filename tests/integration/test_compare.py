@@ -138,7 +138,7 @@ def test_the_bert_policy_reaches_both_arms_and_its_floor(bert):
         assert checkpoint["meta"]["corruption"] == meta.to_dict()["corruption"]
         assert checkpoint["train_config"]["loss_weighting"] == "none"
         assert report["arms"][name]["final"]["val_loss_common"] == pytest.approx(loss, rel=1e-5)
-    assert "policy `bert` (15%)" in (out / "report.md").read_text()
+    assert "policy `bert (15%)`" in (out / "report.md").read_text()
 
 
 def test_a_trainer_that_refuses_to_start_fails_the_comparison(tmp_path, capsys, monkeypatch):
