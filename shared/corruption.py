@@ -201,8 +201,9 @@ class _Policy:
     def __post_init__(self) -> None:
         """Each setting's own ``check``, as a :class:`CorruptionError` naming the field."""
         for f in settings_fields(type(self)):
+            check = f.metadata["setting"]["check"]
             try:
-                f.metadata["setting"]["check"](getattr(self, f.name))
+                check is None or check(getattr(self, f.name))
             except (ValueError, TypeError) as error:
                 raise CorruptionError(f"corruption {f.name}: {error}") from None
 
