@@ -51,6 +51,7 @@ from shared.vocab import IGNORE_INDEX  # noqa: E402
 from trainer.data.consumer import DatasetConsumer  # noqa: E402
 from trainer.loop.config import TrainConfig  # noqa: E402
 from trainer.loop.schedule import make_optimizer  # noqa: E402
+from trainer.model.losses import supervised_loss  # noqa: E402
 from trainer.model.transformer import BidirectionalTransformer, ModelConfig  # noqa: E402
 
 DEMO_BLOCK_SIZE, DEMO_ROWS_PER_MESSAGE, DEMO_BATCH_SIZE = 128, 16, 32  # trainer.stack's defaults
@@ -68,7 +69,7 @@ class TrainingLoop:
         self.optimizer = make_optimizer(self.model, self.config, torch.device("cpu"))
 
     def step(self, batch: dict[str, torch.Tensor]) -> float:
-        _, loss = self.model(batch["x"], batch["attention_mask"], batch["y"], batch["mask_ratio"])
+        loss, _ = supervised_loss(self.model(batch["x"], batch["attention_mask"]), batch["y"], batch["mask_ratio"])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()

@@ -46,7 +46,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from producer.corpus import load_corpus  # noqa: E402
-from producer.corruption import BertPolicy, UniformPolicy, corrupt, mask_ratio  # noqa: E402
+from producer.corruption import corrupt, mask_ratio  # noqa: E402
+from producer.selection import select  # noqa: E402
 from producer.stream import BatchStream  # noqa: E402
 from shared.data_config import DataConfig  # noqa: E402
 from shared.tokenizer import CharTokenizer  # noqa: E402
@@ -149,7 +150,6 @@ def bench_policy(policy: str, corpus, args) -> dict:
     pool = [prepacked(next(stream_batches), vocabulary.base_size) for _ in range(POOL)]
     results = {"linepack pack+corrupt": best_rate(lambda: next(stream_batches), args.batches, args.repeats)}
 
-    select = (BertPolicy(0.15) if policy == "bert" else UniformPolicy((0.0, 1.0))).select
     rng = np.random.default_rng(0)
     turn = itertools.count()
 
@@ -157,7 +157,7 @@ def bench_policy(policy: str, corpus, args) -> dict:
         rows = pool[next(turn) % POOL]
         x = rows["input_ids"].astype(np.uint16)
         n_candidates = rows["attention_mask"].sum(axis=1) - 1
-        selection = select(rng, n_candidates, BLOCK_SIZE, "train")
+        selection = select(stream.corruption.policy, rng, n_candidates, BLOCK_SIZE, "train")
         y = corrupt(rng, x, selection, config.mask_fractions, vocabulary.base_size, vocabulary.mask_id)
         return x, y, mask_ratio(selection.supervised, n_candidates)
 

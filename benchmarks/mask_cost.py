@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import trainer.model.transformer as model_module  # noqa: E402
 from producer.stream import BatchStream  # noqa: E402
 from shared.data_config import DataConfig  # noqa: E402
+from trainer.model.losses import supervised_loss  # noqa: E402
 from trainer.model.transformer import BidirectionalTransformer, ModelConfig  # noqa: E402
 
 
@@ -60,7 +61,7 @@ def linepack_batch(block_size: int, rows: int) -> tuple[dict[str, torch.Tensor],
 def time_variants(model, batch, repeats: int, clock) -> dict[str, float]:
     """Best seconds per step of each variant; the variants alternate so load drifts hit both."""
     def step():
-        _, loss = model(batch["x"], batch["attention_mask"], batch["y"])
+        loss, _ = supervised_loss(model(batch["x"], batch["attention_mask"]), batch["y"])
         loss.backward()
         model.zero_grad(set_to_none=True)
 

@@ -1,6 +1,6 @@
 """Producer throughput: packing + corruption + wire encoding, in one process.
 
-For each packing (lines, fixed) and policy (bert, uniform, stages) at block 1024 and 64 rows
+For each packing (lines, fixed) and policy (bert, uniform, stages, span) at block 1024 and 64 rows
 per message, it times the product's vectorized ``BatchStream`` and a straightforward per-row
 Python reference (below, not part of the product) on the same corpus, and prints tokens/s
 (rows x block_size per second) and the speed-up.
@@ -29,7 +29,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from producer.corpus import read_text  # noqa: E402
-from producer.stages import EXAMPLE_STAGES, load_stage_plan  # noqa: E402
 from producer.stream import BatchStream  # noqa: E402
 from shared.data_config import DataConfig  # noqa: E402
 from shared.vocab import IGNORE_INDEX  # noqa: E402
@@ -54,7 +53,7 @@ class ReferenceProducer:
             offset += len(line)
         self.line_starts.append(offset)
         self.random = random.Random(seed)
-        self.plan = load_stage_plan(self.config.stages or EXAMPLE_STAGES) if self.config.policy == "stages" else None
+        self.plan = stream.corruption.policy if stream.corruption.carries_stage else None
 
     def message(self) -> dict[str, np.ndarray]:
         rows = [self.row() for _ in range(ROWS)]
@@ -101,6 +100,8 @@ class ReferenceProducer:
             return [t for t in range(n) if rnd.random() < config.mask_prob], False, 0
         if config.policy == "uniform":
             return rnd.sample(range(n), round(rnd.uniform(*config.ratio_range) * n)), False, 0
+        if config.policy == "span":
+            return self.spans(n), False, 0
         stage_index = rnd.randrange(len(self.plan.train))
         stage = self.plan.train[stage_index]
         if stage.type == "random":
@@ -115,6 +116,24 @@ class ReferenceProducer:
                 stage.p2_probability if (t - 1 in chosen or t + 1 in chosen) else stage.p1_probability)]
             chosen.update(rnd.sample(added, min(len(added), target - len(chosen))))
         return sorted(chosen), False, stage_index
+
+
+    def spans(self, n):
+        """Span masking, one span at a time: geometric lengths up to the count, each span after a
+        uniform share of the row's free candidates (a gap of one between spans where there is room)."""
+        rnd, target = self.random, min(round(self.config.span_ratio * n), n)
+        lengths = []
+        while sum(lengths) < target:
+            length = 1 + int(math.log(1.0 - rnd.random()) / math.log1p(-1.0 / self.config.span_mean)) \
+                if self.config.span_mean > 1 else 1
+            lengths.append(min(length, target - sum(lengths)))
+        gap = 1 if n - target >= len(lengths) - 1 else 0
+        free = n - target - max(len(lengths) - 1, 0) * gap
+        chosen = []
+        for j, before in enumerate(sorted(rnd.randint(0, free) for _ in lengths)):
+            start = before + sum(lengths[:j]) + j * gap
+            chosen += range(start, start + lengths[j])
+        return chosen
 
 
 def tokens_per_second(make_message, meta, messages: int, chunks: int) -> float:
@@ -176,7 +195,7 @@ def main() -> None:
     print("| packing | policy | vectorized M tokens/s | reference M tokens/s | speed-up |")
     print("| --- | --- | ---: | ---: | ---: |")
     for packing in ("lines", "fixed"):
-        for policy in ("bert", "uniform", "stages"):
+        for policy in ("bert", "uniform", "stages", "span"):
             config = DataConfig(corpus=args.corpus, block_size=BLOCK_SIZE, rows_per_message=ROWS, packing=packing, policy=policy)
             stream = BatchStream(config, corpus=corpus)
             batches = stream.train_batches()

@@ -1,20 +1,19 @@
 """Corruption (docs/SPEC.md §2.5): which positions are supervised, and what their inputs become.
 
-A policy's ``select`` picks the supervised set S of every row from its candidate count:
-candidates are always the first ``n_candidates`` positions of a row (the visible content,
-plus ``[SEP]`` with ``--supervise-sep``), so nothing at or after ``valid_len`` is ever one.
+A policy's selection (``producer.selection``) picks the supervised set S of every row from its
+candidate count: candidates are always the first ``n_candidates`` positions of a row (the
+visible content, plus ``[SEP]`` with ``--supervise-sep``: ``shared.corruption.Corruption.candidates``),
+so nothing at or after ``valid_len`` is ever one.
 :func:`corrupt` then writes the labels and replaces the inputs on S: ``[MASK]`` with
 probability M, another base token with R, unchanged with U (the mask fractions); rows a
 policy marks ``mask_only`` (span stages) get ``[MASK]`` everywhere on S.
 
-The stages policy lives in :mod:`producer.stages`. Everything is vectorized over rows and
-positions; :func:`choose_k` is the one exact "k of n without replacement" primitive.
+Everything is vectorized over rows and positions; :func:`choose_k` is the one exact "k of n without replacement" primitive.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -76,35 +75,6 @@ def choose_k(rng: np.random.Generator, candidates: np.ndarray, counts: np.ndarra
 def rounded_count(ratio: np.ndarray, n_candidates: np.ndarray) -> np.ndarray:
     """int64 ``round(ratio * n_candidates)`` per row (half to even), never above ``n_candidates``."""
     return np.minimum(np.rint(ratio * n_candidates).astype(np.int64), n_candidates)
-
-
-class BertPolicy:
-    """Each candidate is supervised independently with probability ``mask_prob``."""
-
-    def __init__(self, mask_prob: float) -> None:
-        self.mask_prob = mask_prob
-
-    def select(self, rng: np.random.Generator, n_candidates: np.ndarray, block_size: int, split: str) -> Selection:
-        draws = random_bits(rng, (len(n_candidates), block_size))
-        return Selection(below(draws, self.mask_prob) & candidate_mask(n_candidates, block_size))
-
-    def describe(self) -> dict[str, Any]:
-        return {"policy": "bert", "mask_prob": self.mask_prob}
-
-
-class UniformPolicy:
-    """Per row ``r ~ U(lo, hi)``; ``round(r * n_candidates)`` candidates chosen uniformly."""
-
-    def __init__(self, ratio_range: tuple[float, float]) -> None:
-        self.low, self.high = ratio_range
-
-    def select(self, rng: np.random.Generator, n_candidates: np.ndarray, block_size: int, split: str) -> Selection:
-        ratio = rng.uniform(self.low, self.high, len(n_candidates))
-        counts = rounded_count(ratio, n_candidates)
-        return Selection(choose_k(rng, candidate_mask(n_candidates, block_size), counts))
-
-    def describe(self) -> dict[str, Any]:
-        return {"policy": "uniform", "ratio_range": [self.low, self.high]}
 
 
 def corrupt(

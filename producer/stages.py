@@ -1,7 +1,8 @@
-"""The stages policy (docs/SPEC.md §2.5): a TOML stage file with ``[[train]]`` and ``[[val]]`` stages.
+"""Selection by the stages policy (docs/SPEC.md §2.5; the stage types are declared in
+``shared.corruption``).
 
 The rows of each message are shared equally among the stages of its split (which stages get
-the leftover rows is random), then shuffled. Stage types and their parameters:
+the leftover rows is random), then shuffled. Stage types:
 
 - ``random`` (``max_masked_ratio`` m): per row ``r ~ U(0, m)``, ``round(r * n)`` candidates
   chosen uniformly.
@@ -19,152 +20,56 @@ rows or tokens.
 
 from __future__ import annotations
 
-import tomllib
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
+from functools import lru_cache
 
 import numpy as np
 
 from producer.corruption import Selection, candidate_mask, choose_k, rounded_count
-from shared.limits import MAX_STAGES
+from shared.corruption import STAGE_TYPES, RandomStage, SpanStage, Stage, StagesPolicy, StickyStage, sticky_target
 
 MAX_STICKY_ROUNDS = 256
 
 
-EXAMPLE_STAGES = Path(__file__).resolve().parent / "examples" / "stages-baseline.toml"
+def stages_select(policy: StagesPolicy, rng: np.random.Generator, n_candidates: np.ndarray, block_size: int,
+                  split: str) -> Selection:
+    """Selection by the stages of ``split``; ``stage`` and ``mask_only`` per row."""
+    table = _table(getattr(policy, split))
+    n_stages = len(table.kind)
+    rows = len(n_candidates)
+    stage = rng.permutation(rng.permutation(n_stages)[np.arange(rows) % n_stages])
+    kind = table.kind[stage]
+    supervised = np.zeros((rows, block_size), dtype=bool)
+    random_rows = np.flatnonzero(kind == _RANDOM)
+    if random_rows.size:
+        n = n_candidates[random_rows]
+        ratio = rng.random(random_rows.size) * table.max_ratio[stage[random_rows]]
+        supervised[random_rows] = choose_k(rng, candidate_mask(n, block_size), rounded_count(ratio, n))
+    sticky_rows = np.flatnonzero(kind == _STICKY)
+    if sticky_rows.size:
+        n, of = n_candidates[sticky_rows], stage[sticky_rows]
+        target = sticky_target(table.target_ratio[of], n)
+        supervised[sticky_rows] = sticky_select(rng, n, block_size, target, table.p1[of], table.p2[of])
+    span_rows = np.flatnonzero(kind == _SPAN)
+    if span_rows.size:
+        spans = table.spans[stage[span_rows]]
+        supervised[span_rows] = span_select(rng, n_candidates[span_rows], block_size, spans)
+    return Selection(supervised, table.mask_only[stage], stage.astype(np.uint8))
 
 
-class StageError(ValueError):
-    """The stage file is missing or invalid."""
+_RANDOM, _STICKY, _SPAN = (list(STAGE_TYPES).index(cls.type) for cls in (RandomStage, StickyStage, SpanStage))
 
 
-@dataclass(frozen=True)
-class RandomStage:
-    max_masked_ratio: float
-    type: str = "random"
-
-
-@dataclass(frozen=True)
-class StickyStage:
-    target_masked_ratio: float
-    p1_probability: float
-    p2_probability: float
-    type: str = "sticky"
-
-
-@dataclass(frozen=True)
-class SpanStage:
-    spans_count: int
-    type: str = "span"
-
-
-Stage = RandomStage | StickyStage | SpanStage
-_STAGE_TYPES = {"random": RandomStage, "sticky": StickyStage, "span": SpanStage}
-
-
-@dataclass(frozen=True)
-class StagePlan:
-    """The train and val stage lists of a stage file."""
-
-    train: tuple[Stage, ...]
-    val: tuple[Stage, ...]
-
-    def describe(self) -> dict[str, list[dict[str, Any]]]:
-        """JSON form; each stage carries its type and parameters (span stages: all [MASK])."""
-        return {split: [asdict(stage) for stage in getattr(self, split)] for split in ("train", "val")}
-
-
-def load_stage_plan(path: str | Path) -> StagePlan:
-    """Parse and validate a stage file; raises :class:`StageError` naming the file and the stage."""
-    try:
-        with open(path, "rb") as file:
-            document = tomllib.load(file)
-    except OSError as error:
-        raise StageError(f"stage file {path}: {error.strerror}") from None
-    except tomllib.TOMLDecodeError as error:
-        raise StageError(f"stage file {path} is not TOML: {error}") from None
-    unknown = sorted(set(document) - {"train", "val"})
-    if unknown:
-        raise StageError(f"stage file {path}: unknown top-level keys {unknown}; expected [[train]] and [[val]]")
-    lists = {}
-    for split in ("train", "val"):
-        tables = document.get(split)
-        if not isinstance(tables, list) or not tables or not all(isinstance(t, dict) for t in tables):
-            raise StageError(f"stage file {path}: needs at least one [[{split}]] stage")
-        if len(tables) > MAX_STAGES:
-            raise StageError(f"stage file {path}: {len(tables)} {split} stages, at most {MAX_STAGES}")
-        lists[split] = tuple(_parse_stage(table, f"{path} [[{split}]] #{i + 1}") for i, table in enumerate(tables))
-    return StagePlan(**lists)
-
-
-def _parse_stage(table: dict[str, Any], where: str) -> Stage:
-    kind = table.get("type")
-    if kind not in _STAGE_TYPES:
-        raise StageError(f"{where}: type {kind!r} is not one of {sorted(_STAGE_TYPES)}")
-    cls = _STAGE_TYPES[kind]
-    wanted = set(cls.__dataclass_fields__) - {"type"}
-    if set(table) - {"type"} != wanted:
-        raise StageError(f"{where}: a {kind} stage takes exactly {sorted(wanted)}, got {sorted(set(table) - {'type'})}")
-    if kind == "span":
-        count = table["spans_count"]
-        if type(count) is not int or count < 1:
-            raise StageError(f"{where}: spans_count must be a positive integer, got {count!r}")
-        return SpanStage(count)
-    values = {}
-    for name in wanted:
-        value = table[name]
-        if type(value) not in (int, float) or not 0.0 <= value <= 1.0:
-            raise StageError(f"{where}: {name} must be a number in [0, 1], got {value!r}")
-        values[name] = float(value)
-    if kind == "sticky" and values["p1_probability"] == 0.0:
-        raise StageError(f"{where}: p1_probability must be above 0, or the mask never starts")
-    return cls(**values)
-
-
-class StagesPolicy:
-    """Selection by the stages of a :class:`StagePlan` (train stages for train, val for val)."""
-
-    def __init__(self, plan: StagePlan) -> None:
-        self.plan = plan
-        self._tables = {split: _StageTable(getattr(plan, split)) for split in ("train", "val")}
-
-    def describe(self) -> dict[str, Any]:
-        return {"policy": "stages", "stages": self.plan.describe()}
-
-    def select(self, rng: np.random.Generator, n_candidates: np.ndarray, block_size: int, split: str) -> Selection:
-        table = self._tables[split]
-        n_stages = len(table.kind)
-        rows = len(n_candidates)
-        stage = rng.permutation(rng.permutation(n_stages)[np.arange(rows) % n_stages])
-        kind = table.kind[stage]
-        supervised = np.zeros((rows, block_size), dtype=bool)
-        random_rows = np.flatnonzero(kind == _RANDOM)
-        if random_rows.size:
-            n = n_candidates[random_rows]
-            ratio = rng.random(random_rows.size) * table.max_ratio[stage[random_rows]]
-            supervised[random_rows] = choose_k(rng, candidate_mask(n, block_size), rounded_count(ratio, n))
-        sticky_rows = np.flatnonzero(kind == _STICKY)
-        if sticky_rows.size:
-            n, of = n_candidates[sticky_rows], stage[sticky_rows]
-            # ceil of the exact product; the epsilon keeps 0.3 * 10 from becoming 4 through rounding error.
-            target = np.minimum(np.ceil(table.target_ratio[of] * n - 1e-9).astype(np.int64), n)
-            supervised[sticky_rows] = sticky_select(rng, n, block_size, target, table.p1[of], table.p2[of])
-        span_rows = np.flatnonzero(kind == _SPAN)
-        if span_rows.size:
-            spans = table.spans[stage[span_rows]]
-            supervised[span_rows] = span_select(rng, n_candidates[span_rows], block_size, spans)
-        return Selection(supervised, kind == _SPAN, stage.astype(np.uint8))
-
-
-_RANDOM, _STICKY, _SPAN = 0, 1, 2
+@lru_cache(maxsize=16)
+def _table(stages: tuple[Stage, ...]) -> _StageTable:
+    return _StageTable(stages)
 
 
 class _StageTable:
     """The parameters of a stage list as arrays indexed by stage (0 where a type lacks one)."""
 
     def __init__(self, stages: tuple[Stage, ...]) -> None:
-        self.kind = np.array([list(_STAGE_TYPES).index(s.type) for s in stages])
+        self.kind = np.array([list(STAGE_TYPES).index(s.type) for s in stages])
+        self.mask_only = np.array([s.mask_only for s in stages])
         self.max_ratio = np.array([getattr(s, "max_masked_ratio", 0.0) for s in stages])
         self.target_ratio = np.array([getattr(s, "target_masked_ratio", 0.0) for s in stages])
         self.p1 = np.array([getattr(s, "p1_probability", 0.0) for s in stages], dtype=np.float32)

@@ -16,10 +16,8 @@ message from any producer (the schedule, docs/SPEC.md §2.8):
   ``rows_per_message`` rows (the last may be shorter), corrupted by the val stages for the
   stages policy and by the train policy otherwise.
 
-``meta.corruption`` describes the policy completely (the context-free floor is computed from
-it): ``policy`` and its parameters (``mask_prob``; ``ratio_range``; or ``stages`` with the
-``train`` and ``val`` stage lists, each stage its ``type`` and parameters; span stages use
-``[MASK]`` only), ``mask_fractions``, ``supervise_sep`` and ``random_token``.
+``meta.corruption`` (``shared.corruption.Corruption``) describes the corruption completely
+(the context-free floor is computed from it).
 
 A mixture (several ``--corpus``, or ``--mixture``; docs/SPEC.md §2.9) gives row ``i = k*R + j``
 to a source by :class:`shared.mixture.Mixture` (a pure function of i and the meta); the row is
@@ -38,19 +36,17 @@ from itertools import count
 import numpy as np
 
 from producer.corpus import Corpus, load_corpus, tokenize
-from producer.corruption import BertPolicy, UniformPolicy, corrupt, mask_ratio
+from producer.corruption import corrupt, mask_ratio
 from producer.lines import TokenCorpus
 from producer.mixture import declared_sources, load_sources
 from producer.packing import Packed
+from producer.selection import select
 from producer.source_rows import SourceRows
-from producer.stages import EXAMPLE_STAGES, StagesPolicy, load_stage_plan
 from shared.data_config import DataConfig
 from shared.limits import MAX_VAL_ROWS, MIN_VAL_ROWS_PER_SOURCE
 from shared.meta import StreamMeta, mixed_counts, mixture_fingerprint
 from shared.mixture import SOURCE_DTYPE, Mixture, MixtureExhausted, SourceInfo
 
-# How a "random" replacement is drawn, as the corruption description states it.
-RANDOM_TOKEN = "uniform over the base ids other than the original"
 DEFAULT_PRODUCER_ID = "0"
 _TRAIN, _EPOCH, _VAL, _SOURCE_EPOCH = 1, 2, 3, 4  # domain tags: the seed streams never coincide
 
@@ -99,7 +95,7 @@ class BatchStream:
         corpora = corpus if isinstance(corpus, list) else [corpus]
         self.corpus = corpora[0]
         self.tokenizer = self.corpus.tokenizer
-        self._policy = _policy(config)
+        self.corruption = config.corruption()
         if len(corpora) == 1:
             self.sources = [SourceRows(self.corpus, config, (config.seed, _EPOCH))]
             infos: tuple[SourceInfo, ...] = ()
@@ -116,15 +112,9 @@ class BatchStream:
 
     def _meta(self, infos: tuple[SourceInfo, ...], val_messages: int) -> StreamMeta:
         config = self.config
-        corruption = {
-            **self._policy.describe(),
-            "mask_fractions": list(config.mask_fractions),
-            "supervise_sep": config.supervise_sep,
-            "random_token": RANDOM_TOKEN,
-        }
         return StreamMeta.build(
             self.tokenizer,
-            corruption,
+            self.corruption,
             mixed_counts(infos) if infos else self.corpus.train_counts,
             block_size=config.block_size,
             rows_per_message=config.rows_per_message,
@@ -233,11 +223,9 @@ class BatchStream:
 
     def _batch(self, rng: np.random.Generator, parts: Parts, split: str, layout: Layout | None = None) -> Batch:
         packed = self._pack(parts, split, layout)
-        n_candidates = packed.content_len
-        if self.config.supervise_sep and self.config.packing == "lines":
-            n_candidates = n_candidates + 1
+        n_candidates = self.corruption.candidates(packed.content_len, self.config.packing)
         block_size = self.config.block_size
-        selection = self._policy.select(rng, n_candidates, block_size, split)
+        selection = select(self.corruption.policy, rng, n_candidates, block_size, split)
         x = packed.x
         y = corrupt(rng, x, selection, self.config.mask_fractions, self.tokenizer.base_size, self.tokenizer.mask_id)
         for s, _, places in parts:
@@ -254,10 +242,3 @@ class BatchStream:
             batch["source"] = layout.source.copy()
         return batch
 
-
-def _policy(config: DataConfig):
-    if config.policy == "bert":
-        return BertPolicy(config.mask_prob)
-    if config.policy == "uniform":
-        return UniformPolicy(config.ratio_range)
-    return StagesPolicy(load_stage_plan(config.stages if config.stages is not None else EXAMPLE_STAGES))

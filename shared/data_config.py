@@ -14,35 +14,18 @@ import math
 from dataclasses import dataclass
 
 from shared import settings
+from shared.corruption import POLICY_TYPES, Corruption, policy_flags
 from shared.limits import (
     DEFAULT_MASK_FRACTIONS,
     MAX_BLOCK_SIZE,
     MAX_PRODUCER_ID_CHARS,
     MAX_ROWS_PER_MESSAGE,
     PACKINGS,
-    POLICIES,
     SAMPLINGS,
 )
-from shared.settings import at_least, in_range, setting
+from shared.settings import at_least, floats, in_range, setting, show_floats
 
 DEFAULT_VAL_FRACTION = 0.1  # the val split of a text corpus (prepare's default too): the last tenth of the lines
-
-
-def floats(text: str) -> tuple[float, ...]:
-    """``"0.8,0.1,0.1"`` -> ``(0.8, 0.1, 0.1)``."""
-    try:
-        return tuple(float(part) for part in text.split(","))
-    except ValueError:
-        raise ValueError(f"{text!r} is not a comma-separated list of numbers") from None
-
-
-def show_floats(values: tuple[float, ...]) -> str:
-    return ",".join(f"{value:g}" for value in values)
-
-
-def _check_ratio_range(value: tuple[float, ...]) -> None:
-    if len(value) != 2 or not 0.0 <= value[0] <= value[1] <= 1.0:
-        raise ValueError(f"ratio range {value} must be LO,HI with 0 <= LO <= HI <= 1")
 
 
 def _check_mask_fractions(value: tuple[float, ...]) -> None:
@@ -55,11 +38,28 @@ def check_producer_id(value: str) -> None:
         raise ValueError(f"producer id must be 1..{MAX_PRODUCER_ID_CHARS} printable characters")
 
 
+def _with_policy_flags(cls: type) -> type:
+    """Adds every policy's own flags (``shared.corruption.policy_flags``) as fields of ``cls``
+    right after ``policy``, before ``dataclass`` reads it: a new policy brings its flags without
+    an edit here."""
+    annotations = {}
+    for name, annotation in cls.__annotations__.items():
+        annotations[name] = annotation
+        if name == "policy":
+            for flag, (flag_annotation, field) in policy_flags().items():
+                annotations[flag] = flag_annotation
+                setattr(cls, flag, field)
+    cls.__annotations__ = annotations
+    return cls
+
+
 @dataclass(frozen=True)
+@_with_policy_flags
 class DataConfig:
-    """What a producer makes. ``producer_id=None`` lets the caller pick (``BatchStream`` uses "0");
-    ``stages=None`` with the stages policy means the shipped baseline mix
-    (``producer.stages.EXAMPLE_STAGES``)."""
+    """What a producer makes. ``producer_id=None`` lets the caller pick (``BatchStream`` uses "0").
+    The policies' own settings (``mask_prob``, ``ratio_range``, ``stages``, ...) are fields too,
+    declared by their policies in ``shared.corruption``; ``stages=None`` with the stages policy
+    means the shipped baseline mix (``shared.corruption.BASELINE_STAGES``)."""
 
     corpus: tuple[str, ...] = setting((), "a prepared folder (python -m producer prepare), or a .txt file or a folder of .txt "
                                           "(and, with --text-field, .jsonl and .parquet; .gz or .zst of .txt and .jsonl) "
@@ -78,12 +78,7 @@ class DataConfig:
                            choices=PACKINGS)
     sampling: str = setting("random", "random: uniform row starts; epoch: every line once per epoch, shuffled",
                             choices=SAMPLINGS)
-    policy: str = setting("bert", "corruption policy", choices=POLICIES)
-    mask_prob: float = setting(0.15, "bert: probability that a candidate is supervised",
-                               check=in_range(0.0, 1.0, name="mask probability", low_open=True))
-    ratio_range: tuple[float, float] = setting((0.0, 1.0), "uniform: per-row ratio r ~ U(LO, HI)", metavar="LO,HI",
-                                               parse=floats, show=show_floats, check=_check_ratio_range)
-    stages: str | None = setting(None, "stages: TOML stage file (none: the shipped baseline mix)", metavar="FILE")
+    policy: str = setting("bert", "corruption policy (each takes its own flags below)", choices=tuple(POLICY_TYPES))
     mask_fractions: tuple[float, float, float] = setting(
         DEFAULT_MASK_FRACTIONS, "supervised inputs: [MASK], random, unchanged", metavar="M,R,U",
         parse=floats, show=show_floats, check=_check_mask_fractions)
@@ -99,13 +94,21 @@ class DataConfig:
         # One corpus may be given as a string; tuples of floats whatever sequence was passed, so
         # configs compare and hash by value.
         object.__setattr__(self, "corpus", (self.corpus,) if isinstance(self.corpus, str) else tuple(self.corpus or ()))
-        object.__setattr__(self, "ratio_range", tuple(float(v) for v in self.ratio_range))
-        object.__setattr__(self, "mask_fractions", tuple(float(v) for v in self.mask_fractions))
-        for name, choices in (("packing", PACKINGS), ("sampling", SAMPLINGS), ("policy", POLICIES)):
+        for field in settings.settings_fields(type(self)):
+            if field.metadata["setting"]["parse"] is floats:
+                object.__setattr__(self, field.name, tuple(float(v) for v in getattr(self, field.name)))
+        for name, choices in (("packing", PACKINGS), ("sampling", SAMPLINGS), ("policy", tuple(POLICY_TYPES))):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} {getattr(self, name)!r} is not one of {', '.join(choices)}")
         settings.check_fields(self)
         if self.mixture is not None and self.corpus:
             raise ValueError("give --corpus or --mixture, not both")
-        if self.stages is not None and self.policy != "stages":
-            raise ValueError("--stages applies only to --policy stages")
+        # A flag without a default (a file, say) belongs to its policy alone.
+        for policy, cls in POLICY_TYPES.items():
+            for name, (_, field) in cls.flags().items():
+                if policy != self.policy and field.default is None and getattr(self, name) is not None:
+                    raise ValueError(f"--{name.replace('_', '-')} applies only to --policy {policy}")
+
+    def corruption(self) -> Corruption:
+        """The corruption these settings describe (a stage file is read here)."""
+        return Corruption.from_flags(self)

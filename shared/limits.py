@@ -9,7 +9,6 @@ import numpy as np
 
 PACKINGS = ("lines", "fixed")  # docs/SPEC.md §2.3, §2.4
 SAMPLINGS = ("random", "epoch")  # docs/SPEC.md §2.3
-POLICIES = ("bert", "uniform", "stages")  # docs/SPEC.md §2.5
 DEFAULT_MASK_FRACTIONS = (0.8, 0.1, 0.1)  # [MASK], random token, unchanged
 
 MAX_BLOCK_SIZE = 65536  # tokens per row

@@ -13,8 +13,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
-import json
-import math
 import re
 import sys
 from dataclasses import dataclass, fields
@@ -23,8 +21,10 @@ from typing import Any
 
 import numpy as np
 
+from shared.canonical import canonical_json
+from shared.corruption import Corruption, CorruptionError
 from shared.digest import short_hex
-from shared.limits import COUNT_DTYPE, MAX_BLOCK_SIZE, MAX_ROWS_PER_MESSAGE, MAX_STAGES, PACKINGS, POLICIES, SAMPLINGS
+from shared.limits import COUNT_DTYPE, MAX_BLOCK_SIZE, MAX_ROWS_PER_MESSAGE, PACKINGS, SAMPLINGS
 from shared.mixture import Mixture, MixtureError, SourceInfo, SourceSummary, check_sources, source_differences
 from shared.tokenizer import TOKENIZER_KINDS, CharTokenizer, HFTokenizer, Tokenizer, sha256_hex, tokenizer_from_definition
 from shared.vocab import IGNORE_INDEX, SpecialIds, VocabularyError
@@ -55,8 +55,8 @@ class StreamMeta:
             (V0 = ``mask_id``), checked against each other and the tokenizer.
         packing: ``lines`` or ``fixed`` (docs/SPEC.md §2.3, §2.4).
         sampling: ``random`` or ``epoch``.
-        corruption: canonical JSON of the corruption policy (policy name, its parameters,
-            mask fractions, supervise_sep, stages); see :attr:`corruption_config`.
+        corruption: the corruption (``shared.corruption``); the wire form holds its canonical
+            JSON (:attr:`~shared.corruption.Corruption.json_text`), parsed once when a meta is read.
         seed: the base seed shared by every producer of the stream (the val set depends on it).
         corpus_fingerprint: 16 hex digits naming the corpus (text or prepared folder).
         val_messages: number of messages in the fixed validation set.
@@ -86,7 +86,7 @@ class StreamMeta:
     ignore_index: int
     packing: str
     sampling: str
-    corruption: str
+    corruption: Corruption
     seed: int
     corpus_fingerprint: str
     val_messages: int
@@ -111,7 +111,8 @@ class StreamMeta:
         if type(self.token_counts) is not bytes or len(self.token_counts) != COUNT_DTYPE.itemsize * self.base_size:
             raise MetaError(f"token_counts must be {self.base_size} little-endian uint64 ({COUNT_DTYPE.itemsize * self.base_size} "
                             f"bytes), got {type(self.token_counts).__name__} of {len(self.token_counts)}")
-        check_corruption(self.corruption)
+        if not isinstance(self.corruption, Corruption):
+            raise MetaError(f"meta field corruption must be a Corruption, got {type(self.corruption).__name__}")
         object.__setattr__(self, "sources", tuple(self.sources))
         if self.sources:
             _check_mixture(self)
@@ -149,9 +150,8 @@ class StreamMeta:
                 raise MetaError(f"meta field vocab is a tokenizer of {base_size} base ids, mask_id says {self.base_size}")
 
     @classmethod
-    def build(cls, tokenizer: Tokenizer, corruption: dict[str, Any], token_counts, **rest: Any) -> StreamMeta:
-        """A meta whose tokenizer fields and special ids come from ``tokenizer`` and whose
-        corruption is canonical JSON."""
+    def build(cls, tokenizer: Tokenizer, corruption: Corruption, token_counts, **rest: Any) -> StreamMeta:
+        """A meta whose tokenizer fields and special ids come from ``tokenizer``."""
         return cls(
             tokenizer=tokenizer.kind,
             vocab=tokenizer.definition,
@@ -161,7 +161,7 @@ class StreamMeta:
             sep_id=tokenizer.sep_id,
             pad_id=tokenizer.pad_id,
             ignore_index=IGNORE_INDEX,
-            corruption=canonical_json(corruption),
+            corruption=corruption,
             token_counts=_counts_bytes(token_counts),
             **rest,
         )
@@ -172,13 +172,14 @@ class StreamMeta:
         meta messages and checkpoints hold it); raises :class:`MetaError` on any missing, extra or
         mistyped field."""
         cls._check_types(data, wire=False)
-        return cls(**{**data, "token_counts": _counts_bytes(data["token_counts"]), **_parse_sources(data, wire=False)})
+        return cls(**{**data, "corruption": _parse_corruption(data["corruption"]), "token_counts": _counts_bytes(data["token_counts"]),
+                      **_parse_sources(data, wire=False)})
 
     @classmethod
     def from_wire(cls, data: Any) -> StreamMeta:
         """Parse the wire form of protocol 3 (:meth:`to_wire`: ``token_counts`` raw bytes)."""
         cls._check_types(data, wire=True)
-        return cls(**{**data, **_parse_sources(data, wire=True)})
+        return cls(**{**data, "corruption": _parse_corruption(data["corruption"]), **_parse_sources(data, wire=True)})
 
     @classmethod
     def _check_types(cls, data: Any, wire: bool) -> None:
@@ -196,8 +197,9 @@ class StreamMeta:
             if f.name == "token_counts" and not wire:
                 if not isinstance(value, (list, tuple)) or not all(type(c) is int and 0 <= c <= MAX_COUNT for c in value):
                     raise MetaError("meta field token_counts must be a list of integers in 0..2^64-1")
-            elif type(value) is not {"int": int, "str": str, "bytes": bytes}[f.type]:
-                raise MetaError(f"meta field {f.name} must be {f.type}, got {type(value).__name__}")
+            elif type(value) is not {"int": int, "str": str, "bytes": bytes, "Corruption": str}[f.type]:
+                raise MetaError(f"meta field {f.name} must be {'str' if f.name == 'corruption' else f.type}, "
+                                f"got {type(value).__name__}")
 
     @classmethod
     def from_v1_dict(cls, data: Any) -> StreamMeta:
@@ -218,6 +220,7 @@ class StreamMeta:
     def to_wire(self) -> dict[str, Any]:
         """The wire form of protocol 3: a new dict of the fields (``token_counts`` as raw bytes)."""
         data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["corruption"] = self.corruption.json_text
         if not self.epoch_rows:
             del data["epoch_rows"]
         if self.sources:
@@ -234,7 +237,7 @@ class StreamMeta:
     @property
     def nbytes(self) -> int:
         """Approximate memory held by this meta, in bytes: its vocabulary, counts and corruption."""
-        return (sys.getsizeof(self.vocab) + len(self.token_counts) + sys.getsizeof(self.corruption)
+        return (sys.getsizeof(self.vocab) + len(self.token_counts) + sys.getsizeof(self.corruption.json_text)
                 + sum(len(source.token_counts) for source in self.sources))
 
     @cached_property
@@ -268,15 +271,10 @@ class StreamMeta:
         """The stream's tokenizer, rebuilt from the meta (for decoding)."""
         return tokenizer_from_definition(self.tokenizer, self.vocab)
 
-    @cached_property
-    def corruption_config(self) -> dict[str, Any]:
-        """The parsed corruption policy (one shared dict: read it, do not change it)."""
-        return json.loads(self.corruption)
-
     def summary(self) -> MetaSummary:
         """The meta without the per-id counts and the vocabulary itself (for diagnostics)."""
         data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in SUMMARY_OMITS}
-        data["corruption"] = self.corruption_config
+        data["corruption"] = self.corruption.to_dict()
         data["sources"] = tuple(source.summary() for source in self.sources)
         return MetaSummary(**data, base_size=self.base_size, content_tokens=int(self.counts.sum()), digest=self.digest)
 
@@ -378,6 +376,11 @@ def mixed_counts(sources: tuple[SourceInfo, ...]) -> np.ndarray:
     weights = np.array([s.weight for s in sources]) / sum(s.weight for s in sources)
     mixed = sum(w * s.counts / max(int(s.counts.sum()), 1) for w, s in zip(weights, sources))
     return np.rint(mixed * total).astype(np.int64)
+def _parse_corruption(text: str) -> Corruption:
+    try:
+        return Corruption.from_json(text)
+    except CorruptionError as error:
+        raise MetaError(str(error)) from None
 
 
 def _within(name: str, value: int, low: int, high: int) -> None:
@@ -396,83 +399,3 @@ MetaSummary = dataclasses.make_dataclass(
     + [("base_size", int), ("content_tokens", int), ("digest", str)],
     frozen=True,
 )
-
-
-def canonical_json(value: Any) -> str:
-    """JSON with sorted keys and no whitespace: equal values give equal strings."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-
-
-# ---- the corruption policy -------------------------------------------------------------------
-
-# policy -> its required parameters and their kinds ("ratio": a number in [0, 1]).
-POLICY_PARAMETERS = {"bert": {"mask_prob": "ratio"}, "uniform": {"ratio_range": "range"}, "stages": {"stages": "stages"}}
-STAGE_PARAMETERS = {
-    "random": {"max_masked_ratio": "ratio"},
-    "sticky": {"target_masked_ratio": "ratio", "p1_probability": "ratio", "p2_probability": "ratio"},
-    "span": {"spans_count": "count"},
-}
-OPTIONAL_CORRUPTION = {"supervise_sep": bool, "random_token": str}
-
-
-def check_corruption(text: str) -> None:
-    """Raises :class:`MetaError` unless ``text`` is the canonical JSON of a corruption policy the
-    floor and the producer both understand (docs/PROTOCOL.md §4.1 lists the schema)."""
-    try:
-        config = json.loads(text)
-    except (ValueError, RecursionError) as error:  # deep nesting raises RecursionError
-        raise MetaError(f"corruption is not JSON: {error}") from None
-    if not isinstance(config, dict) or config.get("policy") not in POLICIES:
-        raise MetaError(f"corruption must be a JSON object whose policy is one of {POLICIES}")
-    if canonical_json(config) != text:
-        raise MetaError("corruption is not in canonical JSON form (sorted keys, no whitespace, ASCII)")
-    required = {**POLICY_PARAMETERS[config["policy"]], "mask_fractions": "fractions"}
-    _check_keys("corruption", config, {"policy", *required}, set(OPTIONAL_CORRUPTION))
-    for name, kind in required.items():
-        _check_value(f"corruption {name}", config[name], kind)
-    for name, kind in OPTIONAL_CORRUPTION.items():
-        if name in config and type(config[name]) is not kind:
-            raise MetaError(f"corruption {name} must be a {kind.__name__}")
-
-
-def _check_keys(where: str, mapping: dict, required: set[str], optional: set[str]) -> None:
-    missing, unknown = sorted(required - set(mapping)), sorted(set(mapping) - required - optional)
-    if missing or unknown:
-        raise MetaError(f"{where}: missing {missing} / unknown {unknown}")
-
-
-def _is_number(value: Any) -> bool:
-    return type(value) in (int, float) and math.isfinite(value)
-
-
-def _check_value(where: str, value: Any, kind: str) -> None:
-    if kind == "ratio":
-        ok = _is_number(value) and 0 <= value <= 1
-    elif kind == "count":
-        ok = type(value) is int and 1 <= value <= 1 << 16
-    elif kind == "range":
-        ok = isinstance(value, list) and len(value) == 2 and all(map(_is_number, value)) and 0 <= value[0] <= value[1] <= 1
-    elif kind == "fractions":
-        ok = (isinstance(value, list) and len(value) == 3 and all(_is_number(v) and v >= 0 for v in value)
-              and math.isclose(sum(value), 1.0, abs_tol=1e-6))
-    else:
-        _check_stages(value)
-        return
-    if not ok:
-        raise MetaError(f"{where} is invalid: {json.dumps(value)[:100]}")
-
-
-def _check_stages(stages: Any) -> None:
-    if not isinstance(stages, dict):
-        raise MetaError("corruption stages must map train and val to stage lists")
-    _check_keys("corruption stages", stages, {"train", "val"}, set())
-    for split in ("train", "val"):
-        if not isinstance(stages[split], list) or not 1 <= len(stages[split]) <= MAX_STAGES:
-            raise MetaError(f"corruption stages.{split} must list 1..{MAX_STAGES} stages")
-        for index, stage in enumerate(stages[split]):
-            where = f"corruption stages.{split}[{index}]"
-            if not isinstance(stage, dict) or stage.get("type") not in STAGE_PARAMETERS:
-                raise MetaError(f"{where}: type must be one of {sorted(STAGE_PARAMETERS)}")
-            _check_keys(where, stage, {"type", *STAGE_PARAMETERS[stage["type"]]}, set())
-            for name, kind in STAGE_PARAMETERS[stage["type"]].items():
-                _check_value(f"{where}.{name}", stage[name], kind)

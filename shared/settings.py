@@ -64,6 +64,18 @@ def setting(
     return dataclasses.field(default=default, metadata={"setting": metadata})
 
 
+def floats(text: str) -> tuple[float, ...]:
+    """``"0.8,0.1,0.1"`` -> ``(0.8, 0.1, 0.1)``."""
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"{text!r} is not a comma-separated list of numbers") from None
+
+
+def show_floats(values: tuple[float, ...]) -> str:
+    return ",".join(f"{value:g}" for value in values)
+
+
 def at_least(low: float) -> Callable[[float], None]:
     """A ``check`` for :func:`setting`: ValueError for a value below ``low`` (``at_least(0)``: not negative)."""
     def check(value: float) -> None:

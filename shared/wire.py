@@ -594,17 +594,16 @@ def _check_layout(x: np.ndarray, y: np.ndarray, mask: np.ndarray, labelled: np.n
 
 
 def candidates(valid_len: np.ndarray, meta: StreamMeta) -> np.ndarray:
-    """Corruption candidates per row (SPEC §2.5): the content before [SEP], plus [SEP] itself with
-    ``supervise_sep``; every position for fixed packing."""
-    if meta.packing == "fixed":
-        return valid_len
-    return valid_len - 1 + int(bool(meta.corruption_config.get("supervise_sep", False)))
+    """Corruption candidates per row (SPEC §2.5, :meth:`shared.corruption.Corruption.candidates`):
+    the content (before [SEP] with line packing, every position with fixed packing), plus [SEP]
+    itself when the stream makes it a candidate."""
+    return meta.corruption.candidates(valid_len - int(meta.packing == "lines"), meta.packing)
 
 
 def _check_mask_ratio(ratio: np.ndarray, labelled: np.ndarray, valid_len: np.ndarray, meta: StreamMeta) -> None:
     supervised = np.count_nonzero(labelled, axis=1)
     n_candidates = candidates(valid_len, meta)
-    if meta.packing == "lines" and not meta.corruption_config.get("supervise_sep", False):
+    if meta.packing == "lines" and not meta.corruption.sep_is_candidate(meta.packing):
         if labelled[np.arange(len(valid_len)), valid_len - 1].any():
             raise WireError("layout", "[SEP] is supervised, but the stream does not make it a candidate (supervise_sep)")
     if (supervised > n_candidates).any():
@@ -615,14 +614,14 @@ def _check_mask_ratio(ratio: np.ndarray, labelled: np.ndarray, valid_len: np.nda
 
 
 def _check_stage(stage: np.ndarray | None, meta: StreamMeta, split: str) -> None:
-    config = meta.corruption_config
-    if config["policy"] != "stages":
+    policy = meta.corruption.policy
+    if not policy.carries_stage:
         if stage is not None:
             raise WireError("tensor_list", "only a stages stream carries the stage tensor")
         return
     if stage is None:
         raise WireError("tensor_list", "a stages stream carries the stage tensor")
-    stages = len(config["stages"][split])
+    stages = policy.stage_count(split)
     if int(stage.max()) >= stages:
         raise WireError("value_range", f"stage {int(stage.max())} is outside the {stages} {split} stages")
 

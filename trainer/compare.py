@@ -231,6 +231,7 @@ def compare(plan: Plan, command: str) -> int:
         "rows": sum(len(batch["x"]) for batch in common_batches),
         "supervised": int(sum(int((batch["y"] != common_meta.ignore_index).sum()) for batch in common_batches)),
         "context_free_floor": floor,
+        "corruption": common_meta.corruption.label(),
     }
     arms = {}
     for packing in ARMS:

@@ -9,9 +9,12 @@ vectorized logic, so that a bug in one is not mirrored in the other.
 
 from __future__ import annotations
 
+import json
+
 import msgpack
 import numpy as np
 
+from shared.corruption import Corruption
 from shared.limits import MAX_PRODUCER_ID_CHARS
 from shared.meta import StreamMeta, mixture_fingerprint
 from shared.mixture import SourceInfo
@@ -80,7 +83,7 @@ def make_meta(
                     for place, (name, weight) in enumerate((sources or {}).items(), start=1))
     return StreamMeta.build(
         vocabulary,
-        BERT if corruption is None else corruption,
+        Corruption.from_dict(BERT if corruption is None else corruption),
         token_counts=counts,
         block_size=block_size,
         rows_per_message=rows_per_message,
@@ -91,6 +94,11 @@ def make_meta(
         val_messages=val_messages,
         sources=mixture,
     )
+
+
+def corruption_map(meta: StreamMeta) -> dict:
+    """The meta's corruption as its wire JSON says it (read independently of ``shared.corruption``)."""
+    return json.loads(meta.to_wire()["corruption"])
 
 
 def make_tensors(
@@ -104,7 +112,7 @@ def make_tensors(
     packing) or full rows (fixed), BERT-style corruption of a random supervised set; ``stage``
     too for a stages meta (``with_stage`` insists on one)."""
     T, V0 = meta.block_size, meta.base_size
-    stages = meta.corruption_config.get("stages")
+    stages = corruption_map(meta).get("stages")
     assert stages is not None or not with_stage, "the stage tensor belongs to a stages stream (corruption=STAGES)"
     if meta.packing == "lines":
         valid_len = rng.integers(1, T + 1, size=rows)
@@ -182,7 +190,7 @@ def assert_valid_message(message: WireMessage) -> None:
 
     names = set(message.tensors)
     assert set(REQUIRED_TENSORS) <= names <= set(REQUIRED_TENSORS) | set(OPTIONAL_TENSORS)
-    assert ("stage" in names) == (meta.corruption_config["policy"] == "stages")
+    assert ("stage" in names) == (corruption_map(meta)["policy"] == "stages")
     rows = message.rows
     assert 1 <= rows <= meta.rows_per_message
     T = meta.block_size
@@ -198,7 +206,7 @@ def assert_valid_message(message: WireMessage) -> None:
     mask = message.tensors["attention_mask"].tolist()
     ratio = message.tensors["mask_ratio"].tolist()
     V = meta.vocab_size
-    supervise_sep = meta.corruption_config.get("supervise_sep", False)
+    supervise_sep = corruption_map(meta).get("supervise_sep", False)
     for r in range(rows):
         assert all(0 <= token < V for token in x[r])
         assert all(label == IGNORE_INDEX or 0 <= label < V for label in y[r])

@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 
+from shared.corruption import BertPolicy
 from shared.recording import RecordingReader
 from shared.vocab import IGNORE_INDEX
 from trainer import compare
@@ -67,7 +68,7 @@ def loss_on_common(out, arm):
     with torch.no_grad():
         for message in messages.values():
             x, y, mask = (torch.from_numpy(message.tensors[n].astype("int64")) for n in ("x", "y", "attention_mask"))
-            logits, _ = model(x, mask)
+            logits = model(x, mask)
             total += float(token_losses(logits, y).sum())
             count += int((y != IGNORE_INDEX).sum())
     return total / count, checkpoint
@@ -113,7 +114,7 @@ def test_the_arms_differ_only_in_packing_and_the_common_losses_are_real(uniform)
         model_configs[name] = checkpoint.model_config
     assert metas["fixed"].packing == "fixed" and metas["lines"].packing == "lines"
     assert {field for field, _, _ in metas["fixed"].differences(metas["lines"])} <= {"packing", "val_messages"}
-    assert metas["lines"].corruption_config["policy"] == "uniform"
+    assert metas["lines"].corruption.policy.name == "uniform"
     assert model_configs["fixed"] == model_configs["lines"]
 
     comparison = report["comparison"]
@@ -127,14 +128,14 @@ def test_the_arms_differ_only_in_packing_and_the_common_losses_are_real(uniform)
 def test_the_bert_policy_reaches_both_arms_and_its_floor(bert):
     out, report = bert
     meta, _ = common_set(out)
-    assert meta.corruption_config["policy"] == "bert" and meta.corruption_config["mask_prob"] == 0.15
+    assert meta.corruption.policy == BertPolicy(0.15)
     assert report["context_free_floor"] == pytest.approx(context_free_floor(meta, "val"))
     for name in ("fixed", "lines"):
         loss, checkpoint = loss_on_common(out, name)
         assert checkpoint.meta.corruption == meta.corruption
         assert checkpoint.train_config["loss_weighting"] == "none"
         assert report["arms"][name]["final"]["val_loss_common"] == pytest.approx(loss, rel=1e-5)
-    assert "policy `bert` (15%)" in (out / "report.md").read_text()
+    assert "policy `bert (15%)`" in (out / "report.md").read_text()
 
 
 def test_a_trainer_that_refuses_to_start_fails_the_comparison(tmp_path, capsys, monkeypatch):

@@ -232,7 +232,7 @@ def test_a_forged_hf_meta_is_rejected_at_decode_and_large_metas_cost_little(clus
     normal = steps_per_second(diagnostics, 5)
     rss_before = rss_mib(trainer.pid)
     chars = "".join(chr(c) for c in range(0x10FFFF) if not 0xD800 <= c < 0xE000)[:1_000_000]
-    large = StreamMeta.build(CharTokenizer(chars), corruption=stream.meta.corruption_config, token_counts=np.full(len(chars), 1 << 40),
+    large = StreamMeta.build(CharTokenizer(chars), corruption=stream.meta.corruption, token_counts=np.full(len(chars), 1 << 40),
                              block_size=32, rows_per_message=8, packing="lines", sampling="random", seed=0,
                              corpus_fingerprint="f" * 16, val_messages=1)
     frames = [encode_meta(dataclasses.replace(large, seed=seed), f"flood-{seed}", 0, incarnation=INCARNATION)

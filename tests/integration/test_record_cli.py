@@ -56,6 +56,22 @@ def test_record_then_inspect_a_small_corpus(corpus, tmp_path):
     assert not report["truncated"] and report["lost_bytes"] == 0 and report["corrupt_records"] == 0
 
 
+def test_record_then_inspect_span_masking(corpus, tmp_path):
+    """A policy added in shared/corruption.py alone has its flags, its recording and its report."""
+    out = tmp_path / "span.lps"
+    producer("record", "--corpus", corpus, "--out", out, "--messages", 20, "--policy", "span", "--span-ratio", "0.25",
+             "--span-mean", "4", "--block-size", 128)
+    report = json.loads(producer("inspect", out).stdout)
+    assert report["rejected"] == 0 and report["splits"]["train"] == 20
+    assert report["meta"]["corruption"]["policy"] == "span" and report["meta"]["corruption"]["span_mean"] == 4.0
+    assert report["mask_ratio"]["p10"] > 0.23 and report["mask_ratio"]["p90"] < 0.27  # round(0.25 n) / n per row
+    with RecordingReader(out) as reader:
+        messages = [m for m in recorded_batches(reader) if m.split == "train"]
+    supervised = np.concatenate([m.tensors["y"] != IGNORE_INDEX for m in messages])
+    starts = np.count_nonzero(np.diff(supervised.astype(np.int8), axis=1) == 1)
+    assert 3 < supervised.sum() / starts < 5  # runs of about the mean span length (the first of a row may start at 0)
+
+
 def test_val_recording_cycles_the_val_set_with_indices(corpus, tmp_path):
     out = tmp_path / "v.lps"
     producer("record", "--corpus", corpus, "--out", out, "--messages", 7, "--split", "val",

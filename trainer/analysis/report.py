@@ -109,9 +109,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Baseline (fixed windows) vs line-aligned packing",
         "",
-        f"Corpus `{settings['corpus'] or 'built-in'}`, policy `{settings['policy']}`"
-        + (f" ({settings['mask_prob']:.0%})" if settings["policy"] == "bert" else "")
-        + f", loss weighting `{settings['loss_weighting']}`; {settings['n_layer']} layers x {settings['n_embd']} "
+        f"Corpus `{settings['corpus'] or 'built-in'}`, policy `{report['common_val']['corruption']}`"
+        f", loss weighting `{settings['loss_weighting']}`; {settings['n_layer']} layers x {settings['n_embd']} "
         f"({settings['positions']} positions), "
         f"block {settings['block_size']}, batch {settings['batch_size']}, {settings['max_iters']} steps per arm, "
         f"lr {settings['lr']:g} -> {settings['min_lr']:g}, seed {settings['seed']}.",
@@ -175,7 +174,7 @@ def plot(report: dict[str, Any], path: str) -> bool:
     axes.axhline(floor, color="black", linestyle="--", linewidth=1, label=f"context-free floor {floor:.3f}")
     settings = report["settings"]
     axes.set(xlabel="step", ylabel="loss (nats, supervised positions)",
-             title=f"fixed vs lines, policy {settings['policy']}, {settings['n_layer']}x{settings['n_embd']}, "
+             title=f"fixed vs lines, policy {report['common_val']['corruption']}, {settings['n_layer']}x{settings['n_embd']}, "
                    f"block {settings['block_size']}, batch {settings['batch_size']}")
     axes.set_ylim(top=max(floor + 0.6, min(4.5, axes.get_ylim()[1])))
     axes.grid(alpha=0.3)

@@ -69,7 +69,7 @@ class ReadyBatch:
 def stream_tensors(meta: StreamMeta) -> tuple[str, ...]:
     """The tensor names of every batch of a stream (sorted): ``stage`` only with stages."""
     names = ["attention_mask", "mask_ratio", "x", "y"]
-    return tuple(sorted(names + ["stage"])) if meta.corruption_config["policy"] == "stages" else tuple(names)
+    return tuple(sorted(names + ["stage"])) if meta.corruption.carries_stage else tuple(names)
 
 
 class Intake:

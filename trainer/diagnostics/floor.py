@@ -3,15 +3,14 @@
 A predictor that sees only its own, possibly corrupted, input token ``i`` at a supervised
 position can do no better than the Bayes posterior ``q(c | i)`` of the original token ``c``.
 Its expected cross-entropy is the conditional entropy ``H(C | I)`` in nats, computed here
-exactly from the train unigram distribution (``meta.counts``) and the corruption policy
-(``meta.corruption_config``).
+exactly from the train unigram distribution (``meta.counts``) and the corruption
+(``meta.corruption``: its mask fractions and :meth:`~shared.corruption.Corruption.floor_parts`).
 
 Corruption model (docs/SPEC.md §2.5, as ``producer.corruption.corrupt`` does it), per supervised
 position with original ``c ~ p``: the input is [MASK] with probability m, another base token
 (uniform over the V0 - 1 base ids other than ``c``) with probability r, ``c`` itself with
 probability u. So ``P(c, [MASK]) = m p(c)`` (posterior = prior: entropy ``H(p)``) and for a
 base input j: ``P(c, j) = p(c) r / (V0 - 1)`` for ``j != c`` and ``P(c, c) = u p(c)``.
-``span`` stages supervise pure [MASK]: ``H(p)``.
 
 ``[SEP]`` (only with ``supervise_sep``): each row of line-packed data has exactly one [SEP]
 but its share of the candidates depends on the row lengths, which the meta does not carry.
@@ -20,27 +19,23 @@ most ``block_size - 1`` content tokens plus its [SEP]); fixed packing has no [SE
 replacement of [SEP] is uniform over all V0 base ids; an unchanged [SEP] reveals its class
 (no base token is ever [SEP]), so it costs nothing.
 
-Stages: every stage gets the same expected share of the rows and every row has the same
-candidate-count distribution, so a stage's share of the supervised positions is proportional
-to its expected supervised fraction of a row's n candidates, evaluated at the largest n
-(``block_size - 1`` content tokens, + 1 with supervise_sep; ``block_size`` for fixed packing):
-``random``: ``max_masked_ratio / 2``; ``sticky``: ``ceil(target_masked_ratio * n) / n``;
-``span`` with k spans: the exact expected coverage of the union of k inclusive spans between
-2k sorted uniform integer points in ``0..n-1``, ``1 - mean_i ½[(1 - 1/n)^2k + (1 - (2i+1)/n)^2k]``
-(→ ``k / (2k + 1)`` for large n). The floor is the mix of the per-stage floors with those
+Parts (a policy's :class:`~shared.corruption.FloorPart`: one for most policies, one per stage
+for stages): every part gets the same expected share of the rows and every row has the same
+candidate-count distribution, so a part's share of the supervised positions is proportional
+to its expected supervised fraction of a row's n candidates (``FloorPart.ratio``), evaluated at
+the largest n (``block_size - 1`` content tokens, + 1 with supervise_sep; ``block_size`` for
+fixed packing); the stage types' ratios are in ``shared.corruption``. A ``mask_only`` part
+(span stages) is all [MASK]: ``H(p)``. The floor is the mix of the per-part floors with those
 weights: the expected loss pooled over supervised positions, which is what the mean
 cross-entropy over a batch measures.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
-from typing import Any
 
 import numpy as np
 
-from shared.limits import DEFAULT_MASK_FRACTIONS
 from shared.meta import StreamMeta
 
 
@@ -88,49 +83,24 @@ def corrupted_token_entropy(class_probs: np.ndarray, base_size: int, mask_fracti
     return float(m * entropy(probs) + base_inputs)
 
 
-def span_coverage(spans: int, candidates: int) -> float:
-    """Expected fraction of ``candidates`` positions covered by ``spans`` inclusive spans between
-    2k sorted uniform integer points (see the module docstring)."""
-    n = float(candidates)
-    after = 1.0 - (2.0 * np.arange(candidates) + 1.0) / n
-    return float(1.0 - 0.5 * np.mean((1.0 - 1.0 / n) ** (2 * spans) + after ** (2 * spans)))
-
-
-def expected_supervised_ratio(stage: dict[str, Any], candidates: int) -> float:
-    """Expected fraction of a row's ``candidates`` a stage supervises (see the module docstring)."""
-    kind = stage["type"]
-    if kind == "random":
-        return float(stage["max_masked_ratio"]) / 2.0
-    if kind == "sticky":
-        return math.ceil(float(stage["target_masked_ratio"]) * candidates - 1e-9) / candidates
-    if kind == "span":
-        return span_coverage(int(stage["spans_count"]), candidates)
-    raise ValueError(f"unknown stage type {kind!r}")
-
-
 def row_candidates(meta: StreamMeta) -> int:
-    """The largest number of corruption candidates in a row (the n the stage weights use)."""
-    if meta.packing == "fixed":
-        return meta.block_size
-    return meta.block_size - 1 + int(bool(meta.corruption_config.get("supervise_sep", False)))
+    """The largest number of corruption candidates in a row (the n the part weights use)."""
+    return meta.corruption.most_candidates(meta.block_size, meta.packing)
 
 
 def stage_floors(meta: StreamMeta, split: str = "train", sep_share: float | None = None) -> list[tuple[float, float]]:
-    """``(weight, floor)`` per stage of ``split`` (one entry for non-stage policies); weights sum to 1."""
-    config = meta.corruption_config
+    """``(weight, floor)`` per part of ``split`` (one per stage for stages); weights sum to 1."""
+    corruption = meta.corruption
     class_probs = class_distribution(meta, sep_share)
-    base_size = len(meta.counts)
-    fractions = tuple(config.get("mask_fractions", DEFAULT_MASK_FRACTIONS))
-    with_fractions = corrupted_token_entropy(class_probs, base_size, fractions)
-    if config["policy"] != "stages":
+    with_fractions = corrupted_token_entropy(class_probs, len(meta.counts), corruption.mask_fractions)
+    parts = corruption.floor_parts(split, row_candidates(meta))
+    if len(parts) == 1 and not parts[0].mask_only:
         return [(1.0, with_fractions)]
-    stages = config["stages"][split]
-    candidates = row_candidates(meta)
-    ratios = np.array([expected_supervised_ratio(stage, candidates) for stage in stages], dtype=np.float64)
+    ratios = np.array([part.ratio for part in parts], dtype=np.float64)
     if ratios.sum() <= 0:
         raise ValueError(f"the {split} stages supervise nothing")
     all_masked = entropy(class_probs)
-    floors = [all_masked if stage["type"] == "span" else with_fractions for stage in stages]
+    floors = [all_masked if part.mask_only else with_fractions for part in parts]
     return list(zip((ratios / ratios.sum()).tolist(), floors))
 
 
@@ -145,8 +115,7 @@ def class_distribution(meta: StreamMeta, sep_share: float | None = None) -> np.n
     if counts.sum() <= 0:
         raise ValueError("meta.token_counts is empty: no train content tokens to build the floor from")
     base = counts / counts.sum()
-    supervise_sep = bool(meta.corruption_config.get("supervise_sep", False)) and meta.packing == "lines"
-    if not supervise_sep:
+    if not meta.corruption.sep_is_candidate(meta.packing):
         return base
     share = 1.0 / meta.block_size if sep_share is None else float(sep_share)
     return np.concatenate([base * (1.0 - share), [share]])

@@ -64,7 +64,7 @@ def build_probe_set(val_batches: list[dict[str, torch.Tensor]], rows: int = 32, 
 
 def summed_loss(model: nn.Module, x: torch.Tensor, attention_mask: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
     """(sum of cross-entropy over supervised positions, their count) for one forward pass."""
-    logits, _ = model(x, attention_mask)
+    logits = model(x, attention_mask)
     return float(token_losses(logits, y).sum()), int((y != IGNORE_INDEX).sum())
 
 

@@ -31,7 +31,6 @@ from trainer.diagnostics.probe import ProbeResult, ProbeRunner
 from trainer.diagnostics.schema import CumulativeNumbers, DiagnosticsResponse, LossNumbers, Throughput
 from trainer.loop.live_samples import LiveSample
 from trainer.loop.numbers import EvalNumbers, RunStart, RunSummary, StepNumbers
-from trainer.model.losses import nll_bound_unavailable
 
 PROBE_HISTORY_KEYS = ("loss_attn", "loss_noattn", "loss_no_context", "loss_attn_sampled")
 
@@ -112,7 +111,7 @@ class Diagnostics:
             self._meta, self._meta_summary = meta, summary
             self._loss.context_free_floor = floor_train
             self._loss.context_free_floor_val = floor_val
-            self._loss.val_nll_bound_unavailable = nll_bound_unavailable(meta.corruption_config)
+            self._loss.val_nll_bound_unavailable = meta.corruption.nll_bound_unavailable()
 
     def on_step(self, numbers: StepNumbers) -> None:
         """Every step's number is the step; log steps also carry the train loss (the mean since

@@ -45,7 +45,7 @@ from trainer.loop.schedule import learning_rate, make_optimizer, resolve_device
 from trainer.loop.startup import check_nothing_to_overwrite, checkpoint_to_resume, model_config_for, wait_for
 from trainer.loop.stopping import STOP_CHECKPOINT_S, STOP_POLL_S, StopSignals, deadline
 from trainer.model.evaluation import EvalResult, evaluate
-from trainer.model.losses import nll_bound_unavailable, token_losses, weighted_mean_loss
+from trainer.model.losses import supervised_loss
 from trainer.model.selftest import mask_self_test
 from trainer.model.transformer import BidirectionalTransformer, ModelConfig
 
@@ -103,7 +103,7 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.meta = wait_for("stream meta", self._meta_within, wait_timeout, self._why_no_meta)
         log.info("stream: vocab_size %d, block_size %d, packing %s, corruption %s, corpus %s", self.meta.vocab_size,
-                 self.meta.block_size, self.meta.packing, self.meta.corruption, self.meta.corpus_fingerprint)
+                 self.meta.block_size, self.meta.packing, self.meta.corruption.json_text, self.meta.corpus_fingerprint)
         checkpoint = checkpoint_to_resume(config, self.checkpoint_path, self.device)
         self.model_config = model_config_for(checkpoint, self.requested_model, self.meta)
         self.model = BidirectionalTransformer(self.model_config).to(self.device)
@@ -174,7 +174,7 @@ class Trainer:
         if self._sampler is not None:
             started = time.perf_counter()
             samples = self._sampler.run(self.model, self.step, eval_ms / 1000, self._autocast)
-        bound = result.weighted if nll_bound_unavailable(self.meta.corruption_config) is None else None
+        bound = result.weighted if self.meta.corruption.nll_bound_unavailable() is None else None
         numbers = EvalNumbers(step=self.step, val_loss=result.loss, val_loss_by_stage=result.by_stage,
                               val_supervised=result.supervised, eval_ms=eval_ms, before_training=before_training,
                               val_nll_bound=bound, samples=samples,
@@ -223,9 +223,8 @@ class Trainer:
     def _train_step(self, forward: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One optimizer step; the loss and the pre-clipping gradient norm, still on the device."""
         with self._autocast():
-            logits, _ = forward(batch["x"], batch["attention_mask"])
-            losses = token_losses(logits, batch["y"])
-            loss = weighted_mean_loss(losses, batch["y"], batch["mask_ratio"], self.config.loss_weighting)
+            logits = forward(batch["x"], batch["attention_mask"])
+            loss, losses = supervised_loss(logits, batch["y"], batch["mask_ratio"], self.config.loss_weighting)
         if "stage" in batch:
             self._interval.add_stage_losses(losses.detach(), batch)
         loss.backward()

@@ -37,7 +37,7 @@ class EvalResult:
     """Mean cross-entropy in nats over ``supervised`` positions; ``by_stage``: stage id (as a
     string) -> its mean, for the stage ids present (empty when the batches carry no ``stage``);
     ``weighted``: the ``inverse-t`` weighted mean (rows weighted by ``1 / mask_ratio``), which is
-    the NLL bound per token for mask-only streams with a uniform ratio (``losses.nll_bound_unavailable``)."""
+    the NLL bound per token for mask-only streams with a uniform ratio (``shared.corruption.Corruption.nll_bound_unavailable``)."""
 
     loss: float
     supervised: int
@@ -59,7 +59,7 @@ def evaluate(
     with eval_mode(model), autocast():
         for batch in batches:
             batch = {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
-            logits, _ = model(batch["x"], batch["attention_mask"])
+            logits = model(batch["x"], batch["attention_mask"])
             row_loss = token_losses(logits, batch["y"]).double().sum(dim=1)
             row_count = (batch["y"] != IGNORE_INDEX).double().sum(dim=1)
             stage = batch.get("stage")

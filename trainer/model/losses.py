@@ -1,7 +1,8 @@
 """The losses (docs/SPEC.md §7): cross-entropy over supervised positions, optionally 1/t-weighted.
 
 :func:`token_losses` is the one place cross-entropy is computed; every mean, sum and per-stage
-number (training, evaluation, the attention probe, the A/B report) is built from it.
+number (training, evaluation, the attention probe, the A/B report) is built from it, and
+:func:`supervised_loss` is the training loss (the model returns logits only).
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ def supervised_loss(
     targets: torch.Tensor,
     mask_ratio: torch.Tensor | None = None,
     loss_weighting: str = "none",
-) -> torch.Tensor:
-    """The training loss of ``logits`` (B, T, V): :func:`weighted_mean_loss` of :func:`token_losses`."""
-    return weighted_mean_loss(token_losses(logits, targets), targets, mask_ratio, loss_weighting)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training loss of ``logits`` (B, T, V) and what it is made of: (:func:`weighted_mean_loss`,
+    a scalar; the per-position :func:`token_losses`, (B, T), for per-stage numbers)."""
+    losses = token_losses(logits, targets)
+    return weighted_mean_loss(losses, targets, mask_ratio, loss_weighting), losses
 
 
 def weighted_mean_loss(
@@ -64,22 +67,3 @@ def weighted_mean_loss(
     weights = supervised / mask_ratio.float().clamp(min=MIN_MASK_RATIO)[:, None]
     return (weights * losses).sum() / weights.sum().clamp(min=torch.finfo(torch.float32).tiny)
 
-
-def nll_bound_unavailable(corruption: dict) -> str | None:
-    """None when the ``inverse-t`` weighted loss of a stream is an upper bound on its negative
-    log-likelihood per token (the MDLM / LLaDA bound), else why not.
-
-    The bound needs the absorbing (mask-only) corruption, ``mask_fractions`` 1,0,0, at a per-row
-    ratio drawn uniformly over [0, 1] (``--policy uniform --ratio-range 0,1``): then a row's
-    ``1/t``-weighted masked cross-entropy estimates ``E_t[(1/t) sum_masked -log p]``, and
-    the weighted mean over rows is that estimate per token. (The ratio is ``round(t n) / n``,
-    so it is the bound up to that rounding.)
-    """
-    fractions = [float(v) for v in corruption.get("mask_fractions", ())]
-    if corruption.get("policy") != "uniform":
-        return f"the policy is {corruption.get('policy')}, the bound needs uniform"
-    if [float(v) for v in corruption.get("ratio_range", ())] != [0.0, 1.0]:
-        return "the bound needs a mask ratio drawn over the whole of [0, 1] (--ratio-range 0,1)"
-    if fractions != [1.0, 0.0, 0.0]:
-        return "the bound needs mask-only corruption (--mask-fractions 1,0,0)"
-    return None

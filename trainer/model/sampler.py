@@ -156,7 +156,7 @@ def sample(model: nn.Module, meta: StreamMeta, canvases: list[Canvas], steps: in
     with eval_mode(model):
         for step in range(max(map(len, schedules))):
             with autocast():
-                logits = model(x, attention_mask)[0].float()
+                logits = model(x, attention_mask).float()
             logits[..., meta.base_size :] = float("-inf")  # only base ids are ever written
             # Draw only where something is still masked (a (rows, T, V) softmax of a large vocabulary is big).
             tokens = torch.zeros_like(x)

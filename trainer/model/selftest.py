@@ -46,7 +46,7 @@ def mask_self_test(model: nn.Module, batch: dict[str, torch.Tensor], meta: Strea
     """Check that ``model`` attends to exactly the real tokens of ``batch``; raise otherwise.
 
     Args:
-        model: called as ``model(x, attention_mask) -> (logits (B, T, V), _)``.
+        model: called as ``model(x, attention_mask) -> logits (B, T, V)``.
         batch: a real batch (``x``, ``attention_mask`` (B, T) int64) on the model's device.
         meta: the stream meta (base vocabulary size for replacement tokens).
     Returns:
@@ -64,7 +64,7 @@ def mask_self_test(model: nn.Module, batch: dict[str, torch.Tensor], meta: Strea
     visible = attention_mask == 1
     base_size = meta.base_size
     with eval_mode(model):
-        reference = model(x, attention_mask)[0].float()
+        reference = model(x, attention_mask).float()
         if not torch.isfinite(reference[visible]).all():
             raise MaskSelfTestError(
                 "the logits of visible positions are not finite: some rows are fully masked — "
@@ -88,7 +88,7 @@ def _check_padding_is_unseen(model: nn.Module, x: torch.Tensor, attention_mask: 
     visible = attention_mask == 1
     generator = torch.Generator().manual_seed(0)
     random_ids = torch.randint(0, base_size, tuple(x.shape), generator=generator).to(x.device)
-    perturbed = model(torch.where(visible, x, random_ids), attention_mask)[0].float()
+    perturbed = model(torch.where(visible, x, random_ids), attention_mask).float()
     leaked = _changed(reference, perturbed) & visible
     max_change = float((perturbed - reference).abs().amax(dim=-1)[visible].max())
     if leaked.any():
@@ -111,7 +111,7 @@ def _check_context_is_seen(model: nn.Module, x: torch.Tensor, attention_mask: to
     probe = (visible.sum(dim=1) - 1) // 2
     one_changed = x.clone()
     one_changed[rows, probe] = (x[rows, probe].clamp(max=base_size - 1) + 1) % base_size
-    perturbed = model(one_changed, attention_mask)[0].float()
+    perturbed = model(one_changed, attention_mask).float()
     positions = torch.arange(T, device=x.device)[None, :]
     others = visible & (positions != probe[:, None])
     reached = _changed(reference, perturbed) & others

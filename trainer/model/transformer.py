@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from shared import settings
 from shared.meta import StreamMeta
 from shared.settings import above, at_least, in_range, setting
-from trainer.model.losses import supervised_loss
 
 POSITION_KINDS = ("learned", "rotary")
 
@@ -206,21 +205,12 @@ class BidirectionalTransformer(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        attention_mask: torch.Tensor,
-        targets: torch.Tensor | None = None,
-        mask_ratio: torch.Tensor | None = None,
-        loss_weighting: str = "none",
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B, T, V) and, when ``targets`` is given, :func:`supervised_loss`.
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits (B, T, V); the loss is ``trainer.model.losses``'s.
 
         Args:
             x: (B, T) int64 token ids.
             attention_mask: (B, T) int64, 1 = real token, 0 = [PAD].
-            targets: (B, T) int64 labels, -100 = not supervised.
-            mask_ratio: (B,) float32, supervised / candidates per row (for ``inverse-t``).
         """
         B, T = x.shape
         if T > self.config.block_size:
@@ -232,7 +222,4 @@ class BidirectionalTransformer(nn.Module):
         attend = key_padding_mask(attention_mask)
         for block in self.blocks:
             h = block(h, attend)
-        logits = self.lm_head(self.ln_f(h))
-        if targets is None:
-            return logits, None
-        return logits, supervised_loss(logits, targets, mask_ratio, loss_weighting)
+        return self.lm_head(self.ln_f(h))

@@ -7,18 +7,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from producer.corruption import BertPolicy, Selection, UniformPolicy, choose_k, corrupt, mask_ratio
-from producer.stages import (
-    EXAMPLE_STAGES,
+from producer.corruption import Selection, choose_k, corrupt, mask_ratio
+from producer.selection import select
+from producer.stages import span_select, sticky_select
+from shared.corruption import (
+    BASELINE_STAGES,
+    BertPolicy,
+    CorruptionError,
     RandomStage,
+    SpanPolicy,
     SpanStage,
-    StageError,
-    StagePlan,
     StagesPolicy,
     StickyStage,
-    load_stage_plan,
-    span_select,
-    sticky_select,
+    UniformPolicy,
+    load_stage_file,
 )
 
 BASE = 60  # base ids 0..59
@@ -70,7 +72,8 @@ def test_choose_k_is_uniform_over_the_candidates():
 POLICIES = {
     "bert": BertPolicy(0.15),
     "uniform": UniformPolicy((0.2, 0.7)),
-    "stages": StagesPolicy(load_stage_plan(EXAMPLE_STAGES)),
+    "stages": load_stage_file(BASELINE_STAGES),
+    "span": SpanPolicy(0.3, 3.0),
 }
 
 
@@ -81,7 +84,7 @@ def test_policies_supervise_only_candidates_and_corrupt_by_the_rules(name, split
     rng = np.random.default_rng(seed)
     x, n_candidates = packed_rows(rng, rows, block_size, supervise_sep)
     original = x.copy()
-    selection = POLICIES[name].select(rng, n_candidates, block_size, split)
+    selection = select(POLICIES[name], rng, n_candidates, block_size, split)
     supervised = selection.supervised
     positions = np.arange(block_size)
     assert not (supervised & (positions >= n_candidates[:, None])).any()
@@ -98,7 +101,7 @@ def test_policies_supervise_only_candidates_and_corrupt_by_the_rules(name, split
     if name == "uniform":
         assert (count >= np.rint(0.2 * n_candidates)).all() and (count <= np.rint(0.7 * n_candidates)).all()
     if name == "stages":
-        stages = getattr(POLICIES["stages"].plan, split)
+        stages = getattr(POLICIES["stages"], split)
         assert selection.stage.dtype == np.uint8
         shares = np.bincount(selection.stage, minlength=len(stages))
         assert shares.max() - shares.min() <= 1
@@ -117,19 +120,19 @@ def test_bert_rate_and_exact_uniform_counts():
     rng = np.random.default_rng(2)
     rows, block_size = 400, 256
     n_candidates = rng.integers(0, block_size + 1, rows)
-    supervised = BertPolicy(0.15).select(rng, n_candidates, block_size, "train").supervised
+    supervised = select(BertPolicy(0.15), rng, n_candidates, block_size, "train").supervised
     assert abs(supervised.sum() / n_candidates.sum() - 0.15) < sigma5(0.15, n_candidates.sum())
-    supervised = UniformPolicy((0.3, 0.3)).select(rng, n_candidates, block_size, "train").supervised
+    supervised = select(UniformPolicy((0.3, 0.3)), rng, n_candidates, block_size, "train").supervised
     assert (supervised.sum(axis=1) == np.rint(0.3 * n_candidates)).all()
-    ratios = mask_ratio(UniformPolicy((0.0, 1.0)).select(rng, np.full(4000, 500), 500, "train").supervised, np.full(4000, 500))
+    ratios = mask_ratio(select(UniformPolicy((0.0, 1.0)), rng, np.full(4000, 500), 500, "train").supervised, np.full(4000, 500))
     assert abs(ratios.mean() - 0.5) < 5 * math.sqrt(1 / 12 / 4000)
 
 
 def test_a_random_stage_draws_its_ratio_uniformly_up_to_its_maximum():
     rng = np.random.default_rng(7)
-    policy = StagesPolicy(StagePlan(train=(RandomStage(0.6),), val=(RandomStage(0.6),)))
+    policy = StagesPolicy(train=(RandomStage(0.6),), val=(RandomStage(0.6),))
     rows, n = 4000, 500
-    ratios = mask_ratio(policy.select(rng, np.full(rows, n), n, "train").supervised, np.full(rows, n))
+    ratios = mask_ratio(select(policy, rng, np.full(rows, n), n, "train").supervised, np.full(rows, n))
     # U(0, 0.6): mean 0.3, sd 0.6 / sqrt(12); a stage stuck at 0 or at its maximum fails here.
     assert abs(ratios.mean() - 0.3) < 5 * 0.6 / math.sqrt(12 * rows)
     assert ratios.min() < 0.01 and 0.59 < ratios.max() <= 0.6
@@ -204,13 +207,13 @@ def test_spans_are_at_most_k_runs_inside_the_candidates(seed, k, block_size):
 
 
 def test_baseline_stage_file_parses():
-    plan = load_stage_plan(EXAMPLE_STAGES)
+    plan = load_stage_file(BASELINE_STAGES)
     assert len(plan.train) == 9 and len(plan.val) == 14
     assert plan.train[0] == StickyStage(0.4, 0.15, 0.3)
     assert plan.train[2] == RandomStage(0.5) and plan.train[3] == SpanStage(20)
-    described = plan.describe()
+    described = plan.to_dict()["stages"]
     assert described["train"][3] == {"type": "span", "spans_count": 20}
-    assert isinstance(plan, StagePlan)
+    assert isinstance(plan, StagesPolicy)
 
 
 @pytest.mark.parametrize(
@@ -229,7 +232,62 @@ def test_baseline_stage_file_parses():
 def test_invalid_stage_files_are_rejected(tmp_path, text, message):
     path = tmp_path / "stages.toml"
     path.write_text(text)
-    with pytest.raises(StageError, match=message):
-        load_stage_plan(path)
-    with pytest.raises(StageError, match="stage file"):
-        load_stage_plan(tmp_path / "missing.toml")
+    with pytest.raises(CorruptionError, match=message):
+        load_stage_file(path)
+    with pytest.raises(CorruptionError, match="stage file"):
+        load_stage_file(tmp_path / "missing.toml")
+
+
+def span_runs(row: np.ndarray) -> np.ndarray:
+    """Lengths of the maximal runs of True in a bool row."""
+    edges = np.diff(np.concatenate([[0], row.astype(np.int8), [0]]))
+    return np.flatnonzero(edges == -1) - np.flatnonzero(edges == 1)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 30), st.integers(2, 200), st.floats(0.01, 1.0), st.floats(1.0, 12.0))
+def test_span_masking_reaches_the_ratio_inside_the_content(seed, rows, block_size, ratio, mean):
+    rng = np.random.default_rng(seed)
+    n_candidates = rng.integers(0, block_size + 1, rows)
+    policy = SpanPolicy(ratio, mean)
+    supervised = select(policy, rng, n_candidates, block_size, "train").supervised
+    assert supervised.shape == (rows, block_size) and supervised.dtype == bool
+    # Spans lie inside the candidates.
+    assert not (supervised & (np.arange(block_size) >= n_candidates[:, None])).any()
+    # The ratio is reached, within one span: exactly round(ratio * n), the last span cut to fit.
+    target = np.minimum(np.rint(ratio * n_candidates).astype(np.int64), n_candidates)
+    assert (supervised.sum(axis=1) == target).all()
+    # Spans are kept apart where the row has room even for single-position spans: then no run
+    # is longer than a span can be, and a row of length-1 spans (mean 1) is all runs of 1.
+    if mean == 1.0:
+        roomy = n_candidates - target >= target - 1
+        assert all((span_runs(row) == 1).all() for row in supervised[roomy])
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 20), st.integers(2, 128))
+def test_span_masking_is_a_function_of_the_seed(seed, rows, block_size):
+    n_candidates = np.random.default_rng(seed).integers(0, block_size + 1, rows)
+    policy = SpanPolicy(0.4, 2.5)
+    first = select(policy, np.random.default_rng(seed), n_candidates, block_size, "train").supervised
+    again = select(policy, np.random.default_rng(seed), n_candidates, block_size, "val").supervised
+    other = select(policy, np.random.default_rng(seed + 1), n_candidates, block_size, "train").supervised
+    assert (first == again).all()
+    assert (first != other).any() or n_candidates.max() < 4
+
+
+@pytest.mark.parametrize("mean", [1.0, 3.0, 8.0])
+def test_span_lengths_are_geometric_with_the_mean(mean):
+    """Long rows at a low ratio: the spans are kept apart and in order, so a row's first run is
+    its first span, a plain draw (the later ones are conditioned on fitting the count).
+    Geometric(1/mean): mean ``mean``, P(L = 1) = 1/mean."""
+    rng = np.random.default_rng(11)
+    rows, n = 4000, 1000
+    supervised = select(SpanPolicy(0.1, mean), rng, np.full(rows, n), n, "train").supervised
+    lengths = np.array([span_runs(row)[0] for row in supervised])
+    sd = math.sqrt(mean * (mean - 1)) if mean > 1 else 0.0
+    assert abs(lengths.mean() - mean) < 5 * sd / math.sqrt(len(lengths)) + 1e-9
+    assert abs(np.mean(lengths == 1) - 1 / mean) < sigma5(1 / mean, len(lengths)) + 1e-9
+    # Placement is uniform: the supervised positions cover the row evenly.
+    coverage = supervised.mean(axis=0)
+    assert abs(coverage[: n // 2].mean() - coverage[n // 2 :].mean()) < 0.01

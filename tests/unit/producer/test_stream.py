@@ -1,7 +1,6 @@
 """BatchStream: wire validity, determinism, producer ids, the val set, epoch sampling, config."""
 
 import argparse
-import json
 from itertools import islice
 
 import numpy as np
@@ -10,9 +9,9 @@ import pytest
 from producer.corpus import Corpus, read_text
 from producer.packs import FixedPacks, MappedPacks
 from producer.permutation import ROUNDS, KeyedPermutation
-from producer.stages import EXAMPLE_STAGES, load_stage_plan
-from producer.stream import BatchStream, _policy
+from producer.stream import BatchStream
 from shared import settings
+from shared.corruption import BASELINE_STAGES, load_stage_file
 from shared.data_config import DataConfig
 from shared.limits import MAX_VAL_ROWS
 from shared.wire import decode, encode
@@ -38,7 +37,7 @@ def frames_of(s: BatchStream, messages: int):
 
 
 @pytest.mark.parametrize("packing", ["lines", "fixed"])
-@pytest.mark.parametrize("policy", ["bert", "uniform", "stages"])
+@pytest.mark.parametrize("policy", ["bert", "uniform", "stages", "span"])
 @pytest.mark.parametrize("sampling", ["random", "epoch"])
 def test_every_message_passes_the_wire_decoder(corpus_path, packing, policy, sampling):
     for supervise_sep in (False, True):
@@ -63,13 +62,13 @@ def test_meta_vocabulary_counts_and_corruption_description(corpus_path):
     counts = dict(zip(meta.vocab, meta.counts.tolist()))
     assert counts["Z"] == 0 and all(counts[c] == train_text.count(c) for c in meta.vocab)
     assert meta.corpus_fingerprint == read_text(corpus_path).fingerprint
-    corruption = json.loads(meta.corruption)
+    corruption = meta.corruption.to_dict()
     assert corruption["policy"] == "stages" and corruption["mask_fractions"] == [0.8, 0.1, 0.1]
     assert corruption["supervise_sep"] is False
     assert len(corruption["stages"]["train"]) == 9 and len(corruption["stages"]["val"]) == 14
-    bert = json.loads(stream(corpus_path, mask_prob=0.3, supervise_sep=True).meta.corruption)
+    bert = stream(corpus_path, mask_prob=0.3, supervise_sep=True).meta.corruption.to_dict()
     assert bert["policy"] == "bert" and bert["mask_prob"] == 0.3 and bert["supervise_sep"] is True
-    uniform = json.loads(stream(corpus_path, policy="uniform", ratio_range=(0.1, 0.4)).meta.corruption)
+    uniform = stream(corpus_path, policy="uniform", ratio_range=(0.1, 0.4)).meta.corruption.to_dict()
     assert uniform["ratio_range"] == [0.1, 0.4]
 
 
@@ -180,7 +179,7 @@ def test_flags_defaults_and_parsing():
     assert config.block_size == 128 and config.ratio_range == (0.2, 0.6) and config.mask_fractions == (1.0, 0.0, 0.0)
     assert config.supervise_sep and config.producer_id == "w1" and config.sampling == "epoch"
     stages = parse(["--policy", "stages"])
-    assert stages.stages is None and _policy(stages).plan == load_stage_plan(EXAMPLE_STAGES)  # the shipped mix
+    assert stages.stages is None and stages.corruption().policy == load_stage_file(BASELINE_STAGES)  # the shipped mix
 
 
 @pytest.mark.parametrize(

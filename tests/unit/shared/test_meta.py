@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from shared.corruption import Corruption
 from shared.meta import MetaError, StreamMeta, canonical_json
 from shared.tokenizer import ByteTokenizer, CharTokenizer, sha256_hex, tokenizer_from_definition
 
@@ -32,7 +33,7 @@ def test_to_dict_from_dict_round_trip():
     again = StreamMeta.from_dict(data)
     assert again == meta
     assert again.digest == meta.digest
-    assert again.corruption_config == meta.corruption_config
+    assert again.corruption == meta.corruption and again.corruption.json_text == meta.corruption.json_text
 
 
 @given(
@@ -179,13 +180,13 @@ def build(tokenizer=None, corruption=None, counts=None, **rest):
     fields = dict(block_size=4, rows_per_message=1, packing="lines", sampling="epoch", seed=0,
                   corpus_fingerprint="f" * 16, val_messages=0)
     corruption = corruption or {"policy": "bert", "mask_prob": 0.15, "mask_fractions": [0.8, 0.1, 0.1]}
-    return StreamMeta.build(tokenizer, corruption, counts or [3] * tokenizer.base_size, **{**fields, **rest})
+    return StreamMeta.build(tokenizer, Corruption.from_dict(corruption), counts or [3] * tokenizer.base_size, **{**fields, **rest})
 
 
 def test_build_canonicalises_corruption():
     a = build(corruption={"mask_prob": 0.5, "policy": "bert", "mask_fractions": [1, 0, 0]}, counts=[3, 4])
-    assert a.corruption == '{"mask_fractions":[1,0,0],"mask_prob":0.5,"policy":"bert"}'
-    assert a.corruption_config == {"mask_fractions": [1, 0, 0], "mask_prob": 0.5, "policy": "bert"}
+    assert a.to_wire()["corruption"] == '{"mask_fractions":[1,0,0],"mask_prob":0.5,"policy":"bert"}'
+    assert a.corruption.to_dict() == {"mask_fractions": [1, 0, 0], "mask_prob": 0.5, "policy": "bert"}
     assert a.counts.tolist() == [3, 4]
 
 

@@ -34,6 +34,15 @@ TUPLE_SAMPLES = {"ratio_range": ((0.2, 0.4), "0.2,0.4"), "mask_fractions": ((1.0
                  "trainer_args": (("--y 2",), "--y 2"), "corpus": (("code=x:0.5",), "code=x:0.5")}
 
 
+def accepts(check, value) -> bool:
+    """Whether a setting's ``check`` (None: none) takes ``value``."""
+    try:
+        check is None or check(value)
+    except ValueError:
+        return False
+    return True
+
+
 def sample(cls: type, field: dataclasses.Field) -> tuple[typing.Any, str]:
     """A valid value of ``field`` other than its default, and its text."""
     meta = field.metadata["setting"]
@@ -51,7 +60,7 @@ def sample(cls: type, field: dataclasses.Field) -> tuple[typing.Any, str]:
         value = field.default + 1 if isinstance(field.default, int) and field.default > 3 else 3
         return value, str(value)
     if float in typing.get_args(kind) or kind is float:
-        return 0.5, "0.5"
+        return next((value, text) for value, text in ((0.5, "0.5"), (5.0, "5")) if accepts(meta["check"], value))
     return "x", "x"
 
 

@@ -151,7 +151,7 @@ def test_encode_refuses_wrong_dtype():
 
 
 def test_supervised_sep_is_valid_when_the_stream_supervises_sep():
-    meta = make_meta(corruption={**make_meta().corruption_config, "supervise_sep": True})
+    meta = make_meta(corruption={**make_meta().corruption.to_dict(), "supervise_sep": True})
     known(meta)
     tensors = make_tensors(meta, 2, np.random.default_rng(3), supervise_prob=0)
     valid_len = int(tensors["attention_mask"][0].sum())

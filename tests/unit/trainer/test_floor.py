@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from shared.corruption import SpanStage
 from shared.tokenizer import CharTokenizer
-from trainer.diagnostics.floor import context_free_floor, corrupted_token_entropy, entropy, span_coverage, stage_floors
+from trainer.diagnostics.floor import context_free_floor, corrupted_token_entropy, entropy, stage_floors
 
 from helpers import SHAKESPEARE
 from helpers.wire import make_meta
@@ -93,7 +94,7 @@ def test_stage_mix_matches_monte_carlo_over_rows():
     simulated = empirical_cross_entropy((originals[:half], inputs[:half]), (originals[half:], inputs[half:]), base_size)
     assert context_free_floor(meta) == pytest.approx(simulated, abs=0.01)
     weights = [weight for weight, _ in stage_floors(meta)]
-    ratios = np.array([0.25, np.ceil(0.9 * candidates) / candidates, span_coverage(3, candidates)])
+    ratios = np.array([0.25, np.ceil(0.9 * candidates) / candidates, SpanStage(3).expected_ratio(candidates)])
     assert weights == pytest.approx(ratios / ratios.sum())
     # The val split has only the random stage: the plain 60/20/20 floor.
     assert context_free_floor(meta, "val") == pytest.approx(
@@ -107,8 +108,8 @@ def test_span_coverage_matches_enumeration_and_its_large_n_limit(spans, candidat
     points = np.sort(rng.integers(0, candidates, (100_000 // spans, 2 * spans)), axis=1)
     position = np.arange(candidates)[None, None, :]
     covered = ((points[:, 0::2, None] <= position) & (position <= points[:, 1::2, None])).any(axis=1)
-    assert span_coverage(spans, candidates) == pytest.approx(covered.mean(), abs=0.004)
-    assert span_coverage(spans, 2_000_000) == pytest.approx(spans / (2 * spans + 1), abs=3e-5)
+    assert SpanStage(spans).expected_ratio(candidates) == pytest.approx(covered.mean(), abs=0.004)
+    assert SpanStage(spans).expected_ratio(2_000_000) == pytest.approx(spans / (2 * spans + 1), abs=3e-5)
 
 
 def test_floor_matches_the_real_producer_stream():
@@ -118,7 +119,7 @@ def test_floor_matches_the_real_producer_stream():
     corpus_module = pytest.importorskip("producer.corpus")
     text = "".join(f"{'ab' * (i % 5)}{'c' * (i % 3)}d{'ee' * (i % 2)}\n" for i in range(400))
     corpus = corpus_module.Corpus(text=text, name="test", fingerprint="0" * 16)
-    for policy in ("bert", "stages"):
+    for policy in ("bert", "stages", "span"):
         config = config_module.DataConfig(block_size=48, rows_per_message=64, policy=policy, mask_prob=0.4, mask_fractions=(0.5, 0.3, 0.2))
         stream = stream_module.BatchStream(config, corpus)
         batches = stream.train_batches()

@@ -55,7 +55,7 @@ def test_padded_query_positions_and_unpadded_rows_give_finite_logits():
     batch["attention_mask"][0] = 1  # a row with no padding at all
     model = tiny_model(stream.meta)
     with torch.no_grad():
-        logits, _ = model(batch["x"], batch["attention_mask"])
+        logits = model(batch["x"], batch["attention_mask"])
     padded = batch["attention_mask"] == 0
     assert padded.any()
     assert torch.isfinite(logits[padded]).all()
@@ -67,14 +67,15 @@ def test_loss_ignores_unsupervised_positions():
     batch = stream.batch()
     model = tiny_model(stream.meta)
     with torch.no_grad():
-        logits, loss = model(batch["x"], batch["attention_mask"], batch["y"])
+        logits = model(batch["x"], batch["attention_mask"])
+        loss, _ = supervised_loss(logits, batch["y"])
     supervised = batch["y"] != IGNORE_INDEX
     expected = F.cross_entropy(logits[supervised], batch["y"][supervised])
     torch.testing.assert_close(loss, expected)
     # garbage logits at ignored positions do not change the loss
     noisy = logits.clone()
     noisy[~supervised] = torch.randn_like(noisy[~supervised]) * 100
-    torch.testing.assert_close(supervised_loss(noisy, batch["y"]), expected)
+    torch.testing.assert_close(supervised_loss(noisy, batch["y"])[0], expected)
 
 
 def test_inverse_t_weighting_matches_hand_computation():
@@ -89,17 +90,17 @@ def test_inverse_t_weighting_matches_hand_computation():
             if targets[b, t] != -100:
                 numerator += weight * -log_probs[b, t, targets[b, t]].item()
                 denominator += weight
-    loss = supervised_loss(logits, targets, mask_ratio, "inverse-t")
+    loss, _ = supervised_loss(logits, targets, mask_ratio, "inverse-t")
     assert loss.item() == pytest.approx(numerator / denominator, rel=1e-5)
-    equal_ratios = supervised_loss(logits, targets, torch.full((3,), 0.3), "inverse-t")
-    torch.testing.assert_close(equal_ratios, supervised_loss(logits, targets))
+    equal_ratios, _ = supervised_loss(logits, targets, torch.full((3,), 0.3), "inverse-t")
+    torch.testing.assert_close(equal_ratios, supervised_loss(logits, targets)[0])
 
 
 def test_loss_of_a_batch_without_supervision_is_zero():
     logits = torch.randn(2, 3, 5, requires_grad=True)
     targets = torch.full((2, 3), IGNORE_INDEX)
     for weighting in ("none", "inverse-t"):
-        loss = supervised_loss(logits, targets, torch.ones(2), weighting)
+        loss, _ = supervised_loss(logits, targets, torch.ones(2), weighting)
         assert loss.item() == 0.0
 
 
@@ -127,7 +128,7 @@ def test_training_a_few_steps_lowers_the_loss(positions):
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(15):
-        _, loss = model(batch["x"], batch["attention_mask"], batch["y"])
+        loss, _ = supervised_loss(model(batch["x"], batch["attention_mask"]), batch["y"])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -25,13 +25,13 @@ class PoolingModel(nn.Module):
         self.uses_context = uses_context
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x, attention_mask, targets=None, mask_ratio=None):
+    def forward(self, x, attention_mask):
         logits = self.drop(self.own(x))
         if self.uses_context:
             weights = attention_mask.float()[:, :, None]
             pooled = (self.embed(x) * weights).sum(1) / weights.sum(1)
             logits = logits + self.context(pooled)[:, None, :]
-        return logits, None
+        return logits
 
 
 def make_val_batches(batches: int = 3, batch_size: int = 4, seed: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -54,7 +54,7 @@ def make_val_batches(batches: int = 3, batch_size: int = 4, seed: int = 0) -> li
 
 
 def direct_loss(model, x, attention_mask, y) -> float:
-    logits, _ = model(x, attention_mask)
+    logits = model(x, attention_mask)
     return float(F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX))
 
 
@@ -64,7 +64,7 @@ def brute_force_no_context(model, probe) -> float:
     for row, position in zip(probe.sample_rows.tolist(), probe.sample_positions.tolist()):
         attention_mask = torch.zeros(1, T, dtype=torch.long)
         attention_mask[0, position] = 1
-        logits, _ = model(probe.x[row : row + 1], attention_mask)
+        logits = model(probe.x[row : row + 1], attention_mask)
         losses.append(F.cross_entropy(logits[0, position : position + 1], probe.y[row, position : position + 1]))
     return float(torch.stack(losses).mean())
 

@@ -21,6 +21,7 @@ from shared.data_config import DataConfig
 from trainer.loop.checkpoint import Checkpoint, save_checkpoint
 from trainer.loop.live_samples import PROMPT_TOKENS, LiveSampler
 from trainer.model import sampler
+from trainer.model.losses import supervised_loss
 from trainer.model.sampler import SamplingError, infill_canvas, prompt_canvas, reveal_schedule, sample
 from trainer.model.transformer import BidirectionalTransformer, ModelConfig
 from trainer.sample import main as sample_main
@@ -58,7 +59,7 @@ def trained():
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for batch in islice(stream.train_batches(), 200):
         x, attention_mask, y = batch_tensors(batch)
-        _, loss = model(x, attention_mask, y)
+        loss, _ = supervised_loss(model(x, attention_mask), y)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
