@@ -64,12 +64,18 @@ class ReadyBatch:
     ratio_counts: np.ndarray
     new_messages: list[tuple[str, Any]]  # per message starting in this batch: (producer id, its frames when recording, else None)
     cursor: Cursor  # where the schedule stands once the training loop has this batch
+    source_rows: np.ndarray | None = None  # rows per source index (len(meta.sources),) of a mixture's batch
 
 
 def stream_tensors(meta: StreamMeta) -> tuple[str, ...]:
-    """The tensor names of every batch of a stream (sorted): ``stage`` only with stages."""
+    """The tensor names of every batch of a stream (sorted): ``stage`` only with stages, ``source``
+    only for a mixture."""
     names = ["attention_mask", "mask_ratio", "x", "y"]
-    return tuple(sorted(names + ["stage"])) if meta.corruption_config["policy"] == "stages" else tuple(names)
+    if meta.corruption_config["policy"] == "stages":
+        names.append("stage")
+    if meta.sources:
+        names.append("source")
+    return tuple(sorted(names))
 
 
 class Intake:
@@ -338,13 +344,18 @@ class Intake:
                                          self.meta.mask_id, self.meta.ignore_index)
             self._rows_handed += self.batch_size
             position, rows_used = divmod(self._rows_handed, rows_per_message)
+            source_rows = np.bincount(batch["source"], minlength=len(self.meta.sources)) if "source" in batch else None
             self._ready.append(ReadyBatch(host={name: self._to_host(array, vocab_size) for name, array in batch.items()},
                                           stats=stats, ratio_counts=mask_ratio_counts(batch["mask_ratio"]), new_messages=tags,
-                                          cursor=Cursor(position, rows_used, self.world)))
+                                          cursor=Cursor(position, rows_used, self.world), source_rows=source_rows))
 
-    def count_consumed(self, new_messages: list[tuple[str, Any]], cursor: Cursor) -> None:
-        """A batch starting these messages, ending at ``cursor``, was handed to the training loop."""
+    def count_consumed(self, new_messages: list[tuple[str, Any]], cursor: Cursor, source_rows: np.ndarray | None = None) -> None:
+        """A batch starting these messages, ending at ``cursor``, with ``source_rows`` rows of each
+        source of a mixture, was handed to the training loop."""
         with self.ledger.lock:
+            if source_rows is not None:
+                for source, rows in zip(self.meta.sources, source_rows.tolist()):
+                    self.ledger.rows_by_source[source.name] += rows
             self.ledger.cursor = cursor
             self.ledger.consumed_messages += len(new_messages)
             for producer_id, _ in new_messages:

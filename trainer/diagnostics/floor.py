@@ -30,6 +30,10 @@ to its expected supervised fraction of a row's n candidates, evaluated at the la
 (→ ``k / (2k + 1)`` for large n). The floor is the mix of the per-stage floors with those
 weights: the expected loss pooled over supervised positions, which is what the mean
 cross-entropy over a batch measures.
+
+Mixtures: a row's lines all come from one source, so each source has its own floor, the same
+computation from that source's train unigram counts (:func:`source_floors`); the stream's floor
+stays the one of ``meta.counts``.
 """
 
 from __future__ import annotations
@@ -115,10 +119,12 @@ def row_candidates(meta: StreamMeta) -> int:
     return meta.block_size - 1 + int(bool(meta.corruption_config.get("supervise_sep", False)))
 
 
-def stage_floors(meta: StreamMeta, split: str = "train", sep_share: float | None = None) -> list[tuple[float, float]]:
-    """``(weight, floor)`` per stage of ``split`` (one entry for non-stage policies); weights sum to 1."""
+def stage_floors(meta: StreamMeta, split: str = "train", sep_share: float | None = None,
+                 counts: np.ndarray | None = None) -> list[tuple[float, float]]:
+    """``(weight, floor)`` per stage of ``split`` (one entry for non-stage policies); weights sum
+    to 1. ``counts``: the unigram counts to use instead of ``meta.counts`` (one source's)."""
     config = meta.corruption_config
-    class_probs = class_distribution(meta, sep_share)
+    class_probs = class_distribution(meta, sep_share, counts)
     base_size = len(meta.counts)
     fractions = tuple(config.get("mask_fractions", DEFAULT_MASK_FRACTIONS))
     with_fractions = corrupted_token_entropy(class_probs, base_size, fractions)
@@ -134,16 +140,24 @@ def stage_floors(meta: StreamMeta, split: str = "train", sep_share: float | None
     return list(zip((ratios / ratios.sum()).tolist(), floors))
 
 
-def context_free_floor(meta: StreamMeta, split: str = "train", sep_share: float | None = None) -> float:
-    """The context-free floor in nats for the supervised positions of ``split``."""
-    return float(sum(weight * floor for weight, floor in stage_floors(meta, split, sep_share)))
+def context_free_floor(meta: StreamMeta, split: str = "train", sep_share: float | None = None,
+                       counts: np.ndarray | None = None) -> float:
+    """The context-free floor in nats for the supervised positions of ``split`` (of the rows
+    whose unigram counts are ``counts``, by default the stream's ``meta.counts``)."""
+    return float(sum(weight * floor for weight, floor in stage_floors(meta, split, sep_share, counts)))
 
 
-def class_distribution(meta: StreamMeta, sep_share: float | None = None) -> np.ndarray:
-    """Distribution of the original token at a supervised position: base ids (+ [SEP] last)."""
-    counts = meta.counts.astype(np.float64)
+def source_floors(meta: StreamMeta, split: str = "val") -> dict[str, float]:
+    """Source name -> the context-free floor of its rows of ``split`` (empty for a single corpus)."""
+    return {source.name: context_free_floor(meta, split, counts=source.counts) for source in meta.sources}
+
+
+def class_distribution(meta: StreamMeta, sep_share: float | None = None, counts: np.ndarray | None = None) -> np.ndarray:
+    """Distribution of the original token at a supervised position: base ids (+ [SEP] last),
+    from ``counts`` (V0,), by default ``meta.counts``."""
+    counts = (meta.counts if counts is None else counts).astype(np.float64)
     if counts.sum() <= 0:
-        raise ValueError("meta.token_counts is empty: no train content tokens to build the floor from")
+        raise ValueError("token_counts is empty: no train content tokens to build the floor from")
     base = counts / counts.sum()
     supervise_sep = bool(meta.corruption_config.get("supervise_sep", False)) and meta.packing == "lines"
     if not supervise_sep:

@@ -52,6 +52,14 @@ from trainer.model.transformer import BidirectionalTransformer, ModelConfig
 log = logging.getLogger("trainer")
 
 
+def by_source_name(by_index: dict[str, float], meta: StreamMeta) -> dict[str, float] | None:
+    """Per-source losses keyed by the sources' names (``by_index`` keys are ``source`` indices as
+    strings); None for a single corpus."""
+    if not meta.sources:
+        return None
+    return {meta.sources[int(index)].name: loss for index, loss in by_index.items()}
+
+
 class Trainer:
     """Trains a BidirectionalTransformer on the batches of ``source``.
 
@@ -176,7 +184,7 @@ class Trainer:
             samples = self._sampler.run(self.model, self.step, eval_ms / 1000, self._autocast)
         bound = result.weighted if nll_bound_unavailable(self.meta.corruption_config) is None else None
         numbers = EvalNumbers(step=self.step, val_loss=result.loss, val_loss_by_stage=result.by_stage,
-                              val_supervised=result.supervised, eval_ms=eval_ms, before_training=before_training,
+                              val_loss_by_source=by_source_name(result.by_source, self.meta), val_supervised=result.supervised, eval_ms=eval_ms, before_training=before_training,
                               val_nll_bound=bound, samples=samples,
                               samples_ms=None if samples is None else 1000 * (time.perf_counter() - started))
         if not before_training:
@@ -337,7 +345,8 @@ class Trainer:
             eval_numbers = self._evaluate_and_checkpoint(before_training=False) if is_eval else None
             if eval_numbers is not None:
                 numbers = dataclasses.replace(numbers, val_loss=eval_numbers.val_loss,
-                                              val_loss_by_stage=eval_numbers.val_loss_by_stage)
+                                              val_loss_by_stage=eval_numbers.val_loss_by_stage,
+                                              val_loss_by_source=eval_numbers.val_loss_by_source)
             for observer in observers:
                 observer.on_step(numbers)
             if eval_numbers is not None:
@@ -350,6 +359,7 @@ class Trainer:
             steps=self.step, train_loss=self._interval.last_train_loss,
             val_loss=None if last_eval is None else last_eval.val_loss,
             val_loss_by_stage=None if last_eval is None else last_eval.val_loss_by_stage,
+            val_loss_by_source=None if last_eval is None else last_eval.val_loss_by_source,
             wall_s=time.perf_counter() - started, stream=self.ranks.stream_stats(self.consumer), stopped_by=stopped_by,
             world_size=self.ranks.world_size if digests is not None else None, parameter_digests=digests,
         )
