@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from shared.limits import MAX_BLOCK_SIZE, MAX_ROWS_PER_MESSAGE, MAX_STAGES, PACKINGS, POLICIES, SAMPLINGS
+from shared.limits import COUNT_DTYPE, MAX_BLOCK_SIZE, MAX_ROWS_PER_MESSAGE, MAX_STAGES, PACKINGS, POLICIES, SAMPLINGS
+from shared.mixture import Mixture, MixtureError, SourceInfo, SourceSummary, check_sources, source_differences
 from shared.tokenizer import TOKENIZER_KINDS, CharTokenizer, HFTokenizer, Tokenizer, sha256_hex, tokenizer_from_definition
 from shared.vocab import IGNORE_INDEX, SpecialIds, VocabularyError
 
@@ -31,7 +32,6 @@ FINGERPRINT = re.compile(r"[0-9a-f]{16}")
 SHA256 = re.compile(r"[0-9a-f]{64}")
 MAX_SEED = (1 << 63) - 1  # a msgpack int64: every common reader takes it
 MAX_COUNT = (1 << 64) - 1
-COUNT_DTYPE = np.dtype("<u8")  # token_counts: one little-endian uint64 per base id
 DIGEST_CHUNK = 1 << 16  # counts written at a time while hashing
 
 
@@ -64,7 +64,13 @@ class StreamMeta:
             whatever the vocabulary (:attr:`counts` reads it as an array).
         epoch_rows: rows in one epoch of the train schedule with epoch sampling (the greedy packs
             of the train lines), 0 with random sampling; the wire form omits it when 0, so a
-            random-sampling meta is the same map as in protocol 2.
+            random-sampling meta is the same map as in protocol 2. 0 for a mixture (each source
+            has its own).
+        sources: the sources of a mixture (:class:`~shared.mixture.SourceInfo`, docs/SPEC.md
+            §2.9), empty for a single corpus; the wire form and the digest omit it when empty, so a
+            single-corpus meta is the same map as before mixtures. For a mixture
+            ``corpus_fingerprint`` is :func:`mixture_fingerprint` of the sources and
+            ``token_counts`` their counts mixed by weight (:func:`mixed_counts`).
     """
 
     block_size: int
@@ -85,6 +91,7 @@ class StreamMeta:
     val_messages: int
     token_counts: bytes
     epoch_rows: int = 0
+    sources: tuple[SourceInfo, ...] = ()
 
     def __post_init__(self) -> None:
         self._check_ids()
@@ -104,6 +111,21 @@ class StreamMeta:
             raise MetaError(f"token_counts must be {self.base_size} little-endian uint64 ({COUNT_DTYPE.itemsize * self.base_size} "
                             f"bytes), got {type(self.token_counts).__name__} of {len(self.token_counts)}")
         check_corruption(self.corruption)
+        if self.sources:
+            self._check_sources()
+
+    def _check_sources(self) -> None:
+        object.__setattr__(self, "sources", tuple(self.sources))
+        try:
+            check_sources(self.sources, self.base_size)
+        except MixtureError as error:
+            raise MetaError(f"meta field sources: {error}") from None
+        if self.epoch_rows:
+            raise MetaError("meta field epoch_rows is set, but a mixture's epochs are its sources' (sources[].epoch_rows)")
+        if bool(self.sources[0].epoch_rows) != (self.sampling == "epoch"):
+            raise MetaError("meta field sources: epoch_rows are set exactly with epoch sampling")
+        if self.corpus_fingerprint != mixture_fingerprint(self.sources):
+            raise MetaError("meta field corpus_fingerprint is not the fingerprint of the sources")
 
     def _check_ids(self) -> None:
         if self.tokenizer not in TOKENIZER_KINDS:
@@ -161,25 +183,25 @@ class StreamMeta:
         meta messages and checkpoints hold it); raises :class:`MetaError` on any missing, extra or
         mistyped field."""
         cls._check_types(data, wire=False)
-        return cls(**{**data, "token_counts": _counts_bytes(data["token_counts"])})
+        return cls(**{**data, "token_counts": _counts_bytes(data["token_counts"]), **_parse_sources(data, wire=False)})
 
     @classmethod
     def from_wire(cls, data: Any) -> StreamMeta:
         """Parse the wire form of protocol 3 (:meth:`to_wire`: ``token_counts`` raw bytes)."""
         cls._check_types(data, wire=True)
-        return cls(**data)
+        return cls(**{**data, **_parse_sources(data, wire=True)})
 
     @classmethod
     def _check_types(cls, data: Any, wire: bool) -> None:
         if not isinstance(data, dict):
             raise MetaError("meta is not a map")
         names = [f.name for f in fields(cls)]
-        missing = sorted(set(names) - set(data) - {"epoch_rows"})
+        missing = sorted(set(names) - set(data) - {"epoch_rows", "sources"})
         extra = sorted(set(map(str, data)) - set(names))
         if missing or extra:
             raise MetaError(f"meta fields missing {missing} / unknown {extra}")
         for f in fields(cls):
-            if f.name not in data:
+            if f.name not in data or f.name == "sources":
                 continue
             value = data[f.name]
             if f.name == "token_counts" and not wire:
@@ -199,13 +221,20 @@ class StreamMeta:
     def to_dict(self) -> dict[str, Any]:
         """The plain form: a new dict of JSON values (``token_counts`` as a list of integers), what
         the digest is computed over and checkpoints keep."""
-        return {**self.to_wire(), "token_counts": self.counts.tolist()}
+        data = {**self.to_wire(), "token_counts": self.counts.tolist()}
+        if self.sources:
+            data["sources"] = [source.to_dict() for source in self.sources]
+        return data
 
     def to_wire(self) -> dict[str, Any]:
         """The wire form of protocol 3: a new dict of the fields (``token_counts`` as raw bytes)."""
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         if not self.epoch_rows:
             del data["epoch_rows"]
+        if self.sources:
+            data["sources"] = [source.to_wire() for source in self.sources]
+        else:
+            del data["sources"]
         return data
 
     @property
@@ -216,21 +245,31 @@ class StreamMeta:
     @property
     def nbytes(self) -> int:
         """Approximate memory held by this meta, in bytes: its vocabulary, counts and corruption."""
-        return sys.getsizeof(self.vocab) + len(self.token_counts) + sys.getsizeof(self.corruption)
+        return (sys.getsizeof(self.vocab) + len(self.token_counts) + sys.getsizeof(self.corruption)
+                + sum(len(source.token_counts) for source in self.sources))
 
     @cached_property
     def digest(self) -> str:
         """Stable hash: first 16 hex digits of SHA-256 over the canonical JSON of the meta
         (:meth:`to_dict`), the counts written in chunks so that no list of V0 ints is made."""
-        text = canonical_json({**self.to_wire(), "token_counts": []})
-        # The key appears once: inside a string a quote would be escaped (\").
-        head, key, tail = text.partition('"token_counts":[]')
-        sha = hashlib.sha256(f'{head}"token_counts":['.encode())
-        counts = self.counts
-        for start in range(0, len(counts), DIGEST_CHUNK):
-            sha.update(("," if start else "").encode() + ",".join(map(str, counts[start:start + DIGEST_CHUNK].tolist())).encode())
-        sha.update(f"]{tail}".encode())
+        data = {**self.to_wire(), "token_counts": []}
+        if self.sources:
+            data["sources"] = [{**source.to_wire(), "token_counts": []} for source in self.sources]
+        # The key appears once per counts array, in the order of the text ("sources" sorts before
+        # "token_counts"), and never inside a string: there a quote would be escaped (\").
+        pieces = canonical_json(data).split('"token_counts":[]')
+        sha = hashlib.sha256(pieces[0].encode())
+        for counts, piece in zip([*(source.counts for source in self.sources), self.counts], pieces[1:]):
+            sha.update(b'"token_counts":[')
+            for start in range(0, len(counts), DIGEST_CHUNK):
+                sha.update(("," if start else "").encode() + ",".join(map(str, counts[start:start + DIGEST_CHUNK].tolist())).encode())
+            sha.update(f"]{piece}".encode())
         return sha.hexdigest()[:16]
+
+    @cached_property
+    def mixture(self) -> Mixture | None:
+        """The row -> source assignment of a mixture (:class:`~shared.mixture.Mixture`), None for a single corpus."""
+        return Mixture(self.sources) if self.sources else None
 
     @property
     def base_size(self) -> int:
@@ -251,15 +290,23 @@ class StreamMeta:
         """The meta without the per-id counts and the vocabulary itself (for diagnostics)."""
         data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in SUMMARY_OMITS}
         data["corruption"] = self.corruption_config
+        data["sources"] = tuple(source.summary() for source in self.sources)
         return MetaSummary(**data, base_size=self.base_size, content_tokens=int(self.counts.sum()), digest=self.digest)
 
     def differences(self, other: StreamMeta) -> list[tuple[str, Any, Any]]:
-        """``(field, self value, other value)`` for every field that differs, in field order."""
-        return [
+        """``(field, self value, other value)`` for every field that differs, in field order; the
+        sources' differences first, each named ``sources.NAME.FIELD`` (``sources`` when their
+        names differ), as the corpus fingerprint then differs too."""
+        found = [
             (f.name, getattr(self, f.name), getattr(other, f.name))
             for f in fields(self)
-            if getattr(self, f.name) != getattr(other, f.name)
+            if f.name != "sources" and getattr(self, f.name) != getattr(other, f.name)
         ]
+        mine, theirs = [s.name for s in self.sources], [s.name for s in other.sources]
+        if mine != theirs:
+            return [("sources", mine, theirs), *found]
+        return [(f"sources.{a.name}.{name}", *values) for a, b in zip(self.sources, other.sources)
+                for name, *values in source_differences(a, b)] + found
 
 
 # tokenizer_digest -> V0 of the hf tokenizers that loaded: a meta repeating one is not loaded again.
@@ -291,6 +338,35 @@ def _counts_bytes(counts: Any) -> bytes:
     return array.astype(COUNT_DTYPE).tobytes()
 
 
+def _parse_sources(data: dict, wire: bool) -> dict[str, tuple[SourceInfo, ...]]:
+    """``{"sources": ...}`` parsed from a meta map that has them, else ``{}``."""
+    if "sources" not in data:
+        return {}
+    if not isinstance(data["sources"], (list, tuple)) or not data["sources"]:
+        raise MetaError("meta field sources must be a non-empty array of source maps (absent for a single corpus)")
+    try:
+        return {"sources": tuple(SourceInfo.parse(source, wire) for source in data["sources"])}
+    except MixtureError as error:
+        raise MetaError(f"meta field sources: {error}") from None
+
+
+def mixture_fingerprint(sources: tuple[SourceInfo, ...]) -> str:
+    """A mixture's ``corpus_fingerprint``: 16 hex digits of SHA-256 over the canonical JSON of the
+    list of its sources' ``name``, ``weight``, ``corpus_fingerprint`` and ``max_epochs`` (in order)."""
+    covered = [{"name": s.name, "weight": s.weight, "corpus_fingerprint": s.corpus_fingerprint, "max_epochs": s.max_epochs}
+               for s in sources]
+    return sha256_hex(canonical_json(covered).encode())[:16]
+
+
+def mixed_counts(sources: tuple[SourceInfo, ...]) -> np.ndarray:
+    """A mixture's ``token_counts``: each source's unigram distribution weighted by its share,
+    scaled to the sources' total count and rounded: int64 (V0,), the floor of the mixed stream."""
+    total = sum(int(s.counts.sum()) for s in sources)
+    weights = np.array([s.weight for s in sources]) / sum(s.weight for s in sources)
+    mixed = sum(w * s.counts / max(int(s.counts.sum()), 1) for w, s in zip(weights, sources))
+    return np.rint(mixed * total).astype(np.int64)
+
+
 def _within(name: str, value: int, low: int, high: int) -> None:
     if not low <= value <= high:
         raise MetaError(f"meta field {name} {value} is outside {low}..{high}")
@@ -302,7 +378,8 @@ SUMMARY_OMITS = ("vocab", "token_counts")  # large, and in the meta only for dec
 # fields so that a new meta field reaches the diagnostics without a second declaration.
 MetaSummary = dataclasses.make_dataclass(
     "MetaSummary",
-    [(f.name, dict[str, Any] if f.name == "corruption" else f.type) for f in fields(StreamMeta) if f.name not in SUMMARY_OMITS]
+    [(f.name, {"corruption": dict[str, Any], "sources": tuple[SourceSummary, ...]}.get(f.name, f.type))
+     for f in fields(StreamMeta) if f.name not in SUMMARY_OMITS]
     + [("base_size", int), ("content_tokens", int), ("digest", str)],
     frozen=True,
 )

@@ -6,7 +6,7 @@ Four kinds of message travel on a stream's connection (protocol version 3):
   binary of uint64), sent by a producer first on every connection and again every few seconds,
   which announces it to the trainer and keeps it known;
 - ``batch`` (producer to trainer): message ``index`` of its split (train: k of the schedule; val:
-  the val index), rows of ``x`` / ``y`` / ``attention_mask`` / ``mask_ratio`` (/ ``stage``), one
+  the val index), rows of ``x`` / ``y`` / ``attention_mask`` / ``mask_ratio`` (/ ``stage``, / ``source``), one
   raw frame per tensor; its header names the meta by digest only (``meta_hash``);
 - ``order`` and ``refuse`` (trainer to producer, :class:`Order`, :class:`Refusal`): what to compute
   and send, and why a producer's stream is turned away (:func:`encode_order`,
@@ -62,9 +62,10 @@ MAX_HEADER_ENTRIES = 64  # msgpack maps and arrays in a header (shapes, the tens
 INCARNATION_HEX = 16
 
 # name -> rank; rank 2 tensors are (rows, block_size), rank 1 are (rows,). Dtypes: tensor_dtypes().
-TENSOR_RANKS: Mapping[str, int] = MappingProxyType({"x": 2, "y": 2, "attention_mask": 2, "mask_ratio": 1, "stage": 1})
+TENSOR_RANKS: Mapping[str, int] = MappingProxyType({"x": 2, "y": 2, "attention_mask": 2, "mask_ratio": 1, "stage": 1,
+                                                   "source": 1})
 REQUIRED_TENSORS = ("x", "y", "attention_mask", "mask_ratio")
-OPTIONAL_TENSORS = ("stage",)
+OPTIONAL_TENSORS = ("stage", "source")  # stage: a stages stream; source: a mixture (meta.sources)
 HEADER_KEYS = MappingProxyType({
     (3, KIND_BATCH): frozenset({"magic", "version", "kind", "split", "producer", "incarnation", "seq", "index",
                                 "meta_hash", "tensors"}),
@@ -86,7 +87,7 @@ REASONS = (
 def tensor_dtypes(meta: StreamMeta) -> dict[str, np.dtype]:
     """The wire dtype of each tensor of a stream: ids and labels as small as its vocabulary allows."""
     return {"x": id_dtype(meta.vocab_size), "y": label_dtype(meta.vocab_size), "attention_mask": np.dtype("u1"),
-            "mask_ratio": np.dtype("<f4"), "stage": np.dtype("u1")}
+            "mask_ratio": np.dtype("<f4"), "stage": np.dtype("u1"), "source": np.dtype("u1")}
 
 
 def new_incarnation() -> str:
@@ -133,7 +134,8 @@ class WireMessage:
         meta: the stream meta the message was made under.
         tensors: name -> read-only array view of the frame: ``x`` uint16/uint32 (R, T),
             ``y`` int16/int32 (R, T), ``attention_mask`` uint8 (R, T), ``mask_ratio`` float32 (R,),
-            and ``stage`` uint8 (R,) when the stages policy is used.
+            ``stage`` uint8 (R,) when the stages policy is used, and ``source`` uint8 (R,) (each
+            row's index into ``meta.sources``) for a mixture.
         valid_len: int64 (R,), real tokens per row ([SEP] included), found while checking the layout.
         frames: the exact frames received (header first), for recording.
     """
@@ -294,11 +296,11 @@ def _no_binary(value: Any, depth: int = 0, allowed: frozenset[str] = frozenset()
         raise ValueError("binary, ext or too deeply nested values are not allowed")
     if isinstance(value, dict):
         for key, item in value.items():
-            if key not in allowed:
-                _no_binary(item, depth + 1)
+            if key not in allowed:  # a mixture's sources hold counts too (their own token_counts)
+                _no_binary(item, depth + 1, allowed if key == "sources" else frozenset())
     elif isinstance(value, list):
         for item in value:
-            _no_binary(item, depth + 1)
+            _no_binary(item, depth + 1, allowed)
 
 
 def unpack_map(raw: memoryview, limit: int, max_entries: int, what: str, binary: frozenset[str] = frozenset()) -> dict:
@@ -560,6 +562,7 @@ def check_values(tensors: Mapping[str, np.ndarray], meta: StreamMeta, split: str
     valid_len = _check_layout(x, y, mask, labelled, meta)
     _check_mask_ratio(ratio, labelled, valid_len, meta)
     _check_stage(tensors.get("stage"), meta, split)
+    _check_source(tensors.get("source"), meta)
     return valid_len
 
 
@@ -621,3 +624,14 @@ def _check_stage(stage: np.ndarray | None, meta: StreamMeta, split: str) -> None
     stages = len(config["stages"][split])
     if int(stage.max()) >= stages:
         raise WireError("value_range", f"stage {int(stage.max())} is outside the {stages} {split} stages")
+
+
+def _check_source(source: np.ndarray | None, meta: StreamMeta) -> None:
+    if not meta.sources:
+        if source is not None:
+            raise WireError("tensor_list", "only a mixture (a meta with sources) carries the source tensor")
+        return
+    if source is None:
+        raise WireError("tensor_list", "a mixture's messages carry the source tensor")
+    if int(source.max()) >= len(meta.sources):
+        raise WireError("value_range", f"source {int(source.max())} is outside the mixture's {len(meta.sources)} sources")

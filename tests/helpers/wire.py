@@ -13,7 +13,8 @@ import msgpack
 import numpy as np
 
 from shared.limits import MAX_PRODUCER_ID_CHARS
-from shared.meta import StreamMeta
+from shared.meta import StreamMeta, mixture_fingerprint
+from shared.mixture import SourceInfo
 from shared.tokenizer import CharTokenizer
 from shared.vocab import IGNORE_INDEX
 from shared.wire import (
@@ -59,12 +60,14 @@ def make_meta(
     corruption: dict | None = None,
     token_counts=None,
     corpus_fingerprint: str = "0123456789abcdef",
+    sources: dict[str, float] | None = None,
 ) -> StreamMeta:
     """A valid meta (random sampling) over ``chars``, bert-corrupted (:data:`BERT`) unless
     ``corruption`` says otherwise.
 
     The vocabulary's token counts are ``1, 2, ...``; with ``text`` the vocabulary and the counts
     come from that text instead (``chars`` is then unused). ``token_counts`` overrides either.
+    ``sources`` (name -> weight) makes it a mixture: each source with those counts times its place (1, 2, ...).
     """
     if text is None:
         vocabulary = CharTokenizer(chars)
@@ -72,17 +75,21 @@ def make_meta(
     else:
         vocabulary = CharTokenizer.from_text(text)
         counts = np.bincount(vocabulary.encode(text), minlength=vocabulary.base_size)
+    counts = np.asarray(list(counts) if token_counts is None else token_counts, dtype=np.int64)
+    mixture = tuple(SourceInfo(name, float(weight), f"{place:016x}", 0, 0, (counts * place).astype("<u8").tobytes())
+                    for place, (name, weight) in enumerate((sources or {}).items(), start=1))
     return StreamMeta.build(
         vocabulary,
         BERT if corruption is None else corruption,
-        token_counts=counts if token_counts is None else token_counts,
+        token_counts=counts,
         block_size=block_size,
         rows_per_message=rows_per_message,
         packing=packing,
         sampling="random",
         seed=seed,
-        corpus_fingerprint=corpus_fingerprint,
+        corpus_fingerprint=mixture_fingerprint(mixture) if mixture else corpus_fingerprint,
         val_messages=val_messages,
+        sources=mixture,
     )
 
 
@@ -127,6 +134,8 @@ def make_tensors(
     }
     if stages is not None:
         tensors["stage"] = rng.integers(0, len(stages["train"]), size=rows).astype("u1")
+    if meta.sources:
+        tensors["source"] = rng.integers(0, len(meta.sources), size=rows).astype("u1")
     return tensors
 
 
