@@ -184,7 +184,8 @@ class Trainer:
             samples = self._sampler.run(self.model, self.step, eval_ms / 1000, self._autocast)
         bound = result.weighted if nll_bound_unavailable(self.meta.corruption_config) is None else None
         numbers = EvalNumbers(step=self.step, val_loss=result.loss, val_loss_by_stage=result.by_stage,
-                              val_loss_by_source=by_source_name(result.by_source, self.meta), val_supervised=result.supervised, eval_ms=eval_ms, before_training=before_training,
+                              val_loss_by_source=by_source_name(result.by_source, self.meta),
+                              val_supervised=result.supervised, eval_ms=eval_ms, before_training=before_training,
                               val_nll_bound=bound, samples=samples,
                               samples_ms=None if samples is None else 1000 * (time.perf_counter() - started))
         if not before_training:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from shared.limits import MAX_STAGES
+from shared.limits import MAX_SOURCES, MAX_STAGES
 from shared.vocab import IGNORE_INDEX
 from trainer.model.losses import MIN_MASK_RATIO, token_losses
 
@@ -32,8 +32,8 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
-# The row tensors a loss is also split by, and how many ids each can hold (both travel as uint8).
-ROW_GROUPS = {"stage": MAX_STAGES, "source": 256}
+# The row tensors a loss is also split by, and how many ids each can take.
+ROW_GROUPS = {"stage": MAX_STAGES, "source": MAX_SOURCES}
 
 
 @dataclass(frozen=True)

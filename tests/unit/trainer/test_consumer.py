@@ -81,6 +81,19 @@ def test_stage_is_widened_and_batch_stats_are_set(context):
     assert c.cumulative_mask_ratio.count == 4
 
 
+def test_a_mixtures_source_is_widened_and_its_rows_are_counted_per_source(context):
+    meta = make_meta(block_size=32, rows_per_message=4, val_messages=0, sources={"code": 0.2, "prose": 0.8})
+    rng = np.random.default_rng(3)
+    messages = [make_tensors(meta, 4, rng) for _ in range(3)]
+    with consumer(6) as c, OrderServer(c.endpoint, meta, listed(messages)):
+        batches = [c.next_batch(timeout=5) for _ in range(2)]
+        rows = c.stats().rows_by_source
+    sent = np.concatenate([m["source"] for m in messages])
+    assert all(batch["source"].dtype == torch.int64 for batch in batches)
+    np.testing.assert_array_equal(rows_of(batches, "source"), sent)
+    assert rows == {"code": int((sent == 0).sum()), "prose": int((sent == 1).sum())} and sum(rows.values()) == 12
+
+
 def test_producer_table_counts_gaps_duplicates_and_late_arrivals():
     table = ProducerTable()
     for seq in [5, 6, 9, 7, 7, 3, 4, 10]:
