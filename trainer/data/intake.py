@@ -78,6 +78,17 @@ def stream_tensors(meta: StreamMeta) -> tuple[str, ...]:
     return tuple(sorted(names))
 
 
+def source_rows_before(meta: StreamMeta, cursor: Cursor, rank: int, world: int) -> np.ndarray:
+    """Rows per source (len(meta.sources),) that this rank counts as taken before ``cursor`` (a
+    resumed run), from the mixture's row -> source assignment: rank 0 the whole messages before
+    every rank's cursor, each rank the rows it used of its next message; summed over the ranks,
+    the rows the run had taken."""
+    mixture, rows = meta.mixture, meta.rows_per_message
+    start = (rank + cursor.position * world) * rows
+    counts = np.bincount(mixture.assign(start, start + cursor.rows_used)[0], minlength=len(meta.sources))
+    return counts + (mixture.counts_before(cursor.position * world * rows) if rank == 0 else 0)
+
+
 class Intake:
     """The receive loop and everything it keeps; ``DatasetConsumer`` is its public face.
 
@@ -172,6 +183,9 @@ class Intake:
             with self.ledger.lock:
                 book.start_train(self._seek)
                 self._rows_handed = self._seek.position * book.rows_per_message + self._seek.rows_used
+            if self.meta.sources:
+                with self.ledger.lock:
+                    self._count_source_rows(source_rows_before(self.meta, self._seek, self.rank, self.world))
         now = time.monotonic()
         with self.ledger.lock:
             orders = book.expire(now) + book.issue(now)
@@ -354,10 +368,14 @@ class Intake:
         source of a mixture, was handed to the training loop."""
         with self.ledger.lock:
             if source_rows is not None:
-                for source, rows in zip(self.meta.sources, source_rows.tolist()):
-                    self.ledger.rows_by_source[source.name] += rows
+                self._count_source_rows(source_rows)
             self.ledger.cursor = cursor
             self.ledger.consumed_messages += len(new_messages)
             for producer_id, _ in new_messages:
                 self.ledger.table.count_consumed(producer_id)
             self.ledger.consumed_batches += 1
+
+    def _count_source_rows(self, source_rows: np.ndarray) -> None:
+        """Adds rows per source index to the ledger's rows by source name; call under the ledger's lock."""
+        for source, rows in zip(self.meta.sources, source_rows.tolist()):
+            self.ledger.rows_by_source[source.name] += rows
