@@ -7,6 +7,9 @@ producer inspect`` summarises one as a single JSON object (docs/SPEC.md §5, §6
 set (so a replay of the file trains: a trainer needs the val set first), then train messages
 k = 0 .. M-1 (``--split val``: M val messages, cycling through the set, and no train messages).
     python -m producer inspect FILE
+
+For a mixture ``inspect`` adds ``sources.NAME``: the source's train ``rows``, their ``share`` of
+the train rows, its ``target`` share and its ``val_rows``.
 """
 
 from __future__ import annotations
@@ -66,14 +69,18 @@ def run_record(args: argparse.Namespace) -> int:
         messages = (("val", i % len(val_set), val_set[i % len(val_set)]) for i in range(args.messages))
     else:
         messages = chain((("val", i, batch) for i, batch in enumerate(val_set)),
-                         (("train", k, stream.train_message(k)) for k in range(args.messages)))
+                         (("train", k, batch) for k, batch in zip(range(args.messages), stream.train_batches())))
     info = {"source": "producer record", "producer_id": stream.producer_id, "split": args.split}
     incarnation = new_incarnation()
     with RecordingWriter(args.out, info) as writer:
         writer.write(encode_meta(meta, stream.producer_id, 0, incarnation))
+        trained = 0
         for seq, (split, index, batch) in enumerate(messages, start=1):
             writer.write(encode(meta, split, stream.producer_id, seq, batch, index, incarnation=incarnation))
-    written = f"{args.messages} val messages" if args.split == "val" else f"the val set ({len(val_set)}) and {args.messages} train messages"
+            trained += split == "train"
+    written = f"{args.messages} val messages" if args.split == "val" else f"the val set ({len(val_set)}) and {trained} train messages"
+    if args.split == "train" and trained < args.messages:
+        written += " (the mixture ends there: every source reached its max_epochs)"
     print(f"wrote {written} to {args.out}", file=sys.stderr)
     return 0
 
@@ -97,6 +104,7 @@ def summarise(reader: RecordingReader) -> dict[str, Any]:
     valid_lens, ratios = [], []
     counts = CorruptionCounts()
     block_size = 0
+    source_rows = {split: Counter() for split in ("train", "val")}
     for message in decode_stream(reader):
         if isinstance(message, WireError):
             rejected[message.reason] += 1
@@ -107,6 +115,8 @@ def summarise(reader: RecordingReader) -> dict[str, Any]:
         valid_lens.append(message.valid_len)
         ratios.append(message.tensors["mask_ratio"])
         counts.add(corruption_counts(message.tensors["x"], message.tensors["y"], message.meta.mask_id, message.meta.ignore_index))
+        if "source" in message.tensors:
+            source_rows[message.split].update(message.tensors["source"].tolist())
     valid_len = np.concatenate(valid_lens) if valid_lens else np.zeros(0, np.int64)
     ratio = np.concatenate(ratios) if ratios else np.zeros(0, np.float32)
     corruption = counts.percentages()
@@ -117,6 +127,7 @@ def summarise(reader: RecordingReader) -> dict[str, Any]:
         "splits": dict(splits),
         "rows": int(valid_len.size),
         "meta": _meta_summary(meta),
+        "sources": _sources_summary(meta, source_rows),
         "valid_len": _summary(valid_len, ("mean", "min", "max")),
         "packing_efficiency": float(valid_len.mean() / block_size) if valid_len.size else None,
         "supervised_per_token": counts.supervised / int(valid_len.sum()) if valid_len.size else None,
@@ -136,6 +147,18 @@ def summarise(reader: RecordingReader) -> dict[str, Any]:
 def _meta_summary(meta: StreamMeta | None) -> dict[str, Any] | None:
     """The meta as the diagnostics show it (no vocabulary or counts, which can be large)."""
     return None if meta is None else dataclasses.asdict(meta.summary())
+
+
+def _sources_summary(meta: StreamMeta | None, rows: dict[str, Counter[int]]) -> dict[str, dict[str, Any]] | None:
+    """Per source of a mixture: its train ``rows``, their ``share`` of the train rows, its
+    ``target`` share (weight / sum of weights) and its ``val_rows``; None for a single corpus."""
+    if meta is None or not meta.sources:
+        return None
+    train = sum(rows["train"].values())
+    total_weight = sum(source.weight for source in meta.sources)
+    return {source.name: {"rows": rows["train"][s], "share": rows["train"][s] / train if train else None,
+                          "target": source.weight / total_weight, "val_rows": rows["val"][s]}
+            for s, source in enumerate(meta.sources)}
 
 
 def _summary(values: np.ndarray, names: tuple[str, ...]) -> dict[str, float | None]:

@@ -33,6 +33,7 @@ from producer.stream import BatchStream
 from shared import settings
 from shared.curve import CurveKeyError
 from shared.data_config import DataConfig
+from shared.mixture import MixtureExhausted
 from shared.settings import setting
 
 
@@ -77,7 +78,10 @@ class LiveSource:
 
     def message(self, split: str, index: int) -> dict[str, np.ndarray] | None:
         if split == "train":
-            return self.stream.train_message(index)
+            try:
+                return self.stream.train_message(index)
+            except MixtureExhausted:  # past the end of a mixture: such a message does not exist
+                return None
         val_set = self.stream.val_set()
         return val_set[index] if 0 <= index < len(val_set) else None
 

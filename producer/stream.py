@@ -20,6 +20,13 @@ message from any producer (the schedule, docs/SPEC.md §2.8):
 it): ``policy`` and its parameters (``mask_prob``; ``ratio_range``; or ``stages`` with the
 ``train`` and ``val`` stage lists, each stage its ``type`` and parameters; span stages use
 ``[MASK]`` only), ``mask_fractions``, ``supervise_sep`` and ``random_token``.
+
+A mixture (several ``--corpus``, or ``--mixture``; docs/SPEC.md §2.9) gives row ``i = k*R + j``
+to a source by :class:`shared.mixture.Mixture` (a pure function of i and the meta); the row is
+that source's row number ``c_s(i)``: with epoch sampling its pack at that position of the
+source's own epochs (each keyed by ``SeedSequence([seed, SOURCE_EPOCH, s, e])``), with random
+sampling a start line of that source drawn from the message's generator (source by source, in
+source order). Rows never mix sources; every message carries ``source``.
 """
 
 from __future__ import annotations
@@ -31,14 +38,15 @@ import numpy as np
 
 from producer.corpus import Corpus, load_corpus, tokenize
 from producer.corruption import BertPolicy, UniformPolicy, corrupt, mask_ratio
-from producer.lines import Lines, TokenCorpus
-from producer.packing import FixedPacker, LinePacker
-from producer.packs import MappedPacks, epoch_packs
-from producer.permutation import ROUNDS, KeyedPermutation
+from producer.lines import TokenCorpus
+from producer.mixture import declared_sources, load_sources
+from producer.packing import Packed
+from producer.source_rows import SourceRows
 from producer.stages import EXAMPLE_STAGES, StagesPolicy, load_stage_plan
 from shared.data_config import DataConfig
-from shared.limits import MAX_VAL_ROWS
-from shared.meta import StreamMeta
+from shared.limits import MAX_VAL_ROWS, MIN_VAL_ROWS_PER_SOURCE
+from shared.meta import StreamMeta, mixed_counts, mixture_fingerprint
+from shared.mixture import SOURCE_DTYPE, Mixture, MixtureExhausted, SourceInfo
 
 # How a "random" replacement is drawn, as the corruption description states it.
 RANDOM_TOKEN = "uniform over the base ids other than the original"
@@ -49,121 +57,153 @@ DEFAULT_PRODUCER_ID = "0"
 # a fault; huge pages are turned off for the map), so this bounds the mapped resident size near
 # 512 x 80 KB = 40 MB; dropping them more often costs page faults (every 128 rows: 2.5x slower at block 128).
 RELEASE_EVERY_ROWS = 512
-# The epoch shuffle is computed this many positions at a time (32 KB), so its cost per message is
-# a slice, not a Feistel network per row, and its memory stays flat in the corpus size.
-ORDER_PIECE = 4096
-_TRAIN, _EPOCH, _VAL = 1, 2, 3  # domain tags: the three seed streams never coincide
+_TRAIN, _EPOCH, _VAL, _SOURCE_EPOCH = 1, 2, 3, 4  # domain tags: the seed streams never coincide
 
 Batch = dict[str, np.ndarray]
+# The rows of a message: (source index, its rows' starts, their places in the message) per source.
+Parts = list[tuple[int, np.ndarray, np.ndarray]]
 
 
 class BatchStream:
     """The train and val messages of a stream (the same in every producer). Batches are dicts of wire-dtype arrays:
     ``x`` uint16 or uint32 (R, T), ``y`` int16 or int32 (R, T) (the widths follow the vocabulary:
     :func:`shared.vocab.id_dtype`), ``attention_mask`` uint8 (R, T), ``mask_ratio``
-    float32 (R,), and ``stage`` uint8 (R,) with the stages policy."""
+    float32 (R,), ``stage`` uint8 (R,) with the stages policy, ``source`` uint8 (R,) for a mixture."""
 
-    def __init__(self, config: DataConfig, corpus: Corpus | TokenCorpus | None = None) -> None:
+    def __init__(self, config: DataConfig, corpus: Corpus | TokenCorpus | list[TokenCorpus] | None = None) -> None:
         self.config = config
         self.producer_id = config.producer_id if config.producer_id is not None else DEFAULT_PRODUCER_ID
+        specs = declared_sources(config)
         if isinstance(corpus, Corpus):
             corpus = tokenize(corpus, config.tokenizer or "char", 0.1 if config.val_fraction is None else config.val_fraction)
-        self.corpus = corpus if corpus is not None else load_corpus(config.corpus, config.tokenizer, config.val_fraction,
-                                                                                config.text_field)
+        if corpus is None:
+            corpus = load_sources(specs, config) if len(specs) > 1 else load_corpus(
+                specs[0].path if specs else None, config.tokenizer, config.val_fraction, config.text_field)
+        corpora = corpus if isinstance(corpus, list) else [corpus]
+        self.corpus = corpora[0]
         self.tokenizer = self.corpus.tokenizer
-        train, val = self.corpus.train_lines(), self.corpus.val_lines()
         self._rows_since_release = 0
-        self._train_packer = self._packer(train)
-        self._val_packer = self._packer(val) if val is not None else None
         self._policy = _policy(config)
-        self._val_starts = (
-            self._val_packer.greedy_starts(MAX_VAL_ROWS) if self._val_packer is not None else np.zeros(0, np.int64)
-        )
-        self._epoch_packs = epoch_packs(self._train_packer, self.corpus.fingerprint) if config.sampling == "epoch" else None
+        if len(corpora) == 1:
+            self.sources = [SourceRows(self.corpus, config, (config.seed, _EPOCH))]
+            infos: tuple[SourceInfo, ...] = ()
+        else:
+            self.sources = [SourceRows(c, config, (config.seed, _SOURCE_EPOCH, s)) for s, c in enumerate(corpora)]
+            infos = tuple(SourceInfo(spec.name, spec.weight, c.fingerprint, spec.max_epochs, rows.epoch_rows,
+                                     c.train_counts.astype("<u8").tobytes())
+                          for spec, c, rows in zip(specs, corpora, self.sources))
+        self.mixture = Mixture(infos) if infos else None
+        self._val_rows = self._val_plan()
+        self.meta = self._meta(infos, val_messages=-(-len(self._val_rows[0]) // config.rows_per_message))
         self._val_set: list[Batch] | None = None
-        self._orders: dict[tuple[int, int], np.ndarray] = {}
-        rows = config.rows_per_message
+
+    def _meta(self, infos: tuple[SourceInfo, ...], val_messages: int) -> StreamMeta:
+        config = self.config
         corruption = {
             **self._policy.describe(),
             "mask_fractions": list(config.mask_fractions),
             "supervise_sep": config.supervise_sep,
             "random_token": RANDOM_TOKEN,
         }
-        self.meta = StreamMeta.build(
+        return StreamMeta.build(
             self.tokenizer,
             corruption,
-            self.corpus.train_counts,
+            mixed_counts(infos) if infos else self.corpus.train_counts,
             block_size=config.block_size,
-            rows_per_message=rows,
+            rows_per_message=config.rows_per_message,
             packing=config.packing,
             sampling=config.sampling,
             seed=config.seed,
-            corpus_fingerprint=self.corpus.fingerprint,
-            val_messages=-(-len(self._val_starts) // rows),
-            epoch_rows=0 if self._epoch_packs is None else len(self._epoch_packs),
+            corpus_fingerprint=mixture_fingerprint(infos) if infos else self.corpus.fingerprint,
+            val_messages=val_messages,
+            epoch_rows=0 if infos else self.sources[0].epoch_rows,
+            sources=infos,
         )
 
-    def _packer(self, lines: Lines) -> LinePacker | FixedPacker:
-        if self.config.packing == "fixed":
-            return FixedPacker(lines, self.config.block_size)
-        return LinePacker(lines, self.config.block_size, self.tokenizer.sep_id, self.tokenizer.pad_id)
+    def _val_plan(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(source, start)`` int64 arrays of the val rows in order: the single corpus's first
+        MAX_VAL_ROWS greedy val packs; a mixture's sources' in proportion (PROTOCOL §4.4)."""
+        if self.mixture is None:
+            starts = self.sources[0].val_starts(MAX_VAL_ROWS)
+            return np.zeros(len(starts), np.int64), starts
+        wanted = np.maximum(self.mixture.period.counts_before(np.array([MAX_VAL_ROWS]))[0], MIN_VAL_ROWS_PER_SOURCE)
+        starts = [rows.val_starts(int(n)) for rows, n in zip(self.sources, wanted)]
+        return np.repeat(np.arange(len(starts)), [len(s) for s in starts]), np.concatenate(starts)
 
     @property
     def packs_per_epoch(self) -> int:
-        """Rows in one epoch (epoch sampling): the greedy packs of the train lines."""
-        if self._epoch_packs is None:
-            raise ValueError("packs_per_epoch needs --sampling epoch")
-        return len(self._epoch_packs)
+        """Rows in one epoch (epoch sampling, a single corpus): the greedy packs of the train lines."""
+        if self.sources[0].epoch_packs is None or self.mixture is not None:
+            raise ValueError("packs_per_epoch needs --sampling epoch and a single corpus")
+        return self.sources[0].epoch_rows
 
     def train_message(self, k: int) -> Batch:
-        """Train message ``k`` of the schedule (k >= 0): the same in every producer."""
+        """Train message ``k`` of the schedule (k >= 0): the same in every producer. Raises
+        :class:`~shared.mixture.MixtureExhausted` past the end of a mixture whose every source has a max_epochs."""
         if k < 0:
             raise ValueError(f"train message index {k} is negative")
         rows = self.config.rows_per_message
         rng = self._rng(_TRAIN, k)
-        if self._epoch_packs is None:
-            return self._batch(rng, self._train_packer, self._train_packer.random_starts(rng, rows), "train")
-        epoch_of, index_of = np.divmod(k * rows + np.arange(rows, dtype=np.int64), len(self._epoch_packs))
-        positions = np.empty(rows, dtype=np.int64)
-        # One piece, or two when the message straddles a piece or an epoch (more only for tiny corpora).
-        piece_of = index_of // ORDER_PIECE
-        for epoch, piece in set(zip(epoch_of.tolist(), piece_of.tolist())):
-            here = (epoch_of == epoch) & (piece_of == piece)
-            positions[here] = self._order_piece(epoch, piece)[index_of[here] - piece * ORDER_PIECE]
-        return self._batch(rng, self._train_packer, self._epoch_packs[positions], "train")
+        everything = np.arange(rows)
+        if self.mixture is None:
+            source = self.sources[0]
+            starts = (source.train_packer.random_starts(rng, rows) if source.epoch_packs is None
+                      else source.epoch_starts(k * rows + everything))
+            return self._batch(rng, [(0, starts, everything)], "train")
+        assigned, index = self.mixture.assign(k * rows, k * rows + rows)
+        parts: Parts = []
+        for s in np.unique(assigned).tolist():
+            places = np.flatnonzero(assigned == s)
+            source = self.sources[s]
+            starts = (source.train_packer.random_starts(rng, len(places)) if source.epoch_packs is None
+                      else source.epoch_starts(index[places]))
+            parts.append((s, starts, places))
+        return self._batch(rng, parts, "train")
 
     def train_batches(self, start: int = 0) -> Iterator[Batch]:
-        """Train messages ``start, start + 1, ...`` for ever."""
-        for k in count(start):
-            yield self.train_message(k)
-
-    def _order_piece(self, epoch: int, piece: int) -> np.ndarray:
-        """Positions ``piece * ORDER_PIECE ..`` of epoch ``epoch``'s shuffle of the packs (the
-        last few pieces kept: consecutive messages read the same piece)."""
-        key = (epoch, piece)
-        if key not in self._orders:
-            if len(self._orders) >= 4:
-                del self._orders[next(iter(self._orders))]
-            seeds = np.random.SeedSequence([self.config.seed, _EPOCH, epoch]).generate_state(ROUNDS, np.uint64)
-            permutation = KeyedPermutation(len(self._epoch_packs), seeds)
-            first = piece * ORDER_PIECE
-            self._orders[key] = permutation(np.arange(first, min(first + ORDER_PIECE, len(self._epoch_packs))))
-        return self._orders[key]
+        """Train messages ``start, start + 1, ...`` for ever (or to the end of a mixture)."""
+        try:
+            for k in count(start):
+                yield self.train_message(k)
+        except MixtureExhausted:
+            return
 
     def val_set(self) -> list[Batch]:
         """The fixed val set: ``meta.val_messages`` batches, the same for every producer id."""
         if self._val_set is None:
             rng = self._rng(_VAL)
             rows = self.config.rows_per_message
-            chunks = [self._val_starts[i : i + rows] for i in range(0, len(self._val_starts), rows)]
-            self._val_set = [self._batch(rng, self._val_packer, starts, "val") for starts in chunks]
+            sources, starts = self._val_rows
+            self._val_set = []
+            for first in range(0, len(starts), rows):
+                chunk = sources[first:first + rows]
+                parts = [(s, starts[first:first + rows][chunk == s], np.flatnonzero(chunk == s))
+                         for s in np.unique(chunk).tolist()]
+                self._val_set.append(self._batch(rng, parts, "val"))
         return self._val_set
 
     def _rng(self, *words: int) -> np.random.Generator:
         return np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.config.seed, *words])))
 
-    def _batch(self, rng: np.random.Generator, packer: LinePacker | FixedPacker, starts: np.ndarray, split: str) -> Batch:
-        packed = packer.pack(starts)
+    def _pack(self, parts: Parts, split: str) -> Packed:
+        """The rows of ``parts``, each packed by its source, in message order."""
+        def packer(s: int):
+            return self.sources[s].train_packer if split == "train" else self.sources[s].val_packer
+
+        if len(parts) == 1:
+            s, starts, _ = parts[0]
+            return packer(s).pack(starts)
+        rows, block_size = sum(len(places) for _, _, places in parts), self.config.block_size
+        packed = Packed(np.empty((rows, block_size), dtype=self.sources[0].corpus.tokens.dtype),
+                        np.empty((rows, block_size), dtype=np.uint8), np.empty(rows, dtype=np.int64))
+        for s, starts, places in parts:
+            piece = packer(s).pack(starts)
+            packed.x[places], packed.attention_mask[places], packed.content_len[places] = (
+                piece.x, piece.attention_mask, piece.content_len)
+        return packed
+
+    def _batch(self, rng: np.random.Generator, parts: Parts, split: str) -> Batch:
+        packed = self._pack(parts, split)
         n_candidates = packed.content_len
         if self.config.supervise_sep and self.config.packing == "lines":
             n_candidates = n_candidates + 1
@@ -173,9 +213,8 @@ class BatchStream:
         y = corrupt(rng, x, selection, self.config.mask_fractions, self.tokenizer.base_size, self.tokenizer.mask_id)
         self._rows_since_release += len(x)
         if self._rows_since_release >= RELEASE_EVERY_ROWS:
-            self.corpus.release_pages()
-            if isinstance(self._epoch_packs, MappedPacks):
-                self._epoch_packs.release()
+            for source in self.sources:
+                source.release_pages()
             self._rows_since_release = 0
         batch = {
             "x": x,
@@ -185,6 +224,10 @@ class BatchStream:
         }
         if selection.stage is not None:
             batch["stage"] = selection.stage
+        if self.mixture is not None:
+            batch["source"] = np.zeros(len(x), dtype=SOURCE_DTYPE)
+            for s, _, places in parts:
+                batch["source"][places] = s
         return batch
 
 

@@ -74,9 +74,13 @@ class DataConfig:
     ``stages=None`` with the stages policy means the shipped baseline mix
     (``producer.stages.EXAMPLE_STAGES``)."""
 
-    corpus: str | None = setting(None, "a prepared folder (python -m producer prepare), or a UTF-8 text file or folder of "
-                                       ".txt (and, with --text-field, .jsonl; .gz of either) files tokenized in memory "
-                                       "(none: CPython's built-in help text)", metavar="PATH")
+    corpus: tuple[str, ...] = setting((), "a prepared folder (python -m producer prepare), or a UTF-8 text file or folder "
+                                          "of .txt (and, with --text-field, .jsonl; .gz of either) files tokenized in "
+                                          "memory (none: CPython's built-in help text); repeat it for a mixture, each "
+                                          "[NAME=]PATH[:WEIGHT] (docs/SPEC.md §2.9)", metavar="[NAME=]PATH[:WEIGHT]",
+                                      many=True, separator=None)
+    mixture: str | None = setting(None, "a mixture file instead of --corpus: TOML [[source]] tables of name, path, weight, "
+                                        "max_epochs (docs/SPEC.md §2.9)", metavar="FILE")
     text_field: str | None = setting(None, "the field of each .jsonl line that holds its text (a text corpus)",
                                      metavar="NAME")
     tokenizer: str | None = setting(None, "char, bytes, or a Hugging Face tokenizers JSON file (none: char for text, "
@@ -105,12 +109,16 @@ class DataConfig:
                                       metavar="ID", check=check_producer_id)
 
     def __post_init__(self) -> None:
-        # Tuples of floats whatever sequence was passed, so configs compare and hash by value.
+        # One corpus may be given as a string; tuples of floats whatever sequence was passed, so
+        # configs compare and hash by value.
+        object.__setattr__(self, "corpus", (self.corpus,) if isinstance(self.corpus, str) else tuple(self.corpus or ()))
         object.__setattr__(self, "ratio_range", tuple(float(v) for v in self.ratio_range))
         object.__setattr__(self, "mask_fractions", tuple(float(v) for v in self.mask_fractions))
         for name, choices in (("packing", PACKINGS), ("sampling", SAMPLINGS), ("policy", POLICIES)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} {getattr(self, name)!r} is not one of {', '.join(choices)}")
         settings.check_fields(self)
+        if self.mixture is not None and self.corpus:
+            raise ValueError("give --corpus or --mixture, not both")
         if self.stages is not None and self.policy != "stages":
             raise ValueError("--stages applies only to --policy stages")

@@ -1,6 +1,6 @@
 """The local stack: one trainer and N producers as plain processes on this machine.
 
-    python -m trainer.stack [--producers 2] [--corpus PATH] [--max-iters 2000]
+    python -m trainer.stack [--producers 2] [--corpus [NAME=]PATH[:WEIGHT] ... | --mixture FILE] [--max-iters 2000]
                             [--port 5555] [--bind-host 127.0.0.1]
                             [--http-host 127.0.0.1] [--http-port 8000] [--out-dir runs/stack]
                             [--producer-args "ARGS"] [--trainer-args "ARGS"]
@@ -20,7 +20,7 @@ Every child's output is relayed here line by line with a ``[name]`` prefix
 (:mod:`trainer.processes`), and a child that exits is reported, never restarted. Ctrl-C or
 SIGTERM stops the stack (:func:`trainer.processes.stop_all`). The stack ends when the trainer
 ends, with the trainer's exit code (128 + the signal's number after a signal). Producers and
-trainer run with their own defaults (``--corpus`` and ``--max-iters`` are theirs, passed on).
+trainer run with their own defaults (``--corpus`` / ``--mixture`` and ``--max-iters`` are theirs, passed on).
 
 Producers are started as processes (``python -m producer run``); this module never imports them.
 """
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m trainer.stack",
         description="Run a trainer and N producers as local processes; Ctrl-C stops them all.")
     settings.add_arguments(parser, StackSettings)
-    settings.add_arguments(parser, DataConfig, only=("corpus",))
+    settings.add_arguments(parser, DataConfig, only=("corpus", "mixture"))
     settings.add_arguments(parser, TrainConfig, only=("max_iters",))
     return parser
 
@@ -147,7 +147,7 @@ def run_directory(args: argparse.Namespace) -> tuple[str, str]:
 def producer_command(args: argparse.Namespace, producer_id: str) -> list[str]:
     """The command line of one producer; only ``producer_id`` differs between producers."""
     command = python_module("producer", "run", "--connect", f"tcp://127.0.0.1:{args.port}", "--producer-id", producer_id)
-    command += settings.to_argv(settings.from_namespace(DataConfig, args), only=("corpus",))
+    command += settings.to_argv(settings.from_namespace(DataConfig, args), only=("corpus", "mixture"))
     for extra in args.producer_args:
         command += shlex.split(extra)
     return command

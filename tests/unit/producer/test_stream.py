@@ -247,8 +247,8 @@ def test_a_large_corpus_maps_its_epoch_packs_from_a_shared_cache_file(corpus_pat
     in_memory = stream(corpus_path, sampling="epoch")
     monkeypatch.setattr("producer.packs.IN_MEMORY_PACKS_MAX_LINES", 10)  # "large": above 10 train lines
     mapped = stream(corpus_path, sampling="epoch")
-    assert isinstance(mapped._epoch_packs, MappedPacks) and isinstance(in_memory._epoch_packs, np.ndarray)
-    np.testing.assert_array_equal(mapped._epoch_packs.array, in_memory._epoch_packs)
+    assert isinstance(mapped.sources[0].epoch_packs, MappedPacks) and isinstance(in_memory.sources[0].epoch_packs, np.ndarray)
+    np.testing.assert_array_equal(mapped.sources[0].epoch_packs.array, in_memory.sources[0].epoch_packs)
     [cached] = (tmp_path / "cache").iterdir()
     assert cached.name.startswith(f"packs-{in_memory.meta.corpus_fingerprint}-lines-64-") and cached.suffix == ".npy"
     again = stream(corpus_path, sampling="epoch")  # a second producer maps the same file, not a new one
@@ -260,5 +260,5 @@ def test_a_large_corpus_maps_its_epoch_packs_from_a_shared_cache_file(corpus_pat
 
 def test_fixed_packing_epochs_need_no_pack_table(corpus_path):
     s = stream(corpus_path, sampling="epoch", packing="fixed")
-    assert isinstance(s._epoch_packs, FixedPacks) and len(s._epoch_packs) == s.meta.epoch_rows
-    np.testing.assert_array_equal(s._epoch_packs[np.array([0, 3])], [0, 3 * 64])
+    assert isinstance(s.sources[0].epoch_packs, FixedPacks) and len(s.sources[0].epoch_packs) == s.meta.epoch_rows
+    np.testing.assert_array_equal(s.sources[0].epoch_packs[np.array([0, 3])], [0, 3 * 64])

@@ -1,0 +1,77 @@
+"""The rows one corpus gives a stream (a single corpus, or one source of a mixture): its packers,
+its val packs, and with epoch sampling its packs and their keyed shuffle per epoch
+(docs/SPEC.md §2.8, §2.9)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from producer.lines import Lines, TokenCorpus
+from producer.packing import FixedPacker, LinePacker
+from producer.packs import MappedPacks, epoch_packs
+from producer.permutation import ROUNDS, KeyedPermutation
+from shared.data_config import DataConfig
+
+# The epoch shuffle is computed this many positions at a time (32 KB), so its cost per message is
+# a slice, not a Feistel network per row, and its memory stays flat in the corpus size.
+ORDER_PIECE = 4096
+
+
+class SourceRows:
+    """Packers and epoch order of one corpus. ``epoch_words``: the ``SeedSequence`` words before
+    the epoch number that key each epoch's shuffle (``[seed, EPOCH]`` for a single corpus,
+    ``[seed, SOURCE_EPOCH, s]`` for source s of a mixture)."""
+
+    def __init__(self, corpus: TokenCorpus, config: DataConfig, epoch_words: tuple[int, ...]) -> None:
+        self.corpus = corpus
+        self.config = config
+        self.epoch_words = epoch_words
+        self.train_packer = self._packer(corpus.train_lines())
+        val = corpus.val_lines()
+        self.val_packer = self._packer(val) if val is not None else None
+        self.epoch_packs = epoch_packs(self.train_packer, corpus.fingerprint) if config.sampling == "epoch" else None
+        self._orders: dict[tuple[int, int], np.ndarray] = {}
+
+    def _packer(self, lines: Lines) -> LinePacker | FixedPacker:
+        if self.config.packing == "fixed":
+            return FixedPacker(lines, self.config.block_size)
+        return LinePacker(lines, self.config.block_size, self.corpus.tokenizer.sep_id, self.corpus.tokenizer.pad_id)
+
+    @property
+    def epoch_rows(self) -> int:
+        """Rows in one epoch (epoch sampling): the greedy packs of the train lines; 0 with random sampling."""
+        return 0 if self.epoch_packs is None else len(self.epoch_packs)
+
+    def val_starts(self, max_rows: int) -> np.ndarray:
+        """The first ``max_rows`` greedy val packs (none without a val split)."""
+        return self.val_packer.greedy_starts(max_rows) if self.val_packer is not None else np.zeros(0, np.int64)
+
+    def epoch_starts(self, positions: np.ndarray) -> np.ndarray:
+        """The packs at ``positions`` (int64) of the sequence epoch 0, epoch 1, ... of this corpus."""
+        epoch_of, index_of = np.divmod(positions, len(self.epoch_packs))
+        found = np.empty(len(positions), dtype=np.int64)
+        # One piece, or two when the rows straddle a piece or an epoch (more only for tiny corpora).
+        piece_of = index_of // ORDER_PIECE
+        for epoch, piece in set(zip(epoch_of.tolist(), piece_of.tolist())):
+            here = (epoch_of == epoch) & (piece_of == piece)
+            found[here] = self._order_piece(epoch, piece)[index_of[here] - piece * ORDER_PIECE]
+        return self.epoch_packs[found]
+
+    def _order_piece(self, epoch: int, piece: int) -> np.ndarray:
+        """Positions ``piece * ORDER_PIECE ..`` of epoch ``epoch``'s shuffle of the packs (the
+        last few pieces kept: consecutive messages read the same piece)."""
+        key = (epoch, piece)
+        if key not in self._orders:
+            if len(self._orders) >= 4:
+                del self._orders[next(iter(self._orders))]
+            seeds = np.random.SeedSequence([*self.epoch_words, epoch]).generate_state(ROUNDS, np.uint64)
+            permutation = KeyedPermutation(len(self.epoch_packs), seeds)
+            first = piece * ORDER_PIECE
+            self._orders[key] = permutation(np.arange(first, min(first + ORDER_PIECE, len(self.epoch_packs))))
+        return self._orders[key]
+
+    def release_pages(self) -> None:
+        """Drops this process's resident pages of a memory-mapped corpus and pack table."""
+        self.corpus.release_pages()
+        if isinstance(self.epoch_packs, MappedPacks):
+            self.epoch_packs.release()
