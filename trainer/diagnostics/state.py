@@ -163,11 +163,11 @@ class Diagnostics:
                 self._loss.val_nll_bound_bits_per_char = self._loss.val_nll_bound / math.log(2)
             if numbers.samples:
                 self._samples = list(numbers.samples)
+            self._history.eval.append(point)  # now, with the val loss: the chart never lags the numbers by the probe
         if self._model is not None and self.prober.due(numbers.step):
             probe = self.run_probe(numbers.step)
-            point.update({key: getattr(probe, key) for key in PROBE_HISTORY_KEYS})
-        with self._lock:
-            self._history.eval.append(point)
+            with self._lock:
+                point.update({key: getattr(probe, key) for key in PROBE_HISTORY_KEYS})
 
     def on_end(self, summary: RunSummary) -> None:
         with self._lock:

@@ -19,6 +19,7 @@ from trainer.diagnostics.floor import context_free_floor, entropy, source_floors
 from trainer.diagnostics.http import create_app, serve_in_thread
 from trainer.diagnostics.mixture import SourceNumbers, source_numbers
 from trainer.diagnostics.state import Diagnostics
+from trainer.loop.numbers import EvalNumbers
 from trainer.model.evaluation import evaluate
 
 from helpers.streams import TEXT, UNIFORM, FakeConsumer, SyntheticStream, halves, make_trainer, mixture_meta
@@ -207,3 +208,23 @@ def test_the_page_draws_a_mixture_and_lists_its_sources(tmp_path):
     card = dom.split('id="sources-card"', 1)[1].split("</section>", 1)[0]
     assert "hidden" not in card.split(">", 1)[0]
     assert "<td>code</td>" in card and "<td>prose</td>" in card and "25.00 %" in card and "75.00 %" in card
+
+
+def test_an_evals_losses_are_in_the_history_while_its_probe_still_runs():
+    """The page's chart shows each source's val loss as soon as the table does (the probe comes after)."""
+    diagnostics = Diagnostics(MixtureConsumer())
+    seen = []
+
+    class SlowProbe:
+        def due(self, step):
+            return True
+
+        def run(self, model, batches, step):
+            seen.append(diagnostics.history()["eval"])
+            raise RuntimeError("stop here")
+
+    diagnostics.prober, diagnostics._model = SlowProbe(), object()
+    with pytest.raises(RuntimeError, match="stop here"):
+        diagnostics.on_eval(EvalNumbers(step=7, val_loss=3.0, val_loss_by_stage={}, val_supervised=10, eval_ms=1.0,
+                                        before_training=False, val_loss_by_source={"code": 3.5, "prose": 2.9}))
+    assert seen == [{"step": [7], "time": seen[0]["time"], "val": [3.0], "val_source.code": [3.5], "val_source.prose": [2.9]}]
