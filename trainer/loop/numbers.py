@@ -54,6 +54,11 @@ class StepNumbers:
     def record(self) -> dict[str, Any]:
         return _record(self)
 
+    def with_eval(self, numbers: EvalNumbers) -> StepNumbers:
+        """These numbers with the val losses of the evaluation made at this step."""
+        return dataclasses.replace(self, val_loss=numbers.val_loss, val_loss_by_stage=numbers.val_loss_by_stage,
+                                   val_loss_by_source=numbers.val_loss_by_source)
+
 
 @dataclass(frozen=True)
 class EvalNumbers:

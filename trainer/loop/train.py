@@ -52,14 +52,6 @@ from trainer.model.transformer import BidirectionalTransformer, ModelConfig
 log = logging.getLogger("trainer")
 
 
-def by_source_name(by_index: dict[str, float], meta: StreamMeta) -> dict[str, float] | None:
-    """Per-source losses keyed by the sources' names (``by_index`` keys are ``source`` indices as
-    strings); None for a single corpus."""
-    if not meta.sources:
-        return None
-    return {meta.sources[int(index)].name: loss for index, loss in by_index.items()}
-
-
 class Trainer:
     """Trains a BidirectionalTransformer on the batches of ``source``.
 
@@ -171,8 +163,8 @@ class Trainer:
         return contextlib.nullcontext()
 
     def evaluate(self, batches: list[Batch]) -> EvalResult:
-        """Mean cross-entropy over the supervised positions of ``batches`` (eval mode, no grad)."""
-        return evaluate(self.model, batches, self.device, self._autocast)
+        """Mean cross-entropy over the supervised positions of ``batches`` (eval mode, no grad), per source by name."""
+        return evaluate(self.model, batches, self.device, self._autocast, [source.name for source in self.meta.sources])
 
     def _evaluate_and_checkpoint(self, before_training: bool) -> EvalNumbers:
         started = time.perf_counter()
@@ -184,9 +176,8 @@ class Trainer:
             samples = self._sampler.run(self.model, self.step, eval_ms / 1000, self._autocast)
         bound = result.weighted if nll_bound_unavailable(self.meta.corruption_config) is None else None
         numbers = EvalNumbers(step=self.step, val_loss=result.loss, val_loss_by_stage=result.by_stage,
-                              val_loss_by_source=by_source_name(result.by_source, self.meta),
                               val_supervised=result.supervised, eval_ms=eval_ms, before_training=before_training,
-                              val_nll_bound=bound, samples=samples,
+                              val_nll_bound=bound, samples=samples, val_loss_by_source=result.by_source or None,
                               samples_ms=None if samples is None else 1000 * (time.perf_counter() - started))
         if not before_training:
             self.save_checkpoint()
@@ -345,9 +336,7 @@ class Trainer:
             is_eval = self._is_eval_step() and ranks.is_main
             eval_numbers = self._evaluate_and_checkpoint(before_training=False) if is_eval else None
             if eval_numbers is not None:
-                numbers = dataclasses.replace(numbers, val_loss=eval_numbers.val_loss,
-                                              val_loss_by_stage=eval_numbers.val_loss_by_stage,
-                                              val_loss_by_source=eval_numbers.val_loss_by_source)
+                numbers = numbers.with_eval(eval_numbers)
             for observer in observers:
                 observer.on_step(numbers)
             if eval_numbers is not None:

@@ -9,7 +9,7 @@ supervised positions of a set of batches, per stage and per source of a mixture 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -40,7 +40,8 @@ ROW_GROUPS = {"stage": MAX_STAGES, "source": MAX_SOURCES}
 class EvalResult:
     """Mean cross-entropy in nats over ``supervised`` positions; ``by_stage``: stage id (as a
     string) -> its mean, for the stage ids present (empty when the batches carry no ``stage``);
-    ``by_source``: the same per source index of a mixture (empty without ``source``);
+    ``by_source``: the same per source of a mixture, by name where names were given, else by
+    index (empty without ``source``);
     ``weighted``: the ``inverse-t`` weighted mean (rows weighted by ``1 / mask_ratio``), which is
     the NLL bound per token for mask-only streams with a uniform ratio (``losses.nll_bound_unavailable``)."""
 
@@ -62,8 +63,10 @@ def evaluate(
     batches: Iterable[dict[str, torch.Tensor]],
     device: torch.device | str = "cpu",
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    source_names: Sequence[str] = (),
 ) -> EvalResult:
-    """The loss of ``model`` on ``batches`` (``x``, ``y``, ``attention_mask``, optional ``stage``, ``source``)."""
+    """The loss of ``model`` on ``batches`` (``x``, ``y``, ``attention_mask``, optional ``stage``,
+    ``source``); ``source_names``: the name of each source id (a mixture's, in meta order)."""
     total = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, supervised count
     grouped = {name: torch.zeros((2, size), dtype=torch.float64, device=device) for name, size in ROW_GROUPS.items()}
     present: set[str] = set()
@@ -84,5 +87,6 @@ def evaluate(
                 weighted += rows @ inverse_t
     (loss_sum, count), weighted = total.tolist(), weighted.cpu()
     by_group = {name: group_means(sums.cpu()) if name in present else {} for name, sums in grouped.items()}
+    by_source = {source_names[int(index)] if source_names else index: loss for index, loss in by_group["source"].items()}
     return EvalResult(loss=loss_sum / max(count, 1.0), supervised=int(count), by_stage=by_group["stage"],
-                      by_source=by_group["source"], weighted=float(weighted[0] / weighted[1]) if weighted[1] > 0 else None)
+                      by_source=by_source, weighted=float(weighted[0] / weighted[1]) if weighted[1] > 0 else None)

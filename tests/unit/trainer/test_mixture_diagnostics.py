@@ -72,6 +72,8 @@ def test_val_loss_per_source_is_the_mean_over_that_sources_rows_only():
     assert result.by_source == pytest.approx({str(k): mean([r for r in rows if r[2] == k]) for k in (0, 1, 2)}, rel=1e-6)
     assert result.by_stage == pytest.approx({str(k): mean([r for r in rows if r[3] == k]) for k in (0, 1)}, rel=1e-6)
     assert result.loss == pytest.approx(mean(rows), rel=1e-6) and result.supervised == 21
+    named = evaluate(RowScaleModel(), batches, source_names=("a", "b", "c")).by_source
+    assert named == {name: result.by_source[str(index)] for index, name in enumerate("abc")}
     without = evaluate(RowScaleModel(), [{k: v for k, v in b.items() if k not in ("source", "stage")} for b in batches])
     assert without.by_source == {} and without.by_stage == {} and without.loss == pytest.approx(result.loss, rel=1e-12)
 
