@@ -6,8 +6,13 @@ Python reference (below, not part of the product) on the same corpus, and prints
 (rows x block_size per second) and the speed-up.
 
     python benchmarks/producer.py [--messages 200] [--reference-messages 4] [--corpus PATH]
+    python benchmarks/producer.py --mix code=prepared/code:0.2 --mix prose=prepared/prose:0.8
 
-Default corpus: data/tinyshakespeare.txt (shipped with the repository).
+Default corpus: data/tinyshakespeare.txt (shipped with the repository). With ``--mix`` (two or
+more ``[NAME=]PATH[:WEIGHT]``, as ``--corpus`` takes them) it times instead, in the same run and
+for lines packing with each policy, every source alone and the mixture of them, and prints the
+mixture's tokens/s against the rate its shares of the single sources would give (the harmonic
+mean of their rates weighted by share: what a mixture costs if mixing itself costs nothing).
 """
 
 from __future__ import annotations
@@ -116,15 +121,41 @@ def tokens_per_second(make_message, meta, messages: int, chunks: int) -> float:
     """Best rate over ``chunks`` timed runs of ``messages // chunks`` messages each, timed in CPU
     seconds of this (single-threaded) process: other load on a shared machine then barely
     matters, and the best run is the closest to the true cost."""
-    encode(meta, "train", "0", 0, make_message())  # warm-up
+    encode(meta, "train", "0", 0, make_message(), 0)  # warm-up
     per_chunk = max(messages // chunks, 1)
     best = math.inf
     for _ in range(chunks):
         start = time.process_time()
         for seq in range(per_chunk):
-            encode(meta, "train", "0", seq, make_message())
+            encode(meta, "train", "0", seq, make_message(), seq)
         best = min(best, time.process_time() - start)
     return per_chunk * ROWS * BLOCK_SIZE / best
+
+
+def mixture_table(sources: list[str], messages: int) -> None:
+    """The ``--mix`` comparison: each source alone, then the mixture, per policy (lines packing),
+    timed in interleaved chunks (mixture, source 1, source 2, ...; best of 10 each), so that load
+    from other processes falls on all of them alike."""
+    print(f"mixture of {len(sources)} sources; block {BLOCK_SIZE}, {ROWS} rows per message; packing + corruption + wire "
+          f"encoding, one process; CPU time, best of 10 interleaved timed runs of {max(messages // 10, 1)} messages\n")
+    print("| policy | " + " | ".join(f"{spec} alone M tokens/s" for spec in sources)
+          + " | mixture M tokens/s | mixture / expected from the shares |")
+    print("| --- |" + " ---: |" * (len(sources) + 2))
+    for policy in ("bert", "uniform", "stages"):
+        mixture = BatchStream(DataConfig(corpus=tuple(sources), block_size=BLOCK_SIZE, rows_per_message=ROWS, policy=policy))
+        streams = [mixture] + [BatchStream(DataConfig(corpus=source.corpus.name, block_size=BLOCK_SIZE, rows_per_message=ROWS,
+                                                      policy=policy)) for source in mixture.sources]
+        batches = [stream.train_batches() for stream in streams]
+        best = [math.inf] * len(streams)
+        for _ in range(10):
+            for i, stream in enumerate(streams):
+                best[i] = min(best[i], ROWS * BLOCK_SIZE / tokens_per_second(
+                    lambda it=batches[i]: next(it), stream.meta, max(messages // 10, 1), chunks=1))
+        mixed, *alone = (ROWS * BLOCK_SIZE / seconds for seconds in best)
+        shares = np.array([source.weight for source in mixture.meta.sources]) / sum(s.weight for s in mixture.meta.sources)
+        expected = 1 / float(np.sum(shares / np.array(alone)))
+        print(f"| {policy} | " + " | ".join(f"{r / 1e6:.1f}" for r in alone) + f" | {mixed / 1e6:.1f} | {mixed / expected:.3f} |",
+              flush=True)
 
 
 def main() -> None:
@@ -132,7 +163,12 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=200, help="messages timed per vectorized config")
     parser.add_argument("--reference-messages", type=int, default=4, help="messages timed per reference config")
     parser.add_argument("--corpus", default=str(SHAKESPEARE))
+    parser.add_argument("--mix", action="append", default=[], metavar="[NAME=]PATH[:WEIGHT]",
+                        help="a source of a mixture (repeat it): time the mixture against its sources alone")
     args = parser.parse_args()
+    if args.mix:
+        mixture_table(args.mix, args.messages)
+        return
     corpus = read_text(args.corpus)
     print(f"corpus {corpus.name} ({len(corpus.text):,} characters); block {BLOCK_SIZE}, {ROWS} rows per message; "
           f"packing + corruption + wire encoding, one process; CPU time, best of 10 "

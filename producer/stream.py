@@ -32,6 +32,7 @@ source order). Rows never mix sources; every message carries ``source``.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from itertools import count
 
 import numpy as np
@@ -51,17 +52,33 @@ from shared.mixture import SOURCE_DTYPE, Mixture, MixtureExhausted, SourceInfo
 # How a "random" replacement is drawn, as the corruption description states it.
 RANDOM_TOKEN = "uniform over the base ids other than the original"
 DEFAULT_PRODUCER_ID = "0"
-# A memory-mapped corpus is read a few rows at a time; every so many rows the producer drops its
-# resident pages (the page cache keeps them), so its memory stays flat however long it runs and
-# whatever the corpus size. A row's first read maps about 80 KB (the kernel maps the pages around
-# a fault; huge pages are turned off for the map), so this bounds the mapped resident size near
-# 512 x 80 KB = 40 MB; dropping them more often costs page faults (every 128 rows: 2.5x slower at block 128).
-RELEASE_EVERY_ROWS = 512
 _TRAIN, _EPOCH, _VAL, _SOURCE_EPOCH = 1, 2, 3, 4  # domain tags: the seed streams never coincide
+
+LAYOUTS_KEPT = 64  # message layouts of a mixture kept, by the message's first row modulo the period
 
 Batch = dict[str, np.ndarray]
 # The rows of a message: (source index, its rows' starts, their places in the message) per source.
 Parts = list[tuple[int, np.ndarray, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a mixture message's rows come from: ``source`` uint8 (R,) per row, ``places``
+    ``(s, rows of source s)`` for each source present, and ``inverse`` int64 (R,), the gather
+    that puts rows packed source by source into message order (None with one source present)."""
+
+    source: np.ndarray
+    places: tuple[tuple[int, np.ndarray], ...]
+    inverse: np.ndarray | None
+
+    @classmethod
+    def of(cls, source: np.ndarray, n_sources: int) -> Layout:
+        places = tuple((s, p) for s in range(n_sources) if len(p := np.flatnonzero(source == s)))
+        inverse = None
+        if len(places) > 1:
+            inverse = np.empty(len(source), dtype=np.int64)
+            inverse[np.concatenate([p for _, p in places])] = np.arange(len(source))
+        return cls(source, places, inverse)
 
 
 class BatchStream:
@@ -82,7 +99,6 @@ class BatchStream:
         corpora = corpus if isinstance(corpus, list) else [corpus]
         self.corpus = corpora[0]
         self.tokenizer = self.corpus.tokenizer
-        self._rows_since_release = 0
         self._policy = _policy(config)
         if len(corpora) == 1:
             self.sources = [SourceRows(self.corpus, config, (config.seed, _EPOCH))]
@@ -96,6 +112,7 @@ class BatchStream:
         self._val_rows = self._val_plan()
         self.meta = self._meta(infos, val_messages=-(-len(self._val_rows[0]) // config.rows_per_message))
         self._val_set: list[Batch] | None = None
+        self._layouts: dict[int, tuple[Layout, np.ndarray, np.ndarray]] = {}
 
     def _meta(self, infos: tuple[SourceInfo, ...], val_messages: int) -> StreamMeta:
         config = self.config
@@ -150,15 +167,31 @@ class BatchStream:
             starts = (source.train_packer.random_starts(rng, rows) if source.epoch_packs is None
                       else source.epoch_starts(k * rows + everything))
             return self._batch(rng, [(0, starts, everything)], "train")
-        assigned, index = self.mixture.assign(k * rows, k * rows + rows)
+        layout, index = self._layout(k)
         parts: Parts = []
-        for s in np.unique(assigned).tolist():
-            places = np.flatnonzero(assigned == s)
+        for s, places in layout.places:
             source = self.sources[s]
             starts = (source.train_packer.random_starts(rng, len(places)) if source.epoch_packs is None
                       else source.epoch_starts(index[places]))
             parts.append((s, starts, places))
-        return self._batch(rng, parts, "train")
+        return self._batch(rng, parts, "train", layout)
+
+    def _layout(self, k: int) -> tuple[Layout, np.ndarray]:
+        """Message k's :class:`Layout` and each row's index within its source. Without max_epochs
+        the layout depends only on the message's first row modulo the period, and the indexes on
+        that and the number of whole periods before it: the last few are kept."""
+        rows, mixture = self.config.rows_per_message, self.mixture
+        if len(mixture.segments) > 1:
+            source, index = mixture.assign(k * rows, k * rows + rows)
+            return Layout.of(source, len(self.sources)), index
+        periods, residue = divmod(k * rows, mixture.period.size)
+        if residue not in self._layouts:
+            if len(self._layouts) >= LAYOUTS_KEPT:
+                del self._layouts[next(iter(self._layouts))]
+            source, offset = mixture.assign(residue, residue + rows)
+            self._layouts[residue] = (Layout.of(source, len(self.sources)), offset, mixture.period.parts[source])
+        layout, offset, parts = self._layouts[residue]
+        return layout, offset + periods * parts
 
     def train_batches(self, start: int = 0) -> Iterator[Batch]:
         """Train messages ``start, start + 1, ...`` for ever (or to the end of a mixture)."""
@@ -176,34 +209,30 @@ class BatchStream:
             sources, starts = self._val_rows
             self._val_set = []
             for first in range(0, len(starts), rows):
-                chunk = sources[first:first + rows]
-                parts = [(s, starts[first:first + rows][chunk == s], np.flatnonzero(chunk == s))
-                         for s in np.unique(chunk).tolist()]
-                self._val_set.append(self._batch(rng, parts, "val"))
+                layout = Layout.of(sources[first:first + rows].astype(SOURCE_DTYPE), len(self.sources))
+                parts = [(s, starts[first:first + rows][places], places) for s, places in layout.places]
+                self._val_set.append(self._batch(rng, parts, "val", layout if self.mixture is not None else None))
         return self._val_set
 
     def _rng(self, *words: int) -> np.random.Generator:
         return np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.config.seed, *words])))
 
-    def _pack(self, parts: Parts, split: str) -> Packed:
-        """The rows of ``parts``, each packed by its source, in message order."""
+    def _pack(self, parts: Parts, split: str, layout: Layout | None) -> Packed:
+        """The rows of ``parts``, each packed by its source, in message order (``layout.inverse``)."""
         def packer(s: int):
             return self.sources[s].train_packer if split == "train" else self.sources[s].val_packer
 
         if len(parts) == 1:
             s, starts, _ = parts[0]
             return packer(s).pack(starts)
-        rows, block_size = sum(len(places) for _, _, places in parts), self.config.block_size
-        packed = Packed(np.empty((rows, block_size), dtype=self.sources[0].corpus.tokens.dtype),
-                        np.empty((rows, block_size), dtype=np.uint8), np.empty(rows, dtype=np.int64))
-        for s, starts, places in parts:
-            piece = packer(s).pack(starts)
-            packed.x[places], packed.attention_mask[places], packed.content_len[places] = (
-                piece.x, piece.attention_mask, piece.content_len)
-        return packed
+        # Packed source by source, joined, then put in message order by one gather (a scatter
+        # into a new array is twice as slow).
+        pieces = [packer(s).pack(starts) for s, starts, _ in parts]
+        return Packed(*(np.concatenate([getattr(piece, name) for piece in pieces])[layout.inverse]
+                        for name in ("x", "attention_mask", "content_len")))
 
-    def _batch(self, rng: np.random.Generator, parts: Parts, split: str) -> Batch:
-        packed = self._pack(parts, split)
+    def _batch(self, rng: np.random.Generator, parts: Parts, split: str, layout: Layout | None = None) -> Batch:
+        packed = self._pack(parts, split, layout)
         n_candidates = packed.content_len
         if self.config.supervise_sep and self.config.packing == "lines":
             n_candidates = n_candidates + 1
@@ -211,11 +240,8 @@ class BatchStream:
         selection = self._policy.select(rng, n_candidates, block_size, split)
         x = packed.x
         y = corrupt(rng, x, selection, self.config.mask_fractions, self.tokenizer.base_size, self.tokenizer.mask_id)
-        self._rows_since_release += len(x)
-        if self._rows_since_release >= RELEASE_EVERY_ROWS:
-            for source in self.sources:
-                source.release_pages()
-            self._rows_since_release = 0
+        for s, _, places in parts:
+            self.sources[s].read(len(places))
         batch = {
             "x": x,
             "y": y,
@@ -224,10 +250,8 @@ class BatchStream:
         }
         if selection.stage is not None:
             batch["stage"] = selection.stage
-        if self.mixture is not None:
-            batch["source"] = np.zeros(len(x), dtype=SOURCE_DTYPE)
-            for s, _, places in parts:
-                batch["source"][places] = s
+        if layout is not None:
+            batch["source"] = layout.source.copy()
         return batch
 
 

@@ -111,21 +111,9 @@ class StreamMeta:
             raise MetaError(f"token_counts must be {self.base_size} little-endian uint64 ({COUNT_DTYPE.itemsize * self.base_size} "
                             f"bytes), got {type(self.token_counts).__name__} of {len(self.token_counts)}")
         check_corruption(self.corruption)
-        if self.sources:
-            self._check_sources()
-
-    def _check_sources(self) -> None:
         object.__setattr__(self, "sources", tuple(self.sources))
-        try:
-            check_sources(self.sources, self.base_size)
-        except MixtureError as error:
-            raise MetaError(f"meta field sources: {error}") from None
-        if self.epoch_rows:
-            raise MetaError("meta field epoch_rows is set, but a mixture's epochs are its sources' (sources[].epoch_rows)")
-        if bool(self.sources[0].epoch_rows) != (self.sampling == "epoch"):
-            raise MetaError("meta field sources: epoch_rows are set exactly with epoch sampling")
-        if self.corpus_fingerprint != mixture_fingerprint(self.sources):
-            raise MetaError("meta field corpus_fingerprint is not the fingerprint of the sources")
+        if self.sources:
+            _check_mixture(self)
 
     def _check_ids(self) -> None:
         if self.tokenizer not in TOKENIZER_KINDS:
@@ -260,10 +248,8 @@ class StreamMeta:
         pieces = canonical_json(data).split('"token_counts":[]')
         sha = hashlib.sha256(pieces[0].encode())
         for counts, piece in zip([*(source.counts for source in self.sources), self.counts], pieces[1:]):
-            sha.update(b'"token_counts":[')
-            for start in range(0, len(counts), DIGEST_CHUNK):
-                sha.update(("," if start else "").encode() + ",".join(map(str, counts[start:start + DIGEST_CHUNK].tolist())).encode())
-            sha.update(f"]{piece}".encode())
+            _hash_counts(sha, counts)
+            sha.update(piece.encode())
         return sha.hexdigest()[:16]
 
     @cached_property
@@ -302,11 +288,7 @@ class StreamMeta:
             for f in fields(self)
             if f.name != "sources" and getattr(self, f.name) != getattr(other, f.name)
         ]
-        mine, theirs = [s.name for s in self.sources], [s.name for s in other.sources]
-        if mine != theirs:
-            return [("sources", mine, theirs), *found]
-        return [(f"sources.{a.name}.{name}", *values) for a, b in zip(self.sources, other.sources)
-                for name, *values in source_differences(a, b)] + found
+        return _sources_differences(self.sources, other.sources) + found
 
 
 # tokenizer_digest -> V0 of the hf tokenizers that loaded: a meta repeating one is not loaded again.
@@ -336,6 +318,36 @@ def _counts_bytes(counts: Any) -> bytes:
     if array.ndim != 1 or (array.size and (array.dtype.kind not in "iu" or int(array.min()) < 0)):
         raise MetaError("token_counts must be a sequence of non-negative integers")
     return array.astype(COUNT_DTYPE).tobytes()
+
+
+def _sources_differences(mine: tuple[SourceInfo, ...], theirs: tuple[SourceInfo, ...]) -> list[tuple[str, Any, Any]]:
+    """``("sources", names, names)`` when the names differ, else ``("sources.NAME.FIELD", a, b)`` per differing field."""
+    names = [s.name for s in mine], [s.name for s in theirs]
+    if names[0] != names[1]:
+        return [("sources", *names)]
+    return [(f"sources.{a.name}.{name}", *values) for a, b in zip(mine, theirs) for name, *values in source_differences(a, b)]
+
+
+def _hash_counts(sha: Any, counts: np.ndarray) -> None:
+    """Feeds ``"token_counts":[c0,c1,...]`` to ``sha`` in chunks (no list of V0 ints is made)."""
+    sha.update(b'"token_counts":[')
+    for start in range(0, len(counts), DIGEST_CHUNK):
+        sha.update(("," if start else "").encode() + ",".join(map(str, counts[start:start + DIGEST_CHUNK].tolist())).encode())
+    sha.update(b"]")
+
+
+def _check_mixture(meta: StreamMeta) -> None:
+    """Raises MetaError unless a mixture meta's sources, epochs and fingerprint agree."""
+    try:
+        check_sources(meta.sources, meta.base_size)
+    except MixtureError as error:
+        raise MetaError(f"meta field sources: {error}") from None
+    if meta.epoch_rows:
+        raise MetaError("meta field epoch_rows is set, but a mixture's epochs are its sources' (sources[].epoch_rows)")
+    if bool(meta.sources[0].epoch_rows) != (meta.sampling == "epoch"):
+        raise MetaError("meta field sources: epoch_rows are set exactly with epoch sampling")
+    if meta.corpus_fingerprint != mixture_fingerprint(meta.sources):
+        raise MetaError("meta field corpus_fingerprint is not the fingerprint of the sources")
 
 
 def _parse_sources(data: dict, wire: bool) -> dict[str, tuple[SourceInfo, ...]]:

@@ -45,7 +45,7 @@ from shared.limits import COUNT_DTYPE, MAX_MIXTURE_PERIOD, MAX_SOURCES
 
 SOURCE_NAME = re.compile(r"[a-z0-9_-]{1,32}")
 FINGERPRINT = re.compile(r"[0-9a-f]{16}")
-MAX_EPOCHS = 1 << 31
+MAX_INT64 = (1 << 63) - 1  # max_epochs and epoch_rows fit a msgpack int64
 SOURCE_DTYPE = np.dtype("u1")  # the wire's source tensor
 
 
@@ -86,8 +86,10 @@ class SourceInfo:
             raise MixtureError(f"source {self.name}: corpus_fingerprint must be 16 lowercase hex digits")
         for name in ("max_epochs", "epoch_rows"):
             value = getattr(self, name)
-            if type(value) is not int or not 0 <= value < MAX_EPOCHS << 32:
+            if type(value) is not int or not 0 <= value <= MAX_INT64:
                 raise MixtureError(f"source {self.name}: {name} {value!r} is not an integer in 0..2^63-1")
+        if self.max_epochs * self.epoch_rows > MAX_INT64:
+            raise MixtureError(f"source {self.name}: max_epochs x epoch_rows is over 2^63-1 rows")
         if self.max_epochs and not self.epoch_rows:
             raise MixtureError(f"source {self.name}: max_epochs needs epoch sampling (its epoch_rows is 0)")
         if type(self.token_counts) is not bytes or len(self.token_counts) % COUNT_DTYPE.itemsize:
@@ -294,6 +296,11 @@ class Mixture:
         if self.end is not None and stop > self.end:
             raise MixtureExhausted(f"the mixture ends after row {self.end} (every source reached its max_epochs)")
         rows = np.arange(start, stop, dtype=np.int64)
+        if len(self.segments) == 1:  # no source has a limit: the common case, without masks
+            period = self.period
+            q, r = np.divmod(rows, period.size)
+            source = period.order[r]
+            return source, q * period.parts[source] + period.prefix[r, source]
         source = np.zeros(len(rows), dtype=SOURCE_DTYPE)
         index = np.zeros(len(rows), dtype=np.int64)
         for segment in self.segments:

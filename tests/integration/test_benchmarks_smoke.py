@@ -72,3 +72,17 @@ def test_prepare_quick():
     assert report["four_producers"]["producers"] == 4 and report["four_producers"]["messages"] > 0
     rates = {row["vocabulary"]: row for row in report["token_rates"]}
     assert rates["synthetic char 70,000"]["id_dtype"] == "uint32" and rates["char"]["id_dtype"] == "uint16"
+
+
+def test_producer_mixture_table_runs(tmp_path):
+    """``benchmarks/producer.py --mix``: a row per policy, every rate and the ratio positive."""
+    (tmp_path / "a.txt").write_text("".join(f"line {i} of a\n" for i in range(400)))
+    (tmp_path / "b.txt").write_text("".join(f"another line {i} of b\n" for i in range(400)))
+    completed = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "producer.py"), "--messages", "10", "--mix", f"a={tmp_path / 'a.txt'}:0.2",
+         "--mix", f"b={tmp_path / 'b.txt'}:0.8"], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    table = [line for line in completed.stdout.splitlines() if line.startswith("| ")][2:]  # after the head and its rule
+    rows = [line.split("|")[1:-1] for line in table]
+    assert [row[0].strip() for row in rows] == ["bert", "uniform", "stages"]
+    assert all(float(cell) > 0 for row in rows for cell in row[1:])

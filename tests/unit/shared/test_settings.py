@@ -31,7 +31,7 @@ CLASSES = [DataConfig, SenderSettings, RunSettings, ReplaySettings, StreamSettin
            SampleSettings]
 TUPLE_SAMPLES = {"ratio_range": ((0.2, 0.4), "0.2,0.4"), "mask_fractions": ((1.0, 0.0, 0.0), "1,0,0"),
                  "connect": (("tcp://a:1", "tcp://b:2"), "tcp://a:1,tcp://b:2"), "producer_args": (("--x 1",), "--x 1"),
-                 "trainer_args": (("--y 2",), "--y 2")}
+                 "trainer_args": (("--y 2",), "--y 2"), "corpus": (("code=x:0.5",), "code=x:0.5")}
 
 
 def sample(cls: type, field: dataclasses.Field) -> tuple[typing.Any, str]:
