@@ -19,7 +19,7 @@ batch 32 x block 128, built-in corpus, bert 15 % 80/10/10), the same training st
 
 Steady state: after ``--warmup-steps`` steps, ``--steps`` steps are timed. ``data_wait`` is the
 time the loop is blocked getting the next batch, as a fraction of the wall time of the timed
-steps (the trainer's ``data_wait_pct``), with the per-step median, p99 and max; ``steps_per_s``
+steps (the trainer's ``data_wait_fraction``, in per cent), with the per-step median, p99 and max; ``steps_per_s``
 over the same window. The training step runs on ``--threads`` torch threads (default 1: on a
 2-core host that also runs the producers or the DataLoader workers, two intra-op threads
 oversubscribe the cores). The configurations run one after another (each from a fresh model),

@@ -5,6 +5,7 @@ docs/SPEC.md §2.3 says ([SEP] after the content, [PAD] after it, attention_mask
 corrupts them with the ``uniform`` policy at 80/10/10, as torch tensors in the consumer's
 dtypes. It is plain Python: fine for a few thousand rows, not a producer.
 
+``mixture_meta`` makes the stream's meta a mixture of two sources of its lines;
 ``FakeConsumer`` (a ``trainer.data.source.KnownStream``) stands in for a DatasetConsumer in process (no sockets);
 ``make_trainer`` builds a tiny Trainer over one; ``invert_key_padding_mask`` injects the
 inverted-mask bug of docs/SPEC.md §9.1.
@@ -12,6 +13,7 @@ inverted-mask bug of docs/SPEC.md §9.1.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -20,6 +22,8 @@ import torch
 
 import trainer.model.transformer
 from shared.batch_stats import MaskRatioHistogram, batch_statistics, mask_ratio_counts, valid_lengths
+from shared.meta import StreamMeta, mixed_counts, mixture_fingerprint
+from shared.mixture import SourceInfo
 from shared.vocab import IGNORE_INDEX
 from trainer.data.source import KnownStream
 from trainer.data.stats import ProducerRow, StreamStats
@@ -35,6 +39,26 @@ TEXT = "\n".join(" ".join(WORDS[i % 7 : i % 7 + 1 + (i * 5) % 9]) for i in range
 UNIFORM = {"policy": "uniform", "ratio_range": [0.0, 1.0], "mask_fractions": [0.8, 0.1, 0.1]}
 TINY_MODEL = ModelConfig(n_layer=1, n_head=2, n_embd=32)
 GATE_TIMEOUT_S = 10.0  # how long a FakeConsumer waits for a closed gate to open
+
+
+def mixture_meta(meta: StreamMeta, texts: dict[str, str], weights: dict[str, float], max_epochs: dict[str, int] | None = None,
+                 epoch_rows: int = 0) -> StreamMeta:
+    """``meta`` (of a char tokenizer that covers every text) made a mixture of the sources ``texts``
+    (name -> its text, whose unigram counts it gets) with ``weights``; ``epoch_rows`` (then epoch
+    sampling) and ``max_epochs`` per source."""
+    tokenizer = meta.tokens
+    sources = tuple(SourceInfo(name, weights[name], f"{place:016x}", (max_epochs or {}).get(name, 0), epoch_rows,
+                               np.bincount(tokenizer.encode(text), minlength=tokenizer.base_size).astype("<u8").tobytes())
+                    for place, (name, text) in enumerate(texts.items(), start=1))
+    return dataclasses.replace(meta, sources=sources, corpus_fingerprint=mixture_fingerprint(sources),
+                               token_counts=mixed_counts(sources).astype("<u8").tobytes(),
+                               sampling="epoch" if epoch_rows else "random")
+
+
+def halves(text: str = TEXT) -> dict[str, str]:
+    """Two sources of ``text``: ``code`` its even lines, ``prose`` its odd lines."""
+    lines = text.split("\n")
+    return {"code": "\n".join(lines[0::2]), "prose": "\n".join(lines[1::2])}
 
 
 class SyntheticStream:

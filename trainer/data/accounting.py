@@ -206,6 +206,7 @@ class StreamLedger:
         self.last_message_at: float | None = None
         self.table = ProducerTable()
         self.rejections = Rejections()
+        self.rows_by_source: collections.Counter[str] = collections.Counter()  # train rows handed out, by source name
 
     def stats(self, now: float, queue_depth: int, val_seen: int, meta: StreamMeta | None) -> StreamStats:
         with self.lock:
@@ -230,6 +231,7 @@ class StreamLedger:
                 val_messages_seen=val_seen,
                 val_messages_total=None if meta is None else meta.val_messages,
                 meta_digest=None if meta is None else meta.digest,
+                rows_by_source=dict(self.rows_by_source),
             )
 
     def schedule_stats(self, stats: StreamStats, book: OrderBook, now: float, meta: StreamMeta) -> None:

@@ -182,7 +182,8 @@ class DatasetConsumer:
 
     def next_batch(self, split: str = "train", timeout: float | None = None) -> Batch:
         """The next train batch: ``x``, ``y``, ``attention_mask`` int64 (B, T), ``mask_ratio``
-        float32 (B,), ``stage`` int64 (B,) when the stream has stages, on :attr:`device`.
+        float32 (B,), ``stage`` int64 (B,) when the stream has stages, ``source`` int64 (B,) for a
+        mixture, on :attr:`device`.
 
         Blocks until a batch is ready: forever when ``timeout`` is None (the consumer logs
         that it waits for producers), else raises TimeoutError after ``timeout`` seconds.
@@ -196,7 +197,7 @@ class DatasetConsumer:
         for _, frames in ready.new_messages:
             self._record(frames)
         self.cursor = ready.cursor
-        self.intake.count_consumed(ready.new_messages, ready.cursor)
+        self.intake.count_consumed(ready.new_messages, ready.cursor, ready.source_rows)
         if ready.stats is not None:
             self.last_batch_stats = ready.stats
         self.cumulative_mask_ratio.add_counts(ready.ratio_counts)

@@ -11,8 +11,9 @@ import numpy as np
 import torch
 
 # The trainer's dtypes; on CUDA applied after the host-to-device copy.
-WIDE_DTYPES = {"x": torch.int64, "y": torch.int64, "attention_mask": torch.int64, "mask_ratio": torch.float32, "stage": torch.int64}
-WIDE_NUMPY = {"x": np.int64, "y": np.int64, "attention_mask": np.int64, "mask_ratio": np.float32, "stage": np.int64}
+WIDE_DTYPES = {"x": torch.int64, "y": torch.int64, "attention_mask": torch.int64, "mask_ratio": torch.float32, "stage": torch.int64,
+               "source": torch.int64}
+WIDE_NUMPY = {"x": np.int64, "y": np.int64, "attention_mask": np.int64, "mask_ratio": np.float32, "stage": np.int64, "source": np.int64}
 # Pinned host buffers at the wire width (unsigned ids travel as signed bits, see host_tensor).
 TORCH_OF_NUMPY = {np.dtype(np.int16): torch.int16, np.dtype(np.int32): torch.int32, np.dtype(np.uint8): torch.uint8,
                   np.dtype(np.float32): torch.float32}

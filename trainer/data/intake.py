@@ -64,12 +64,29 @@ class ReadyBatch:
     ratio_counts: np.ndarray
     new_messages: list[tuple[str, Any]]  # per message starting in this batch: (producer id, its frames when recording, else None)
     cursor: Cursor  # where the schedule stands once the training loop has this batch
+    source_rows: np.ndarray | None = None  # rows per source index (len(meta.sources),) of a mixture's batch
 
 
 def stream_tensors(meta: StreamMeta) -> tuple[str, ...]:
-    """The tensor names of every batch of a stream (sorted): ``stage`` only with stages."""
+    """The tensor names of every batch of a stream (sorted): ``stage`` only with stages, ``source``
+    only for a mixture."""
     names = ["attention_mask", "mask_ratio", "x", "y"]
-    return tuple(sorted(names + ["stage"])) if meta.corruption.carries_stage else tuple(names)
+    if meta.corruption.carries_stage:
+        names.append("stage")
+    if meta.sources:
+        names.append("source")
+    return tuple(sorted(names))
+
+
+def source_rows_before(meta: StreamMeta, cursor: Cursor, rank: int, world: int) -> np.ndarray:
+    """Rows per source (len(meta.sources),) that this rank counts as taken before ``cursor`` (a
+    resumed run), from the mixture's row -> source assignment: rank 0 the whole messages before
+    every rank's cursor, each rank the rows it used of its next message; summed over the ranks,
+    the rows the run had taken."""
+    mixture, rows = meta.mixture, meta.rows_per_message
+    start = (rank + cursor.position * world) * rows
+    counts = np.bincount(mixture.assign(start, start + cursor.rows_used)[0], minlength=len(meta.sources))
+    return counts + (mixture.counts_before(cursor.position * world * rows) if rank == 0 else 0)
 
 
 class Intake:
@@ -166,6 +183,9 @@ class Intake:
             with self.ledger.lock:
                 book.start_train(self._seek)
                 self._rows_handed = self._seek.position * book.rows_per_message + self._seek.rows_used
+            if self.meta.sources:
+                with self.ledger.lock:
+                    self._count_source_rows(source_rows_before(self.meta, self._seek, self.rank, self.world))
         now = time.monotonic()
         with self.ledger.lock:
             orders = book.expire(now) + book.issue(now)
@@ -338,15 +358,24 @@ class Intake:
                                          self.meta.mask_id, self.meta.ignore_index)
             self._rows_handed += self.batch_size
             position, rows_used = divmod(self._rows_handed, rows_per_message)
+            source_rows = np.bincount(batch["source"], minlength=len(self.meta.sources)) if "source" in batch else None
             self._ready.append(ReadyBatch(host={name: self._to_host(array, vocab_size) for name, array in batch.items()},
                                           stats=stats, ratio_counts=mask_ratio_counts(batch["mask_ratio"]), new_messages=tags,
-                                          cursor=Cursor(position, rows_used, self.world)))
+                                          cursor=Cursor(position, rows_used, self.world), source_rows=source_rows))
 
-    def count_consumed(self, new_messages: list[tuple[str, Any]], cursor: Cursor) -> None:
-        """A batch starting these messages, ending at ``cursor``, was handed to the training loop."""
+    def count_consumed(self, new_messages: list[tuple[str, Any]], cursor: Cursor, source_rows: np.ndarray | None = None) -> None:
+        """A batch starting these messages, ending at ``cursor``, with ``source_rows`` rows of each
+        source of a mixture, was handed to the training loop."""
         with self.ledger.lock:
+            if source_rows is not None:
+                self._count_source_rows(source_rows)
             self.ledger.cursor = cursor
             self.ledger.consumed_messages += len(new_messages)
             for producer_id, _ in new_messages:
                 self.ledger.table.count_consumed(producer_id)
             self.ledger.consumed_batches += 1
+
+    def _count_source_rows(self, source_rows: np.ndarray) -> None:
+        """Adds rows per source index to the ledger's rows by source name; call under the ledger's lock."""
+        for source, rows in zip(self.meta.sources, source_rows.tolist()):
+            self.ledger.rows_by_source[source.name] += rows

@@ -16,7 +16,8 @@ from shared.meta import StreamMeta
 from trainer.data.orders import Cursor
 from trainer.data.stats import StreamStats
 
-# x, y, attention_mask int64 (B, T); mask_ratio float32 (B,); stage int64 (B,) with stages.
+# x, y, attention_mask int64 (B, T); mask_ratio float32 (B,); stage int64 (B,) with stages;
+# source int64 (B,), the index into meta.sources, for a mixture.
 Batch = dict[str, torch.Tensor]
 
 

@@ -96,6 +96,7 @@ class StreamStats:
     val_messages_total: int | None = None
     meta_digest: str | None = None
     rejected: dict[str, int] = field(default_factory=dict)  # by reason
+    rows_by_source: dict[str, int] = field(default_factory=dict)  # a mixture's train rows handed to the training loop, by source
     rejected_by_producer: dict[str, dict[str, int]] = field(default_factory=dict)  # reasons of rejects whose header named a producer
     producers: dict[str, ProducerRow] = field(default_factory=dict)
     data_wait_fraction: float | None = None  # share of step time the training loop waited (set by the diagnostics)
@@ -145,12 +146,15 @@ def merge_stream_stats(per_rank: list[StreamStats]) -> StreamStats:
             merged = None if None in values else max(values)
         setattr(total, f.name, merged)
     rejected: collections.Counter[str] = collections.Counter()
+    rows_by_source: collections.Counter[str] = collections.Counter()
     by_producer: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     for stats in per_rank:
         rejected.update(stats.rejected)
+        rows_by_source.update(stats.rows_by_source)
         for producer, reasons in stats.rejected_by_producer.items():
             by_producer[producer].update(reasons)
     total.rejected = dict(rejected)
+    total.rows_by_source = dict(rows_by_source)
     total.rejected_by_producer = {producer: dict(reasons) for producer, reasons in by_producer.items()}
     owners = collections.Counter(producer for stats in per_rank for producer in stats.producers)
     total.producers = {

@@ -17,6 +17,8 @@ of them and keeps the step and time each active alarm was first raised.
 - ``head_of_line``: the next train message the training loop needs has been ordered from one
   producer and not delivered for ``head_of_line_seconds``: that producer holds up the run (it
   is slow or stuck; its order goes to another producer after ``--reassign-s``).
+- ``source_exhausted``: a source of a mixture that has ``max_epochs`` has given them all: the
+  rows it would have had go to the other sources, so the achieved shares leave the weights.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ class AlarmInputs:
         window_accepted / window_rejected: messages accepted / rejected in the recent window.
         window_rejected_by_reason: reason -> rejected count in the recent window.
         head_wait, head_holder: how long the next train message needed has been late, and from whom.
+        exhausted_sources: ``(name, max_epochs)`` of each mixture source that has given its ``max_epochs``.
     """
 
     step: int = 0
@@ -83,6 +86,7 @@ class AlarmInputs:
     window_rejected_by_reason: dict[str, int] | None = None
     head_wait: float = 0.0  # seconds the next train message needed has been ordered and not delivered
     head_holder: str | None = None  # the producer it is ordered from
+    exhausted_sources: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -160,6 +164,14 @@ def head_of_line(inputs: AlarmInputs, settings: AlarmSettings) -> tuple[bool, st
                   "the trainer waits for it (it is slow or stuck; the order goes to another producer after --reassign-s)")
 
 
+def source_exhausted(inputs: AlarmInputs, settings: AlarmSettings) -> tuple[bool, str]:
+    if not inputs.exhausted_sources:
+        return False, "no source of a mixture has given its max_epochs"
+    names = ", ".join(f"{name!r} ({epochs} epochs)" for name, epochs in inputs.exhausted_sources)
+    return True, (f"exhausted: {names}: the training loop has taken every epoch these sources may give, "
+                  "so the other sources' shares grow past their weights")
+
+
 CHECKS: tuple[tuple[str, Callable[[AlarmInputs, AlarmSettings], tuple[bool, str]], str], ...] = (
     ("context_blind", context_blind,
      "the trainer log's mask self-test line, the attention probe's no-context loss, then --positions (rotary) and the "
@@ -170,6 +182,8 @@ CHECKS: tuple[tuple[str, Callable[[AlarmInputs, AlarmSettings], tuple[bool, str]
     ("meta_mismatch", meta_mismatch,
      "the trainer log line naming the differing field; every producer must use the same corpus and data flags"),
     ("head_of_line", head_of_line, "stream.head_holder's status line and load; stream.producers[...].orders_reassigned"),
+    ("source_exhausted", source_exhausted,
+     "sources[...].epochs_completed against max_epochs: raise max_epochs in the mixture, or add data to that source"),
 )
 
 

@@ -28,6 +28,10 @@ fixed packing); the stage types' ratios are in ``shared.corruption``. A ``mask_o
 (span stages) is all [MASK]: ``H(p)``. The floor is the mix of the per-part floors with those
 weights: the expected loss pooled over supervised positions, which is what the mean
 cross-entropy over a batch measures.
+
+Mixtures: a row's lines all come from one source, so each source has its own floor, the same
+computation from that source's train unigram counts (:func:`source_floors`); the stream's floor
+stays the one of ``meta.counts``.
 """
 
 from __future__ import annotations
@@ -88,10 +92,12 @@ def row_candidates(meta: StreamMeta) -> int:
     return meta.corruption.most_candidates(meta.block_size, meta.packing)
 
 
-def stage_floors(meta: StreamMeta, split: str = "train", sep_share: float | None = None) -> list[tuple[float, float]]:
-    """``(weight, floor)`` per part of ``split`` (one per stage for stages); weights sum to 1."""
+def stage_floors(meta: StreamMeta, split: str = "train", sep_share: float | None = None,
+                 counts: np.ndarray | None = None) -> list[tuple[float, float]]:
+    """``(weight, floor)`` per part of ``split`` (one per stage for stages); weights sum to 1.
+    ``counts``: the unigram counts to use instead of ``meta.counts`` (one source's)."""
     corruption = meta.corruption
-    class_probs = class_distribution(meta, sep_share)
+    class_probs = class_distribution(meta, sep_share, counts)
     with_fractions = corrupted_token_entropy(class_probs, len(meta.counts), corruption.mask_fractions)
     parts = corruption.floor_parts(split, row_candidates(meta))
     if len(parts) == 1 and not parts[0].mask_only:
@@ -104,16 +110,24 @@ def stage_floors(meta: StreamMeta, split: str = "train", sep_share: float | None
     return list(zip((ratios / ratios.sum()).tolist(), floors))
 
 
-def context_free_floor(meta: StreamMeta, split: str = "train", sep_share: float | None = None) -> float:
-    """The context-free floor in nats for the supervised positions of ``split``."""
-    return float(sum(weight * floor for weight, floor in stage_floors(meta, split, sep_share)))
+def context_free_floor(meta: StreamMeta, split: str = "train", sep_share: float | None = None,
+                       counts: np.ndarray | None = None) -> float:
+    """The context-free floor in nats for the supervised positions of ``split`` (of the rows
+    whose unigram counts are ``counts``, by default the stream's ``meta.counts``)."""
+    return float(sum(weight * floor for weight, floor in stage_floors(meta, split, sep_share, counts)))
 
 
-def class_distribution(meta: StreamMeta, sep_share: float | None = None) -> np.ndarray:
-    """Distribution of the original token at a supervised position: base ids (+ [SEP] last)."""
-    counts = meta.counts.astype(np.float64)
+def source_floors(meta: StreamMeta, split: str = "val") -> dict[str, float]:
+    """Source name -> the context-free floor of its rows of ``split`` (empty for a single corpus)."""
+    return {source.name: context_free_floor(meta, split, counts=source.counts) for source in meta.sources}
+
+
+def class_distribution(meta: StreamMeta, sep_share: float | None = None, counts: np.ndarray | None = None) -> np.ndarray:
+    """Distribution of the original token at a supervised position: base ids (+ [SEP] last),
+    from ``counts`` (V0,), by default ``meta.counts``."""
+    counts = (meta.counts if counts is None else counts).astype(np.float64)
     if counts.sum() <= 0:
-        raise ValueError("meta.token_counts is empty: no train content tokens to build the floor from")
+        raise ValueError("token_counts is empty: no train content tokens to build the floor from")
     base = counts / counts.sum()
     if not meta.corruption.sep_is_candidate(meta.packing):
         return base

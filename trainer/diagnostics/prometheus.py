@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from trainer.data.stats import StreamStats, merged_fields
+from trainer.diagnostics.schema import DiagnosticsResponse
 from trainer.diagnostics.state import Diagnostics
 
 # Throughput field -> (metric name in base units, scale to them, help): Prometheus names carry
@@ -73,11 +74,38 @@ class DiagnosticsCollector:
                 if numbers is not None and getattr(numbers, key) is not None:
                     ratio.add_metric([window, key.removeprefix("p")], getattr(numbers, key))
         yield ratio
+        yield from source_metrics(snap)
         yield from stream_metrics(snap.stream)
         alarm = GaugeMetricFamily("linepack_alarm_active", "1 while the alarm is raised", labels=["alarm"])
         for state in snap.alarms:
             alarm.add_metric([state.name], float(state.active))
         yield alarm
+
+
+def source_metrics(snap: DiagnosticsResponse) -> Iterator[Any]:
+    """A mixture's numbers with a ``source`` label: val loss and floor, rows, shares, epochs (none for a single corpus)."""
+    if snap.sources is None:
+        return
+    loss = GaugeMetricFamily("linepack_source_loss_nats", "val cross-entropy of one source's rows", labels=["split", "source"])
+    floor = GaugeMetricFamily("linepack_source_context_free_floor_nats", "lowest val loss of one source's rows without context",
+                              labels=["split", "source"])
+    rows = CounterMetricFamily("linepack_source_rows", "train rows of one source handed to the training loop", labels=["source"])
+    share = GaugeMetricFamily("linepack_source_share_ratio", "a source's share of the train rows: achieved and target",
+                              labels=["source", "kind"])
+    epochs = GaugeMetricFamily("linepack_source_epochs_completed", "epochs of one source the training loop has taken",
+                               labels=["source"])
+    for name, numbers in snap.sources.items():
+        for family, value in ((loss, (snap.loss.val_by_source or {}).get(name)),
+                              (floor, (snap.loss.context_free_floor_val_by_source or {}).get(name))):
+            if value is not None:
+                family.add_metric(["val", name], value)
+        rows.add_metric([name], numbers.rows)
+        share.add_metric([name, "target"], numbers.target_share)
+        if numbers.share is not None:
+            share.add_metric([name, "achieved"], numbers.share)
+        if numbers.epochs_completed is not None:
+            epochs.add_metric([name], numbers.epochs_completed)
+    yield from (loss, floor, rows, share, epochs)
 
 
 def stream_metrics(stream: StreamStats | None) -> Iterator[Any]:

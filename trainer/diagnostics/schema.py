@@ -18,6 +18,7 @@ from shared.batch_stats import BatchStats, CumulativePercentiles
 from shared.meta import MetaSummary
 from trainer.data.stats import StreamStats
 from trainer.diagnostics.alarms import Alarm
+from trainer.diagnostics.mixture import SourceNumbers
 from trainer.diagnostics.probe import ProbeResult
 from trainer.loop.live_samples import LiveSample
 
@@ -25,7 +26,9 @@ from trainer.loop.live_samples import LiveSample
 @dataclass
 class LossNumbers:
     """Cross-entropy in nats over supervised positions; floors for the train and val stage mixes.
-    ``train`` is over the last log interval (``train_step``), ``val`` over the fixed val set."""
+    ``train`` is over the last log interval (``train_step``), ``val`` over the fixed val set.
+    ``val_by_source`` / ``context_free_floor_val_by_source``: source name -> its val loss / its
+    val floor, for a mixture (None for a single corpus; the val loss ``{}`` before the first eval)."""
 
     train: float | None = None
     train_step: int | None = None
@@ -35,6 +38,8 @@ class LossNumbers:
     context_free_floor_val: float | None = None
     val_by_stage: dict[str, float] = field(default_factory=dict)
     train_by_stage: dict[str, float] = field(default_factory=dict)  # over the last log interval; empty without stages
+    val_by_source: dict[str, float] | None = None
+    context_free_floor_val_by_source: dict[str, float] | None = None
     # The MDLM / LLaDA upper bound on the val NLL (nats per token; bits per character for a char
     # stream): the 1/t-weighted val loss of a mask-only stream with a uniform ratio over [0, 1].
     # None when the stream's corruption does not allow it, and val_nll_bound_unavailable says why.
@@ -61,7 +66,8 @@ class CumulativeNumbers:
 class DiagnosticsResponse(BaseModel):
     """The trainer's live state. ``status``: starting | training | finished | stopped (by a
     signal, before max_iters); ``time``: Unix seconds; ``stream.data_wait_fraction`` repeats
-    ``throughput.data_wait_fraction``."""
+    ``throughput.data_wait_fraction``; ``sources``: the mix of a mixture, per source name (None
+    for a single corpus)."""
 
     status: str
     time: float
@@ -75,3 +81,4 @@ class DiagnosticsResponse(BaseModel):
     throughput: Throughput
     alarms: list[Alarm]
     samples: list[LiveSample]  # the last eval's live samples (trainer.loop.live_samples)
+    sources: dict[str, SourceNumbers] | None = None

@@ -25,8 +25,9 @@ from shared.meta import StreamMeta
 from trainer.data.source import BatchSource
 from trainer.data.stats import StreamStats
 from trainer.diagnostics.alarms import Alarm, AlarmInputs, AlarmSettings, StreamWindow, WaitWindow, evaluate_alarms
-from trainer.diagnostics.floor import context_free_floor
+from trainer.diagnostics.floor import context_free_floor, source_floors
 from trainer.diagnostics.history import HISTORY_LENGTH, History
+from trainer.diagnostics.mixture import source_numbers
 from trainer.diagnostics.probe import ProbeResult, ProbeRunner
 from trainer.diagnostics.schema import CumulativeNumbers, DiagnosticsResponse, LossNumbers, Throughput
 from trainer.loop.live_samples import LiveSample
@@ -107,10 +108,14 @@ class Diagnostics:
     def set_meta(self, meta: StreamMeta) -> None:
         floor_train, floor_val = context_free_floor(meta, "train"), context_free_floor(meta, "val")
         summary = meta.summary()
+        floors_by_source = source_floors(meta, "val") if meta.sources else None
         with self._lock:
             self._meta, self._meta_summary = meta, summary
             self._loss.context_free_floor = floor_train
             self._loss.context_free_floor_val = floor_val
+            self._loss.context_free_floor_val_by_source = floors_by_source
+            if meta.sources and self._loss.val_by_source is None:
+                self._loss.val_by_source = {}
             self._loss.val_nll_bound_unavailable = meta.corruption.nll_bound_unavailable()
 
     def on_step(self, numbers: StepNumbers) -> None:
@@ -148,16 +153,19 @@ class Diagnostics:
             self._loss.val = point["val"]
             self._loss.val_step = numbers.step
             self._loss.val_by_stage = {str(k): float(v) for k, v in numbers.val_loss_by_stage.items()}
+            if numbers.val_loss_by_source is not None:
+                self._loss.val_by_source = {name: finite_or_none(v) for name, v in numbers.val_loss_by_source.items()}
+                point.update({f"val_source.{name}": v for name, v in self._loss.val_by_source.items()})
             self._loss.val_nll_bound = finite_or_none(numbers.val_nll_bound)
             if self._loss.val_nll_bound is not None and self._meta is not None and self._meta.tokenizer == "char":
                 self._loss.val_nll_bound_bits_per_char = self._loss.val_nll_bound / math.log(2)
             if numbers.samples:
                 self._samples = list(numbers.samples)
+            self._history.eval.append(point)  # now, with the val loss: the chart never lags the numbers by the probe
         if self._model is not None and self.prober.due(numbers.step):
             probe = self.run_probe(numbers.step)
-            point.update({key: getattr(probe, key) for key in PROBE_HISTORY_KEYS})
-        with self._lock:
-            self._history.eval.append(point)
+            with self._lock:
+                point.update({key: getattr(probe, key) for key in PROBE_HISTORY_KEYS})
 
     def on_end(self, summary: RunSummary) -> None:
         with self._lock:
@@ -201,6 +209,7 @@ class Diagnostics:
         cumulative = self._cumulative_numbers()
         now = self.clock()
         with self._lock:
+            sources = source_numbers(self._meta, stream.rows_by_source if stream else {}) if self._meta else {}
             accepted, rejected, by_reason = self._window.update(stream, now)
             data_wait, data_wait_seconds = self._waits.fraction(now)
             inputs = AlarmInputs(
@@ -218,6 +227,7 @@ class Diagnostics:
                 window_rejected_by_reason=by_reason,
                 head_wait=stream.head_wait_s if stream is not None else 0.0,
                 head_holder=stream.head_holder if stream is not None else None,
+                exhausted_sources=tuple((name, mix.max_epochs) for name, mix in sources.items() if mix.exhausted),
             )
             self._alarms = evaluate_alarms(inputs, self.alarm_settings, self._alarms, now)
             if stream is not None:
@@ -227,8 +237,7 @@ class Diagnostics:
                 time=now,
                 step=self._step,
                 meta=self._meta_summary,
-                loss=dataclasses.replace(self._loss, val_by_stage=dict(self._loss.val_by_stage),
-                                         train_by_stage=dict(self._loss.train_by_stage)),
+                loss=self._loss_copy(),
                 batch=batch,
                 cumulative=cumulative,
                 attention_probe=self._probe,
@@ -236,7 +245,14 @@ class Diagnostics:
                 throughput=self._throughput,
                 alarms=list(self._alarms.values()),
                 samples=list(self._samples),
+                sources=sources or None,
             )
+
+    def _loss_copy(self) -> LossNumbers:
+        """A copy of the loss numbers with copies of their dicts."""
+        loss = self._loss
+        return dataclasses.replace(loss, val_by_stage=dict(loss.val_by_stage), train_by_stage=dict(loss.train_by_stage),
+                                   val_by_source=None if loss.val_by_source is None else dict(loss.val_by_source))
 
     def history(self) -> dict[str, Any]:
         """Column series for the page: ``train`` (per log step), ``eval`` (per eval) and the floors."""
@@ -245,4 +261,5 @@ class Diagnostics:
                 **self._history.columns(),
                 "context_free_floor": self._loss.context_free_floor,
                 "context_free_floor_val": self._loss.context_free_floor_val,
+                "context_free_floor_val_by_source": self._loss.context_free_floor_val_by_source,
             }

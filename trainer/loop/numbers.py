@@ -50,7 +50,8 @@ class StepNumbers:
     last log and over ranks; 1/t-weighted under ``inverse-t``), ``train_loss_by_stage``
     (unweighted), ``grad_norm`` (before clipping), ``ms_per_step``, ``tokens_per_s``,
     ``data_wait_fraction`` (time blocked in ``next_batch`` / wall time, 0..1), and ``val_loss`` /
-    ``val_loss_by_stage`` when the step also evaluated (plain mean cross-entropy).
+    ``val_loss_by_stage`` / ``val_loss_by_source`` when the step also evaluated (plain mean
+    cross-entropy).
     """
 
     step: int
@@ -68,15 +69,22 @@ class StepNumbers:
     data_wait_fraction: float | None = None
     val_loss: float | None = None
     val_loss_by_stage: dict[str, float] | None = None
+    val_loss_by_source: dict[str, float] | None = None
 
     def record(self) -> dict[str, Any]:
         return _record(self)
+
+    def with_eval(self, numbers: EvalNumbers) -> StepNumbers:
+        """These numbers with the val losses of the evaluation made at this step."""
+        return dataclasses.replace(self, val_loss=numbers.val_loss, val_loss_by_stage=numbers.val_loss_by_stage,
+                                   val_loss_by_source=numbers.val_loss_by_source)
 
 
 @dataclass(frozen=True)
 class EvalNumbers:
     """One evaluation on the fixed val set (plain mean cross-entropy over supervised positions).
 
+    ``val_loss_by_source``: source name -> its val loss, for a mixture (None for a single corpus).
     ``val_nll_bound``: the ``inverse-t`` weighted val loss, an upper bound on the NLL per token,
     for streams whose corruption allows it (else None); ``samples``: the live samples
     (``trainer.loop.live_samples``) and ``samples_ms`` what they cost (not part of ``eval_ms``).
@@ -88,6 +96,7 @@ class EvalNumbers:
     val_supervised: int
     eval_ms: float
     before_training: bool
+    val_loss_by_source: dict[str, float] | None = None
     val_nll_bound: float | None = None
     samples: list[LiveSample] | None = None
     samples_ms: float | None = None
@@ -108,6 +117,7 @@ class RunSummary:
     val_loss_by_stage: dict[str, float] | None
     wall_s: float
     stream: StreamStats | None
+    val_loss_by_source: dict[str, float] | None = None
     stopped_by: str | None = None
     world_size: int | None = None
     parameter_digests: list[str] | None = None

@@ -29,11 +29,11 @@ class Observer(Protocol):
     def on_end(self, summary: RunSummary) -> None: ...
 
 
-def _format_val(loss: float, by_stage: dict[str, float] | None) -> str:
-    text = f"{loss:.4f}"
-    if by_stage:
-        text += " (" + ", ".join(f"stage {s} {v:.4f}" for s, v in by_stage.items()) + ")"
-    return text
+def _format_val(numbers: StepNumbers | EvalNumbers) -> str:
+    text = f"{numbers.val_loss:.4f}"
+    parts = [f"stage {s} {v:.4f}" for s, v in (numbers.val_loss_by_stage or {}).items()]
+    parts += [f"{name} {v:.4f}" for name, v in (numbers.val_loss_by_source or {}).items()]
+    return text + (" (" + ", ".join(parts) + ")" if parts else "")
 
 
 class ConsoleLog:
@@ -45,7 +45,7 @@ class ConsoleLog:
     def on_step(self, numbers: StepNumbers) -> None:
         if not numbers.log:
             return
-        val = f" | val {_format_val(numbers.val_loss, numbers.val_loss_by_stage)}" if numbers.val_loss is not None else ""
+        val = f" | val {_format_val(numbers)}" if numbers.val_loss is not None else ""
         log.info(
             "step %d | train %.4f%s | lr %.2e | %.1f ms/step | %.0f tok/s | data wait %.1f%%",
             numbers.step, numbers.train_loss, val, numbers.lr, numbers.ms_per_step, numbers.tokens_per_s, 100 * numbers.data_wait_fraction,
@@ -53,7 +53,7 @@ class ConsoleLog:
 
     def on_eval(self, numbers: EvalNumbers) -> None:
         if numbers.before_training:
-            log.info("step %d | val %s (before training)", numbers.step, _format_val(numbers.val_loss, numbers.val_loss_by_stage))
+            log.info("step %d | val %s (before training)", numbers.step, _format_val(numbers))
 
     def on_end(self, summary: RunSummary) -> None:
         log.info("%s: %s", "stopped" if summary.stopped_by else "done", json.dumps(summary.record(), default=str))

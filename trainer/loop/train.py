@@ -163,8 +163,8 @@ class Trainer:
         return contextlib.nullcontext()
 
     def evaluate(self, batches: list[Batch]) -> EvalResult:
-        """Mean cross-entropy over the supervised positions of ``batches`` (eval mode, no grad)."""
-        return evaluate(self.model, batches, self.device, self._autocast)
+        """Mean cross-entropy over the supervised positions of ``batches`` (eval mode, no grad), per source by name."""
+        return evaluate(self.model, batches, self.device, self._autocast, [source.name for source in self.meta.sources])
 
     def _evaluate_and_checkpoint(self, before_training: bool) -> EvalNumbers:
         started = time.perf_counter()
@@ -177,7 +177,7 @@ class Trainer:
         bound = result.weighted if self.meta.corruption.nll_bound_unavailable() is None else None
         numbers = EvalNumbers(step=self.step, val_loss=result.loss, val_loss_by_stage=result.by_stage,
                               val_supervised=result.supervised, eval_ms=eval_ms, before_training=before_training,
-                              val_nll_bound=bound, samples=samples,
+                              val_nll_bound=bound, samples=samples, val_loss_by_source=result.by_source or None,
                               samples_ms=None if samples is None else 1000 * (time.perf_counter() - started))
         if not before_training:
             self.save_checkpoint()
@@ -329,8 +329,7 @@ class Trainer:
             is_eval = self._is_eval_step() and ranks.is_main
             eval_numbers = self._evaluate_and_checkpoint(before_training=False) if is_eval else None
             if eval_numbers is not None:
-                numbers = dataclasses.replace(numbers, val_loss=eval_numbers.val_loss,
-                                              val_loss_by_stage=eval_numbers.val_loss_by_stage)
+                numbers = numbers.with_eval(eval_numbers)
             for observer in observers:
                 observer.on_step(numbers)
             if eval_numbers is not None:
@@ -343,6 +342,7 @@ class Trainer:
             steps=self.step, train_loss=self._interval.last_train_loss,
             val_loss=None if last_eval is None else last_eval.val_loss,
             val_loss_by_stage=None if last_eval is None else last_eval.val_loss_by_stage,
+            val_loss_by_source=None if last_eval is None else last_eval.val_loss_by_source,
             wall_s=time.perf_counter() - started, stream=self.ranks.stream_stats(self.consumer), stopped_by=stopped_by,
             world_size=self.ranks.world_size if digests is not None else None, parameter_digests=digests,
         )

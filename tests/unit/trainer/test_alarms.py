@@ -16,7 +16,8 @@ def states(inputs: AlarmInputs, previous=None, now: float = 1000.0):
 def test_healthy_run_raises_nothing_and_every_alarm_is_explained():
     alarms = states(AlarmInputs(step=500, val_loss=2.3, val_step=500, floor=3.07, no_context_gap=0.8, probe_step=500,
                                 seconds_without_data=0.1, window_accepted=50, data_wait=0.01, data_wait_seconds=60))
-    assert sorted(alarms) == ["context_blind", "data_bound", "head_of_line", "meta_mismatch", "rejecting", "starved"]
+    assert sorted(alarms) == ["context_blind", "data_bound", "head_of_line", "meta_mismatch", "rejecting",
+                             "source_exhausted", "starved"]
     assert not any(alarm.active for alarm in alarms.values())
     for alarm in alarms.values():
         assert alarm.explanation and alarm.check and alarm.since_step is None and alarm.since_time is None

@@ -20,6 +20,7 @@ from trainer.data.accounting import ProducerTable
 from trainer.data.assembly import BatchAssembler
 from trainer.data.consumer import DatasetConsumer
 from trainer.data.device import WIDE_DTYPES, host_tensor, to_device
+from trainer.data.intake import source_rows_before
 from trainer.data.orders import Cursor, OrderSettings
 
 from helpers import wait_until
@@ -79,6 +80,38 @@ def test_stage_is_widened_and_batch_stats_are_set(context):
     assert dataclasses.asdict(c.last_batch_stats)["rows"] == 4
     assert dataclasses.asdict(c.last_batch_stats)["valid_len"]["max"] == int(tensors["attention_mask"].sum(1).max())
     assert c.cumulative_mask_ratio.count == 4
+
+
+def test_a_mixtures_source_is_widened_and_its_rows_are_counted_per_source(context):
+    meta = make_meta(block_size=32, rows_per_message=4, val_messages=0, sources={"code": 0.2, "prose": 0.8})
+    rng = np.random.default_rng(3)
+    messages = [make_tensors(meta, 4, rng) for _ in range(3)]
+    with consumer(6) as c, OrderServer(c.endpoint, meta, listed(messages)):
+        batches = [c.next_batch(timeout=5) for _ in range(2)]
+        rows = c.stats().rows_by_source
+    sent = np.concatenate([m["source"] for m in messages])
+    assert all(batch["source"].dtype == torch.int64 for batch in batches)
+    np.testing.assert_array_equal(rows_of(batches, "source"), sent)
+    assert rows == {"code": int((sent == 0).sum()), "prose": int((sent == 1).sum())} and sum(rows.values()) == 12
+    with consumer(6) as c, OrderServer(c.endpoint, meta, listed(messages)):
+        c.seek(Cursor(position=1, rows_used=2))  # a resumed run: the rows before it count from the mixture's assignment
+        c.next_batch(timeout=5)
+        resumed = c.stats().rows_by_source
+    before = source_rows_before(meta, Cursor(1, 2), 0, 1)
+    np.testing.assert_array_equal(before, np.bincount(meta.mixture.assign(0, 6)[0], minlength=2))
+    taken = np.bincount(sent[6:12], minlength=2)
+    assert resumed == {"code": int(before[0] + taken[0]), "prose": int(before[1] + taken[1])}
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_rows_before_a_resumed_cursor_summed_over_the_ranks_are_the_rows_the_ranks_had_taken(world):
+    meta = make_meta(rows_per_message=4, val_messages=0, sources={"a": 0.2, "b": 0.5, "c": 0.3})
+    cursor = Cursor(position=5, rows_used=3, world=world)
+    taken = [row for rank in range(world) for k in range(rank, 5 * world + rank + 1, world)
+             for row in range(k * 4, k * 4 + (4 if k < 5 * world else 3))]
+    expected = np.bincount(meta.mixture.assign(0, max(taken) + 1)[0][taken], minlength=3)
+    total = sum(source_rows_before(meta, cursor, rank, world) for rank in range(world))
+    np.testing.assert_array_equal(total, expected)
 
 
 def test_producer_table_counts_gaps_duplicates_and_late_arrivals():

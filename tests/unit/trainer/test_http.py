@@ -65,7 +65,7 @@ def test_every_key_is_present_with_sane_values(finished_run):
     throughput = body["throughput"]
     assert throughput["ms_per_step"] > 0 and throughput["tokens_per_s"] > 0
     assert {alarm["name"] for alarm in body["alarms"]} == {"context_blind", "starved", "data_bound", "rejecting",
-                                                                "meta_mismatch", "head_of_line"}
+                                                                "meta_mismatch", "head_of_line", "source_exhausted"}
     assert not any(alarm["active"] for alarm in body["alarms"] if alarm["name"] != "context_blind")
     assert httpx.get(f"{url}/healthz", timeout=TIMEOUT).json() == {"ok": True, "step": 30}
 

@@ -18,7 +18,7 @@ from trainer.loop.train import Trainer
 from trainer.model.selftest import MaskSelfTestError
 from trainer.model.transformer import ModelConfig
 
-from helpers.streams import SyntheticStream, invert_key_padding_mask
+from helpers.streams import SyntheticStream, halves, invert_key_padding_mask, mixture_meta
 
 # Learned positions: the synthetic stream's 64 short lines are learnt fastest by absolute position, which
 # keeps the 40-step loss check below sharp; rotary (the default) is trained in test_model.py and the compare runs.
@@ -170,6 +170,35 @@ def test_val_loss_is_reported_per_stage(tmp_path):
     assert by_stage == pytest.approx(expected, rel=1e-6)
     overall = steps.evals[5]["val_loss"]
     assert min(by_stage.values()) <= overall <= max(by_stage.values())
+
+
+def test_val_loss_is_reported_per_source_by_name_with_stages_too_and_written_to_metrics(tmp_path):
+    meta, batches, val = data(5)
+    meta = mixture_meta(meta, halves(), {"code": 0.25, "prose": 0.75})
+    for batch in [*batches, *val]:
+        batch["source"] = (torch.arange(8) % 4 != 0).long()  # rows 0 and 4 of each batch are code
+        batch["stage"] = torch.arange(8) % 2
+    steps = StepLosses()
+    run, summary = train(tmp_path, batches, meta, val, [steps], eval_interval=5)
+    by_source = steps.evals[5]["val_loss_by_source"]
+    expected = {}
+    for index, name in enumerate(("code", "prose")):
+        rows = [{key: t[batch["source"] == index] for key, t in batch.items()} for batch in val]
+        expected[name] = run.evaluate(rows).loss
+    assert by_source == pytest.approx(expected, rel=1e-6) and by_source["code"] != pytest.approx(by_source["prose"])
+    assert set(steps.evals[5]["val_loss_by_stage"]) == {"0", "1"}
+    assert summary["val_loss_by_source"] == by_source
+    lines = [json.loads(line) for line in open(os.path.join(tmp_path, "metrics.jsonl"), encoding="utf-8")]
+    assert [line["val_loss_by_source"] for line in lines if line["kind"] == "eval"][-1] == by_source
+    assert steps.numbers[5]["val_loss_by_source"] == by_source
+
+
+def test_a_single_corpus_has_no_val_loss_by_source(tmp_path):
+    meta, batches, val = data(2)
+    steps = StepLosses()
+    _, summary = train(tmp_path, batches, meta, val, [steps], eval_interval=2)
+    assert "val_loss_by_source" not in steps.evals[2] and "val_loss_by_source" not in summary
+    assert all("val_loss_by_source" not in line for line in open(os.path.join(tmp_path, "metrics.jsonl"), encoding="utf-8"))
 
 
 def test_train_loss_is_reported_per_stage_and_its_weighted_mean_is_the_train_loss(tmp_path):
