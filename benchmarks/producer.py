@@ -6,13 +6,14 @@ Python reference (below, not part of the product) on the same corpus, and prints
 (rows x block_size per second) and the speed-up.
 
     python benchmarks/producer.py [--messages 200] [--reference-messages 4] [--corpus PATH]
-    python benchmarks/producer.py --mix code=prepared/code:0.2 --mix prose=prepared/prose:0.8
+    python benchmarks/producer.py --mix code=prepared/code:0.2 --mix prose=prepared/prose:0.8 [--rounds 15] [--messages 40]
 
 Default corpus: data/tinyshakespeare.txt (shipped with the repository). With ``--mix`` (two or
 more ``[NAME=]PATH[:WEIGHT]``, as ``--corpus`` takes them) it times instead, in the same run and
 for lines packing with each policy, every source alone and the mixture of them, and prints the
 mixture's tokens/s against the rate its shares of the single sources would give (the harmonic
-mean of their rates weighted by share: what a mixture costs if mixing itself costs nothing).
+mean of their rates weighted by share: what a mixture costs if mixing itself costs nothing),
+the median over rounds of that ratio and the ratio of the best rates (:func:`mixture_table`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from producer.corpus import read_text  # noqa: E402
+from producer.mixture import declared_sources  # noqa: E402
+from producer.prepared import is_prepared  # noqa: E402
 from producer.stream import BatchStream  # noqa: E402
 from shared.data_config import DataConfig  # noqa: E402
 from shared.vocab import IGNORE_INDEX  # noqa: E402
@@ -151,42 +154,50 @@ def tokens_per_second(make_message, meta, messages: int, chunks: int) -> float:
     return per_chunk * ROWS * BLOCK_SIZE / best
 
 
-def mixture_table(sources: list[str], messages: int) -> None:
-    """The ``--mix`` comparison: each source alone, then the mixture, per policy (lines packing),
-    timed in interleaved chunks (mixture, source 1, source 2, ...; best of 10 each), so that load
-    from other processes falls on all of them alike."""
+def mixture_table(sources: list[str], messages: int, rounds: int) -> None:
+    """The ``--mix`` comparison, per policy (lines packing): each source alone and the mixture, on
+    the same corpora (a prepared source opened again, as a producer of it alone would; a text
+    source with the mixture's tokenizer), block size, rows and policy. Timed in ``rounds`` rounds
+    of ``messages`` messages of each stream, the streams' order rotating from round to round;
+    each round gives the mixture's rate over the rate its shares of the sources alone would give
+    (the share-weighted harmonic mean of their rates: what a mixture costs if mixing itself costs
+    nothing). Printed: the median of those ratios, and the ratio of the best rates."""
     print(f"mixture of {len(sources)} sources; block {BLOCK_SIZE}, {ROWS} rows per message; packing + corruption + wire "
-          f"encoding, one process; CPU time, best of 10 interleaved timed runs of {max(messages // 10, 1)} messages\n")
+          f"encoding, one process; CPU time of {rounds} rounds of {messages} messages of each stream\n")
     print("| policy | " + " | ".join(f"{spec} alone M tokens/s" for spec in sources)
-          + " | mixture M tokens/s | mixture / expected from the shares |")
-    print("| --- |" + " ---: |" * (len(sources) + 2))
+          + " | mixture M tokens/s | mixture / expected, median of rounds | mixture / expected, best rates |")
+    print("| --- |" + " ---: |" * (len(sources) + 3))
     for policy in ("bert", "uniform", "stages"):
-        mixture = BatchStream(DataConfig(corpus=tuple(sources), block_size=BLOCK_SIZE, rows_per_message=ROWS, policy=policy))
-        streams = [mixture] + [BatchStream(DataConfig(corpus=source.corpus.name, block_size=BLOCK_SIZE, rows_per_message=ROWS,
-                                                      policy=policy)) for source in mixture.sources]
+        config = DataConfig(corpus=tuple(sources), block_size=BLOCK_SIZE, rows_per_message=ROWS, policy=policy)
+        mixture = BatchStream(config)
+        specs = declared_sources(config)
+        streams = [mixture] + [BatchStream(DataConfig(corpus=spec.path, block_size=BLOCK_SIZE, rows_per_message=ROWS, policy=policy),
+                                           corpus=None if is_prepared(spec.path) else rows.corpus)
+                               for spec, rows in zip(specs, mixture.sources)]
+        shares = np.array([spec.weight for spec in specs]) / sum(spec.weight for spec in specs)
         batches = [stream.train_batches() for stream in streams]
-        best = [math.inf] * len(streams)
-        for _ in range(10):
-            for i, stream in enumerate(streams):
-                best[i] = min(best[i], ROWS * BLOCK_SIZE / tokens_per_second(
-                    lambda it=batches[i]: next(it), stream.meta, max(messages // 10, 1), chunks=1))
-        mixed, *alone = (ROWS * BLOCK_SIZE / seconds for seconds in best)
-        shares = np.array([source.weight for source in mixture.meta.sources]) / sum(s.weight for s in mixture.meta.sources)
-        expected = 1 / float(np.sum(shares / np.array(alone)))
-        print(f"| {policy} | " + " | ".join(f"{r / 1e6:.1f}" for r in alone) + f" | {mixed / 1e6:.1f} | {mixed / expected:.3f} |",
-              flush=True)
+        rates = np.zeros((rounds, len(streams)))
+        for r in range(rounds):
+            for i in np.roll(np.arange(len(streams)), r):
+                rates[r, i] = tokens_per_second(lambda it=batches[i]: next(it), streams[i].meta, messages, chunks=1)
+        ratios = rates[:, 0] * np.sum(shares / rates[:, 1:], axis=1)
+        best = rates.max(axis=0)
+        print(f"| {policy} | " + " | ".join(f"{rate / 1e6:.1f}" for rate in best[1:]) + f" | {best[0] / 1e6:.1f} | "
+              f"{np.median(ratios):.3f} | {best[0] * np.sum(shares / best[1:]):.3f} |", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--messages", type=int, default=200, help="messages timed per vectorized config")
+    parser.add_argument("--messages", type=int, help="messages timed per vectorized config (default 200; "
+                        "with --mix: per stream and round, default 40)")
+    parser.add_argument("--rounds", type=int, default=15, help="with --mix: rounds of --messages messages of each stream")
     parser.add_argument("--reference-messages", type=int, default=4, help="messages timed per reference config")
     parser.add_argument("--corpus", default=str(SHAKESPEARE))
     parser.add_argument("--mix", action="append", default=[], metavar="[NAME=]PATH[:WEIGHT]",
                         help="a source of a mixture (repeat it): time the mixture against its sources alone")
     args = parser.parse_args()
     if args.mix:
-        mixture_table(args.mix, args.messages)
+        mixture_table(args.mix, args.messages or 40, args.rounds)
         return
     corpus = read_text(args.corpus)
     print(f"corpus {corpus.name} ({len(corpus.text):,} characters); block {BLOCK_SIZE}, {ROWS} rows per message; "
@@ -199,7 +210,7 @@ def main() -> None:
             config = DataConfig(corpus=args.corpus, block_size=BLOCK_SIZE, rows_per_message=ROWS, packing=packing, policy=policy)
             stream = BatchStream(config, corpus=corpus)
             batches = stream.train_batches()
-            fast = tokens_per_second(lambda batches=batches: next(batches), stream.meta, args.messages, chunks=10)
+            fast = tokens_per_second(lambda batches=batches: next(batches), stream.meta, args.messages or 200, chunks=10)
             reference = ReferenceProducer(stream, corpus.text)
             slow = tokens_per_second(reference.message, stream.meta, args.reference_messages, chunks=args.reference_messages)
             print(f"| {packing} | {policy} | {fast / 1e6:.1f} | {slow / 1e6:.3f} | {fast / slow:.0f}x |", flush=True)

@@ -39,7 +39,7 @@ from producer.corpus import Corpus, load_corpus, tokenize
 from producer.corruption import corrupt, mask_ratio
 from producer.lines import TokenCorpus
 from producer.mixture import declared_sources, load_sources
-from producer.packing import Packed
+from producer.packing import Packed, pack_pieces
 from producer.selection import select
 from producer.source_rows import SourceRows
 from shared.data_config import DataConfig
@@ -59,22 +59,15 @@ Parts = list[tuple[int, np.ndarray, np.ndarray]]
 
 @dataclass(frozen=True)
 class Layout:
-    """Where a mixture message's rows come from: ``source`` uint8 (R,) per row, ``places``
-    ``(s, rows of source s)`` for each source present, and ``inverse`` int64 (R,), the gather
-    that puts rows packed source by source into message order (None with one source present)."""
+    """Where a mixture message's rows come from: ``source`` uint8 (R,) per row and ``places``
+    ``(s, rows of source s)`` (int64) for each source present."""
 
     source: np.ndarray
     places: tuple[tuple[int, np.ndarray], ...]
-    inverse: np.ndarray | None
 
     @classmethod
     def of(cls, source: np.ndarray, n_sources: int) -> Layout:
-        places = tuple((s, p) for s in range(n_sources) if len(p := np.flatnonzero(source == s)))
-        inverse = None
-        if len(places) > 1:
-            inverse = np.empty(len(source), dtype=np.int64)
-            inverse[np.concatenate([p for _, p in places])] = np.arange(len(source))
-        return cls(source, places, inverse)
+        return cls(source, tuple((s, p) for s in range(n_sources) if len(p := np.flatnonzero(source == s))))
 
 
 class BatchStream:
@@ -208,18 +201,14 @@ class BatchStream:
         return np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.config.seed, *words])))
 
     def _pack(self, parts: Parts, split: str, layout: Layout | None) -> Packed:
-        """The rows of ``parts``, each packed by its source, in message order (``layout.inverse``)."""
+        """The rows of ``parts``, each packed by its source, in message order (``layout.source``)."""
         def packer(s: int):
             return self.sources[s].train_packer if split == "train" else self.sources[s].val_packer
 
         if len(parts) == 1:
             s, starts, _ = parts[0]
             return packer(s).pack(starts)
-        # Packed source by source, joined, then put in message order by one gather (a scatter
-        # into a new array is twice as slow).
-        pieces = [packer(s).pack(starts) for s, starts, _ in parts]
-        return Packed(*(np.concatenate([getattr(piece, name) for piece in pieces])[layout.inverse]
-                        for name in ("x", "attention_mask", "content_len")))
+        return pack_pieces([(packer(s), starts, places) for s, starts, places in parts], len(layout.source))
 
     def _batch(self, rng: np.random.Generator, parts: Parts, split: str, layout: Layout | None = None) -> Batch:
         packed = self._pack(parts, split, layout)

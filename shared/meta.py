@@ -347,6 +347,10 @@ def _check_mixture(meta: StreamMeta) -> None:
         raise MetaError("meta field sources: epoch_rows are set exactly with epoch sampling")
     if meta.corpus_fingerprint != mixture_fingerprint(meta.sources):
         raise MetaError("meta field corpus_fingerprint is not the fingerprint of the sources")
+    try:
+        meta.mixture  # noqa: B018 (built here, its cost bounded: a meta that cannot have one is refused)
+    except MixtureError as error:
+        raise MetaError(f"meta field sources: {error}") from None
 
 
 def _parse_sources(data: dict, wire: bool) -> dict[str, tuple[SourceInfo, ...]]:

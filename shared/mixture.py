@@ -27,6 +27,10 @@ compute:
   row). When every source has dropped out the stream ends: rows from :attr:`Mixture.end` on do
   not exist (a producer makes no message that holds one). All of it follows from the meta alone,
   so the trainer knows when a source is exhausted (:meth:`Mixture.exhausted`).
+- **Bounded work.** Each segment's period costs ``P x m`` steps of the rule to compute; a
+  mixture whose segments would take more than :data:`~shared.limits.MAX_MIXTURE_STEPS` in all
+  (at most what one period of the most sources at the longest period takes) is refused before
+  the period that would pass it is computed, so a forged meta costs no more than that.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.limits import COUNT_DTYPE, MAX_MIXTURE_PERIOD, MAX_SOURCES
+from shared.limits import COUNT_DTYPE, MAX_MIXTURE_PERIOD, MAX_MIXTURE_STEPS, MAX_SOURCES
 
 SOURCE_NAME = re.compile(r"[a-z0-9_-]{1,32}")
 FINGERPRINT = re.compile(r"[0-9a-f]{16}")
@@ -253,9 +257,15 @@ class Mixture:
         self.limits = np.array([s.max_epochs * s.epoch_rows for s in self.sources], dtype=np.int64)  # 0: none
         self.segments: list[Segment] = []
         self.end: int | None = None  # rows from here on do not exist (every source exhausted)
-        active, base, start = np.arange(len(self.sources)), np.zeros(len(self.sources), dtype=np.int64), 0
+        active, base, start, steps = np.arange(len(self.sources)), np.zeros(len(self.sources), dtype=np.int64), 0, 0
         while True:
-            period = Period(weight_parts([self.weights[s] for s in active]))
+            parts = weight_parts([self.weights[s] for s in active])
+            steps += sum(parts) * len(parts)
+            if steps > MAX_MIXTURE_STEPS:
+                raise MixtureError(f"the sources' assignment would take over {MAX_MIXTURE_STEPS} steps to compute (segment "
+                                   f"{len(self.segments) + 1}, started each time a source reaches its max_epochs, "
+                                   f"brings it to {steps}): fewer digits in the weights or fewer sources with max_epochs")
+            period = Period(parts)
             ends = [period.first_reaching(j, int(self.limits[s] - base[s])) for j, s in enumerate(active) if self.limits[s]]
             stop = start + min(ends) if ends else None
             self.segments.append(Segment(start, stop, active, base, period))

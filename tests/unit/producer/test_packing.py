@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from producer.lines import Lines
-from producer.packing import FixedPacker, LinePacker
+from producer.packing import LOOK_AHEAD_LINES, FixedPacker, LinePacker, pack_pieces
 
 NEWLINE, SEP, PAD = 0, 6, 7  # base ids 0..4 ([MASK] = 5 is unused by packing)
 
@@ -123,3 +123,28 @@ def test_the_look_ahead_finds_the_same_row_ends_as_the_binary_search(case, look_
     searched = packer.content_end(every, look_ahead=0)
     assert np.array_equal(packer.content_end(every, look_ahead=look_ahead), searched)
     assert np.array_equal(packer.content_end(every), searched)
+
+
+@settings(max_examples=100, deadline=None)
+@given(corpora(), corpora(), st.integers(0, 2**32 - 1), st.booleans())
+def test_rows_of_several_corpora_packed_at_once_are_each_corpus_own_rows_in_place(one, other, seed, fixed):
+    """A mixture's message (:func:`pack_pieces`): row for row what each corpus's own packer gives."""
+    block_size = one[1]
+    packers = [FixedPacker(lines, block_size) if fixed else LinePacker(lines, block_size, SEP, PAD)
+               for lines in (one[0], other[0])]
+    rng = np.random.default_rng(seed)
+    source = rng.integers(0, 2, 24)
+    pieces = [(packer, packer.random_starts(rng, int((source == s).sum())), np.flatnonzero(source == s))
+              for s, packer in enumerate(packers)]
+    packed = pack_pieces(pieces, len(source))
+    for packer, starts, places in pieces:
+        alone = packer.pack(starts)
+        assert np.array_equal(packed.x[places], alone.x) and np.array_equal(packed.content_len[places], alone.content_len)
+        assert np.array_equal(packed.attention_mask[places], alone.attention_mask)
+    assert packed.x.dtype == np.uint16 and packed.attention_mask.dtype == np.uint8
+
+
+def test_the_look_ahead_is_read_only_where_rows_mostly_hold_fewer_lines():
+    lines = Lines(np.ones(1000, np.uint16), np.arange(0, 1001, 10))  # 10 tokens a line
+    assert LinePacker(lines, 10 * LOOK_AHEAD_LINES, SEP, PAD).look_ahead == LOOK_AHEAD_LINES
+    assert LinePacker(lines, 10 * LOOK_AHEAD_LINES + 1, SEP, PAD).look_ahead == 0

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.meta import MetaError, StreamMeta, canonical_json
+from shared.limits import MAX_MIXTURE_PERIOD, MAX_MIXTURE_STEPS, MAX_SOURCES
+from shared.meta import MetaError, StreamMeta, canonical_json, mixture_fingerprint
 from shared.mixture import Mixture, MixtureError, MixtureExhausted, Period, SourceInfo, weight_parts
 from shared.wire import WireError, decode, encode, encode_meta
 
@@ -189,3 +190,31 @@ def test_binary_values_outside_token_counts_stay_refused_in_a_mixture_meta():
     data["sources"][0]["name"] = b"code"
     with pytest.raises(WireError):
         decode([header, msgpack.packb(data, use_bin_type=True)])
+
+
+# ---- what a forged meta may cost ----
+
+
+def _many_segments():
+    """64 sources: 63 of weight 1 that drop out one after the other (max_epochs 1, epoch_rows 1, 2, ...),
+    and one of weight 2100 that never does: 64 segments, each with a period of over 2,100 rows."""
+    return [SourceInfo(f"s{i}", 1.0, f"{i:016x}", 1, i + 1, b"\0" * 8) for i in range(63)] + [
+        SourceInfo("big", 2100.0, f"{63:016x}", 0, 1, b"\0" * 8)]
+
+
+def test_a_mixture_whose_segments_would_take_too_many_steps_is_refused():
+    with pytest.raises(MixtureError, match=f"over {MAX_MIXTURE_STEPS} steps"):
+        Mixture(_many_segments())  # 4.45 million steps in all; the first segment alone 138,432
+    assert MAX_MIXTURE_STEPS == MAX_MIXTURE_PERIOD * MAX_SOURCES  # every one-segment mixture fits
+
+
+def test_a_meta_whose_mixture_passes_the_steps_is_refused_naming_the_field(monkeypatch):
+    data = make_meta(sources={"code": 0.2, "prose": 0.8}).to_dict()
+    data["sampling"] = "epoch"
+    for epoch_rows, source in zip((3, 7), data["sources"]):
+        source.update(max_epochs=1, epoch_rows=epoch_rows)
+    data["corpus_fingerprint"] = mixture_fingerprint(tuple(SourceInfo.parse(s, wire=False) for s in data["sources"]))
+    assert len(StreamMeta.from_dict(data).mixture.segments) == 2  # 5 x 2 steps, then 1 x 1
+    monkeypatch.setattr("shared.mixture.MAX_MIXTURE_STEPS", 10)
+    with pytest.raises(MetaError, match=r"meta field sources: .* over 10 steps to compute \(segment 2"):
+        StreamMeta.from_dict(data)
