@@ -14,6 +14,9 @@ import bisect
 import collections
 import threading
 from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
 
 from shared.meta import StreamMeta
 from trainer.data.orders import Cursor, OrderBook
@@ -207,6 +210,24 @@ class StreamLedger:
         self.table = ProducerTable()
         self.rejections = Rejections()
         self.rows_by_source: collections.Counter[str] = collections.Counter()  # train rows handed out, by source name
+
+    def count_consumed(self, meta: StreamMeta, new_messages: list[tuple[str, Any]], cursor: Cursor,
+                       source_rows: np.ndarray | None = None) -> None:
+        """A batch starting these messages (producer id, frames), ending at ``cursor``, with
+        ``source_rows`` rows of each source of a mixture, was handed to the training loop."""
+        with self.lock:
+            if source_rows is not None:
+                self.add_source_rows(meta, source_rows)
+            self.cursor = cursor
+            self.consumed_messages += len(new_messages)
+            for producer_id, _ in new_messages:
+                self.table.count_consumed(producer_id)
+            self.consumed_batches += 1
+
+    def add_source_rows(self, meta: StreamMeta, source_rows: np.ndarray) -> None:
+        """Adds rows per source index (len(meta.sources),) to :attr:`rows_by_source`; call under the lock."""
+        for source, rows in zip(meta.sources, source_rows.tolist()):
+            self.rows_by_source[source.name] += rows
 
     def stats(self, now: float, queue_depth: int, val_seen: int, meta: StreamMeta | None) -> StreamStats:
         with self.lock:

@@ -38,8 +38,9 @@ from shared.batch_stats import BatchStats, MaskRatioHistogram
 from shared.curve import CurveServer
 from shared.meta import StreamMeta
 from shared.recording import RecordingWriter
+from trainer.data.batches import ReadyBatch
 from trainer.data.device import host_tensor, to_device
-from trainer.data.intake import POLL_SECONDS, Intake, ReadyBatch
+from trainer.data.intake import POLL_SECONDS, Intake
 from trainer.data.orders import Cursor, OrderSettings
 from trainer.data.receiver import MAX_FRAME_BYTES, Receiver
 from trainer.data.source import Batch
@@ -197,7 +198,7 @@ class DatasetConsumer:
         for _, frames in ready.new_messages:
             self._record(frames)
         self.cursor = ready.cursor
-        self.intake.count_consumed(ready.new_messages, ready.cursor, ready.source_rows)
+        self.intake.ledger.count_consumed(self.meta, ready.new_messages, ready.cursor, ready.source_rows)
         if ready.stats is not None:
             self.last_batch_stats = ready.stats
         self.cumulative_mask_ratio.add_counts(ready.ratio_counts)

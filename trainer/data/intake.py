@@ -2,28 +2,26 @@
 
 :class:`Intake` runs in one thread (``DatasetConsumer`` starts it). Its counts live in a
 :class:`~trainer.data.accounting.StreamLedger` (locked, read by any thread), the pinned stream in
-:class:`~trainer.data.pinning.MetaPins`, the schedule in an :class:`~trainer.data.orders.OrderBook`.
+:class:`~trainer.data.pinning.MetaPins`, the schedule in an :class:`~trainer.data.orders.OrderBook`,
+the batches being built in :class:`~trainer.data.batches.TrainBatches`.
 The thread orders the val set, then train messages in k order, from the producers that announced
 the pinned stream; takes each delivery that was ordered from its sender; hands train messages to
-the assembler strictly in k order; and stops ordering while the bounded queue of assembled
+the batches strictly in k order; and stops ordering while the bounded queue of assembled
 batches is full (so what is in flight is bounded by the orders). It always keeps reading, so
 producers are heard (and a dead one noticed) however slowly the training loop takes batches.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from shared.batch_stats import BatchStats, batch_statistics, mask_ratio_counts
 from shared.meta import StreamMeta
 from shared.wire import (
     MetaMessage,
@@ -36,11 +34,10 @@ from shared.wire import (
     encode_order,
     encode_refusal,
     new_incarnation,
-    tensor_dtypes,
 )
 from trainer.data.accounting import StreamLedger
-from trainer.data.assembly import BatchAssembler, ValSet
-from trainer.data.device import HostBatch
+from trainer.data.assembly import ValSet
+from trainer.data.batches import TrainBatches, source_rows_before, stream_tensors
 from trainer.data.orders import Cursor, OrderBook, OrderSettings
 from trainer.data.pinning import MetaPins
 from trainer.data.receiver import Receiver
@@ -50,43 +47,7 @@ from trainer.logs import LIMITED_AT_SOURCE
 log = logging.getLogger("trainer.data.consumer")
 
 POLL_SECONDS = 0.1  # the receive thread wakes this often to notice close() and starvation
-# Batch statistics are for people and dashboards: computed for every batch while batches come
-# slower than this, else for the first batch after each such interval (bounded cost at any rate).
-STATS_EVERY_S = 0.05
 META_MISMATCH = "meta_mismatch"  # the consumer's own rejection reason, next to shared.wire.REASONS
-VALID_LEN = "valid_len"  # the assembler's name for the decoder's per-row valid_len
-
-
-@dataclass
-class ReadyBatch:
-    host: HostBatch  # see trainer.data.device.host_tensor
-    stats: BatchStats | None  # None when skipped (see STATS_EVERY_S)
-    ratio_counts: np.ndarray
-    new_messages: list[tuple[str, Any]]  # per message starting in this batch: (producer id, its frames when recording, else None)
-    cursor: Cursor  # where the schedule stands once the training loop has this batch
-    source_rows: np.ndarray | None = None  # rows per source index (len(meta.sources),) of a mixture's batch
-
-
-def stream_tensors(meta: StreamMeta) -> tuple[str, ...]:
-    """The tensor names of every batch of a stream (sorted): ``stage`` only with stages, ``source``
-    only for a mixture."""
-    names = ["attention_mask", "mask_ratio", "x", "y"]
-    if meta.corruption.carries_stage:
-        names.append("stage")
-    if meta.sources:
-        names.append("source")
-    return tuple(sorted(names))
-
-
-def source_rows_before(meta: StreamMeta, cursor: Cursor, rank: int, world: int) -> np.ndarray:
-    """Rows per source (len(meta.sources),) that this rank counts as taken before ``cursor`` (a
-    resumed run), from the mixture's row -> source assignment: rank 0 the whole messages before
-    every rank's cursor, each rank the rows it used of its next message; summed over the ranks,
-    the rows the run had taken."""
-    mixture, rows = meta.mixture, meta.rows_per_message
-    start = (rank + cursor.position * world) * rows
-    counts = np.bincount(mixture.assign(start, start + cursor.rows_used)[0], minlength=len(meta.sources))
-    return counts + (mixture.counts_before(cursor.position * world * rows) if rank == 0 else 0)
 
 
 class Intake:
@@ -124,11 +85,8 @@ class Intake:
         self._queue = ready_queue
         self._to_host = to_host
         self._record = record
-        self._ready: collections.deque[ReadyBatch] = collections.deque()  # assembled, waiting for queue space
-        self._assembler: BatchAssembler | None = None
-        self._stats_at = float("-inf")  # when batch statistics were last computed
+        self.batches: TrainBatches | None = None  # made when the stream is pinned
         self._seek: Cursor | None = None  # asked for by the training thread, applied by this one
-        self._rows_handed = 0  # train rows assembled since the start cursor (its rows included)
         self._refused_at: dict[bytes, float] = {}
 
     @property
@@ -182,10 +140,10 @@ class Intake:
         if self._seek is not None and not book.train_started:
             with self.ledger.lock:
                 book.start_train(self._seek)
-                self._rows_handed = self._seek.position * book.rows_per_message + self._seek.rows_used
+                self.batches.start(self._seek)
             if self.meta.sources:
                 with self.ledger.lock:
-                    self._count_source_rows(source_rows_before(self.meta, self._seek, self.rank, self.world))
+                    self.ledger.add_source_rows(self.meta, source_rows_before(self.meta, self._seek, self.rank, self.world))
         now = time.monotonic()
         with self.ledger.lock:
             orders = book.expire(now) + book.issue(now)
@@ -197,15 +155,16 @@ class Intake:
         for room. A full queue is waited on for up to :data:`POLL_SECONDS` (the training thread's
         ``get`` wakes the wait at once), then the loop goes on reading the socket."""
         while True:
-            if not self._ready:
+            ready = self.batches.ready if self.batches is not None else None
+            if not ready:
                 self._drain()
-                if not self._ready:
+                if not ready:
                     return False
             try:
-                self._queue.put(self._ready[0], timeout=POLL_SECONDS)
+                self._queue.put(ready[0], timeout=POLL_SECONDS)
             except queue.Full:
                 return True
-            self._ready.popleft()
+            ready.popleft()
 
     def _check_starved(self) -> None:
         ledger = self.ledger
@@ -301,12 +260,8 @@ class Intake:
 
     def _pin(self, message: WireMessage | MetaMessage) -> None:
         meta = message.meta
-        names = stream_tensors(meta)
-        dtypes = tensor_dtypes(meta)
-        templates = {name: np.empty((1, meta.block_size) if name in ("x", "y", "attention_mask") else (1,), dtypes[name])
-                     for name in names}
-        self._assembler = BatchAssembler(self.batch_size, {**templates, VALID_LEN: np.empty(1, np.int64)})
-        self.val = ValSet(meta.val_messages, names)
+        self.batches = TrainBatches(meta, self.batch_size, self._to_host, self._record is not None, self.world)
+        self.val = ValSet(meta.val_messages, stream_tensors(meta))
         with self.ledger.lock:
             self.book = OrderBook(self.order_settings, meta.rows_per_message, meta.val_messages, self.rank, self.world)
         self.pins.pin(meta)
@@ -333,49 +288,10 @@ class Intake:
         """Hands train messages to the assembler in k order while the head has arrived and the
         assembled batches have room."""
         book = self.book
-        while book is not None and not self._ready:
+        while book is not None and not self.batches.ready:
             with self.ledger.lock:
                 message = book.pop_head()
                 if message is None:
                     return
                 skip, book.skip_rows = book.skip_rows, 0
-            self._assemble(message, skip)
-
-    def _assemble(self, message: WireMessage, skip: int) -> None:
-        tag = (message.producer_id, message.frames if self._record is not None else None)
-        arrays = {**message.tensors, VALID_LEN: message.valid_len}
-        if skip:
-            arrays = {name: array[skip:] for name, array in arrays.items()}
-        vocab_size = self.meta.vocab_size
-        rows_per_message = self.meta.rows_per_message
-        for batch, tags in self._assembler.add(arrays, tag):
-            valid_len = batch.pop(VALID_LEN)
-            now = time.monotonic()
-            stats = None
-            if now - self._stats_at >= STATS_EVERY_S:
-                self._stats_at = now
-                stats = batch_statistics(batch["x"], batch["y"], valid_len, batch["mask_ratio"],
-                                         self.meta.mask_id, self.meta.ignore_index)
-            self._rows_handed += self.batch_size
-            position, rows_used = divmod(self._rows_handed, rows_per_message)
-            source_rows = np.bincount(batch["source"], minlength=len(self.meta.sources)) if "source" in batch else None
-            self._ready.append(ReadyBatch(host={name: self._to_host(array, vocab_size) for name, array in batch.items()},
-                                          stats=stats, ratio_counts=mask_ratio_counts(batch["mask_ratio"]), new_messages=tags,
-                                          cursor=Cursor(position, rows_used, self.world), source_rows=source_rows))
-
-    def count_consumed(self, new_messages: list[tuple[str, Any]], cursor: Cursor, source_rows: np.ndarray | None = None) -> None:
-        """A batch starting these messages, ending at ``cursor``, with ``source_rows`` rows of each
-        source of a mixture, was handed to the training loop."""
-        with self.ledger.lock:
-            if source_rows is not None:
-                self._count_source_rows(source_rows)
-            self.ledger.cursor = cursor
-            self.ledger.consumed_messages += len(new_messages)
-            for producer_id, _ in new_messages:
-                self.ledger.table.count_consumed(producer_id)
-            self.ledger.consumed_batches += 1
-
-    def _count_source_rows(self, source_rows: np.ndarray) -> None:
-        """Adds rows per source index to the ledger's rows by source name; call under the ledger's lock."""
-        for source, rows in zip(self.meta.sources, source_rows.tolist()):
-            self.ledger.rows_by_source[source.name] += rows
+            self.batches.add(message, skip)

@@ -18,9 +18,9 @@ from shared.recording import RecordingReader
 from shared.wire import encode
 from trainer.data.accounting import ProducerTable
 from trainer.data.assembly import BatchAssembler
+from trainer.data.batches import source_rows_before
 from trainer.data.consumer import DatasetConsumer
 from trainer.data.device import WIDE_DTYPES, host_tensor, to_device
-from trainer.data.intake import source_rows_before
 from trainer.data.orders import Cursor, OrderSettings
 
 from helpers import wait_until
@@ -322,7 +322,7 @@ def test_handed_out_tensors_are_writable_copies_not_views_of_the_frames(context)
 
 @pytest.mark.parametrize("every_s,batches_with_stats", [(0.0, "all"), (3600.0, "first")])
 def test_batch_statistics_are_computed_per_interval_and_the_histogram_sees_every_row(context, monkeypatch, every_s, batches_with_stats):
-    monkeypatch.setattr("trainer.data.intake.STATS_EVERY_S", every_s)
+    monkeypatch.setattr("trainer.data.batches.STATS_EVERY_S", every_s)
     meta = make_meta(block_size=32, rows_per_message=4, val_messages=0)
     rng = np.random.default_rng(13)
     messages = [make_tensors(meta, 4, rng) for _ in range(6)]
