@@ -244,17 +244,7 @@ class StreamMeta:
     def digest(self) -> str:
         """Stable hash: first 16 hex digits of SHA-256 over the canonical JSON of the meta
         (:meth:`to_dict`), the counts written in chunks so that no list of V0 ints is made."""
-        data = {**self.to_wire(), "token_counts": []}
-        if self.sources:
-            data["sources"] = [{**source.to_wire(), "token_counts": []} for source in self.sources]
-        # The key appears once per counts array, in the order of the text ("sources" sorts before
-        # "token_counts"), and never inside a string: there a quote would be escaped (\").
-        pieces = canonical_json(data).split('"token_counts":[]')
-        sha = hashlib.sha256(pieces[0].encode())
-        for counts, piece in zip([*(source.counts for source in self.sources), self.counts], pieces[1:]):
-            _hash_counts(sha, counts)
-            sha.update(piece.encode())
-        return short_hex(sha)
+        return _digest(self)
 
     @cached_property
     def mixture(self) -> Mixture | None:
@@ -288,6 +278,21 @@ class StreamMeta:
             if f.name != "sources" and getattr(self, f.name) != getattr(other, f.name)
         ]
         return _sources_differences(self.sources, other.sources) + found
+
+
+def _digest(meta: StreamMeta) -> str:
+    """:attr:`StreamMeta.digest` of ``meta``."""
+    data = {**meta.to_wire(), "token_counts": []}
+    if meta.sources:
+        data["sources"] = [{**source.to_wire(), "token_counts": []} for source in meta.sources]
+    # The key appears once per counts array, in the order of the text ("sources" sorts before
+    # "token_counts"), and never inside a string: there a quote would be escaped (\").
+    pieces = canonical_json(data).split('"token_counts":[]')
+    sha = hashlib.sha256(pieces[0].encode())
+    for counts, piece in zip([*(source.counts for source in meta.sources), meta.counts], pieces[1:]):
+        _hash_counts(sha, counts)
+        sha.update(piece.encode())
+    return short_hex(sha)
 
 
 # tokenizer_digest -> V0 of the hf tokenizers that loaded: a meta repeating one is not loaded again.

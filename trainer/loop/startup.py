@@ -1,4 +1,5 @@
-"""Start-up: waiting for the stream, building or resuming the model, the checkpoint it resumes from."""
+"""Start-up: waiting for the stream and its val set, building or resuming the model, the checkpoint it
+resumes from, and where the data resumes."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from typing import Any
 import torch
 
 from shared.meta import StreamMeta
+from trainer.data.orders import Cursor
+from trainer.data.source import Batch, BatchSource
 from trainer.loop.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint
 from trainer.loop.config import TrainConfig
 from trainer.loop.observers import METRICS_NAME
@@ -35,6 +38,48 @@ def wait_for(what: str, wait: Callable[[float], Any], timeout: float | None, why
             raise TimeoutError(f"no {what} arrived within {timeout:.0f} s (--wait-timeout): {why()}")
         left = "" if deadline is None else f"; giving up in {deadline - time.monotonic():.0f} s (--wait-timeout)"
         log.info("waiting for the %s: %s%s", what, why(), left)
+
+
+def wait_for_stream(source: BatchSource, timeout: float | None) -> StreamMeta:
+    """The stream meta of ``source``, waited for as :func:`wait_for` says."""
+    def meta_within(seconds: float) -> StreamMeta | None:
+        try:
+            return source.wait_for_meta(seconds)
+        except TimeoutError:
+            return None
+
+    def why() -> str:
+        return (f"no producer has announced a stream on {getattr(source, 'endpoint', 'the endpoint')} yet (start one: "
+                f"python -m producer run --connect tcp://HOST:PORT; one of another stream is refused and named in this log)")
+
+    return wait_for("stream meta", meta_within, timeout, why)
+
+
+def wait_for_val_batches(source: BatchSource, timeout: float | None, limit: int | None) -> list[Batch]:
+    """The first ``limit`` batches (None: all) of the fixed val set, waited for as :func:`wait_for`
+    says; ValueError when the set is empty."""
+    def why() -> str:
+        stats = source.stats()
+        return (f"{stats.val_messages_seen} of {stats.val_messages_total} val messages so far; the trainer orders them from "
+                f"its producers ({len(stats.producers)} seen): a live producer sends them at once, a replay only if its "
+                f"recording holds them (python -m producer record writes them; an old recording may not)")
+
+    wait_for("val set", lambda seconds: source.wait_for_val_set(seconds) or None, timeout, why)
+    batches = source.val_batches()[:limit]
+    if not batches:
+        raise ValueError("the stream's val set is empty: nothing to evaluate or self-test on")
+    return batches
+
+
+def seek_data(source: BatchSource, checkpoint: Checkpoint | None, rank: int, world: int) -> None:
+    """Starts ``source``'s train schedule where ``checkpoint`` left it (its cursor), or at the start."""
+    cursor = checkpoint.cursor if checkpoint is not None else None
+    if cursor is None and checkpoint is not None:
+        log.warning("the checkpoint holds no data cursor (written before the schedule existed): the data starts over")
+    source.seek(cursor or Cursor(world=world))
+    if cursor is not None:
+        log.info("data resumes at train message k=%d (%d rows of it used), the cursor of step %d",
+                 rank + cursor.position * cursor.world, cursor.rows_used, checkpoint.step)
 
 
 def earlier_run(out_dir: str) -> str | None:

@@ -31,7 +31,6 @@ from typing import Any
 import torch
 
 from shared.meta import StreamMeta
-from trainer.data.orders import Cursor
 from trainer.data.source import Batch, BatchSource
 from trainer.fds import out_of_descriptors
 from trainer.loop.checkpoint import CHECKPOINT_NAME, Checkpoint, CheckpointWriteError, rng_state, save_checkpoint, set_rng_state
@@ -42,8 +41,15 @@ from trainer.loop.live_samples import LiveSampler
 from trainer.loop.numbers import EvalNumbers, RunStart, RunSummary, StepNumbers
 from trainer.loop.observers import METRICS_NAME, ConsoleLog, MetricsFile, Observer
 from trainer.loop.schedule import learning_rate, make_optimizer, resolve_device
-from trainer.loop.startup import check_nothing_to_overwrite, checkpoint_to_resume, model_config_for, wait_for
-from trainer.loop.stopping import STOP_CHECKPOINT_S, STOP_POLL_S, StopSignals, deadline
+from trainer.loop.startup import (
+    check_nothing_to_overwrite,
+    checkpoint_to_resume,
+    model_config_for,
+    seek_data,
+    wait_for_stream,
+    wait_for_val_batches,
+)
+from trainer.loop.stopping import StopSignals, checkpoint_on_stop, next_train_batch
 from trainer.model.evaluation import EvalResult, evaluate
 from trainer.model.losses import supervised_loss
 from trainer.model.selftest import mask_self_test
@@ -101,7 +107,7 @@ class Trainer:
         check_nothing_to_overwrite(config)
         os.makedirs(config.out_dir, exist_ok=True)
         torch.manual_seed(config.seed)
-        self.meta = wait_for("stream meta", self._meta_within, wait_timeout, self._why_no_meta)
+        self.meta = wait_for_stream(self.consumer, wait_timeout)
         log.info("stream: vocab_size %d, block_size %d, packing %s, corruption %s, corpus %s", self.meta.vocab_size,
                  self.meta.block_size, self.meta.packing, self.meta.corruption.json_text, self.meta.corpus_fingerprint)
         checkpoint = checkpoint_to_resume(config, self.checkpoint_path, self.device)
@@ -115,19 +121,10 @@ class Trainer:
             set_rng_state(checkpoint.rng)
             self._resumed = True
             log.info("resumed from %s at step %d", self.checkpoint_path, self.step)
-        cursor = checkpoint.cursor if checkpoint is not None else None
-        if cursor is None and checkpoint is not None:
-            log.warning("the checkpoint holds no data cursor (written before the schedule existed): the data starts over")
-        self.consumer.seek(cursor or Cursor(world=self.ranks.world_size))
-        if cursor is not None:
-            log.info("data resumes at train message k=%d (%d rows of it used), the cursor of step %d",
-                     self.ranks.rank + cursor.position * cursor.world, cursor.rows_used, self.step)
+        seek_data(self.consumer, checkpoint, self.ranks.rank, self.ranks.world_size)
         log.info("model: %s, %.2fM parameters, device %s", self.model_config.to_dict(), self.model.num_parameters() / 1e6,
                  self.device)
-        wait_for("val set", lambda seconds: self.consumer.wait_for_val_set(seconds) or None, wait_timeout, self._why_no_val_set)
-        self.val_batches = self.consumer.val_batches()[: config.eval_batches or None]
-        if not self.val_batches:
-            raise ValueError("the stream's val set is empty: nothing to evaluate or self-test on")
+        self.val_batches = wait_for_val_batches(self.consumer, wait_timeout, config.eval_batches or None)
         lengths = torch.cat([batch["attention_mask"].sum(dim=1) for batch in self.val_batches])
         self.typical_length = int(lengths.float().median())  # what trainer.sample writes by default
         if config.eval_samples:
@@ -135,22 +132,6 @@ class Trainer:
                                         config.eval_sample_budget)
         self.self_test = mask_self_test(self.model, self._to_device(self.val_batches[0]), self.meta)
         log.info("mask self-test passed: %s", json.dumps(self.self_test))
-
-    def _why_no_meta(self) -> str:
-        return (f"no producer has announced a stream on {getattr(self.consumer, 'endpoint', 'the endpoint')} yet (start one: "
-                f"python -m producer run --connect tcp://HOST:PORT; one of another stream is refused and named in this log)")
-
-    def _why_no_val_set(self) -> str:
-        stats = self.consumer.stats()
-        return (f"{stats.val_messages_seen} of {stats.val_messages_total} val messages so far; the trainer orders them from "
-                f"its producers ({len(stats.producers)} seen): a live producer sends them at once, a replay only if its "
-                f"recording holds them (python -m producer record writes them; an old recording may not)")
-
-    def _meta_within(self, seconds: float) -> StreamMeta | None:
-        try:
-            return self.consumer.wait_for_meta(seconds)
-        except TimeoutError:
-            return None
 
     # ---- evaluation and checkpoints ----------------------------------------------------
 
@@ -194,23 +175,6 @@ class Trainer:
                 raise
             log.warning("checkpoint of step %d skipped, training goes on (the next evaluation writes one): %s", self.step, error)
 
-    def _checkpoint_on_stop(self, stopped_by: str) -> None:
-        """On the way out after a signal: a checkpoint of the step reached, unless the one on disk
-        holds it already; bounded by STOP_CHECKPOINT_S seconds, and a second signal abandons it
-        (then the previous checkpoint stands, whole)."""
-        if self.step == self._saved_step:
-            return
-        started = time.perf_counter()
-        try:
-            with deadline(STOP_CHECKPOINT_S):
-                self._write_checkpoint()
-        except (CheckpointWriteError, TimeoutError, KeyboardInterrupt, SystemExit) as error:
-            log.warning("%s at step %d: its checkpoint was not written (%s: %s); the one of step %d stands", stopped_by,
-                        self.step, type(error).__name__, error, self._saved_step)
-            return
-        log.info("%s at step %d: checkpoint written to %s in %.2f s", stopped_by, self.step, self.checkpoint_path,
-                 time.perf_counter() - started)
-
     def _write_checkpoint(self) -> None:
         save_checkpoint(self.checkpoint_path, Checkpoint(
             model=self.model.state_dict(), optimizer=self.optimizer.state_dict(), step=self.step,
@@ -235,24 +199,6 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return loss.detach(), grad_norm
 
-    def _next_batch(self) -> Batch:
-        """The source's next train batch; TimeoutError after ``data_timeout`` seconds without one.
-        Waits in pieces of STOP_POLL_S seconds, acting on a stop signal between them."""
-        timeout = self.config.data_timeout
-        deadline_at = None if timeout is None else time.monotonic() + timeout
-        while True:
-            self._stop.check()
-            wait = STOP_POLL_S if deadline_at is None else max(0.0, min(STOP_POLL_S, deadline_at - time.monotonic()))
-            try:
-                return self.consumer.next_batch("train", timeout=wait)
-            except TimeoutError as error:
-                if deadline_at is not None and time.monotonic() >= deadline_at:
-                    raise TimeoutError(
-                        f"rank {self.ranks.rank}: no train batch for {timeout:.0f} s (--data-timeout) "
-                        f"on {getattr(self.consumer, 'endpoint', 'the stream')}: its producers stopped or never connected; "
-                        f"stopping at step {self.step}"
-                    ) from error
-
     def _one_step(self, forward: Any) -> StepNumbers:
         """Trains one step; its numbers, with the log-step numbers when this is a log step."""
         config = self.config
@@ -260,7 +206,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         step_start = time.perf_counter()
-        batch = self._next_batch()
+        batch = next_train_batch(self.consumer, self._stop, self.config.data_timeout, self.ranks.rank, self.step)
         data_wait = time.perf_counter() - step_start
         loss, grad_norm = self._train_step(forward, self._to_device(batch))
         self.step += 1
@@ -308,8 +254,8 @@ class Trainer:
             # The handlers are back: a second signal abandons the checkpoint. No collectives here
             # (stream_stats uses the last gathered numbers): under DDP the other ranks may be gone already.
             stopped_by = type(interruption).__name__
-            if ranks.is_main:
-                self._checkpoint_on_stop(stopped_by)
+            if ranks.is_main and self.step != self._saved_step:  # else the checkpoint on disk holds this step
+                checkpoint_on_stop(self._write_checkpoint, stopped_by, self.step, self._saved_step, self.checkpoint_path)
             summary = self._summary(started, stopped_by=stopped_by)
             for observer in observers:
                 observer.on_end(summary)
@@ -322,7 +268,7 @@ class Trainer:
         return summary
 
     def _loop(self, forward: Any, observers: list[Observer]) -> None:
-        """The steps up to ``max_iters``; a stop signal acts where a step waits for its batch (:meth:`_next_batch`)."""
+        """The steps up to ``max_iters``; a stop signal acts where a step waits for its batch (``next_train_batch``)."""
         ranks = self.ranks
         while self.step < self.config.max_iters:
             numbers = self._one_step(forward)
