@@ -30,7 +30,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from trainer.api import HF_IGNORE_INDEX, Stream, StreamInfo  # noqa: E402
-from trainer.processes import Child, python_module, stop_all  # noqa: E402
+from trainer.runtime.processes import Child, python_module, stop_all  # noqa: E402
 
 MODEL_INPUTS = ("input_ids", "labels", "attention_mask")
 

@@ -35,13 +35,11 @@ import zmq
 from shared import settings
 from shared.curve import CurveKeyError, CurveServer
 from shared.recording import RecordingError
-from trainer import logs
 from trainer.data.config import DEFAULT_WAIT_TIMEOUT_S, StreamSettings
 from trainer.data.consumer import DatasetConsumer
 from trainer.data.orders import OrderSettings
 from trainer.diagnostics.config import DiagnosticsSettings
 from trainer.diagnostics.http import serve_diagnostics
-from trainer.fds import raise_open_file_limit
 from trainer.loop.checkpoint import CheckpointWriteError
 from trainer.loop.config import TrainConfig
 from trainer.loop.distributed import DEFAULT_DDP_DATA_TIMEOUT_S, init_distributed, rank_endpoint, rank_path
@@ -49,7 +47,9 @@ from trainer.loop.schedule import resolve_device
 from trainer.loop.train import Trainer, log
 from trainer.model.selftest import MaskSelfTestError
 from trainer.model.transformer import ModelConfig
-from trainer.run_lock import lock_run_folder
+from trainer.runtime import logs
+from trainer.runtime.fds import raise_open_file_limit
+from trainer.runtime.run_lock import lock_run_folder
 
 SETTINGS = ((StreamSettings, "stream"), (OrderSettings, "schedule"), (TrainConfig, "training loop"), (ModelConfig, "model"),
             (DiagnosticsSettings, "diagnostics"))

@@ -58,7 +58,7 @@ from trainer.diagnostics.floor import context_free_floor
 from trainer.loop.config import TrainConfig
 from trainer.loop.startup import earlier_run
 from trainer.model.transformer import ModelConfig
-from trainer.processes import Child, python_module, stop_all
+from trainer.runtime.processes import Child, python_module, stop_all
 
 ARMS = ("fixed", "lines")  # the baseline first
 COMMON_NAME = "common_val.lps"

@@ -17,8 +17,8 @@ which. A ``--out-dir`` that holds a run is continued with ``--resume`` and refus
 (the trainer exits 2, nothing written).
 
 Every child's output is relayed here line by line with a ``[name]`` prefix
-(:mod:`trainer.processes`), and a child that exits is reported, never restarted. Ctrl-C or
-SIGTERM stops the stack (:func:`trainer.processes.stop_all`). The stack ends when the trainer
+(:mod:`trainer.runtime.processes`), and a child that exits is reported, never restarted. Ctrl-C or
+SIGTERM stops the stack (:func:`trainer.runtime.processes.stop_all`). The stack ends when the trainer
 ends, with the trainer's exit code (128 + the signal's number after a signal). Producers and
 trainer run with their own defaults (``--corpus`` / ``--mixture`` and ``--max-iters`` are theirs, passed on).
 
@@ -42,7 +42,7 @@ from shared.data_config import DataConfig
 from shared.settings import setting
 from trainer.loop.config import TrainConfig
 from trainer.loop.startup import earlier_run
-from trainer.processes import Child, exit_description, python_module, say, stop_all
+from trainer.runtime.processes import Child, exit_description, python_module, say, stop_all
 
 POLL_INTERVAL_S = 0.5
 DEFAULT_OUT_DIR = os.path.join("runs", "stack")

@@ -42,7 +42,7 @@ from trainer.data.orders import Cursor, OrderBook, OrderSettings
 from trainer.data.pinning import MetaPins
 from trainer.data.receiver import Receiver
 from trainer.data.stats import StreamStats
-from trainer.logs import LIMITED_AT_SOURCE
+from trainer.runtime.logs import LIMITED_AT_SOURCE
 
 log = logging.getLogger("trainer.data.consumer")
 

@@ -18,7 +18,7 @@ pickled classes), so it loads with ``weights_only=True``:
     digest        SHA-256 of everything above (:func:`state_digest`), checked on load: a changed
                   byte anywhere in a tensor or a value makes the checkpoint unusable, not silently wrong
 
-A write that fails for lack of file descriptors is retried with the reserved ones (``trainer.fds``);
+A write that fails for lack of file descriptors is retried with the reserved ones (``trainer.runtime.fds``);
 the training loop skips a checkpoint that still cannot be written (the next evaluation writes one).
 """
 
@@ -35,10 +35,10 @@ import torch
 
 from shared.meta import StreamMeta
 from trainer.data.orders import Cursor
-from trainer.fds import retry_out_of_descriptors
 from trainer.model import exported
 from trainer.model.exported import TrainedModel
 from trainer.model.transformer import BidirectionalTransformer, ModelConfig
+from trainer.runtime.fds import retry_out_of_descriptors
 
 CHECKPOINT_NAME = "ckpt.pt"
 

@@ -6,7 +6,7 @@ lands (inside an optimizer update, or inside the consumer while it hands over a 
 :data:`STOP_POLL_S` seconds while it waits for data (:func:`next_train_batch`). So the checkpoint written on the way out
 holds whole steps: the model, the optimizer, the step count and the data consumed agree.
 :func:`checkpoint_on_stop` writes it, :func:`deadline` bounding it in time: it must land before a launcher's SIGKILL
-(``trainer.processes.STOP_TIMEOUT_S``, 5 s after its SIGTERM); a write cut short leaves the
+(``trainer.runtime.processes.STOP_TIMEOUT_S``, 5 s after its SIGTERM); a write cut short leaves the
 previous checkpoint as it was (the write is atomic).
 """
 

@@ -32,7 +32,6 @@ import torch
 
 from shared.meta import StreamMeta
 from trainer.data.source import Batch, BatchSource
-from trainer.fds import out_of_descriptors
 from trainer.loop.checkpoint import CHECKPOINT_NAME, Checkpoint, CheckpointWriteError, rng_state, save_checkpoint, set_rng_state
 from trainer.loop.config import TrainConfig
 from trainer.loop.distributed import Ranks, parameter_digest
@@ -54,6 +53,7 @@ from trainer.model.evaluation import EvalResult, evaluate
 from trainer.model.losses import supervised_loss
 from trainer.model.selftest import mask_self_test
 from trainer.model.transformer import BidirectionalTransformer, ModelConfig
+from trainer.runtime.fds import out_of_descriptors
 
 log = logging.getLogger("trainer")
 

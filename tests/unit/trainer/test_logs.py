@@ -1,4 +1,4 @@
-"""The trainer's log (trainer.logs): repeated warnings are limited, the run's own lines never."""
+"""The trainer's log (trainer.runtime.logs): repeated warnings are limited, the run's own lines never."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ import logging
 
 import pytest
 
-from trainer import logs
 from trainer.loop.numbers import EvalNumbers, StepNumbers
 from trainer.loop.observers import ConsoleLog
+from trainer.runtime import logs
 
 
 @pytest.fixture
 def configured_log(monkeypatch):
-    """What trainer.logs.configure() writes to stdout; the root logger's handlers restored afterwards."""
+    """What trainer.runtime.logs.configure() writes to stdout; the root logger's handlers restored afterwards."""
     out = io.StringIO()
     monkeypatch.setattr("sys.stdout", out)
     root = logging.getLogger()
