@@ -562,8 +562,10 @@ def check_values(tensors: Mapping[str, np.ndarray], meta: StreamMeta, split: str
         raise WireError("value_range", "mask_ratio must be finite and within [0, 1]")
     valid_len = _check_layout(x, y, mask, labelled, meta)
     _check_mask_ratio(ratio, labelled, valid_len, meta)
-    _check_stage(tensors.get("stage"), meta, split)
-    _check_source(tensors.get("source"), meta)
+    _check_row_index("stage", tensors.get("stage"), meta.corruption.policy.stage_count(split), "a stages stream",
+                     f"{split} stages")
+    _check_row_index("source", tensors.get("source"), len(meta.sources), "a mixture (a meta with sources)",
+                     "sources of the mixture")
     return valid_len
 
 
@@ -613,25 +615,14 @@ def _check_mask_ratio(ratio: np.ndarray, labelled: np.ndarray, valid_len: np.nda
         raise WireError("value_range", "mask_ratio is not supervised / candidates in every row")
 
 
-def _check_stage(stage: np.ndarray | None, meta: StreamMeta, split: str) -> None:
-    policy = meta.corruption.policy
-    if not policy.carries_stage:
-        if stage is not None:
-            raise WireError("tensor_list", "only a stages stream carries the stage tensor")
+def _check_row_index(name: str, values: np.ndarray | None, count: int, owner: str, things: str) -> None:
+    """An optional per-row index tensor (``stage``, ``source``): present exactly when ``count``
+    > 0 (``owner`` names the streams that carry it), every value below ``count`` ``things``."""
+    if not count:
+        if values is not None:
+            raise WireError("tensor_list", f"only {owner} carries the {name} tensor")
         return
-    if stage is None:
-        raise WireError("tensor_list", "a stages stream carries the stage tensor")
-    stages = policy.stage_count(split)
-    if int(stage.max()) >= stages:
-        raise WireError("value_range", f"stage {int(stage.max())} is outside the {stages} {split} stages")
-
-
-def _check_source(source: np.ndarray | None, meta: StreamMeta) -> None:
-    if not meta.sources:
-        if source is not None:
-            raise WireError("tensor_list", "only a mixture (a meta with sources) carries the source tensor")
-        return
-    if source is None:
-        raise WireError("tensor_list", "a mixture's messages carry the source tensor")
-    if int(source.max()) >= len(meta.sources):
-        raise WireError("value_range", f"source {int(source.max())} is outside the mixture's {len(meta.sources)} sources")
+    if values is None:
+        raise WireError("tensor_list", f"{owner} carries the {name} tensor")
+    if int(values.max()) >= count:
+        raise WireError("value_range", f"{name} {int(values.max())} is outside the {count} {things}")
