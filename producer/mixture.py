@@ -26,16 +26,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from producer.corpus import read_text, tokenize
+from producer.formats import COMPRESSIONS, FORMATS
 from producer.lines import CorpusError, TokenCorpus
 from producer.prepared import is_prepared, open_prepared
 from shared.data_config import DataConfig
 from shared.mixture import SOURCE_NAME
-from shared.tokenizer import CharTokenizer, Tokenizer, load_tokenizer
+from shared.tokenizer import Tokenizer, load_tokenizer
+from shared.vocab import VocabularyError
 
 NAME_PREFIX = re.compile(r"([a-z0-9_-]{1,32})=(.+)", re.DOTALL)
 WEIGHT_SUFFIX = re.compile(r"(.+):((?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?)", re.DOTALL)
 SOURCE_KEYS = {"name", "path", "weight", "max_epochs"}
-TEXT_SUFFIXES = (".gz", ".txt", ".jsonl")
+TEXT_SUFFIXES = (*FORMATS, *COMPRESSIONS)  # what default_name strips
 
 
 @dataclass(frozen=True)
@@ -124,10 +126,11 @@ def load_sources(specs: list[SourceSpec], config: DataConfig) -> list[TokenCorpu
     tokenizer: str | Tokenizer | None = config.tokenizer
     if tokenizer is None:
         tokenizer = next(iter(prepared.values())).tokenizer if prepared else "char"
-    if tokenizer == "char":
-        tokenizer = CharTokenizer.from_text("".join(text.text for text in texts.values()))
-    elif isinstance(tokenizer, str):
-        tokenizer = load_tokenizer(tokenizer)
+    if isinstance(tokenizer, str):
+        try:
+            tokenizer = load_tokenizer(tokenizer, "".join(text.text for text in texts.values()))
+        except VocabularyError as error:
+            raise CorpusError(f"the mixture's tokenizer: {error}") from None
     corpora = [prepared[spec.name] if spec.name in prepared else tokenize(texts[spec.name], tokenizer, config.val_fraction)
                for spec in specs]
     first = corpora[0]

@@ -23,7 +23,7 @@ import numpy as np
 
 from shared.canonical import canonical_json
 from shared.corruption import Corruption, CorruptionError
-from shared.digest import short_hex
+from shared.digest import short_hex, short_sha256
 from shared.limits import COUNT_DTYPE, MAX_BLOCK_SIZE, MAX_ROWS_PER_MESSAGE, PACKINGS, SAMPLINGS
 from shared.mixture import Mixture, MixtureError, SourceInfo, SourceSummary, check_sources, source_differences
 from shared.tokenizer import TOKENIZER_KINDS, CharTokenizer, HFTokenizer, Tokenizer, sha256_hex, tokenizer_from_definition
@@ -375,7 +375,7 @@ def mixture_fingerprint(sources: tuple[SourceInfo, ...]) -> str:
     list of its sources' ``name``, ``weight``, ``corpus_fingerprint`` and ``max_epochs`` (in order)."""
     covered = [{"name": s.name, "weight": s.weight, "corpus_fingerprint": s.corpus_fingerprint, "max_epochs": s.max_epochs}
                for s in sources]
-    return sha256_hex(canonical_json(covered).encode())[:16]
+    return short_sha256(canonical_json(covered).encode())
 
 
 def mixed_counts(sources: tuple[SourceInfo, ...]) -> np.ndarray:

@@ -39,6 +39,7 @@ import numpy as np
 from shared.digest import short_sha256
 from shared.limits import MAX_PRODUCER_ID_CHARS
 from shared.meta import MetaError, StreamMeta, canonical_json
+from shared.mixture import SOURCE_DTYPE
 from shared.vocab import id_dtype, label_dtype
 
 PROTOCOL_MAGIC = "linepack"
@@ -88,7 +89,7 @@ REASONS = (
 def tensor_dtypes(meta: StreamMeta) -> dict[str, np.dtype]:
     """The wire dtype of each tensor of a stream: ids and labels as small as its vocabulary allows."""
     return {"x": id_dtype(meta.vocab_size), "y": label_dtype(meta.vocab_size), "attention_mask": np.dtype("u1"),
-            "mask_ratio": np.dtype("<f4"), "stage": np.dtype("u1"), "source": np.dtype("u1")}
+            "mask_ratio": np.dtype("<f4"), "stage": np.dtype("u1"), "source": SOURCE_DTYPE}
 
 
 def new_incarnation() -> str:

@@ -72,10 +72,10 @@ class StreamInfo:
 
 def hf_batch(batch: Batch, ignore_index: int) -> Batch:
     """``batch`` under Hugging Face's names: ``input_ids`` (x), ``labels`` (y with -100 where not
-    supervised), ``attention_mask``; ``mask_ratio`` and ``stage`` keep theirs."""
+    supervised), ``attention_mask``; every other tensor (``mask_ratio``, ``stage``, ``source``) keeps its name."""
     renamed = {"input_ids": batch["x"], "labels": batch["y"].masked_fill(batch["y"] == ignore_index, HF_IGNORE_INDEX),
                "attention_mask": batch["attention_mask"]}
-    return {**renamed, **{name: batch[name] for name in ("mask_ratio", "stage") if name in batch}}
+    return {**renamed, **{name: tensor for name, tensor in batch.items() if name not in ("x", "y", "attention_mask")}}
 
 
 class Stream:
