@@ -57,7 +57,12 @@ def consume_until(consumer, predicate, timeout=10.0):
 def test_several_producers_feed_one_consumer(producers, rows_per_message, batch_size):
     with DatasetConsumer("tcp://127.0.0.1:*", batch_size) as consumer:
         procs = [producers.start(consumer.endpoint, "--rows-per-message", rows_per_message) for _ in range(3)]
-        batches = consume_until(consumer, lambda: len(consumer.stats().to_dict()["producers"]) == 3)
+        # Every producer known and ordered train messages (the val set goes first, to whoever came first).
+        def all_three_sent_train():
+            rows = consumer.stats().to_dict()["producers"].values()
+            return len(rows) == 3 and all(row["train"] > 0 for row in rows)
+
+        batches = consume_until(consumer, all_three_sent_train, timeout=20.0)
         batches += [consumer.next_batch(timeout=10) for _ in range(10)]
         summaries = [producers.stop(proc) for proc in procs]
         stats = consumer.stats().to_dict()
