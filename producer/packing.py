@@ -25,7 +25,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from producer.lines import Lines
 
 GREEDY_CHUNK_LINES = 1 << 20
-LOOK_AHEAD_LINES = 64  # line starts read past a row's start before falling back to a binary search
+LENGTH_DTYPE = np.dtype("<u2")  # a row's content tokens: at most MAX_BLOCK_SIZE - 1
 
 
 @dataclass
@@ -82,50 +82,46 @@ class RowReader:
         return out
 
 
-class LinePacker:
-    """Line-aligned rows over ``lines`` (docs/SPEC.md §2.3)."""
+def content_ends(starts: np.ndarray, block_size: int, start_lines: np.ndarray) -> np.ndarray:
+    """Token offset (exclusive) of the content of the row that starts at each of ``start_lines``:
+    the end of its last complete line within ``block_size - 1`` tokens, or ``start + block_size - 1``
+    for an overlong first line. ``starts``: int64 (L + 1,) line starts, then the end."""
+    limit = starts[start_lines] + (block_size - 1)
+    last = np.searchsorted(starts, limit, side="right") - 1
+    return np.where(last > start_lines, starts[last], limit)
 
-    def __init__(self, lines: Lines, block_size: int, sep_id: int, pad_id: int) -> None:
+
+def length_pieces(lines: Lines, block_size: int) -> Iterator[np.ndarray]:
+    """The content tokens (before ``[SEP]``) of the row that starts at each line, uint16 (at most
+    ``MAX_BLOCK_SIZE - 1``), :data:`GREEDY_CHUNK_LINES` lines at a time (sorted searches: one pass)."""
+    for line in range(0, lines.n_lines, GREEDY_CHUNK_LINES):
+        chunk = np.arange(line, min(lines.n_lines, line + GREEDY_CHUNK_LINES), dtype=np.int64)
+        yield (content_ends(lines.starts, block_size, chunk) - lines.starts[chunk]).astype(LENGTH_DTYPE)
+
+
+class LinePacker:
+    """Line-aligned rows over ``lines`` (docs/SPEC.md §2.3).
+
+    ``lengths`` (uint16 (L,), indexable by an int64 array): the content tokens of the row that
+    starts at each line (:func:`length_pieces`), computed once, so that locating a row is two
+    reads instead of a binary search over every line start (whose probes wait on memory: a
+    quarter of a message's packing on a 25 MB corpus). None: computed here, in memory
+    (``producer.packs.row_lengths`` gives a large corpus's from a cache file instead).
+    """
+
+    def __init__(self, lines: Lines, block_size: int, sep_id: int, pad_id: int, lengths=None) -> None:
         self.lines = lines
         self.block_size = block_size
         self.sep_id = sep_id
         self.pad_id = pad_id
         # Whatever a row reads past the content (the cyclic wrap) is overwritten by [SEP]/[PAD].
         self.reader = RowReader(lines.tokens, block_size)
-        # The look-ahead pays only where a row mostly holds fewer lines than it reads: with
-        # shorter lines nearly every row searches anyway, and reading the look-ahead first only
-        # costs (a fifth of a 64-row pack at block 1024 with 10 tokens a line).
-        tokens_per_line = len(lines.tokens) / max(lines.n_lines, 1)
-        self.look_ahead = LOOK_AHEAD_LINES if tokens_per_line * LOOK_AHEAD_LINES >= block_size else 0
+        self.lengths = lengths if lengths is not None else np.concatenate(
+            [np.zeros(0, LENGTH_DTYPE), *length_pieces(lines, block_size)])
 
     def random_starts(self, rng: np.random.Generator, rows: int) -> np.ndarray:
         """``rows`` line indices drawn uniformly over the line starts."""
         return rng.integers(0, self.lines.n_lines, rows, dtype=np.int64)
-
-    def content_end(self, start_lines: np.ndarray, look_ahead: int | None = None) -> np.ndarray:
-        """Token offset (exclusive) of each row's content: the end of its last complete line
-        within ``block_size - 1`` tokens, or ``start + block_size - 1`` for an overlong first line.
-
-        The line starts are read ``look_ahead`` lines past each start (a few pages of a
-        memory-mapped corpus, next to the row's own); only a row that may hold more lines than
-        that binary-searches the whole offsets array, whose probes touch pages all over it.
-        ``look_ahead=0`` always searches (for many consecutive starts at once); None: the
-        packer's choice (:data:`LOOK_AHEAD_LINES`, or 0 for lines short enough that a row
-        mostly holds more)."""
-        look_ahead = self.look_ahead if look_ahead is None else look_ahead
-        starts = self.lines.starts
-        limit = starts[start_lines] + (self.block_size - 1)
-        if look_ahead:
-            ahead = start_lines[:, None] + np.arange(1, look_ahead + 1)
-            inside = ahead < len(starts)
-            window = starts[np.minimum(ahead, len(starts) - 1)]
-            fitting = ((window <= limit[:, None]) & inside).sum(axis=1)
-            last = start_lines + fitting
-            search = (fitting == look_ahead) & inside[:, -1]
-            last[search] = np.searchsorted(starts, limit[search], side="right") - 1
-        else:
-            last = np.searchsorted(starts, limit, side="right") - 1
-        return np.where(last > start_lines, starts[last], limit)
 
     def greedy_starts(self, max_rows: int | None = None) -> np.ndarray:
         """Start lines of the greedy packs in corpus order: each pack starts at the line after
@@ -149,7 +145,8 @@ class LinePacker:
         while line < n_lines:
             chunk = np.arange(line, min(n_lines, line + GREEDY_CHUNK_LINES), dtype=np.int64)
             # The next pack starts at the first line not wholly inside this one (an overlong line is consumed).
-            following = np.searchsorted(self.lines.starts, self.content_end(chunk, look_ahead=0), side="left").tolist()
+            ends = self.lines.starts[chunk] + self.lengths[chunk]
+            following = np.searchsorted(self.lines.starts, ends, side="left").tolist()
             end = int(chunk[-1]) + 1
             packs = []
             while line < end:
@@ -161,8 +158,7 @@ class LinePacker:
         """``(first, content_len)``, int64 (R,) each: the token offset of each row's first token
         and its tokens before ``[SEP]``."""
         self.lines.check()
-        first = self.lines.starts[start_lines]
-        return first, self.content_end(start_lines) - first
+        return self.lines.starts[start_lines], self.lengths[start_lines].astype(np.int64)
 
     def pack(self, start_lines: np.ndarray) -> Packed:
         first, content_len = self.locate(start_lines)

@@ -347,6 +347,7 @@ def open_prepared(path: str | os.PathLike, tokenizer: str | None = None, val_fra
         split_line=manifest["split"]["split_line"],
         train_counts=counts,
         release_pages=release_pages,
+        mapped_bytes=tokens.size + offsets.size,
         check_files=check_files,
     )
 

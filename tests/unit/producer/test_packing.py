@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from producer.lines import Lines
-from producer.packing import LOOK_AHEAD_LINES, FixedPacker, LinePacker, pack_pieces
+from producer.packing import FixedPacker, LinePacker, content_ends, pack_pieces
 
 NEWLINE, SEP, PAD = 0, 6, 7  # base ids 0..4 ([MASK] = 5 is unused by packing)
 
@@ -76,7 +76,7 @@ def test_greedy_packs_cover_every_line_exactly_once(case):
     packer = LinePacker(lines, block_size, SEP, PAD)
     starts = packer.greedy_starts()
     assert starts[0] == 0 and (np.diff(starts) > 0).all()
-    end = packer.content_end(starts)
+    end = content_ends(lines.starts, block_size, starts)
     first_line_end = lines.starts[starts + 1]
     # A pack ends where the next begins, or inside its own first (overlong, truncated) line.
     next_start = np.append(lines.starts[starts[1:]], len(lines.tokens))
@@ -113,16 +113,17 @@ def test_truncated_first_line_and_end_of_split():
 
 
 @settings(max_examples=200, deadline=None)
-@given(corpora(), st.integers(1, 8))
-def test_the_look_ahead_finds_the_same_row_ends_as_the_binary_search(case, look_ahead):
-    """A short look-ahead (most rows then fall back to the search) and the default one agree with
-    the binary search over all line starts, at every start line."""
+@given(corpora())
+def test_the_row_length_table_is_the_binary_search_at_every_start_line(case):
+    """Locating a row reads its length from the table (``LinePacker.lengths``); it is what a
+    binary search over all line starts finds, at every start line, in any piece size."""
     lines, block_size, _ = case
     packer = LinePacker(lines, block_size, SEP, PAD)
     every = np.arange(lines.n_lines, dtype=np.int64)
-    searched = packer.content_end(every, look_ahead=0)
-    assert np.array_equal(packer.content_end(every, look_ahead=look_ahead), searched)
-    assert np.array_equal(packer.content_end(every), searched)
+    ends = content_ends(lines.starts, block_size, every)
+    assert packer.lengths.dtype == np.uint16 and np.array_equal(packer.lengths, ends - lines.starts[:-1])
+    first, content_len = packer.locate(every)
+    assert np.array_equal(first + content_len, ends) and content_len.dtype == np.int64
 
 
 @settings(max_examples=100, deadline=None)
@@ -142,9 +143,3 @@ def test_rows_of_several_corpora_packed_at_once_are_each_corpus_own_rows_in_plac
         assert np.array_equal(packed.x[places], alone.x) and np.array_equal(packed.content_len[places], alone.content_len)
         assert np.array_equal(packed.attention_mask[places], alone.attention_mask)
     assert packed.x.dtype == np.uint16 and packed.attention_mask.dtype == np.uint8
-
-
-def test_the_look_ahead_is_read_only_where_rows_mostly_hold_fewer_lines():
-    lines = Lines(np.ones(1000, np.uint16), np.arange(0, 1001, 10))  # 10 tokens a line
-    assert LinePacker(lines, 10 * LOOK_AHEAD_LINES, SEP, PAD).look_ahead == LOOK_AHEAD_LINES
-    assert LinePacker(lines, 10 * LOOK_AHEAD_LINES + 1, SEP, PAD).look_ahead == 0

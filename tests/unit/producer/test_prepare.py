@@ -22,7 +22,7 @@ from producer import prepared
 from producer.corpus import Corpus, load_corpus, tokenize
 from producer.lines import CorpusError
 from producer.prepare import PrepareSettings, prepare
-from producer.source_rows import RELEASE_EVERY_ROWS
+from producer.source_rows import RELEASE_WINDOW_BYTES
 from shared.tokenizer import HFTokenizer
 
 from helpers import ROOT
@@ -367,9 +367,33 @@ def test_a_producer_on_a_prepared_corpus_stays_flat_while_it_reads_all_of_it(tmp
     done = subprocess.run([sys.executable, "-c", STREAM_PEAKS, str(tmp_path / "P")], cwd=ROOT, capture_output=True,
                           text=True, timeout=120, check=True)
     at_start, after_200, after_2000 = map(float, done.stdout.split())
-    window_mib = RELEASE_EVERY_ROWS * 96 / 1024  # what one release window may map: ~2 faults of <= 64 KB a row, and slack
+    window_mib = RELEASE_WINDOW_BYTES / 2**20
     assert after_2000 - at_start < min(window_mib, 0.6 * mapped_mib), (at_start, after_200, after_2000, mapped_mib)
 
+
+
+@pytest.mark.parametrize("sampling", ["random", "epoch"])
+def test_a_mapped_corpus_drops_its_pages_every_window_only_when_larger_than_the_window(tmp_path, monkeypatch, sampling):
+    """Releasing a corpus no larger than one release window would only cost the faults that map
+    it again: its resident pages cannot outgrow its files. A larger one (here: a window of 0
+    bytes) is released every RELEASE_EVERY_ROWS rows read."""
+    from producer import source_rows
+    from producer.stream import BatchStream
+    from shared.data_config import DataConfig
+
+    monkeypatch.setenv("LINEPACK_CACHE_DIR", str(tmp_path / "cache"))
+    prepare(options(write(tmp_path / "c.txt", "".join(f"line {i}\n" for i in range(3000))), tmp_path / "P"))
+    config = DataConfig(corpus=str(tmp_path / "P"), block_size=32, rows_per_message=128, sampling=sampling)
+    for window, releases in ((RELEASE_WINDOW_BYTES, 0), (0, 5)):
+        monkeypatch.setattr(source_rows, "RELEASE_WINDOW_BYTES", window)
+        stream = BatchStream(config)
+        rows = stream.sources[0]
+        released = []
+        monkeypatch.setattr(rows.corpus, "release_pages", lambda: released.append(True))
+        assert 0 < rows.corpus.mapped_bytes < RELEASE_WINDOW_BYTES
+        for k in range(20):  # 2,560 rows: 5 windows of 512
+            stream.train_message(k)
+        assert len(released) == releases, window
 
 # ---- issue 26: bounded lines, verification, races, orphans -----------------------------------
 

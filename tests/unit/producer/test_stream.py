@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from producer.corpus import Corpus, read_text
-from producer.packs import FixedPacks, MappedPacks
+from producer.packs import FixedPacks, MappedTable
 from producer.permutation import ROUNDS, KeyedPermutation
 from producer.stream import BatchStream
 from shared import settings
@@ -241,20 +241,30 @@ def test_random_rows_start_at_every_train_line_uniformly(corpus_path):
     assert chi2 < 270 + 6 * 23, chi2
 
 
-def test_a_large_corpus_maps_its_epoch_packs_from_a_shared_cache_file(corpus_path, tmp_path, monkeypatch):
+def test_a_large_corpus_maps_its_tables_from_shared_cache_files(corpus_path, tmp_path, monkeypatch):
+    """Above IN_MEMORY_PACKS_MAX_LINES lines the epoch packs and the row lengths of both splits are
+    cache files, memory-mapped, named by the corpus and its tokenizer: the same messages."""
     monkeypatch.setenv("LINEPACK_CACHE_DIR", str(tmp_path / "cache"))
-    in_memory = stream(corpus_path, sampling="epoch")
-    monkeypatch.setattr("producer.packs.IN_MEMORY_PACKS_MAX_LINES", 10)  # "large": above 10 train lines
+    in_memory, bytes_in_memory = stream(corpus_path, sampling="epoch"), stream(corpus_path, sampling="epoch", tokenizer="bytes")
+    monkeypatch.setattr("producer.packs.IN_MEMORY_PACKS_MAX_LINES", 10)  # "large": above 10 lines
     mapped = stream(corpus_path, sampling="epoch")
-    assert isinstance(mapped.sources[0].epoch_packs, MappedPacks) and isinstance(in_memory.sources[0].epoch_packs, np.ndarray)
-    np.testing.assert_array_equal(mapped.sources[0].epoch_packs.array, in_memory.sources[0].epoch_packs)
-    [cached] = (tmp_path / "cache").iterdir()
-    assert cached.name.startswith(f"packs-{in_memory.meta.corpus_fingerprint}-lines-64-") and cached.suffix == ".npy"
-    again = stream(corpus_path, sampling="epoch")  # a second producer maps the same file, not a new one
-    assert list((tmp_path / "cache").iterdir()) == [cached]
+    rows, memory_rows = mapped.sources[0], in_memory.sources[0]
+    assert isinstance(rows.epoch_packs, MappedTable) and isinstance(memory_rows.epoch_packs, np.ndarray)
+    assert isinstance(rows.train_packer.lengths, MappedTable) and isinstance(rows.val_packer.lengths, MappedTable)
+    np.testing.assert_array_equal(rows.epoch_packs.array, memory_rows.epoch_packs)
+    np.testing.assert_array_equal(rows.train_packer.lengths.array, memory_rows.train_packer.lengths)
+    cached = sorted(path.name for path in (tmp_path / "cache").iterdir())
+    assert [name.split("-")[0] for name in cached] == ["lengths", "lengths", "packs"]
+    assert all(name.endswith(".npy") and "-64-" in name for name in cached)
+    again = stream(corpus_path, sampling="epoch")  # a second producer maps the same files, not new ones
+    assert sorted(path.name for path in (tmp_path / "cache").iterdir()) == cached
+    other = stream(corpus_path, sampling="epoch", tokenizer="bytes")  # other ids, other row lengths: other files
+    assert len(list((tmp_path / "cache").iterdir())) == 2 * len(cached)
     for k in (0, 7, 40):
         assert all(np.array_equal(mapped.train_message(k)[n], in_memory.train_message(k)[n]) for n in mapped.train_message(k))
         assert np.array_equal(again.train_message(k)["x"], in_memory.train_message(k)["x"])
+    assert all(np.array_equal(a["x"], b["x"]) for a, b in zip(mapped.val_set(), in_memory.val_set()))
+    np.testing.assert_array_equal(other.sources[0].epoch_packs.array, bytes_in_memory.sources[0].epoch_packs)
 
 
 def test_fixed_packing_epochs_need_no_pack_table(corpus_path):
