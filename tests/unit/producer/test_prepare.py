@@ -388,8 +388,8 @@ def test_a_mapped_corpus_drops_its_pages_every_window_only_when_larger_than_the_
         monkeypatch.setattr(source_rows, "RELEASE_WINDOW_BYTES", window)
         stream = BatchStream(config)
         rows = stream.sources[0]
-        released = []
-        monkeypatch.setattr(rows.corpus, "release_pages", lambda: released.append(True))
+        released: list[bool] = []
+        monkeypatch.setattr(rows.corpus, "release_pages", lambda released=released: released.append(True))
         assert 0 < rows.corpus.mapped_bytes < RELEASE_WINDOW_BYTES
         for k in range(20):  # 2,560 rows: 5 windows of 512
             stream.train_message(k)
