@@ -53,8 +53,8 @@ class TokenCorpus:
         train_counts: int64 (V0,) occurrences of each base id in the train lines.
         release_pages: drops this process's resident pages of a memory-mapped corpus (the page
             cache keeps them, shared by every producer); a no-op in memory.
-        mapped_bytes: the size of its memory-mapped files (0 in memory): what its resident
-            pages can never exceed, released or not.
+        mapped_bytes: the size in bytes of its memory-mapped files (0 in memory): what its
+            resident pages can never exceed, released or not.
         check_files: raises CorpusError if a memory-mapped file shrank (before a read would
             fault); a no-op in memory. The packers call it before each read of rows.
     """

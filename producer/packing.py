@@ -18,11 +18,15 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from producer.lines import Lines
+
+if TYPE_CHECKING:
+    from producer.packs import MappedTable
 
 GREEDY_CHUNK_LINES = 1 << 20
 LENGTH_DTYPE = np.dtype("<u2")  # a row's content tokens: at most MAX_BLOCK_SIZE - 1
@@ -83,9 +87,10 @@ class RowReader:
 
 
 def content_ends(starts: np.ndarray, block_size: int, start_lines: np.ndarray) -> np.ndarray:
-    """Token offset (exclusive) of the content of the row that starts at each of ``start_lines``:
-    the end of its last complete line within ``block_size - 1`` tokens, or ``start + block_size - 1``
-    for an overlong first line. ``starts``: int64 (L + 1,) line starts, then the end."""
+    """Token offset (exclusive), int64 (R,), of the content of the row that starts at each of
+    ``start_lines`` (int64 (R,)): the end of its last complete line within ``block_size - 1``
+    tokens, or ``start + block_size - 1`` for an overlong first line. ``starts``: int64 (L + 1,)
+    line starts, then the end."""
     limit = starts[start_lines] + (block_size - 1)
     last = np.searchsorted(starts, limit, side="right") - 1
     return np.where(last > start_lines, starts[last], limit)
@@ -93,31 +98,38 @@ def content_ends(starts: np.ndarray, block_size: int, start_lines: np.ndarray) -
 
 def length_pieces(lines: Lines, block_size: int) -> Iterator[np.ndarray]:
     """The content tokens (before ``[SEP]``) of the row that starts at each line, uint16 (at most
-    ``MAX_BLOCK_SIZE - 1``), :data:`GREEDY_CHUNK_LINES` lines at a time (sorted searches: one pass)."""
+    ``MAX_BLOCK_SIZE - 1``), in pieces of :data:`GREEDY_CHUNK_LINES` lines (uint16 (<= that,)
+    each; sorted searches: one pass)."""
     for line in range(0, lines.n_lines, GREEDY_CHUNK_LINES):
         chunk = np.arange(line, min(lines.n_lines, line + GREEDY_CHUNK_LINES), dtype=np.int64)
         yield (content_ends(lines.starts, block_size, chunk) - lines.starts[chunk]).astype(LENGTH_DTYPE)
 
 
+def lengths_in_memory(lines: Lines, block_size: int) -> np.ndarray:
+    """:func:`length_pieces` as one array, uint16 (L,)."""
+    return np.concatenate([np.zeros(0, LENGTH_DTYPE), *length_pieces(lines, block_size)])
+
+
 class LinePacker:
     """Line-aligned rows over ``lines`` (docs/SPEC.md §2.3).
 
-    ``lengths`` (uint16 (L,), indexable by an int64 array): the content tokens of the row that
-    starts at each line (:func:`length_pieces`), computed once, so that locating a row is two
-    reads instead of a binary search over every line start (whose probes wait on memory: a
-    quarter of a message's packing on a 25 MB corpus). None: computed here, in memory
-    (``producer.packs.row_lengths`` gives a large corpus's from a cache file instead).
+    ``lengths`` (uint16 (L,): an array, or a ``producer.packs.MappedTable``; either is indexed
+    by an int64 array): the content tokens of the row that starts at each line
+    (:func:`length_pieces`), computed once, so that locating a row is two reads instead of a
+    binary search over every line start (whose probes wait on memory: a quarter of a message's
+    packing on a 25 MB corpus). None: computed here, in memory (``producer.packs.row_lengths``
+    gives a large corpus's from a cache file instead).
     """
 
-    def __init__(self, lines: Lines, block_size: int, sep_id: int, pad_id: int, lengths=None) -> None:
+    def __init__(self, lines: Lines, block_size: int, sep_id: int, pad_id: int,
+                 lengths: np.ndarray | MappedTable | None = None) -> None:
         self.lines = lines
         self.block_size = block_size
         self.sep_id = sep_id
         self.pad_id = pad_id
         # Whatever a row reads past the content (the cyclic wrap) is overwritten by [SEP]/[PAD].
         self.reader = RowReader(lines.tokens, block_size)
-        self.lengths = lengths if lengths is not None else np.concatenate(
-            [np.zeros(0, LENGTH_DTYPE), *length_pieces(lines, block_size)])
+        self.lengths = lengths if lengths is not None else lengths_in_memory(lines, block_size)
 
     def random_starts(self, rng: np.random.Generator, rows: int) -> np.ndarray:
         """``rows`` line indices drawn uniformly over the line starts."""

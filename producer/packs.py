@@ -18,17 +18,19 @@ to build it agree. Fixed packing needs no table: pack i starts at token ``i * bl
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 
-from producer.lines import Lines
-from producer.packing import LENGTH_DTYPE, FixedPacker, LinePacker, length_pieces
+from producer.lines import CorpusError, Lines
+from producer.packing import LENGTH_DTYPE, FixedPacker, LinePacker, length_pieces, lengths_in_memory
 from producer.prepared import MappedArray
 
 IN_MEMORY_PACKS_MAX_LINES = 1 << 20
+TABLES_VERSION = "v1"  # in every cache file's name: a table whose meaning changes gets new files
 CACHE_ENV = "LINEPACK_CACHE_DIR"
 PACK_DTYPE = np.dtype("<i8")
 
@@ -52,9 +54,13 @@ class MappedTable:
     drops its resident pages."""
 
     def __init__(self, path: Path, dtype: np.dtype) -> None:
-        with open(path, "rb") as file:
-            np.lib.format.read_magic(file)
-            (length,), _, _ = np.lib.format.read_array_header_1_0(file)
+        """Raises CorpusError for a file that is not a whole 1-D ``.npy`` table of ``dtype``."""
+        try:
+            with open(path, "rb") as file:
+                np.lib.format.read_magic(file)
+                (length,), _, _ = np.lib.format.read_array_header_1_0(file)
+        except (ValueError, SyntaxError) as error:  # numpy's errors for a damaged header
+            raise CorpusError(f"{path} is not a NumPy table ({error})") from None
         self._mapped = MappedArray(path, dtype.str, length)
         self.array = self._mapped.array
 
@@ -66,6 +72,7 @@ class MappedTable:
 
     @property
     def mapped_bytes(self) -> int:
+        """The mapped file's size in bytes (its ``.npy`` header included)."""
         return self._mapped.size
 
     def release(self) -> None:
@@ -89,37 +96,47 @@ def epoch_packs(packer: LinePacker | FixedPacker, key: str) -> np.ndarray | Fixe
 
 
 def row_lengths(lines: Lines, block_size: int, key: str) -> np.ndarray | MappedTable:
-    """The content tokens of the row that starts at each of ``lines`` (``LinePacker.lengths``):
+    """The content tokens of the row that starts at each of ``lines`` (``LinePacker.lengths``, uint16 (L,)):
     in memory up to :data:`IN_MEMORY_PACKS_MAX_LINES` lines, else from a cache file. ``key``:
     names the corpus, its tokenizer and which of its lines (train or val) in the cache."""
     if lines.n_lines <= IN_MEMORY_PACKS_MAX_LINES:
-        return np.concatenate([np.zeros(0, LENGTH_DTYPE), *length_pieces(lines, block_size)])
+        return lengths_in_memory(lines, block_size)
     return _cached(f"lengths-{key}-{block_size}-{lines.n_lines}.npy", lambda: length_pieces(lines, block_size), LENGTH_DTYPE)
 
 
 def _cached(name: str, pieces: Callable[[], Iterable[np.ndarray]], dtype: np.dtype) -> MappedTable:
-    """The table ``name`` in the cache folder, written from ``pieces()`` if it is not there yet."""
-    path = cache_dir() / name
-    if not path.exists():
-        _write(path, pieces(), dtype)
+    """The table ``name`` in the cache folder, written from ``pieces()`` if it is not there yet,
+    or again if what is there is damaged (a file cut short: the header's length and the size disagree)."""
+    path = cache_dir() / f"{TABLES_VERSION}-{name}"
+    if path.exists():
+        try:
+            return MappedTable(path, dtype)
+        except CorpusError as error:
+            print(f"{error}: building it again", file=sys.stderr)
+    _write(path, pieces(), dtype)
     return MappedTable(path, dtype)
 
 
 def _write(path: Path, pieces: Iterable[np.ndarray], dtype: np.dtype) -> None:
-    """Writes the table to ``path`` (a temporary file, then renamed), piece by piece."""
+    """Writes the table to ``path`` piece by piece: into a temporary file, made durable, then
+    renamed over ``path`` (producers racing to build it each rename a whole file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     raw_fd, raw_name = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".raw")
+    final_fd, final_name = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     count = 0
     try:
         with os.fdopen(raw_fd, "wb") as raw:
             for piece in pieces:
                 raw.write(piece.astype(dtype).tobytes())
                 count += len(piece)
-        final_fd, final_name = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
         with os.fdopen(final_fd, "wb") as final, open(raw_name, "rb") as raw:
             np.lib.format.write_array_header_1_0(final, {"descr": dtype.str, "fortran_order": False, "shape": (count,)})
             while block := raw.read(1 << 24):
                 final.write(block)
+            final.flush()
+            os.fsync(final.fileno())
         os.replace(final_name, path)
     finally:
-        os.unlink(raw_name)
+        for leftover in (raw_name, final_name):
+            if os.path.exists(leftover):
+                os.unlink(leftover)

@@ -19,7 +19,7 @@ from shared.digest import short_sha256
 # around a fault; huge pages are turned off for the map), so this bounds the mapped resident size
 # near RELEASE_WINDOW_BYTES a corpus; dropping them more often costs page faults (every 128 rows:
 # 2.5x slower at block 128). Counted per corpus: a mixture's small source is not released more
-# often because another is read. A corpus whose mapped files (and pack table) are no larger than
+# often because another is read. A corpus whose mapped files (and mapped tables) are no larger than
 # that window is never released: its resident pages cannot outgrow the files, and every release
 # would only cost the faults that map them again (a 25 MB corpus at block 1024: 1.4x faster).
 RELEASE_EVERY_ROWS = 512
@@ -46,7 +46,9 @@ class SourceRows:
         self.epoch_packs = epoch_packs(self.train_packer, key) if config.sampling == "epoch" else None
         self._tables = [table for table in (self.epoch_packs, *(getattr(p, "lengths", None) for p in (self.train_packer, self.val_packer)))
                         if isinstance(table, MappedTable)]
-        corpus.release_pages()  # building the tables read the line starts
+        corpus.release_pages()  # building the tables read the line starts (and the packs, the row lengths)
+        for table in self._tables:
+            table.release()
         self._orders: dict[tuple[int, int], np.ndarray] = {}
         self._rows_since_release = 0
         self.releases_pages = corpus.mapped_bytes + sum(t.mapped_bytes for t in self._tables) > RELEASE_WINDOW_BYTES

@@ -546,6 +546,13 @@ def _tensors(frames: Sequence[Any], descriptors: list[dict], meta: StreamMeta) -
     return tensors
 
 
+def tensor_names(meta: StreamMeta) -> tuple[str, ...]:
+    """The tensors of every message of the stream ``meta`` pins (sorted): the four required ones,
+    ``stage`` with a stages policy, ``source`` for a mixture (meta.sources)."""
+    optional = {"stage": meta.corruption.carries_stage, "source": bool(meta.sources)}
+    return tuple(sorted([*REQUIRED_TENSORS, *(name for name, carried in optional.items() if carried)]))
+
+
 def check_values(tensors: Mapping[str, np.ndarray], meta: StreamMeta, split: str) -> np.ndarray:
     """Raises WireError unless every value and the row layout are valid; returns ``valid_len``."""
     x, y, mask = tensors["x"], tensors["y"], tensors["attention_mask"]
@@ -563,10 +570,11 @@ def check_values(tensors: Mapping[str, np.ndarray], meta: StreamMeta, split: str
         raise WireError("value_range", "mask_ratio must be finite and within [0, 1]")
     valid_len = _check_layout(x, y, mask, labelled, meta)
     _check_mask_ratio(ratio, labelled, valid_len, meta)
-    _check_row_index("stage", tensors.get("stage"), meta.corruption.policy.stage_count(split), "a stages stream",
-                     f"{split} stages")
-    _check_row_index("source", tensors.get("source"), len(meta.sources), "a mixture (a meta with sources)",
-                     "sources of the mixture")
+    carried = tensor_names(meta)
+    _check_row_index("stage", tensors.get("stage"), "stage" in carried, meta.corruption.policy.stage_count(split),
+                     "a stages stream", f"{split} stages")
+    _check_row_index("source", tensors.get("source"), "source" in carried, len(meta.sources),
+                     "a mixture (a meta with sources)", "sources of the mixture")
     return valid_len
 
 
@@ -616,10 +624,10 @@ def _check_mask_ratio(ratio: np.ndarray, labelled: np.ndarray, valid_len: np.nda
         raise WireError("value_range", "mask_ratio is not supervised / candidates in every row")
 
 
-def _check_row_index(name: str, values: np.ndarray | None, count: int, owner: str, things: str) -> None:
-    """An optional per-row index tensor (``stage``, ``source``): present exactly when ``count``
-    > 0 (``owner`` names the streams that carry it), every value below ``count`` ``things``."""
-    if not count:
+def _check_row_index(name: str, values: np.ndarray | None, carried: bool, count: int, owner: str, things: str) -> None:
+    """An optional per-row index tensor (``stage``, ``source``): present exactly when the stream
+    ``carried`` it (``owner`` names the streams that do), every value below ``count`` ``things``."""
+    if not carried:
         if values is not None:
             raise WireError("tensor_list", f"only {owner} carries the {name} tensor")
         return

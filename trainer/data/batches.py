@@ -19,7 +19,7 @@ import numpy as np
 
 from shared.batch_stats import BatchStats, batch_statistics, mask_ratio_counts
 from shared.meta import StreamMeta
-from shared.wire import WireMessage, tensor_dtypes
+from shared.wire import WireMessage, tensor_dtypes, tensor_names
 from trainer.data.assembly import BatchAssembler
 from trainer.data.device import HostBatch
 from trainer.data.orders import Cursor
@@ -38,17 +38,6 @@ class ReadyBatch:
     new_messages: list[tuple[str, Any]]  # per message starting in this batch: (producer id, its frames when recording, else None)
     cursor: Cursor  # where the schedule stands once the training loop has this batch
     source_rows: np.ndarray | None = None  # rows per source index (len(meta.sources),) of a mixture's batch
-
-
-def stream_tensors(meta: StreamMeta) -> tuple[str, ...]:
-    """The tensor names of every batch of a stream (sorted): ``stage`` only with stages, ``source``
-    only for a mixture."""
-    names = ["attention_mask", "mask_ratio", "x", "y"]
-    if meta.corruption.carries_stage:
-        names.append("stage")
-    if meta.sources:
-        names.append("source")
-    return tuple(sorted(names))
 
 
 def source_rows_before(meta: StreamMeta, cursor: Cursor, rank: int, world: int) -> np.ndarray:
@@ -79,7 +68,7 @@ class TrainBatches:
         self.ready: collections.deque[ReadyBatch] = collections.deque()
         dtypes = tensor_dtypes(meta)
         templates = {name: np.empty((1, meta.block_size) if name in ("x", "y", "attention_mask") else (1,), dtypes[name])
-                     for name in stream_tensors(meta)}
+                     for name in tensor_names(meta)}
         self._assembler = BatchAssembler(batch_size, {**templates, VALID_LEN: np.empty(1, np.int64)})
         self._to_host = to_host
         self._recording = recording

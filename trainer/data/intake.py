@@ -34,10 +34,11 @@ from shared.wire import (
     encode_order,
     encode_refusal,
     new_incarnation,
+    tensor_names,
 )
 from trainer.data.accounting import StreamLedger
 from trainer.data.assembly import ValSet
-from trainer.data.batches import TrainBatches, source_rows_before, stream_tensors
+from trainer.data.batches import TrainBatches, source_rows_before
 from trainer.data.orders import Cursor, OrderBook, OrderSettings
 from trainer.data.pinning import MetaPins
 from trainer.data.receiver import Receiver
@@ -261,7 +262,7 @@ class Intake:
     def _pin(self, message: WireMessage | MetaMessage) -> None:
         meta = message.meta
         self.batches = TrainBatches(meta, self.batch_size, self._to_host, self._record is not None, self.world)
-        self.val = ValSet(meta.val_messages, stream_tensors(meta))
+        self.val = ValSet(meta.val_messages, tensor_names(meta))
         with self.ledger.lock:
             self.book = OrderBook(self.order_settings, meta.rows_per_message, meta.val_messages, self.rank, self.world)
         self.pins.pin(meta)

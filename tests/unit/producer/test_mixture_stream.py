@@ -238,3 +238,16 @@ def test_mixture_messages_are_pinned(corpora, tmp_path, case):
     if case == "max-epochs":
         assert len(stream.mixture.segments) == 2 and 89 * 8 < stream.mixture.segments[1].start < 90 * 8
     assert (_digest([stream.train_message(k) for k in ks]), _digest(stream.val_set())) == PINNED[case]
+
+
+@pytest.mark.parametrize("policy", ["bert", "stages"])
+@pytest.mark.parametrize("mixture", [False, True])
+def test_every_message_carries_exactly_the_tensors_its_meta_names(corpora, policy, mixture):
+    """``shared.wire.tensor_names`` (what the decoder demands and the trainer assembles) is what
+    the producer sends, for train and val, with and without stages and sources."""
+    from shared.wire import tensor_names
+
+    stream = mixed(corpora, policy=policy) if mixture else BatchStream(DataConfig(corpus=str(corpora / "code.txt"), policy=policy))
+    names = tensor_names(stream.meta)
+    assert ("stage" in names) == (policy == "stages") and ("source" in names) == mixture
+    assert all(tuple(sorted(batch)) == names for batch in [stream.train_message(0), stream.train_message(5), *stream.val_set()])

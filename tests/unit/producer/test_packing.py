@@ -1,6 +1,7 @@
 """Line-aligned and fixed packing (docs/SPEC.md §2.3, §2.4) on random corpora and block sizes."""
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -113,17 +114,29 @@ def test_truncated_first_line_and_end_of_split():
 
 
 @settings(max_examples=200, deadline=None)
-@given(corpora())
-def test_the_row_length_table_is_the_binary_search_at_every_start_line(case):
-    """Locating a row reads its length from the table (``LinePacker.lengths``); it is what a
-    binary search over all line starts finds, at every start line, in any piece size."""
+@given(corpora(), st.integers(1, 8))
+def test_the_row_length_table_is_the_definition_at_every_start_line_in_any_piece_size(case, piece_lines):
+    """Locating a row reads its length from the table (``LinePacker.lengths``, built
+    ``piece_lines`` lines at a time here): the content of the row the definition builds line by
+    line, at every start line; the greedy packs are the same whatever the piece size."""
     lines, block_size, _ = case
-    packer = LinePacker(lines, block_size, SEP, PAD)
-    every = np.arange(lines.n_lines, dtype=np.int64)
-    ends = content_ends(lines.starts, block_size, every)
-    assert packer.lengths.dtype == np.uint16 and np.array_equal(packer.lengths, ends - lines.starts[:-1])
-    first, content_len = packer.locate(every)
-    assert np.array_equal(first + content_len, ends) and content_len.dtype == np.int64
+    whole = LinePacker(lines, block_size, SEP, PAD)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("producer.packing.GREEDY_CHUNK_LINES", piece_lines)
+        packer = LinePacker(lines, block_size, SEP, PAD)
+        assert np.array_equal(packer.greedy_starts(), whole.greedy_starts())
+    expected = [reference_row(lines, line, block_size).index(SEP) for line in range(lines.n_lines)]
+    assert packer.lengths.dtype == np.uint16 and packer.lengths.tolist() == expected
+    first, content_len = packer.locate(np.arange(lines.n_lines, dtype=np.int64))
+    assert np.array_equal(first, lines.starts[:-1]) and content_len.tolist() == expected and content_len.dtype == np.int64
+
+
+def test_row_lengths_fit_uint16_at_the_largest_block():
+    """At block 65536 a row holds at most 65535 content tokens: an overlong line is cut there."""
+    lengths = [70_000, 65_535, 65_534, 1, 3]
+    starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    packer = LinePacker(Lines(np.ones(starts[-1], np.uint16), starts), 65_536, SEP, PAD)
+    assert packer.lengths.tolist() == [65_535, 65_535, 65_535, 4, 3]
 
 
 @settings(max_examples=100, deadline=None)

@@ -254,7 +254,7 @@ def test_a_large_corpus_maps_its_tables_from_shared_cache_files(corpus_path, tmp
     np.testing.assert_array_equal(rows.epoch_packs.array, memory_rows.epoch_packs)
     np.testing.assert_array_equal(rows.train_packer.lengths.array, memory_rows.train_packer.lengths)
     cached = sorted(path.name for path in (tmp_path / "cache").iterdir())
-    assert [name.split("-")[0] for name in cached] == ["lengths", "lengths", "packs"]
+    assert [name.split("-")[1] for name in cached] == ["lengths", "lengths", "packs"] and all(name.startswith("v1-") for name in cached)
     assert all(name.endswith(".npy") and "-64-" in name for name in cached)
     again = stream(corpus_path, sampling="epoch")  # a second producer maps the same files, not new ones
     assert sorted(path.name for path in (tmp_path / "cache").iterdir()) == cached
@@ -265,6 +265,12 @@ def test_a_large_corpus_maps_its_tables_from_shared_cache_files(corpus_path, tmp
         assert np.array_equal(again.train_message(k)["x"], in_memory.train_message(k)["x"])
     assert all(np.array_equal(a["x"], b["x"]) for a, b in zip(mapped.val_set(), in_memory.val_set()))
     np.testing.assert_array_equal(other.sources[0].epoch_packs.array, bytes_in_memory.sources[0].epoch_packs)
+    packs = next(path for path in (tmp_path / "cache").iterdir() if path.name in cached and "-packs-" in path.name)
+    with open(packs, "r+b") as file:  # cut short, as a crash before the data reached the disk would leave it
+        file.truncate(packs.stat().st_size // 2)
+    rebuilt = stream(corpus_path, sampling="epoch")
+    np.testing.assert_array_equal(rebuilt.sources[0].epoch_packs.array, memory_rows.epoch_packs)
+    assert len(list((tmp_path / "cache").iterdir())) == 2 * len(cached)  # rebuilt in place, nothing left over
 
 
 def test_fixed_packing_epochs_need_no_pack_table(corpus_path):
