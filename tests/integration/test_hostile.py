@@ -17,6 +17,7 @@ from producer.stream import BatchStream
 from shared.data_config import DataConfig
 from shared.recording import RecordingReader
 from shared.wire import encode, encode_meta
+from trainer.data.receiver import RECEIVE_HWM
 
 from helpers.processes import TINY_DATA, TINY_MODEL, free_port
 from helpers.wire import INCARNATION, recorded_batches
@@ -256,7 +257,11 @@ def test_a_forged_hf_meta_is_rejected_at_decode_and_large_metas_cost_little(clus
           f"({parsed} parsed, the rest turned away unparsed): RSS +{grown:.0f} MiB, {normal:.0f} steps/s before, "
           f"{during:.0f} over the 10 s from the first, {after:.0f} after")
     assert trainer.alive()
-    assert grown < 200
+    # What ZeroMQ may hold for one peer (RECEIVE_HWM whole messages) and one meta being parsed: it
+    # holds more of them when the trainer drains its socket slower (a loaded host: +208 MiB once),
+    # never the 40 x 12 MB sent (before: +2.9 GiB).
+    meta_mib = len(frames[0][1]) / 2**20
+    assert grown < (RECEIVE_HWM + 2) * meta_mib + 32, (grown, meta_mib)
     assert during > normal / 2 and after > normal / 2
     code = trainer.stop()
     assert code == 143, trainer.output(80)
