@@ -83,10 +83,11 @@ class DiagnosticsCollector:
 
 
 def source_metrics(snap: DiagnosticsResponse) -> Iterator[Any]:
-    """A mixture's numbers with a ``source`` label: val loss and floor, rows, shares, epochs (none for a single corpus)."""
+    """A mixture's numbers with a ``source`` label: val and train loss, val floor, rows, shares, epochs (none for a single corpus)."""
     if snap.sources is None:
         return
-    loss = GaugeMetricFamily("linepack_source_loss_nats", "val cross-entropy of one source's rows", labels=["split", "source"])
+    loss = GaugeMetricFamily("linepack_source_loss_nats", "cross-entropy of one source's rows: the fixed val set's (split val), "
+                             "the last log interval's (split train)", labels=["split", "source"])
     floor = GaugeMetricFamily("linepack_source_context_free_floor_nats", "lowest val loss of one source's rows without context",
                               labels=["split", "source"])
     rows = CounterMetricFamily("linepack_source_rows", "train rows of one source handed to the training loop", labels=["source"])
@@ -95,10 +96,11 @@ def source_metrics(snap: DiagnosticsResponse) -> Iterator[Any]:
     epochs = GaugeMetricFamily("linepack_source_epochs_completed", "epochs of one source the training loop has taken",
                                labels=["source"])
     for name, numbers in snap.sources.items():
-        for family, value in ((loss, (snap.loss.val_by_source or {}).get(name)),
-                              (floor, (snap.loss.context_free_floor_val_by_source or {}).get(name))):
+        for family, split, value in ((loss, "val", (snap.loss.val_by_source or {}).get(name)),
+                                     (loss, "train", (snap.loss.train_by_source or {}).get(name)),
+                                     (floor, "val", (snap.loss.context_free_floor_val_by_source or {}).get(name))):
             if value is not None:
-                family.add_metric(["val", name], value)
+                family.add_metric([split, name], value)
         rows.add_metric([name], numbers.rows)
         share.add_metric([name, "target"], numbers.target_share)
         if numbers.share is not None:

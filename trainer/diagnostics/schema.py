@@ -27,8 +27,9 @@ from trainer.loop.live_samples import LiveSample
 class LossNumbers:
     """Cross-entropy in nats over supervised positions; floors for the train and val stage mixes.
     ``train`` is over the last log interval (``train_step``), ``val`` over the fixed val set.
-    ``val_by_source`` / ``context_free_floor_val_by_source``: source name -> its val loss / its
-    val floor, for a mixture (None for a single corpus; the val loss ``{}`` before the first eval)."""
+    ``val_by_source`` / ``train_by_source`` / ``context_free_floor_val_by_source``: source name ->
+    its val loss / its train loss over the last log interval (unweighted) / its val floor, for a
+    mixture (None for a single corpus; the losses ``{}`` before the first eval / log step)."""
 
     train: float | None = None
     train_step: int | None = None
@@ -39,6 +40,7 @@ class LossNumbers:
     val_by_stage: dict[str, float] = field(default_factory=dict)
     train_by_stage: dict[str, float] = field(default_factory=dict)  # over the last log interval; empty without stages
     val_by_source: dict[str, float] | None = None
+    train_by_source: dict[str, float] | None = None
     context_free_floor_val_by_source: dict[str, float] | None = None
     # The MDLM / LLaDA upper bound on the val NLL (nats per token; bits per character for a char
     # stream): the 1/t-weighted val loss of a mask-only stream with a uniform ratio over [0, 1].

@@ -116,6 +116,7 @@ class Diagnostics:
             self._loss.context_free_floor_val_by_source = floors_by_source
             if meta.sources and self._loss.val_by_source is None:
                 self._loss.val_by_source = {}
+                self._loss.train_by_source = {}
             self._loss.val_nll_bound_unavailable = meta.corruption.nll_bound_unavailable()
 
     def on_step(self, numbers: StepNumbers) -> None:
@@ -138,6 +139,8 @@ class Diagnostics:
             self._loss.train = finite_or_none(numbers.train_loss)
             self._loss.train_step = numbers.step
             self._loss.train_by_stage = {str(k): float(v) for k, v in (numbers.train_loss_by_stage or {}).items()}
+            if numbers.train_loss_by_source is not None:
+                self._loss.train_by_source = {name: float(v) for name, v in numbers.train_loss_by_source.items()}
             point = {"step": numbers.step, "time": self.clock(), "loss": self._loss.train, **dataclasses.asdict(throughput)}
             if batch is not None:
                 point.update({f"batch_{key}": value for key, value in dataclasses.asdict(batch.mask_ratio).items()})
@@ -252,7 +255,8 @@ class Diagnostics:
         """A copy of the loss numbers with copies of their dicts."""
         loss = self._loss
         return dataclasses.replace(loss, val_by_stage=dict(loss.val_by_stage), train_by_stage=dict(loss.train_by_stage),
-                                   val_by_source=None if loss.val_by_source is None else dict(loss.val_by_source))
+                                   val_by_source=None if loss.val_by_source is None else dict(loss.val_by_source),
+                                   train_by_source=None if loss.train_by_source is None else dict(loss.train_by_source))
 
     def history(self) -> dict[str, Any]:
         """Column series for the page: ``train`` (per log step), ``eval`` (per eval) and the floors."""

@@ -1,5 +1,6 @@
-"""The sums of one log interval: the loss of every step, the time waiting for data, and the
-per-stage loss, kept on the training device (no host sync per step) and read at log steps."""
+"""The sums of one log interval: the loss of every step, the time waiting for data, and the loss
+per stage and per source of a mixture, kept on the training device (no host sync per step) and
+read at log steps."""
 
 from __future__ import annotations
 
@@ -8,22 +9,50 @@ import time
 
 import torch
 
-from shared.limits import MAX_STAGES
+from shared.limits import MAX_SOURCES, MAX_STAGES
 from shared.vocab import IGNORE_INDEX
 from trainer.loop.distributed import Ranks
 from trainer.loop.numbers import StepNumbers
 
 
+class GroupLosses:
+    """Supervised-position loss sums and counts per id of one per-row index tensor (``stage``,
+    ``source``; ids below ``capacity``), float64 on the training device."""
+
+    def __init__(self, name: str, capacity: int, device: torch.device) -> None:
+        self.name = name
+        self._sum = torch.zeros(capacity, dtype=torch.float64, device=device)
+        self._count = torch.zeros(capacity, dtype=torch.float64, device=device)
+
+    def add(self, losses: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+        """``losses``: per-position cross-entropy (B, T); ``batch[self.name]``: the rows' ids (B,)."""
+        ids = batch[self.name].long()
+        self._sum.index_add_(0, ids, losses.double().sum(dim=1))
+        self._count.index_add_(0, ids, (batch["y"] != IGNORE_INDEX).sum(dim=1).double())
+
+    def take(self, ranks: Ranks) -> dict[int, float]:
+        """Mean loss per id over every rank (a collective under DDP), ids with supervised
+        positions only; then starts again from zero."""
+        ranks.mean_(self._sum)
+        ranks.mean_(self._count)
+        sums, counts = self._sum.tolist(), self._count.tolist()
+        self._sum.zero_()
+        self._count.zero_()
+        return {index: sums[index] / count for index, count in enumerate(counts) if count > 0}
+
+
 class LogInterval:
-    """Accumulates steps since the last log step; :meth:`close` turns them into log numbers."""
+    """Accumulates steps since the last log step; :meth:`close` turns them into log numbers.
+    ``source_names``: a mixture's source names in meta order (empty for a single corpus; set
+    once the stream's meta is known)."""
 
     def __init__(self, device: torch.device, ranks: Ranks) -> None:
         self.ranks = ranks
+        self.source_names: tuple[str, ...] = ()
         self.last_train_loss: float | None = None
         self._loss_sum = torch.zeros((), device=device)
-        # Per-stage supervised-position loss sums and counts (stage ids travel as uint8).
-        self._stage_loss_sum = torch.zeros(MAX_STAGES, dtype=torch.float64, device=device)
-        self._stage_count = torch.zeros(MAX_STAGES, dtype=torch.float64, device=device)
+        self._stages = GroupLosses("stage", MAX_STAGES, device)
+        self._sources = GroupLosses("source", MAX_SOURCES, device)
         self.restart()
 
     def restart(self) -> None:
@@ -37,38 +66,36 @@ class LogInterval:
         self._steps += 1
         self._wait += data_wait_s
 
-    def add_stage_losses(self, losses: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
-        """Adds a batch's loss sums and supervised counts per stage id.
+    def add_row_losses(self, losses: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+        """Adds a batch's loss sums and supervised counts per stage and per source, for the
+        index tensors the batch carries.
 
         ``losses``: the step's per-position cross-entropy (B, T). Unweighted, also under
-        ``inverse-t`` weighting (whose ``train_loss`` is the weighted mean): per-stage numbers
+        ``inverse-t`` weighting (whose ``train_loss`` is the weighted mean): these numbers
         compare across runs.
         """
         with torch.no_grad():
-            stage = batch["stage"].long()
-            self._stage_loss_sum.index_add_(0, stage, losses.double().sum(dim=1))
-            self._stage_count.index_add_(0, stage, (batch["y"] != IGNORE_INDEX).sum(dim=1).double())
+            for groups in (self._stages, self._sources):
+                if groups.name in batch:
+                    groups.add(losses, batch)
 
-    def _take_stage_losses(self) -> dict[str, float]:
-        """Mean train loss per stage id (as a string) over every rank (a collective under DDP);
-        empty without stages."""
-        self.ranks.mean_(self._stage_loss_sum)
-        self.ranks.mean_(self._stage_count)
-        sums, counts = self._stage_loss_sum.tolist(), self._stage_count.tolist()
-        self._stage_loss_sum.zero_()
-        self._stage_count.zero_()
-        return {str(stage): sums[stage] / count for stage, count in enumerate(counts) if count > 0}
+    def _take_source_losses(self) -> dict[str, float] | None:
+        """Mean train loss per source name; None for a single corpus (no collective then)."""
+        if not self.source_names:
+            return None
+        return {self.source_names[index]: loss for index, loss in self._sources.take(self.ranks).items()}
 
     def close(self, numbers: StepNumbers, grad_norm: torch.Tensor | None) -> StepNumbers:
         """``numbers`` with the interval's train loss (mean over steps and ranks; a collective),
-        per-stage losses, gradient norm and throughput; then starts the next interval."""
+        losses per stage and per source, gradient norm and throughput; then starts the next interval."""
         self.ranks.mean_(self._loss_sum)
         elapsed = time.perf_counter() - self._started
         train_loss = self._loss_sum.item() / self._steps
         numbers = dataclasses.replace(
             numbers,
             train_loss=train_loss,
-            train_loss_by_stage=self._take_stage_losses(),
+            train_loss_by_stage={str(stage): loss for stage, loss in self._stages.take(self.ranks).items()},
+            train_loss_by_source=self._take_source_losses(),
             grad_norm=None if grad_norm is None else grad_norm.item(),
             ms_per_step=1000 * elapsed / self._steps,
             tokens_per_s=numbers.tokens * self._steps / elapsed,

@@ -47,8 +47,9 @@ class StepNumbers:
     B*T over every rank; ``step_loss`` is read every step on CPU, at log steps elsewhere.
 
     At log steps (``log``) also: ``train_loss`` (the optimised loss, mean over the steps since the
-    last log and over ranks; 1/t-weighted under ``inverse-t``), ``train_loss_by_stage``
-    (unweighted), ``grad_norm`` (before clipping), ``ms_per_step``, ``tokens_per_s``,
+    last log and over ranks; 1/t-weighted under ``inverse-t``), ``train_loss_by_stage`` and
+    ``train_loss_by_source`` (source name -> loss; None for a single corpus) (both unweighted),
+    ``grad_norm`` (before clipping), ``ms_per_step``, ``tokens_per_s``,
     ``data_wait_fraction`` (time blocked in ``next_batch`` / wall time, 0..1), and ``val_loss`` /
     ``val_loss_by_stage`` / ``val_loss_by_source`` when the step also evaluated (plain mean
     cross-entropy).
@@ -63,6 +64,7 @@ class StepNumbers:
     step_loss: float | None = None
     train_loss: float | None = None
     train_loss_by_stage: dict[str, float] | None = None
+    train_loss_by_source: dict[str, float] | None = None
     grad_norm: float | None = None
     ms_per_step: float | None = None
     tokens_per_s: float | None = None

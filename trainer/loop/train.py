@@ -108,6 +108,7 @@ class Trainer:
         os.makedirs(config.out_dir, exist_ok=True)
         torch.manual_seed(config.seed)
         self.meta = wait_for_stream(self.consumer, wait_timeout)
+        self._interval.source_names = tuple(source.name for source in self.meta.sources)
         log.info("stream: vocab_size %d, block_size %d, packing %s, corruption %s, corpus %s", self.meta.vocab_size,
                  self.meta.block_size, self.meta.packing, self.meta.corruption.json_text, self.meta.corpus_fingerprint)
         checkpoint = checkpoint_to_resume(config, self.checkpoint_path, self.device)
@@ -189,8 +190,7 @@ class Trainer:
         with self._autocast():
             logits = forward(batch["x"], batch["attention_mask"])
             loss, losses = supervised_loss(logits, batch["y"], batch["mask_ratio"], self.config.loss_weighting)
-        if "stage" in batch:
-            self._interval.add_stage_losses(losses.detach(), batch)
+        self._interval.add_row_losses(losses.detach(), batch)
         loss.backward()
         grad_norm = None
         if self.config.grad_clip > 0:

@@ -175,11 +175,14 @@ def test_a_mixture_shows_per_source_losses_floors_and_mix_everywhere(tmp_path):
         assert samples[("linepack_source_loss_nats", (("source", name), ("split", "val")))] == pytest.approx(loss["val_by_source"][name])
         assert samples[("linepack_source_context_free_floor_nats", (("source", name), ("split", "val")))] == pytest.approx(floors[name])
     assert history["context_free_floor_val_by_source"] == pytest.approx(floors)
+    assert set(loss["train_by_source"]) == {"code", "prose"}
+    for name, value in loss["train_by_source"].items():
+        assert samples[("linepack_source_loss_nats", (("source", name), ("split", "train")))] == pytest.approx(value)
     assert samples[("linepack_source_rows_total", (("source", "prose"),))] == 180
     assert samples[("linepack_source_share_ratio", (("kind", "target"), ("source", "code")))] == 0.25
     assert samples[("linepack_source_epochs_completed", (("source", "code"),))] == 3
     assert samples[("linepack_alarm_active", (("alarm", "source_exhausted"),))] == 1
-    assert {"val_by_source", "context_free_floor_val_by_source"} <= set(schema["LossNumbers"]["properties"])
+    assert {"val_by_source", "train_by_source", "context_free_floor_val_by_source"} <= set(schema["LossNumbers"]["properties"])
     assert "sources" in schema["DiagnosticsResponse"]["properties"] and "SourceNumbers" in schema
 
 
@@ -194,6 +197,7 @@ def test_a_single_corpus_shows_no_per_source_numbers(tmp_path):
         server.stop()
     assert body["sources"] is None and body["meta"]["sources"] == []
     assert body["loss"]["val_by_source"] is None and body["loss"]["context_free_floor_val_by_source"] is None
+    assert body["loss"]["train_by_source"] is None
     assert history["context_free_floor_val_by_source"] is None and not any(k.startswith("val_source.") for k in history["eval"])
     assert "linepack_source_" not in text
     assert not next(a for a in body["alarms"] if a["name"] == "source_exhausted")["active"]
@@ -230,3 +234,48 @@ def test_an_evals_losses_are_in_the_history_while_its_probe_still_runs():
         diagnostics.on_eval(EvalNumbers(step=7, val_loss=3.0, val_loss_by_stage={}, val_supervised=10, eval_ms=1.0,
                                         before_training=False, val_loss_by_source={"code": 3.5, "prose": 2.9}))
     assert seen == [{"step": [7], "time": seen[0]["time"], "val": [3.0], "val_source.code": [3.5], "val_source.prose": [2.9]}]
+
+
+def test_train_loss_per_source_is_over_that_sources_rows_and_its_weighted_mean_is_the_train_loss(tmp_path):
+    """``train_loss_by_source`` (unweighted, like the per-stage numbers): each source's mean over
+    its own supervised positions of the log interval, by name; weighted by those positions, the
+    train loss. In metrics.jsonl too."""
+    import json
+
+    from trainer.loop.config import TrainConfig
+    from trainer.loop.train import Trainer
+
+    from helpers.streams import TINY_MODEL
+
+    class Remembering(MixtureConsumer):
+        def next_batch(self, split="train", timeout=None):
+            batch = super().next_batch(split, timeout)
+            if split == "train":
+                self.last_train = batch
+            return batch
+
+    class LogSteps:
+        def __init__(self):
+            self.last = None
+
+        def on_start(self, start): ...
+        def on_eval(self, numbers): ...
+        def on_end(self, summary): ...
+
+        def on_step(self, numbers):
+            self.last = numbers if numbers.log else self.last
+
+    consumer, seen = Remembering(), LogSteps()
+    config = TrainConfig(out_dir=str(tmp_path), batch_size=8, max_iters=6, eval_interval=10, log_interval=1,
+                         device="cpu", lr=3e-3, warmup_iters=5, seed=1)
+    run = Trainer(config, TINY_MODEL, consumer, [seen])
+    run.prepare(wait_timeout=5)
+    run.run()
+    y = consumer.last_train["y"]
+    supervised = {name: int(((y != -100) & (SOURCES[:, None] == index)).sum()) for index, name in enumerate(("code", "prose"))}
+    by_source = seen.last.train_loss_by_source
+    assert set(by_source) == {"code", "prose"} and by_source["code"] != pytest.approx(by_source["prose"], rel=1e-6)
+    weighted = sum(by_source[name] * count for name, count in supervised.items()) / sum(supervised.values())
+    assert weighted == pytest.approx(seen.last.train_loss, rel=1e-5)
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl", encoding="utf-8")]
+    assert [set(r["train_loss_by_source"]) for r in records if r["kind"] == "train"] == [{"code", "prose"}] * 6
