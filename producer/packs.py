@@ -27,7 +27,7 @@ import numpy as np
 
 from producer.lines import CorpusError, Lines
 from producer.packing import LENGTH_DTYPE, FixedPacker, LinePacker, length_pieces, lengths_in_memory
-from producer.prepared import MappedArray
+from producer.prepared import MappedArray, drop_from_page_cache
 
 IN_MEMORY_PACKS_MAX_LINES = 1 << 20
 TABLES_VERSION = "v1"  # in every cache file's name: a table whose meaning changes gets new files
@@ -135,6 +135,7 @@ def _write(path: Path, pieces: Iterable[np.ndarray], dtype: np.dtype) -> None:
                 final.write(block)
             final.flush()
             os.fsync(final.fileno())
+        drop_from_page_cache(Path(final_name))  # read back a page at a time, not as the large folios just written
         os.replace(final_name, path)
     finally:
         for leftover in (raw_name, final_name):

@@ -15,15 +15,17 @@ from shared.digest import short_sha256
 
 # A memory-mapped corpus is read a few rows at a time; every so many rows read from it the producer
 # drops its resident pages (the page cache keeps them), so its memory stays flat however long it
-# runs and whatever the corpus size. A row's first read maps about 80 KB (the kernel maps the pages
-# around a fault; huge pages are turned off for the map), so this bounds the mapped resident size
-# near RELEASE_WINDOW_BYTES a corpus; dropping them more often costs page faults (every 128 rows:
-# 2.5x slower at block 128). Counted per corpus: a mixture's small source is not released more
-# often because another is read. A corpus whose mapped files (and mapped tables) are no larger than
-# that window is never released: its resident pages cannot outgrow the files, and every release
-# would only cost the faults that map them again (a 25 MB corpus at block 1024: 1.4x faster).
+# runs and whatever the corpus size. A row's first read maps up to 64 KB around each page it
+# touches (the kernel maps the pages around a fault; huge pages are turned off for the map): its
+# tokens, its line start and, above a million lines, its row length in the cached table, so one
+# window maps some tens of MB a corpus (1.12 GB of `.py` files: 54 MB over 384 rows,
+# docs/BENCHMARKS.md); dropping them more often costs page faults (every 128 rows: 2.5x slower at
+# block 128). Counted per corpus: a mixture's small source is not released more often because
+# another is read. A corpus whose mapped files (and mapped tables) are no larger than
+# RELEASE_WINDOW_BYTES is never released: its resident pages cannot outgrow the files, and every
+# release would only cost the faults that map them again (a 25 MB corpus at block 1024: 1.4x faster).
 RELEASE_EVERY_ROWS = 512
-RELEASE_WINDOW_BYTES = RELEASE_EVERY_ROWS * 96 * 1024  # what one window may map: ~2 faults of <= 64 KB a row, and slack
+RELEASE_WINDOW_BYTES = RELEASE_EVERY_ROWS * 96 * 1024  # 48 MiB: ~1.5 faults of 64 KB a row
 # The epoch shuffle is computed this many positions at a time (32 KB), so its cost per message is
 # a slice, not a Feistel network per row, and its memory stays flat in the corpus size.
 ORDER_PIECE = 4096
