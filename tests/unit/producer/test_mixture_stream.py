@@ -251,3 +251,14 @@ def test_every_message_carries_exactly_the_tensors_its_meta_names(corpora, polic
     names = tensor_names(stream.meta)
     assert ("stage" in names) == (policy == "stages") and ("source" in names) == mixture
     assert all(tuple(sorted(batch)) == names for batch in [stream.train_message(0), stream.train_message(5), *stream.val_set()])
+
+
+def test_the_readmes_mixture_file_is_declared_as_written(tmp_path):
+    """README's ``mix.toml`` example, copied as is, declares code 0.2 and prose 0.8 under the default sampling."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Mixtures"):]
+    text = section[section.index("```toml\n") + len("```toml\n"):]
+    (tmp_path / "mix.toml").write_text(text[:text.index("```")], encoding="utf-8")
+    specs = declared_sources(DataConfig(mixture=str(tmp_path / "mix.toml")))
+    assert [(spec.name, spec.weight, spec.max_epochs) for spec in specs] == [("code", 0.2, 0), ("prose", 0.8, 0)]
+    assert [spec.path for spec in specs] == [str(tmp_path / "prepared/code"), str(tmp_path / "prepared/prose")]
