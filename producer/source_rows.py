@@ -42,12 +42,13 @@ class SourceRows:
         self.epoch_words = epoch_words
         # Names the corpus and its tokenizer in the cache (a text corpus's fingerprint is its text's).
         key = short_sha256(f"{corpus.fingerprint} {corpus.tokenizer.kind} {corpus.tokenizer.digest}".encode())
+        self._tables: list[MappedTable] = []  # the cache files mapped (released with the corpus)
         self.train_packer = self._packer(corpus.train_lines(), f"{key}-train")
         val = corpus.val_lines()
         self.val_packer = self._packer(val, f"{key}-val") if val is not None else None
         self.epoch_packs = epoch_packs(self.train_packer, key) if config.sampling == "epoch" else None
-        self._tables = [table for table in (self.epoch_packs, *(getattr(p, "lengths", None) for p in (self.train_packer, self.val_packer)))
-                        if isinstance(table, MappedTable)]
+        if isinstance(self.epoch_packs, MappedTable):
+            self._tables.append(self.epoch_packs)
         corpus.release_pages()  # building the tables read the line starts (and the packs, the row lengths)
         for table in self._tables:
             table.release()
@@ -59,8 +60,11 @@ class SourceRows:
         block_size = self.config.block_size
         if self.config.packing == "fixed":
             return FixedPacker(lines, block_size)
+        lengths = row_lengths(lines, block_size, key)
+        if isinstance(lengths, MappedTable):
+            self._tables.append(lengths)
         tokenizer = self.corpus.tokenizer
-        return LinePacker(lines, block_size, tokenizer.sep_id, tokenizer.pad_id, row_lengths(lines, block_size, key))
+        return LinePacker(lines, block_size, tokenizer.sep_id, tokenizer.pad_id, lengths)
 
     @property
     def epoch_rows(self) -> int:

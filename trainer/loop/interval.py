@@ -24,11 +24,12 @@ class GroupLosses:
         self._sum = torch.zeros(capacity, dtype=torch.float64, device=device)
         self._count = torch.zeros(capacity, dtype=torch.float64, device=device)
 
-    def add(self, losses: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
-        """``losses``: per-position cross-entropy (B, T); ``batch[self.name]``: the rows' ids (B,)."""
-        ids = batch[self.name].long()
-        self._sum.index_add_(0, ids, losses.double().sum(dim=1))
-        self._count.index_add_(0, ids, (batch["y"] != IGNORE_INDEX).sum(dim=1).double())
+    def add(self, ids: torch.Tensor, row_loss: torch.Tensor, row_supervised: torch.Tensor) -> None:
+        """``ids``: the rows' ids (B,); ``row_loss`` / ``row_supervised``: each row's loss sum and
+        supervised positions, float64 (B,)."""
+        ids = ids.long()
+        self._sum.index_add_(0, ids, row_loss)
+        self._count.index_add_(0, ids, row_supervised)
 
     def take(self, ranks: Ranks) -> dict[int, float]:
         """Mean loss per id over every rank (a collective under DDP), ids with supervised
@@ -74,10 +75,14 @@ class LogInterval:
         ``inverse-t`` weighting (whose ``train_loss`` is the weighted mean): these numbers
         compare across runs.
         """
+        present = [groups for groups in (self._stages, self._sources) if groups.name in batch]
+        if not present:
+            return
         with torch.no_grad():
-            for groups in (self._stages, self._sources):
-                if groups.name in batch:
-                    groups.add(losses, batch)
+            row_loss = losses.double().sum(dim=1)
+            row_supervised = (batch["y"] != IGNORE_INDEX).sum(dim=1).double()
+            for groups in present:
+                groups.add(batch[groups.name], row_loss, row_supervised)
 
     def _take_source_losses(self) -> dict[str, float] | None:
         """Mean train loss per source name; None for a single corpus (no collective then)."""
